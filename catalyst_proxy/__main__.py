@@ -1,0 +1,3 @@
+from catalyst_proxy.cli import main
+
+main()

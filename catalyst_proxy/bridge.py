@@ -1,0 +1,138 @@
+"""The bridge to the SME gateway: role mapping, the shared secret, the HS256 token.
+
+The SME gateway trusts only HS256 tokens signed with ``sme-secrets/JWT_SECRET``.
+For each proxied request we mint a five-minute token naming the operator and
+the SME role their realm roles map to. The token goes upstream and nowhere
+else: never to the client, never to a log.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import time
+from collections.abc import Mapping
+from typing import Any
+
+BRIDGE_TTL_SECONDS = 300
+SHORT_SECRET_BYTES = 32
+_STAT_INTERVAL = 1.0  # how often the secret file is checked for a rotation
+
+_OWNER_ROLES = frozenset({"catalyst-owner"})
+_ADMIN_ROLES = frozenset({"catalyst-admin", "sovereign-admin", "application-admin"})
+_TIER_ROLES = {"owner": "superadmin", "admin": "sovereign-admin"}
+
+
+def map_role(claims: Mapping[str, Any], operator_email: str | None = None) -> str:
+    """The SME role for an operator's claims (CONTRACT: *Role mapping*). Pure."""
+    roles = _realm_roles(claims)
+    tier = claims.get("tier")
+    tier = tier.strip().lower() if isinstance(tier, str) else None
+    if operator_email and _is_operator(claims, operator_email):
+        roles = ("catalyst-owner", *roles)
+        tier = "owner"
+    for role in roles:
+        if role in _OWNER_ROLES:
+            return "superadmin"
+        if role in _ADMIN_ROLES:
+            return "sovereign-admin"
+    return _TIER_ROLES.get(tier or "", "member")
+
+
+def _realm_roles(claims: Mapping[str, Any]) -> tuple[str, ...]:
+    realm_access = claims.get("realm_access")
+    if not isinstance(realm_access, Mapping):
+        return ()
+    roles = realm_access.get("roles")
+    if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+        return ()
+    return tuple(r.strip().lower() for r in roles)
+
+
+def _is_operator(claims: Mapping[str, Any], operator_email: str) -> bool:
+    email = claims.get("email")
+    if not isinstance(email, str) or claims.get("email_verified") is False:
+        return False
+    return _ascii_fold(email.strip()) == _ascii_fold(operator_email.strip())
+
+
+def _ascii_fold(text: str) -> str:
+    # ASCII-only case folding: "İ".lower() or "K" (Kelvin) must not turn into a match.
+    return text.translate(_ASCII_LOWER)
+
+
+_ASCII_LOWER = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}
+
+
+class BridgeSecret:
+    """The HS256 secret: a fixed value, or a file re-read when it changes."""
+
+    def __init__(self, value: bytes | None = None, path: str | None = None) -> None:
+        self._value = value
+        self._path = path
+        self._file_value: bytes | None = None
+        self._file_stamp: tuple[int, int, int] | None = None
+        self._checked_at = float("-inf")
+        self.last_error: str | None = None
+
+    @property
+    def configured(self) -> bool:
+        return self._value is not None or self._path is not None
+
+    def get(self, now: float | None = None) -> bytes | None:
+        """The current secret, or None when none is available."""
+        if self._value is not None:
+            return self._value
+        if self._path is None:
+            return None
+        now = time.monotonic() if now is None else now
+        if now - self._checked_at >= _STAT_INTERVAL:
+            self._checked_at = now
+            self._reload()
+        return self._file_value
+
+    def _reload(self) -> None:
+        assert self._path is not None
+        try:
+            st = os.stat(self._path)
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if stamp == self._file_stamp:
+                return
+            with open(self._path, "rb") as file:
+                value = file.read().strip()
+        except OSError as exc:
+            self.last_error = f"cannot read the secret file: {exc.strerror}"
+            self._file_value, self._file_stamp = None, None
+            return
+        self._file_stamp = stamp
+        self._file_value = value or None
+        self.last_error = None if value else "the secret file is empty"
+
+
+_HEADER = base64.urlsafe_b64encode(b'{"alg":"HS256","typ":"JWT"}').rstrip(b"=")
+
+
+def mint(secret: bytes, *, sub: str, email: str | None, role: str, now: float | None = None) -> str:
+    """A compact HS256 JWS: ``{"alg":"HS256","typ":"JWT"}`` + the bridge claims."""
+    iat = int(time.time() if now is None else now)
+    claims = {
+        "sub": sub,
+        "email": email or "",
+        "role": role,
+        "iat": iat,
+        "exp": iat + BRIDGE_TTL_SECONDS,
+        "typ": "session",
+        "jti": secrets.token_hex(16),
+    }
+    payload = base64.urlsafe_b64encode(
+        json.dumps(claims, separators=(",", ":"), ensure_ascii=False).encode()
+    ).rstrip(b"=")
+    signing_input = _HEADER + b"." + payload
+    signature = base64.urlsafe_b64encode(
+        hmac.new(secret, signing_input, hashlib.sha256).digest()
+    ).rstrip(b"=")
+    return (signing_input + b"." + signature).decode("ascii")

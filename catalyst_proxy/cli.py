@@ -1,0 +1,161 @@
+"""The command line: serve | dev | keygen | token. The only module that prints or exits."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from . import __version__, log
+from .config import ConfigError, Settings
+
+USAGE_ERROR = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        # One line, exit 2: probes and scripts read the first line only.
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="catalyst-proxy", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"catalyst-proxy {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    serve = commands.add_parser("serve", help="run the production server (config from the env)")
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("--port", type=_port, default=8080)
+
+    dev = commands.add_parser("dev", help="gateway + local SME stand-in, keys and tokens")
+    dev.add_argument("--port", type=_port, default=8080)
+
+    keygen = commands.add_parser("keygen", help="write private.pem, public.pem, jwks.json")
+    keygen.add_argument("--out", required=True, type=Path)
+
+    token = commands.add_parser("token", help="print an RS256 operator token")
+    token.add_argument("--key", required=True, type=Path, help="RSA private key (PEM)")
+    token.add_argument("--sub", required=True)
+    token.add_argument("--email", required=True)
+    token.add_argument("--realm-role", action="append", default=[], dest="realm_roles")
+    token.add_argument("--tier")
+    token.add_argument("--ttl", type=_seconds, default=3600.0)
+    token.add_argument("--kid")
+    token.add_argument("--iss")
+    token.add_argument("--aud")
+    return parser
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"port out of range: {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than 0: {text!r}")
+    return value
+
+
+def _fail(message: str) -> NoReturn:
+    print(f"catalyst-proxy: error: {message}", file=sys.stderr)
+    raise SystemExit(USAGE_ERROR)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    if args.command == "serve":
+        _serve(args.host, args.port)
+    elif args.command == "dev":
+        _dev(args.port)
+    elif args.command == "keygen":
+        _keygen(args.out)
+    else:
+        _token(args)
+
+
+def _serve(host: str, port: int) -> None:
+    from .app import create_app
+    from .server import serve
+
+    try:
+        settings = Settings.from_env(os.environ)
+        log.configure(fmt=settings.log_format, level=settings.log_level)
+        app = create_app(settings)
+    except ConfigError as exc:
+        _fail(str(exc))
+    _warn_short_secret(settings)
+    _run(serve(app, host, port))
+
+
+def _dev(port: int) -> None:
+    from .devtools.dev import run
+
+    log.configure(fmt="console", level="info")
+    _run(run(port))
+
+
+def _run(main: object) -> None:
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main)  # type: ignore[arg-type]
+    else:
+        uvloop.run(main)  # type: ignore[arg-type]
+
+
+def _warn_short_secret(settings: Settings) -> None:
+    from .bridge import SHORT_SECRET_BYTES, BridgeSecret
+
+    secret = BridgeSecret(settings.bridge_secret, settings.bridge_secret_file).get()
+    if secret is not None and len(secret) < SHORT_SECRET_BYTES:
+        log.get_logger().warning(
+            log.BRIDGE_SECRET_SHORT,
+            length=len(secret),
+            advice=f"use at least {SHORT_SECRET_BYTES} random bytes",
+        )
+
+
+def _keygen(out: Path) -> None:
+    from .devtools.keys import keygen
+
+    try:
+        kid = keygen(out)
+    except OSError as exc:
+        _fail(f"--out {out}: {exc.strerror}")
+    print(f"wrote {out / 'private.pem'}, {out / 'public.pem'}, {out / 'jwks.json'} (kid {kid})")
+
+
+def _token(args: argparse.Namespace) -> None:
+    from .devtools.keys import load_private_key, operator_token
+
+    try:
+        key = load_private_key(args.key)
+    except (OSError, ValueError) as exc:
+        _fail(f"--key {args.key}: {getattr(exc, 'strerror', None) or exc}")
+    print(
+        operator_token(
+            key,
+            sub=args.sub,
+            email=args.email,
+            realm_roles=args.realm_roles,
+            tier=args.tier,
+            ttl=args.ttl,
+            kid=args.kid,
+            iss=args.iss,
+            aud=args.aud,
+        )
+    )

@@ -1,0 +1,176 @@
+"""The route table: which client paths go where upstream, as data.
+
+A path is literal text, optionally with one ``{code}`` placeholder standing for
+one whole path segment. Matching is done here rather than by aiohttp's router
+because a blank segment must reach us (``/revoke/`` → 400 ``missing-code``, where
+aiohttp's ``{code}`` would not match and answer 404) and because the code must
+be taken from the *raw* path, so ``%2F`` stays inside the segment.
+
+``CATALYST_ROUTES_FILE`` adds entries of the same shape (JSON or TOML, by
+extension); a bad file raises ``RoutesFileError`` naming the file and entry.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, unquote_to_bytes
+
+PLACEHOLDER = "{code}"
+_METHOD = re.compile(r"^[A-Z]+$")
+_LITERAL_PATH = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@/-]*$")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One client path and the upstream request it becomes."""
+
+    methods: tuple[str, ...]
+    path: str
+    upstream_method: str
+    upstream_path: str
+
+    @property
+    def templated(self) -> bool:
+        return PLACEHOLDER in self.path
+
+    def upstream_target(self, code: bytes | None) -> str:
+        """The upstream path, with ``code`` percent-encoded as exactly one segment."""
+        if code is None:
+            return self.upstream_path
+        return self.upstream_path.replace(PLACEHOLDER, quote(code, safe=""))
+
+
+DEFAULT_ROUTES: tuple[Route, ...] = (
+    Route(("POST",), "/api/v1/billing/purchase", "POST", "/api/billing/purchase"),
+    Route(("POST",), "/api/v1/sme/billing/purchase", "POST", "/api/billing/purchase"),
+    Route(("GET",), "/api/v1/sme/billing/vouchers/list", "GET", "/api/billing/vouchers/list"),
+    Route(("POST",), "/api/v1/sme/billing/vouchers/issue", "POST", "/api/billing/vouchers/issue"),
+    Route(
+        ("POST", "DELETE"),
+        "/api/v1/sme/billing/vouchers/revoke/{code}",
+        "DELETE",
+        "/api/billing/vouchers/revoke/{code}",
+    ),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    route: Route
+    code: bytes | None  # the percent-decoded, trimmed segment (bytes: any octet is kept)
+
+
+class RouteTable:
+    """Looks up a raw request path (no query) in the table."""
+
+    def __init__(self, routes: Iterable[Route]) -> None:
+        self.routes = tuple(routes)
+        self._literal: dict[str, Route] = {}
+        self._templated: list[tuple[str, str, Route]] = []
+        for route in self.routes:
+            if route.templated:
+                prefix, suffix = route.path.split(PLACEHOLDER)
+                self._templated.append((prefix, suffix, route))
+                # The segment-less form (".../revoke") is the same route with a blank code.
+                if not suffix:
+                    self._literal.setdefault(prefix.rstrip("/"), route)
+            else:
+                self._literal[route.path] = route
+
+    def match(self, raw_path: str) -> Match | None:
+        route = self._literal.get(raw_path)
+        if route is not None:
+            return Match(route, b"" if route.templated else None)
+        for prefix, suffix, route in self._templated:
+            if (
+                raw_path.startswith(prefix)
+                and raw_path.endswith(suffix)
+                and len(raw_path) >= len(prefix) + len(suffix)
+            ):
+                segment = raw_path[len(prefix) : len(raw_path) - len(suffix)]
+                if "/" not in segment:
+                    return Match(route, unquote_to_bytes(segment).strip())
+        return None
+
+
+class RoutesFileError(Exception):
+    """The routes file is unreadable or an entry is wrong; the message names both."""
+
+
+def load_routes(path: str, existing: Iterable[Route] = ()) -> tuple[Route, ...]:
+    """Parse ``CATALYST_ROUTES_FILE`` (``.json`` or ``.toml``) into routes.
+
+    A path that ``existing`` (or an earlier entry) already routes is an error.
+    """
+    file = Path(path)
+    try:
+        text = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RoutesFileError(f"{path}: cannot read: {exc}") from None
+    try:
+        if file.suffix.lower() == ".json":
+            document: Any = json.loads(text)
+        elif file.suffix.lower() == ".toml":
+            document = tomllib.loads(text)
+        else:
+            raise RoutesFileError(f"{path}: the extension must be .json or .toml")
+    except (ValueError, tomllib.TOMLDecodeError) as exc:
+        raise RoutesFileError(f"{path}: not valid {file.suffix[1:].upper()}: {exc}") from None
+    if not isinstance(document, Mapping) or not isinstance(document.get("routes"), list):
+        raise RoutesFileError(f'{path}: expected a top-level "routes" list')
+    taken = {route.path for route in existing}
+    routes = []
+    for index, entry in enumerate(document["routes"]):
+        route = _route(path, index, entry)
+        if route.path in taken:
+            raise RoutesFileError(f"{path}: routes[{index}]: {route.path} is already routed")
+        taken.add(route.path)
+        routes.append(route)
+    return tuple(routes)
+
+
+def _route(path: str, index: int, entry: object) -> Route:
+    def bad(problem: str) -> RoutesFileError:
+        return RoutesFileError(f"{path}: routes[{index}]: {problem}")
+
+    if not isinstance(entry, Mapping):
+        raise bad("must be a table/object")
+    unknown = set(entry) - {"methods", "path", "upstream_method", "upstream_path"}
+    if unknown:
+        raise bad(f"unknown key(s) {', '.join(sorted(unknown))}")
+    methods = entry.get("methods")
+    if (
+        not isinstance(methods, list)
+        or not methods
+        or not all(isinstance(m, str) and _METHOD.match(m) for m in methods)
+    ):
+        raise bad('"methods" must be a non-empty list of upper-case HTTP methods')
+    upstream_method = entry.get("upstream_method")
+    if not isinstance(upstream_method, str) or not _METHOD.match(upstream_method):
+        raise bad('"upstream_method" must be an upper-case HTTP method')
+    client_path = _path(entry.get("path"), "path", bad)
+    upstream_path = _path(entry.get("upstream_path"), "upstream_path", bad)
+    if PLACEHOLDER in upstream_path and PLACEHOLDER not in client_path:
+        raise bad('"upstream_path" uses {code} but "path" does not')
+    return Route(tuple(dict.fromkeys(methods)), client_path, upstream_method, upstream_path)
+
+
+def _path(value: object, key: str, bad: Any) -> str:
+    if not isinstance(value, str) or not value.startswith("/"):
+        raise bad(f'"{key}" must be a string starting with "/"')
+    literal = value.replace(PLACEHOLDER, "")
+    if value.count(PLACEHOLDER) > 1 or not _LITERAL_PATH.match(literal or "/"):
+        raise bad(f'"{key}" may hold plain path characters and at most one {PLACEHOLDER}')
+    if PLACEHOLDER in value:
+        before, after = value.split(PLACEHOLDER)
+        if not before.endswith("/") or (after and not after.startswith("/")):
+            raise bad(f'"{key}": {PLACEHOLDER} must be a whole path segment')
+    if "//" in literal or "/./" in value or "/../" in value or value.endswith(("/.", "/..")):
+        raise bad(f'"{key}" must be a normalised path')
+    return value

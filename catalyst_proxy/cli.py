@@ -30,6 +30,12 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the production server (config from the env)")
     serve.add_argument("--host", default="0.0.0.0")
     serve.add_argument("--port", type=_port, default=8080)
+    serve.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        help="worker processes sharing the port (SO_REUSEPORT); 'auto' = one per CPU [1]",
+    )
 
     dev = commands.add_parser("dev", help="gateway + local SME stand-in, keys and tokens")
     dev.add_argument("--port", type=_port, default=8080)
@@ -60,6 +66,20 @@ def _port(text: str) -> int:
     return value
 
 
+def _workers(text: str) -> int:
+    from .workers import cpu_count
+
+    if text == "auto":
+        return cpu_count()
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of workers: {text!r}") from None
+    if not 1 <= value <= 64:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 64 (or auto): {text!r}")
+    return value
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -78,7 +98,7 @@ def _fail(message: str) -> NoReturn:
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     if args.command == "serve":
-        _serve(args.host, args.port)
+        _serve(args.host, args.port, args.workers)
     elif args.command == "dev":
         _dev(args.port)
     elif args.command == "keygen":
@@ -87,18 +107,33 @@ def main(argv: Sequence[str] | None = None) -> None:
         _token(args)
 
 
-def _serve(host: str, port: int) -> None:
+def _serve(host: str, port: int, workers: int = 1) -> None:
     from .app import create_app
     from .server import serve
+    from .workers import listen_socket, supervise
 
     try:
         settings = Settings.from_env(os.environ)
         log.configure(fmt=settings.log_format, level=settings.log_level)
-        app = create_app(settings)
+        app = create_app(settings)  # validates the routes file and key files
     except ConfigError as exc:
         _fail(str(exc))
-    _warn_short_secret(settings)
-    _run(serve(app, host, port))
+    if workers == 1:
+        _run(serve(app, host, port))
+        return
+    if port == 0:
+        _fail("--workers needs a fixed --port (each worker binds it with SO_REUSEPORT)")
+    try:  # bind once in the parent, so a taken port is one clear error, not N
+        listen_socket(host, port, reuse_port=True).close()
+    except OSError as exc:
+        _fail(f"--port {port}: {exc.strerror}")
+
+    def worker(index: int) -> int:
+        sock = listen_socket(host, port, reuse_port=True)
+        _run(serve(create_app(settings), host, port, sock=sock))
+        return 0
+
+    raise SystemExit(supervise(workers, worker))
 
 
 def _dev(port: int) -> None:
@@ -115,18 +150,6 @@ def _run(main: object) -> None:
         asyncio.run(main)  # type: ignore[arg-type]
     else:
         uvloop.run(main)  # type: ignore[arg-type]
-
-
-def _warn_short_secret(settings: Settings) -> None:
-    from .bridge import SHORT_SECRET_BYTES, BridgeSecret
-
-    secret = BridgeSecret(settings.bridge_secret, settings.bridge_secret_file).get()
-    if secret is not None and len(secret) < SHORT_SECRET_BYTES:
-        log.get_logger().warning(
-            log.BRIDGE_SECRET_SHORT,
-            length=len(secret),
-            advice=f"use at least {SHORT_SECRET_BYTES} random bytes",
-        )
 
 
 def _keygen(out: Path) -> None:

@@ -8,7 +8,7 @@ reason/kind/result vocabularies below.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 from prometheus_client.exposition import generate_latest
 
 # 1 ms to 3 s (the default upstream budget), then the long tail.
@@ -30,6 +30,8 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
+        # process_* (CPU, RSS, open fds, start time) of this process: one series per worker.
+        ProcessCollector(registry=r)
         self.requests = Counter(
             "catalyst_proxy_requests",
             "Requests answered, by route template, method and status.",

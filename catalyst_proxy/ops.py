@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from aiohttp import web
 
 from .bridge import BridgeSecret
@@ -31,6 +33,7 @@ class Ops:
             "reasons": reasons,
             "operator_keys": self._keys.describe(),
             "bridge_secret": bridge,
+            "pid": os.getpid(),  # which worker answered (serve --workers N)
         }
         return web.json_response(body, status=503 if reasons else 200)
 

@@ -1,0 +1,97 @@
+"""``serve --workers N``: N processes, one port, each with its own event loop.
+
+The parent validates the configuration, then forks the workers and does
+nothing else: it never runs an event loop, so nothing async is shared across
+``fork()``. Each worker binds its own listening socket with ``SO_REUSEPORT``
+and the kernel spreads new connections across them.
+
+Signals: SIGTERM/SIGINT to the parent are passed to every worker, each of
+which drains as a single-process server does (readiness 503, stop accepting,
+finish in-flight requests within the grace); the parent exits 0 when all have
+exited cleanly. A worker that dies on its own is replaced, at most once a
+second, so a crash loop does not spin.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+
+RESTART_INTERVAL = 1.0
+
+
+def listen_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.set_inheritable(False)
+    return sock
+
+
+def cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def supervise(count: int, worker: Callable[[int], int]) -> int:
+    """Fork ``count`` workers running ``worker(index)``; return the exit status."""
+    children: dict[int, int] = {}  # pid -> worker index
+    stopping = False
+
+    def spawn(index: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # the worker
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            status = 1
+            try:
+                status = worker(index)
+            finally:
+                os._exit(status)
+        children[pid] = index
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in list(children):
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for index in range(count):
+        spawn(index)
+
+    status = 0
+    last_restart = 0.0
+    while children:
+        try:
+            pid, wait_status = os.wait()
+        except ChildProcessError:
+            break
+        index = children.pop(pid, None)
+        if index is None:
+            continue
+        code = os.waitstatus_to_exitcode(wait_status)
+        if stopping:
+            status = status or (0 if code == 0 else 1)
+            continue
+        # A worker died on its own: replace it, but never more than once a second.
+        delay = RESTART_INTERVAL - (time.monotonic() - last_restart)
+        if delay > 0:
+            time.sleep(delay)
+        last_restart = time.monotonic()
+        if not stopping:
+            spawn(index)
+    return status

@@ -1,0 +1,147 @@
+"""``serve --workers N``: several processes on one port, one signal to stop them all."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from catalyst_proxy.devtools.sme import SME
+
+from .conftest import BRIDGE_SECRET
+from .support import start_app
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _children(pid: int) -> set[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return {int(p) for p in path.read_text().split()} if path.exists() else set()
+
+
+@pytest.fixture
+async def sme_url() -> AsyncIterator[str]:
+    runner, url = await start_app(SME(BRIDGE_SECRET).app(), access_log=None)
+    yield url
+    await runner.cleanup()
+
+
+async def _start(
+    port: int, public_key_file: Path, sme_url: str, workers: str
+) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "CATALYST_SESSION_PUBLIC_KEY_FILE": str(public_key_file),
+        "CATALYST_SME_JWT_SECRET": BRIDGE_SECRET.decode(),
+        "CATALYST_SME_GATEWAY_URL": sme_url,
+        "CATALYST_SHUTDOWN_GRACE_SECONDS": "2",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "catalyst_proxy", "serve", "--host", "127.0.0.1",
+         "--port", str(port), "--workers", workers],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    await _wait_serving(port, proc)
+    return proc
+
+
+async def _wait_serving(port: int, proc: subprocess.Popen[bytes]) -> None:
+    async with aiohttp.ClientSession() as http:
+        for _ in range(200):
+            assert proc.poll() is None, "the server exited before serving"
+            try:
+                async with http.get(f"http://127.0.0.1:{port}/healthz") as resp:
+                    if resp.status == 200:
+                        return
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.05)  # polling a process we do not control
+    raise AssertionError("the server never answered /healthz")
+
+
+async def _exit_code(proc: subprocess.Popen[bytes], timeout: float) -> int:
+    return await asyncio.wait_for(asyncio.to_thread(proc.wait), timeout)
+
+
+async def test_two_workers_serve_one_port_and_stop_on_one_sigterm(
+    public_key_file: Path, sme_url: str, bearer: object
+) -> None:
+    """Two worker processes share the port, both serve, and one SIGTERM to the parent stops all."""
+    port = _free_port()
+    proc = await _start(port, public_key_file, sme_url, "2")
+    workers = _children(proc.pid)
+    assert len(workers) == 2
+    # New connections are spread across the workers; each counts only what it served.
+    headers = bearer()  # type: ignore[operator]
+    url = f"http://127.0.0.1:{port}"
+    purchase = f"{url}/api/v1/billing/purchase"
+    for _ in range(40):  # a new connection each time
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(purchase, headers=headers, data=b"{}") as resp,
+        ):
+            assert resp.status == 200
+    tallies: dict[int, int] = {}  # worker pid -> purchases it served
+    for _ in range(30):
+        async with aiohttp.ClientSession() as http:  # one connection: one worker
+            async with http.get(f"{url}/readyz") as resp:
+                pid = (await resp.json())["pid"]
+            async with http.get(f"{url}/metrics") as resp:
+                tallies[pid] = int(float(_sample(await resp.text(), PURCHASES)))
+    assert set(tallies) == workers
+    assert len(tallies) == 2, tallies  # two workers answered ...
+    assert sum(tallies.values()) == 40  # ... and between them served every request once
+    os.kill(proc.pid, signal.SIGTERM)
+    assert await _exit_code(proc, 10) == 0
+    for pid in workers:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
+
+
+async def test_a_crashed_worker_is_replaced(public_key_file: Path, sme_url: str) -> None:
+    """A worker that dies on its own is replaced and the port keeps serving."""
+    port = _free_port()
+    proc = await _start(port, public_key_file, sme_url, "2")
+    before = _children(proc.pid)
+    victim = min(before)
+    os.kill(victim, signal.SIGKILL)
+    for _ in range(100):
+        after = _children(proc.pid)
+        if len(after) == 2 and victim not in after:
+            break
+        await asyncio.sleep(0.05)  # polling the supervisor, which we do not control
+    assert len(after) == 2
+    assert victim not in after
+    await _wait_serving(port, proc)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert await _exit_code(proc, 10) == 0
+
+
+PURCHASES = (
+    'catalyst_proxy_requests_total{method="POST",route="/api/v1/billing/purchase",status="200"}'
+)
+
+
+def _sample(metrics: str, name: str) -> str:
+    return next(line.split()[-1] for line in metrics.splitlines() if line.startswith(name + " "))
+
+
+def test_workers_needs_a_fixed_port() -> None:
+    """--workers with port 0 is a usage error: each worker must bind the same port."""
+    result = subprocess.run(
+        [sys.executable, "-m", "catalyst_proxy", "serve", "--port", "0", "--workers", "2"],
+        env={**os.environ, "CATALYST_SESSION_PUBLIC_KEY_FILE": "/dev/null"},
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -136,3 +136,32 @@ def bearer(token: Callable[..., str]) -> Callable[..., dict[str, str]]:
         return {"Authorization": f"Bearer {token(**kwargs)}"}
 
     return make
+
+
+# --- assurance figures -----------------------------------------------------------
+# Suites add the figures README's "Assurance" section reports (attack tokens
+# tried/accepted, duplicated upstream requests, body mismatches, ...);
+# `make assurance` runs them with CATALYST_ASSURANCE_OUT set and prints the table.
+_FIGURES: dict[str, float] = {}
+
+
+class Assurance:
+    def add(self, figure: str, amount: float = 1) -> None:
+        _FIGURES[figure] = _FIGURES.get(figure, 0) + amount
+
+    def peak(self, figure: str, value: float) -> None:
+        _FIGURES[figure] = max(_FIGURES.get(figure, value), value)
+
+
+@pytest.fixture
+def assurance() -> Assurance:
+    return Assurance()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    import json
+    import os
+
+    out = os.environ.get("CATALYST_ASSURANCE_OUT")
+    if out:
+        Path(out).write_text(json.dumps(_FIGURES, indent=2, sort_keys=True) + "\n")

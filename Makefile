@@ -8,6 +8,8 @@ PORT   ?= 8080
 
 .PHONY: dev test lint fmt bench soak assurance clean
 
+include deploy/deploy.mk
+
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
@@ -18,9 +20,10 @@ $(STAMP): pyproject.toml constraints.txt
 dev: $(STAMP)
 	$(VENV)/bin/catalyst-proxy dev --port $(PORT)
 
-## test: lint, type-check and every test
-test: $(STAMP) lint
+## test: lint, type-check, every test (chart checks included), then the container for real
+test: $(STAMP) lint deploy-tools
 	$(PY) -m pytest -q
+	$(MAKE) container-check
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check catalyst_proxy tests bench
@@ -33,3 +36,16 @@ fmt: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info
+
+## bench: gateway vs a direct hit on a fast upstream (wrk + nginx, installed by apt-get when
+## missing: needs root or preinstalled packages); e.g. make bench BENCH_ARGS='--workers 2'
+BENCH_ARGS ?=
+bench: $(STAMP)
+	sh bench/install-tools.sh
+	$(PY) bench/bench.py $(BENCH_ARGS)
+
+## soak: mixed good/bad/faulty load under python -X dev; e.g. make soak SOAK_SECONDS=60
+SOAK_SECONDS ?= 600
+SOAK_ARGS ?=
+soak: $(STAMP)
+	$(PY) bench/soak.py --seconds $(SOAK_SECONDS) $(SOAK_ARGS)

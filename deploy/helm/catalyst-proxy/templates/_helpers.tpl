@@ -1,0 +1,243 @@
+{{/* Names and labels. */}}
+
+{{- define "catalyst-proxy.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "catalyst-proxy.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "catalyst-proxy.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "catalyst-proxy.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "catalyst-proxy.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "catalyst-proxy.labels" -}}
+helm.sh/chart: {{ include "catalyst-proxy.chart" . }}
+{{ include "catalyst-proxy.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/component: gateway
+app.kubernetes.io/part-of: catalyst
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "catalyst-proxy.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "catalyst-proxy.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "catalyst-proxy.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/*
+A number as the gateway reads it: whole numbers without an exponent (values
+files give Helm float64s, and 1048576 would otherwise print as 1.048576e+06).
+*/}}
+{{- define "catalyst-proxy.number" -}}
+{{- if eq (float64 .) (floor .) }}{{ int64 . }}{{ else }}{{ . }}{{ end }}
+{{- end }}
+
+{{/* Where the mounted files live in the container. */}}
+{{- define "catalyst-proxy.publicKeyDir" -}}/etc/catalyst-proxy/session-keys{{- end }}
+{{- define "catalyst-proxy.bridgeDir" -}}/var/run/secrets/catalyst-proxy/bridge{{- end }}
+{{- define "catalyst-proxy.routesDir" -}}/etc/catalyst-proxy/routes{{- end }}
+
+{{/* Does the release render a routes ConfigMap / mount one? */}}
+{{- define "catalyst-proxy.routesFile" -}}
+{{- if .Values.routes.existingConfigMap.name }}
+{{- printf "%s/%s" (include "catalyst-proxy.routesDir" .) .Values.routes.existingConfigMap.key }}
+{{- else if .Values.routes.aliases }}
+{{- printf "%s/routes.json" (include "catalyst-proxy.routesDir" .) }}
+{{- end }}
+{{- end }}
+
+{{/* Seconds of the preStop sleep actually rendered (0 where the cluster lacks the action). */}}
+{{- define "catalyst-proxy.preStopSleep" -}}
+{{- if and (gt (int .Values.shutdown.preStopSleepSeconds) 0) (semverCompare ">=1.30-0" .Capabilities.KubeVersion.Version) }}
+{{- int .Values.shutdown.preStopSleepSeconds }}
+{{- else }}0{{- end }}
+{{- end }}
+
+{{/* The shutdown grace plus the preStop sleep plus a margin, in whole seconds. */}}
+{{- define "catalyst-proxy.terminationGracePeriod" -}}
+{{- $grace := ceil .Values.shutdown.graceSeconds | int }}
+{{- add (include "catalyst-proxy.preStopSleep" . | int) $grace (int .Values.shutdown.terminationMarginSeconds) }}
+{{- end }}
+
+{{/*
+Every plain (non-secret) variable the chart sets, name → value as a YAML map;
+"" leaves the variable unset so the gateway's own default applies.
+*/}}
+{{- define "catalyst-proxy.plainEnv" -}}
+{{- $v := .Values }}
+{{- $publicKeyFile := "" }}
+{{- if $v.auth.publicKey.secretName }}
+{{- $publicKeyFile = printf "%s/%s" (include "catalyst-proxy.publicKeyDir" .) $v.auth.publicKey.key }}
+{{- end }}
+{{- $bridgeFile := "" }}
+{{- if and $v.bridge.secretName (eq $v.bridge.mode "file") }}
+{{- $bridgeFile = printf "%s/%s" (include "catalyst-proxy.bridgeDir" .) $v.bridge.key }}
+{{- end }}
+{{- dict
+  "CATALYST_SME_GATEWAY_URL" $v.upstream.smeGatewayUrl
+  "CATALYST_ORG_GATEWAY_URL" $v.upstream.orgGatewayUrl
+  "CATALYST_UPSTREAM_TIMEOUT_SECONDS" (include "catalyst-proxy.number" $v.upstream.timeoutSeconds)
+  "CATALYST_MAX_BODY_BYTES" (include "catalyst-proxy.number" $v.upstream.maxBodyBytes)
+  "CATALYST_KC_ADDR" $v.auth.keycloak.addr
+  "CATALYST_KC_REALM" $v.auth.keycloak.realm
+  "CATALYST_JWKS_URL" $v.auth.jwksUrl
+  "CATALYST_JWKS_CACHE_SECONDS" (include "catalyst-proxy.number" $v.auth.jwksCacheSeconds)
+  "CATALYST_JWKS_TIMEOUT_SECONDS" (include "catalyst-proxy.number" $v.auth.jwksTimeoutSeconds)
+  "CATALYST_TOKEN_ALGORITHMS" (join "," $v.auth.algorithms)
+  "CATALYST_TOKEN_LEEWAY_SECONDS" (include "catalyst-proxy.number" $v.auth.leewaySeconds)
+  "CATALYST_TOKEN_ISSUER" (join "," $v.auth.issuers)
+  "CATALYST_TOKEN_AUDIENCE" (join "," $v.auth.audiences)
+  "OPERATOR_EMAIL" $v.auth.operatorEmail
+  "CATALYST_SESSION_PUBLIC_KEY_FILE" $publicKeyFile
+  "CATALYST_SME_JWT_SECRET_FILE" $bridgeFile
+  "CATALYST_ROUTES_FILE" (include "catalyst-proxy.routesFile" .)
+  "CATALYST_LOG_FORMAT" $v.log.format
+  "CATALYST_LOG_LEVEL" $v.log.level
+  "CATALYST_SHUTDOWN_GRACE_SECONDS" (include "catalyst-proxy.number" $v.shutdown.graceSeconds)
+| toYaml }}
+{{- end }}
+
+{{/* The variables the chart fills from Secrets (by reference, never by value). */}}
+{{- define "catalyst-proxy.secretEnvNames" -}}
+CATALYST_SME_JWT_SECRET,CATALYST_ORG_JWT_SECRET,CATALYST_SESSION_COOKIE_SECRET
+{{- end }}
+
+{{/* The container's env list: plain values, then secret references, then extraEnv. */}}
+{{- define "catalyst-proxy.env" -}}
+{{- $v := .Values }}
+{{- $plain := include "catalyst-proxy.plainEnv" . | fromYaml }}
+{{- range $name := keys $plain | sortAlpha }}
+{{- $value := get $plain $name | toString }}
+{{- if $value }}
+- name: {{ $name }}
+  value: {{ $value | quote }}
+{{- end }}
+{{- end }}
+{{- if and $v.bridge.secretName (eq $v.bridge.mode "env") }}
+- name: CATALYST_SME_JWT_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ $v.bridge.secretName }}
+      key: {{ $v.bridge.key }}
+      optional: {{ $v.bridge.optional }}
+{{- end }}
+{{- if $v.bridge.orgSecret.secretName }}
+- name: CATALYST_ORG_JWT_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ $v.bridge.orgSecret.secretName }}
+      key: {{ $v.bridge.orgSecret.key }}
+      optional: {{ $v.bridge.optional }}
+{{- end }}
+{{- if $v.auth.sessionCookieSecret.secretName }}
+- name: CATALYST_SESSION_COOKIE_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ $v.auth.sessionCookieSecret.secretName }}
+      key: {{ $v.auth.sessionCookieSecret.key }}
+{{- end }}
+{{- with $v.extraEnv }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Refuse what would start a gateway that cannot work or hides a setting. */}}
+{{- define "catalyst-proxy.validate" -}}
+{{- $v := .Values }}
+{{- if not (or $v.auth.keycloak.addr $v.auth.jwksUrl $v.auth.publicKey.secretName) }}
+{{- fail "no operator key source: set auth.keycloak.addr, auth.jwksUrl or auth.publicKey.secretName (the gateway never runs without authentication)" }}
+{{- end }}
+{{- if and $v.routes.aliases $v.routes.existingConfigMap.name }}
+{{- fail "routes: set either routes.aliases or routes.existingConfigMap.name, not both" }}
+{{- end }}
+{{- if and $v.autoscaling.enabled (lt (int $v.autoscaling.maxReplicas) (int $v.autoscaling.minReplicas)) }}
+{{- fail "autoscaling.maxReplicas must be at least autoscaling.minReplicas" }}
+{{- end }}
+{{- $managed := concat (keys (include "catalyst-proxy.plainEnv" . | fromYaml)) (splitList "," (include "catalyst-proxy.secretEnvNames" .)) }}
+{{- range $v.extraEnv }}
+{{- if has .name $managed }}
+{{- fail (printf "extraEnv: %s is set by the chart; set its chart value instead (see the chart README)" .name) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Files the gateway reads: the public key, the bridge secret (file mode), the routes. */}}
+{{- define "catalyst-proxy.volumeMounts" -}}
+{{- if .Values.auth.publicKey.secretName }}
+- name: session-keys
+  mountPath: {{ include "catalyst-proxy.publicKeyDir" . }}
+  readOnly: true
+{{- end }}
+{{- if and .Values.bridge.secretName (eq .Values.bridge.mode "file") }}
+- name: bridge-secret
+  mountPath: {{ include "catalyst-proxy.bridgeDir" . }}
+  readOnly: true
+{{- end }}
+{{- if include "catalyst-proxy.routesFile" . }}
+- name: routes
+  mountPath: {{ include "catalyst-proxy.routesDir" . }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "catalyst-proxy.volumes" -}}
+{{- if .Values.auth.publicKey.secretName }}
+- name: session-keys
+  secret:
+    secretName: {{ .Values.auth.publicKey.secretName }}
+    defaultMode: 0444
+    items:
+      - key: {{ .Values.auth.publicKey.key }}
+        path: {{ .Values.auth.publicKey.key }}
+{{- end }}
+{{- if and .Values.bridge.secretName (eq .Values.bridge.mode "file") }}
+# Mounted as a folder, not by subPath, so the kubelet swaps in a rotated secret.
+- name: bridge-secret
+  secret:
+    secretName: {{ .Values.bridge.secretName }}
+    optional: {{ .Values.bridge.optional }}
+    defaultMode: 0444
+    items:
+      - key: {{ .Values.bridge.key }}
+        path: {{ .Values.bridge.key }}
+{{- end }}
+{{- if .Values.routes.existingConfigMap.name }}
+- name: routes
+  configMap:
+    name: {{ .Values.routes.existingConfigMap.name }}
+    items:
+      - key: {{ .Values.routes.existingConfigMap.key }}
+        path: {{ .Values.routes.existingConfigMap.key }}
+{{- else if .Values.routes.aliases }}
+- name: routes
+  configMap:
+    name: {{ include "catalyst-proxy.fullname" . }}-routes
+{{- end }}
+{{- end }}

@@ -10,8 +10,13 @@ Steps, cheapest first, so junk costs nothing and never reaches the JWKS:
    ``nbf``, ``iat``, ``sub``, ``iss``, ``aud``.
 3. Pick keys: the JWKS key named by ``kid`` (refreshing once if unknown),
    falling back to the local keys; no ``kid`` → local keys only.
-4. Verify with PyJWT (algorithm pinned, ``exp``/``sub`` required, leeway,
-   issuer/audience) — the same rules again, now with the signature.
+4. Verify with PyJWT (algorithm pinned, ``exp``/``sub`` required,
+   issuer/audience) — the same rules again, now with the signature. The time
+   claims are judged once, in step 2, against the injected clock (PyJWT reads
+   the wall clock itself, which would make the ``clock`` seam a lie).
+
+Time claims follow RFC 7519 with the leeway: valid while ``now < exp + leeway``,
+``nbf <= now + leeway`` and ``iat <= now + leeway``.
 
 Verified tokens are remembered (exact token → result) until they expire or the
 JWKS keys change, so a console that sends the same session on every click pays
@@ -26,6 +31,7 @@ import hashlib
 import hmac
 import json
 import math
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
@@ -41,6 +47,9 @@ from .jwks import Key, KeySet
 SESSION_COOKIE = "catalyst_session"
 CACHE_SIZE = 4096
 _MAX_KID = 256
+# RFC 7515 compact serialization: unpadded base64url only. Anything else (padding,
+# other characters) is refused, so one signed token has exactly one accepted spelling.
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +91,7 @@ class Authenticator:
         cached = self._cache.get(token)
         if cached is not None:
             operator, generation = cached
-            if generation == self._keys.generation and now <= operator.exp + self._leeway:
+            if generation == self._keys.generation and now < operator.exp + self._leeway:
                 self._cache.move_to_end(token)
                 return operator
             del self._cache[token]
@@ -95,7 +104,7 @@ class Authenticator:
     # --- step 2: everything that needs no key --------------------------------
     def _precheck(self, token: str, now: float) -> _Unverified:
         parts = token.split(".")
-        if len(parts) != 3 or not all(parts[:2]):
+        if len(parts) != 3 or not all(parts[:2]) or not all(map(_BASE64URL.fullmatch, parts)):
             raise _invalid("malformed", "not a compact JWS")
         header = _json_segment(parts[0], "header")
         claims = _json_segment(parts[1], "payload")
@@ -115,7 +124,7 @@ class Authenticator:
         exp = claims.get("exp")
         if not isinstance(exp, int | float) or not _is_time(exp):
             raise _invalid("bad_claims", "exp is missing or not a number")
-        if now > exp + leeway:
+        if now >= exp + leeway:
             raise _invalid("expired", "token expired")
         for name in ("nbf", "iat"):
             value = claims.get(name)
@@ -164,7 +173,6 @@ class Authenticator:
                     unverified.token,
                     key.key,
                     algorithms=[unverified.alg],
-                    leeway=self._leeway,
                     issuer=list(settings.token_issuers) or None,
                     audience=list(settings.token_audiences) or None,
                     options={
@@ -172,6 +180,10 @@ class Authenticator:
                         "verify_aud": bool(settings.token_audiences),
                         "verify_iss": bool(settings.token_issuers),
                         "verify_jti": False,
+                        # exp/nbf/iat were checked in _check_claims with our clock.
+                        "verify_exp": False,
+                        "verify_nbf": False,
+                        "verify_iat": False,
                     },
                 )
             except jwt.InvalidSignatureError:
@@ -248,7 +260,7 @@ def _json_segment(segment: str, what: str) -> dict[str, Any]:
     try:
         raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
         value = json.loads(raw)
-    except (binascii.Error, ValueError):
+    except (binascii.Error, ValueError, RecursionError):  # RecursionError: absurd nesting
         raise _invalid("malformed", f"{what} is not base64url JSON") from None
     if not isinstance(value, dict):
         raise _invalid("malformed", f"{what} is not a JSON object")
@@ -256,4 +268,10 @@ def _json_segment(segment: str, what: str) -> dict[str, Any]:
 
 
 def _is_time(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    """A JSON number usable as a NumericDate (not a bool, finite, fits a float)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer with hundreds of digits
+        return False

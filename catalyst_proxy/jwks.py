@@ -29,6 +29,7 @@ from typing import Any
 import aiohttp
 import jwt
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from yarl import URL
 
 from . import log
 from .metrics import Metrics
@@ -72,6 +73,8 @@ class KeySet:
     ) -> None:
         self.local_keys = local_keys
         self.jwks_url = jwks_url
+        # What /readyz and the log show: never the URL's user:password, if it has one.
+        self.shown_url = str(URL(jwks_url).with_user(None)) if jwks_url else None
         self._cache_seconds = cache_seconds
         self._timeout = timeout
         self._metrics = metrics or Metrics()
@@ -80,6 +83,8 @@ class KeySet:
         self._jwks: dict[str, Key] = {}
         self._fetched_ok = False
         self.generation = 0  # bumped whenever the JWKS keys change
+        self.refreshes = 0  # fetches completed, good or failed
+        self._refreshed = asyncio.Event()  # set (and replaced) when a fetch completes
         self._last_miss_refresh = -MISS_REFRESH_INTERVAL
         self._inflight: asyncio.Task[None] | None = None
         self._loop_task: asyncio.Task[None] | None = None
@@ -118,10 +123,15 @@ class KeySet:
     def describe(self) -> dict[str, Any]:
         return {
             "local_keys": len(self.local_keys),
-            "jwks_url": self.jwks_url,
+            "jwks_url": self.shown_url,
             "jwks_keys": len(self._jwks),
             "jwks_loaded": self._fetched_ok,
         }
+
+    async def wait_refreshes(self, count: int) -> None:
+        """Return once ``count`` fetches have completed (good or failed): for probes and tests."""
+        while self.refreshes < count:
+            await self._refreshed.wait()
 
     # --- lookups ----------------------------------------------------------
     def cached(self, kid: str | None) -> Key | None:
@@ -153,6 +163,9 @@ class KeySet:
 
     def _fetch_done(self, task: asyncio.Task[None]) -> None:
         self._inflight = None
+        self.refreshes += 1
+        self._refreshed.set()
+        self._refreshed = asyncio.Event()
         if not task.cancelled():
             task.exception()  # retrieved here: waiters may all have given up
 
@@ -162,7 +175,7 @@ class KeySet:
         except JWKSError as exc:
             self._metrics.jwks_refreshes.labels(exc.result).inc()
             self._log.warning(
-                log.JWKS_REFRESH, result=exc.result, reason=str(exc), url=self.jwks_url,
+                log.JWKS_REFRESH, result=exc.result, reason=str(exc), url=self.shown_url,
                 serving_keys=len(self._jwks),
             )  # fmt: skip
             raise
@@ -173,7 +186,7 @@ class KeySet:
         self._update_gauge()
         self._metrics.jwks_refreshes.labels("ok").inc()
         self._log.info(
-            log.JWKS_REFRESH, result="ok", keys=len(keys), kids=sorted(keys), url=self.jwks_url
+            log.JWKS_REFRESH, result="ok", keys=len(keys), kids=sorted(keys), url=self.shown_url
         )
 
     async def _fetch(self) -> dict[str, Key]:
@@ -200,7 +213,8 @@ class KeySet:
         failures = 0
         while True:
             task = self._start_fetch()
-            with contextlib.suppress(JWKSError):
+            # Whatever a fetch raised was counted and logged; the loop must outlive it.
+            with contextlib.suppress(Exception):
                 await asyncio.shield(task)
             if not task.cancelled() and task.exception() is None:
                 failures = 0
@@ -218,7 +232,7 @@ def parse_jwks(document: bytes) -> dict[str, Key]:
     """Usable signing keys of a JWKS document by ``kid``; JWKSError if there are none."""
     try:
         data = json.loads(document)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise JWKSError("invalid", "not JSON") from None
     if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
         raise JWKSError("invalid", 'no "keys" list')
@@ -233,8 +247,8 @@ def parse_jwks(document: bytes) -> dict[str, Key]:
         alg = entry.get("alg")
         try:
             parsed = jwt.PyJWK(entry)
-        except (jwt.PyJWTError, ValueError, TypeError, KeyError):
-            continue
+        except Exception:  # noqa: S112 - an entry PyJWK cannot read is skipped, never fatal
+            continue  # (e.g. "alg": "none" raises NotImplementedError, not a PyJWTError)
         keys.setdefault(
             entry["kid"], Key(parsed.key, entry["kty"], alg if isinstance(alg, str) else None)
         )

@@ -15,12 +15,14 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
+
+from . import log
 
 BRIDGE_TTL_SECONDS = 300
 SHORT_SECRET_BYTES = 32
-_STAT_INTERVAL = 1.0  # how often the secret file is checked for a rotation
+STAT_INTERVAL = 1.0  # how often (at most) the secret file is checked for a rotation
 
 _OWNER_ROLES = frozenset({"catalyst-owner"})
 _ADMIN_ROLES = frozenset({"catalyst-admin", "sovereign-admin", "application-admin"})
@@ -71,13 +73,24 @@ _ASCII_LOWER = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}
 class BridgeSecret:
     """The HS256 secret: a fixed value, or a file re-read when it changes."""
 
-    def __init__(self, value: bytes | None = None, path: str | None = None) -> None:
+    def __init__(
+        self,
+        value: bytes | None = None,
+        path: str | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        interval: float = STAT_INTERVAL,
+    ) -> None:
         self._value = value
         self._path = path
+        self._clock = clock
+        self._interval = interval
         self._file_value: bytes | None = None
         self._file_stamp: tuple[int, int, int] | None = None
         self._checked_at = float("-inf")
         self.last_error: str | None = None
+        if value is not None:
+            _warn_if_short(value, source="environment")
 
     @property
     def configured(self) -> bool:
@@ -89,8 +102,8 @@ class BridgeSecret:
             return self._value
         if self._path is None:
             return None
-        now = time.monotonic() if now is None else now
-        if now - self._checked_at >= _STAT_INTERVAL:
+        now = self._clock() if now is None else now
+        if now - self._checked_at >= self._interval:
             self._checked_at = now
             self._reload()
         return self._file_value
@@ -105,12 +118,31 @@ class BridgeSecret:
             with open(self._path, "rb") as file:
                 value = file.read().strip()
         except OSError as exc:
-            self.last_error = f"cannot read the secret file: {exc.strerror}"
+            self._set_error(f"cannot read the secret file: {exc.strerror}")
             self._file_value, self._file_stamp = None, None
             return
         self._file_stamp = stamp
         self._file_value = value or None
-        self.last_error = None if value else "the secret file is empty"
+        if value:
+            self.last_error = None
+            _warn_if_short(value, source="file")
+        else:
+            self._set_error("the secret file is empty")
+
+    def _set_error(self, problem: str) -> None:
+        if problem != self.last_error:  # once per change, not once per request
+            log.get_logger().warning(log.BRIDGE_SECRET_UNREADABLE, path=self._path, problem=problem)
+        self.last_error = problem
+
+
+def _warn_if_short(secret: bytes, *, source: str) -> None:
+    if len(secret) < SHORT_SECRET_BYTES:
+        log.get_logger().warning(
+            log.BRIDGE_SECRET_SHORT,
+            source=source,
+            length=len(secret),
+            advice=f"use at least {SHORT_SECRET_BYTES} random bytes",
+        )
 
 
 _HEADER = base64.urlsafe_b64encode(b'{"alg":"HS256","typ":"JWT"}').rstrip(b"=")

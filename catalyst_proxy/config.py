@@ -9,11 +9,16 @@ the package.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 DEFAULT_GATEWAY_URL = "http://gateway.org-services.svc.cluster.local:8080"
 DEFAULT_REALM = "sovereign"
+_REALM = re.compile(r"[A-Za-z0-9._~-]+")
+# The JWKS is re-fetched every cache period: below a second that is hammering the IdP.
+MIN_JWKS_CACHE_SECONDS = 1.0
 ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )
@@ -60,7 +65,9 @@ class Settings:
             gateway_url=_gateway_url(env),
             jwks_url=_jwks_url(env),
             public_key_file=env.text("CATALYST_SESSION_PUBLIC_KEY_FILE"),
-            jwks_cache_seconds=env.seconds("CATALYST_JWKS_CACHE_SECONDS", 600.0),
+            jwks_cache_seconds=env.seconds(
+                "CATALYST_JWKS_CACHE_SECONDS", 600.0, minimum=MIN_JWKS_CACHE_SECONDS
+            ),
             jwks_timeout_seconds=env.seconds("CATALYST_JWKS_TIMEOUT_SECONDS", 3.0, positive=True),
             token_algorithms=_algorithms(env),
             token_leeway_seconds=env.seconds("CATALYST_TOKEN_LEEWAY_SECONDS", 30.0),
@@ -116,7 +123,9 @@ class _Env:
             return ()
         return tuple(part.strip() for part in raw.split(",") if part.strip())
 
-    def seconds(self, name: str, default: float, *, positive: bool = False) -> float:
+    def seconds(
+        self, name: str, default: float, *, positive: bool = False, minimum: float = 0.0
+    ) -> float:
         raw = self.text(name)
         if raw is None:
             return default
@@ -124,8 +133,12 @@ class _Env:
             value = float(raw)
         except ValueError:
             raise ConfigError(name, f"must be a number of seconds, got {raw!r}") from None
-        if not math.isfinite(value) or value < 0 or (positive and value == 0):
-            bound = "greater than 0" if positive else "0 or more"
+        if not math.isfinite(value) or value < minimum or (positive and value == 0):
+            bound = (
+                f"of at least {minimum:g}"
+                if minimum
+                else ("greater than 0" if positive else "0 or more")
+            )
             raise ConfigError(name, f"must be a number of seconds {bound}, got {raw!r}")
         return value
 
@@ -150,17 +163,34 @@ class _Env:
         return raw.lower()
 
 
-def _url(name: str, raw: str) -> str:
-    if not raw.startswith(("http://", "https://")) or len(raw.split("://", 1)[1]) == 0:
-        raise ConfigError(name, f"must be an http:// or https:// URL, got {raw!r}")
+def _url(name: str, raw: str, *, base: bool = False) -> str:
+    """An http(s) URL with a host; a ``base`` URL (to append paths to) has no query or fragment."""
+    problem = _url_problem(raw, base)
+    if problem is not None:
+        raise ConfigError(name, problem)
     return raw
+
+
+def _url_problem(raw: str, base: bool) -> str | None:
+    try:
+        parts = urlsplit(raw)
+        parts.port  # noqa: B018 (raises ValueError for a bad port)
+    except ValueError:
+        return f"is not a valid URL, got {raw!r}"
+    if parts.username is not None or parts.password is not None:
+        return "must not hold credentials"  # and the value is not repeated
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return f"must be an http:// or https:// URL with a host, got {raw!r}"
+    if parts.fragment or raw.endswith("#") or (base and (parts.query or raw.endswith("?"))):
+        return f"must not have a {'query or ' if base else ''}fragment, got {raw!r}"
+    return None
 
 
 def _gateway_url(env: _Env) -> str:
     for name in ("CATALYST_SME_GATEWAY_URL", "CATALYST_ORG_GATEWAY_URL"):
         raw = env.text(name)
         if raw is not None:
-            return _url(name, raw).rstrip("/")
+            return _url(name, raw, base=True).rstrip("/")
     return DEFAULT_GATEWAY_URL
 
 
@@ -172,9 +202,9 @@ def _jwks_url(env: _Env) -> str | None:
     if addr is None:
         return None
     realm = env.text("CATALYST_KC_REALM") or DEFAULT_REALM
-    if "/" in realm:
+    if not _REALM.fullmatch(realm) or not realm.strip("."):
         raise ConfigError("CATALYST_KC_REALM", f"must be a realm name, got {realm!r}")
-    base = _url("CATALYST_KC_ADDR", addr).rstrip("/")
+    base = _url("CATALYST_KC_ADDR", addr, base=True).rstrip("/")
     return f"{base}/realms/{realm}/protocol/openid-connect/certs"
 
 

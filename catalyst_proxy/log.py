@@ -19,6 +19,7 @@ import structlog
 REQUEST = "request"
 STARTUP = "startup"
 SHUTDOWN_BEGIN = "shutdown.begin"
+SHUTDOWN_GRACE_EXCEEDED = "shutdown.grace_exceeded"
 SHUTDOWN_DONE = "shutdown.done"
 JWKS_REFRESH = "jwks.refresh"
 BRIDGE_SECRET_SHORT = "bridge_secret.short"
@@ -60,8 +61,29 @@ def configure(*, fmt: str = "json", level: str = "info", stream: TextIO | None =
         logger_factory=structlog.WriteLoggerFactory(file=stream or sys.stdout),
         cache_logger_on_first_use=True,
     )
-    # aiohttp's own loggers (e.g. unhandled-exception reports) go to stderr at WARNING.
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(name)s: %(message)s")
+    # aiohttp's own loggers (e.g. unhandled-exception reports) go to stderr at WARNING,
+    # redacted: aiohttp quotes the start of a header line it refused, token and all.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_RedactingFormatter("%(name)s: %(message)s"))
+    logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
+
+
+# What a credential looks like in free text: a JWS (even cut short), or the value after
+# "Bearer " / "Basic " / "catalyst_session=".
+_CREDENTIAL = re.compile(
+    r"eyJ[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_.-]*)?"
+    r"|(?i:(?<=bearer )|(?<=basic )|(?<=catalyst_session=))[^\s'\";,]+"
+)
+
+
+def redact_text(text: str) -> str:
+    """``text`` with every credential-looking run replaced by ``[redacted]``."""
+    return _CREDENTIAL.sub("[redacted]", text)
+
+
+class _RedactingFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_text(super().format(record))
 
 
 def get_logger(name: str = "catalyst_proxy") -> Any:

@@ -91,7 +91,7 @@ def make_middleware(metrics: Metrics) -> Any:
                 log.REQUEST,
                 request_id=info.request_id,
                 method=request.method,
-                path=request.path,
+                path=request.raw_path.partition("?")[0],  # as sent: no query, nothing decoded
                 route=info.route,
                 status=status,
                 duration_ms=round(duration * 1000, 3),

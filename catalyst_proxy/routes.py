@@ -43,7 +43,19 @@ class Route:
         """The upstream path, with ``code`` percent-encoded as exactly one segment."""
         if code is None:
             return self.upstream_path
-        return self.upstream_path.replace(PLACEHOLDER, quote(code, safe=""))
+        return self.upstream_path.replace(PLACEHOLDER, encode_segment(code))
+
+
+def encode_segment(code: bytes) -> str:
+    """``code`` as one opaque path segment: every octet but the unreserved ones is escaped.
+
+    ``.`` is unreserved, yet a segment of only dots is a dot-segment that a server
+    normalises away (``/revoke/..`` is ``/``), so those dots are escaped too.
+    """
+    segment = quote(code, safe="")
+    if segment.strip(".") == "":
+        segment = segment.replace(".", "%2E")
+    return segment
 
 
 DEFAULT_ROUTES: tuple[Route, ...] = (
@@ -164,8 +176,8 @@ def _route(path: str, index: int, entry: object) -> Route:
 def _path(value: object, key: str, bad: Any) -> str:
     if not isinstance(value, str) or not value.startswith("/"):
         raise bad(f'"{key}" must be a string starting with "/"')
-    literal = value.replace(PLACEHOLDER, "")
-    if value.count(PLACEHOLDER) > 1 or not _LITERAL_PATH.match(literal or "/"):
+    literal = value.replace(PLACEHOLDER, "code")  # the placeholder stands for one segment
+    if value.count(PLACEHOLDER) > 1 or not _LITERAL_PATH.match(literal):
         raise bad(f'"{key}" may hold plain path characters and at most one {PLACEHOLDER}')
     if PLACEHOLDER in value:
         before, after = value.split(PLACEHOLDER)

@@ -10,7 +10,11 @@ from collections.abc import Callable
 from aiohttp import web
 
 from . import log
-from .app import PARTS, SERVER_OPTIONS
+from .app import PARTS
+from .runner import Runner
+
+_DRAIN_POLL = 0.05  # how often the drain looks for connections still open
+_CANCEL_WAIT = 0.1  # after the grace: how long a cancelled request may take to unwind
 
 
 async def serve(
@@ -27,7 +31,8 @@ async def serve(
     settings = parts.settings
     logger = log.get_logger()
     stop = stop or asyncio.Event()
-    runner = web.AppRunner(app, shutdown_timeout=settings.shutdown_grace_seconds, **SERVER_OPTIONS)
+    # The grace is spent in _drain(); the runner's own timeout only bounds the cancelling.
+    runner = Runner(app, shutdown_timeout=_CANCEL_WAIT)
     await runner.setup()
     site: web.BaseSite = (
         web.SockSite(runner, sock) if sock is not None else web.TCPSite(runner, host, port)
@@ -62,15 +67,37 @@ async def serve(
         # Shutdown, in order:
         # 1. readiness fails at once, so the load balancer stops sending us work;
         parts.ops.draining = True
-        logger.info(log.SHUTDOWN_BEGIN, grace_seconds=settings.shutdown_grace_seconds)
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
-        # 2. the listener closes (no new connections), idle keep-alive connections close;
-        # 3. in-flight requests get up to the grace period to finish, then are cancelled
-        #    (their clients see a closed connection, never a made-up answer);
-        # 4. the app's cleanup closes the upstream session and the key set.
+        # 2. the listener closes: no new connections (before the log line, so that a
+        #    reader of shutdown.begin may rely on it);
+        for site in list(runner.sites):
+            await site.stop()
+        logger.info(log.SHUTDOWN_BEGIN, grace_seconds=settings.shutdown_grace_seconds)
+        # 3. idle keep-alive connections close now, busy ones right after their answer;
+        #    in-flight requests get up to the grace period to finish;
+        left = await _drain(runner, settings.shutdown_grace_seconds)
+        if left:
+            logger.warning(log.SHUTDOWN_GRACE_EXCEEDED, connections=left)
+        # 4. what is still running is cancelled (its client sees a closed connection,
+        #    never a made-up answer), and the app's cleanup closes the upstream session
+        #    and the key set.
         await runner.cleanup()
         logger.info(log.SHUTDOWN_DONE)
+
+
+async def _drain(runner: web.AppRunner, grace: float) -> int:
+    """Wait (up to ``grace``) until every connection has closed; return how many are left."""
+    server = runner.server
+    if server is None:
+        return 0
+    server.pre_shutdown()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace
+    # aiohttp has no "last connection closed" event to await, so look every _DRAIN_POLL.
+    while server.connections and loop.time() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(min(_DRAIN_POLL, max(deadline - loop.time(), 0)))
+    return len(server.connections)
 
 
 def _bound_port(runner: web.AppRunner, default: int) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import secrets
 import shlex
+import shutil
 import socket
 import tempfile
 from pathlib import Path
@@ -56,10 +57,14 @@ async def run(port: int, host: str = "127.0.0.1") -> None:
             create_app(settings),
             host,
             port,
-            on_ready=lambda bound: print(_banner(bound, sme_url, workdir, kid, owner, member)),
+            # flush: stdout may be a pipe (`| tee`), and the banner is what the user waits for
+            on_ready=lambda bound: print(
+                _banner(bound, sme_url, workdir, kid, owner, member), flush=True
+            ),
         )
     finally:
         await sme_runner.cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)  # the keys and secret were for this run only
 
 
 def _listen(host: str, port: int) -> socket.socket:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import secrets
 import time
 from pathlib import Path
@@ -62,9 +63,11 @@ def keygen(out: Path) -> str:
     out.mkdir(parents=True, exist_ok=True)
     key = new_private_key()
     jwk = public_jwk(key)
-    private = out / "private.pem"
-    private.touch(mode=0o600)
-    private.write_bytes(private_pem(key))
+    # Owner-only from the first byte, even over an existing, looser file.
+    fd = os.open(out / "private.pem", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as private:
+        os.fchmod(fd, 0o600)
+        private.write(private_pem(key))
     (out / "public.pem").write_bytes(public_pem(key))
     (out / "jwks.json").write_text(json.dumps({"keys": [jwk]}, indent=2) + "\n")
     return jwk["kid"]

@@ -1,0 +1,286 @@
+"""Settings.from_env: every variable of the contract, its default, fallback and validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from catalyst_proxy.config import DEFAULT_GATEWAY_URL, ConfigError, Settings
+
+JWKS = "http://keycloak.test/realms/sovereign/protocol/openid-connect/certs"
+BASE = {"CATALYST_JWKS_URL": JWKS}
+
+
+def env(**values: str) -> Settings:
+    return Settings.from_env({**BASE, **values})
+
+
+def test_defaults():
+    """With only a key source set, every other setting takes the contract's default."""
+    settings = Settings.from_env(BASE)
+    assert settings.gateway_url == DEFAULT_GATEWAY_URL
+    assert settings.gateway_url == "http://gateway.org-services.svc.cluster.local:8080"
+    assert settings.jwks_url == JWKS
+    assert settings.public_key_file is None
+    assert settings.jwks_cache_seconds == 600
+    assert settings.token_algorithms == ("RS256",)
+    assert settings.token_leeway_seconds == 30
+    assert settings.token_issuers == ()
+    assert settings.token_audiences == ()
+    assert settings.session_cookie_secret is None
+    assert settings.operator_email is None
+    assert settings.bridge_secret is None
+    assert settings.bridge_secret_file is None
+    assert not settings.bridge_secret_configured
+    assert settings.max_body_bytes == 1024 * 1024
+    assert settings.upstream_timeout_seconds == 3
+    assert settings.routes_file is None
+    assert settings.shutdown_grace_seconds == 10
+    assert (settings.log_format, settings.log_level) == ("json", "info")
+
+
+def test_every_variable_is_read():
+    """Each contract variable lands in its setting."""
+    settings = Settings.from_env(
+        {
+            "CATALYST_SME_GATEWAY_URL": "http://sme.test:8080",
+            "CATALYST_JWKS_URL": JWKS,
+            "CATALYST_SESSION_PUBLIC_KEY_FILE": "/keys/public.pem",
+            "CATALYST_JWKS_CACHE_SECONDS": "120",
+            "CATALYST_JWKS_TIMEOUT_SECONDS": "1.5",
+            "CATALYST_TOKEN_ALGORITHMS": "RS256, PS256",
+            "CATALYST_TOKEN_LEEWAY_SECONDS": "5",
+            "CATALYST_TOKEN_ISSUER": "https://kc.test/realms/a, https://kc.test/realms/b",
+            "CATALYST_TOKEN_AUDIENCE": "console,catalyst-proxy",
+            "CATALYST_SESSION_COOKIE_SECRET": "cookie-secret",
+            "OPERATOR_EMAIL": " owner@example.test ",
+            "CATALYST_SME_JWT_SECRET": "bridge-secret",
+            "CATALYST_SME_JWT_SECRET_FILE": "/secrets/JWT_SECRET",
+            "CATALYST_MAX_BODY_BYTES": "2048",
+            "CATALYST_UPSTREAM_TIMEOUT_SECONDS": "0.5",
+            "CATALYST_ROUTES_FILE": "/etc/catalyst/routes.toml",
+            "CATALYST_SHUTDOWN_GRACE_SECONDS": "25",
+            "CATALYST_LOG_FORMAT": "Console",
+            "CATALYST_LOG_LEVEL": "DEBUG",
+        }
+    )
+    assert settings.gateway_url == "http://sme.test:8080"
+    assert settings.public_key_file == "/keys/public.pem"
+    assert settings.jwks_cache_seconds == 120
+    assert settings.jwks_timeout_seconds == 1.5
+    assert settings.token_algorithms == ("RS256", "PS256")
+    assert settings.token_leeway_seconds == 5
+    assert settings.token_issuers == ("https://kc.test/realms/a", "https://kc.test/realms/b")
+    assert settings.token_audiences == ("console", "catalyst-proxy")
+    assert settings.session_cookie_secret == b"cookie-secret"
+    assert settings.operator_email == "owner@example.test"
+    assert settings.bridge_secret == b"bridge-secret"
+    assert settings.bridge_secret_file == "/secrets/JWT_SECRET"
+    assert settings.max_body_bytes == 2048
+    assert settings.upstream_timeout_seconds == 0.5
+    assert settings.routes_file == "/etc/catalyst/routes.toml"
+    assert settings.shutdown_grace_seconds == 25
+    assert (settings.log_format, settings.log_level) == ("console", "debug")
+
+
+def test_secrets_are_not_in_repr():
+    """Secrets never show in the settings' repr (which could reach a log or a traceback)."""
+    settings = env(
+        CATALYST_SME_JWT_SECRET="bridge-secret-value",
+        CATALYST_SESSION_COOKIE_SECRET="cookie-secret-value",
+    )
+    assert "bridge-secret-value" not in repr(settings)
+    assert "cookie-secret-value" not in repr(settings)
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ({}, DEFAULT_GATEWAY_URL),
+        ({"CATALYST_ORG_GATEWAY_URL": "http://org.test:8080"}, "http://org.test:8080"),
+        ({"CATALYST_SME_GATEWAY_URL": "http://sme.test"}, "http://sme.test"),
+        (
+            {"CATALYST_SME_GATEWAY_URL": "http://sme.test", "CATALYST_ORG_GATEWAY_URL": "http://o"},
+            "http://sme.test",
+        ),
+        ({"CATALYST_SME_GATEWAY_URL": "http://sme.test/"}, "http://sme.test"),
+        ({"CATALYST_SME_GATEWAY_URL": "https://sme.test/prefix//"}, "https://sme.test/prefix"),
+        ({"CATALYST_ORG_GATEWAY_URL": "http://org.test:8080/"}, "http://org.test:8080"),
+        ({"CATALYST_SME_GATEWAY_URL": "  ", "CATALYST_ORG_GATEWAY_URL": "http://o"}, "http://o"),
+    ],
+)
+def test_gateway_url_fallback_and_trim(values, expected):
+    """SME gateway URL, else ORG gateway URL, else the default; a trailing '/' is trimmed."""
+    assert env(**values).gateway_url == expected
+
+
+@pytest.mark.parametrize(
+    ("values", "secret"),
+    [
+        ({"CATALYST_SME_JWT_SECRET": "sme"}, b"sme"),
+        ({"CATALYST_ORG_JWT_SECRET": "org"}, b"org"),
+        ({"CATALYST_SME_JWT_SECRET": "sme", "CATALYST_ORG_JWT_SECRET": "org"}, b"sme"),
+        ({"CATALYST_SME_JWT_SECRET": "", "CATALYST_ORG_JWT_SECRET": "org"}, b"org"),
+        ({}, None),
+    ],
+)
+def test_bridge_secret_fallback(values, secret):
+    """The bridge secret is the SME secret, else the ORG secret, else none."""
+    settings = env(**values)
+    assert settings.bridge_secret == secret
+    assert settings.bridge_secret_configured is (secret is not None)
+
+
+def test_bridge_secret_file_counts_as_configured():
+    """A secret file alone configures the bridge (it is read at request time)."""
+    settings = env(CATALYST_SME_JWT_SECRET_FILE="/secrets/JWT_SECRET")
+    assert settings.bridge_secret is None
+    assert settings.bridge_secret_configured
+
+
+@pytest.mark.parametrize(
+    ("values", "url"),
+    [
+        (
+            {"CATALYST_KC_ADDR": "http://keycloak.test:8080"},
+            "http://keycloak.test:8080/realms/sovereign/protocol/openid-connect/certs",
+        ),
+        (
+            {"CATALYST_KC_ADDR": "https://kc.test/", "CATALYST_KC_REALM": "acme"},
+            "https://kc.test/realms/acme/protocol/openid-connect/certs",
+        ),
+        (
+            {"CATALYST_KC_ADDR": "https://kc.test/auth", "CATALYST_KC_REALM": "acme"},
+            "https://kc.test/auth/realms/acme/protocol/openid-connect/certs",
+        ),
+        (
+            {"CATALYST_JWKS_URL": "https://idp.test/jwks", "CATALYST_KC_ADDR": "https://kc.test"},
+            "https://idp.test/jwks",
+        ),
+    ],
+)
+def test_jwks_url_from_keycloak_address(values, url):
+    """CATALYST_JWKS_URL wins; else KC_ADDR + realm (default sovereign) make the JWKS URL."""
+    assert Settings.from_env(values).jwks_url == url
+
+
+def test_local_key_alone_is_a_key_source():
+    """A local PEM key alone is enough: no JWKS URL needed."""
+    settings = Settings.from_env({"CATALYST_SESSION_PUBLIC_KEY_FILE": "/keys/public.pem"})
+    assert settings.jwks_url is None
+    assert settings.public_key_file == "/keys/public.pem"
+
+
+@pytest.mark.parametrize(
+    "values",
+    [{}, {"CATALYST_KC_REALM": "acme"}, {"CATALYST_JWKS_URL": " "}, {"CATALYST_KC_ADDR": ""}],
+)
+def test_no_key_source_is_an_error(values):
+    """Without a JWKS URL, Keycloak address or local key the gateway refuses to start."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(values)
+    assert caught.value.variable == "CATALYST_JWKS_URL"
+    assert "CATALYST_SESSION_PUBLIC_KEY_FILE" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "value", ["HS256", "HS384", "HS512", "none", "None", "RS256,HS256", "rs256", "RS999", ","]
+)
+def test_token_algorithms_refuse_symmetric_and_none(value):
+    """CATALYST_TOKEN_ALGORITHMS accepts asymmetric algorithms only: never HS* or none."""
+    if value == ",":
+        assert env(CATALYST_TOKEN_ALGORITHMS=value).token_algorithms == ("RS256",)
+        return
+    with pytest.raises(ConfigError) as caught:
+        env(CATALYST_TOKEN_ALGORITHMS=value)
+    assert caught.value.variable == "CATALYST_TOKEN_ALGORITHMS"
+
+
+@pytest.mark.parametrize("value", ["ES256", "PS512", "EdDSA", "RS256,RS384,RS512"])
+def test_token_algorithms_accept_asymmetric(value):
+    """Every asymmetric JWS algorithm may be configured."""
+    assert env(CATALYST_TOKEN_ALGORITHMS=value).token_algorithms == tuple(value.split(","))
+
+
+BAD_VALUES = [
+    ("CATALYST_SME_GATEWAY_URL", "sme.test:8080"),
+    ("CATALYST_SME_GATEWAY_URL", "ftp://sme.test"),
+    ("CATALYST_SME_GATEWAY_URL", "http://"),
+    ("CATALYST_SME_GATEWAY_URL", "http://sme.test:port"),
+    ("CATALYST_SME_GATEWAY_URL", "http://sme.test/?x=1"),
+    ("CATALYST_SME_GATEWAY_URL", "http://sme.test/#top"),
+    ("CATALYST_ORG_GATEWAY_URL", "gateway"),
+    ("CATALYST_JWKS_URL", "keycloak/certs"),
+    ("CATALYST_JWKS_URL", "http://:80/certs"),
+    ("CATALYST_KC_ADDR", "keycloak:8080"),
+    ("CATALYST_KC_REALM", "a/b"),
+    ("CATALYST_KC_REALM", ".."),
+    ("CATALYST_KC_REALM", "a?b"),
+    ("CATALYST_JWKS_CACHE_SECONDS", "ten"),
+    ("CATALYST_JWKS_CACHE_SECONDS", "0"),
+    ("CATALYST_JWKS_CACHE_SECONDS", "-1"),
+    ("CATALYST_JWKS_TIMEOUT_SECONDS", "0"),
+    ("CATALYST_JWKS_TIMEOUT_SECONDS", "nan"),
+    ("CATALYST_TOKEN_LEEWAY_SECONDS", "-5"),
+    ("CATALYST_TOKEN_LEEWAY_SECONDS", "inf"),
+    ("CATALYST_MAX_BODY_BYTES", "1MB"),
+    ("CATALYST_MAX_BODY_BYTES", "-1"),
+    ("CATALYST_MAX_BODY_BYTES", "1.5"),
+    ("CATALYST_UPSTREAM_TIMEOUT_SECONDS", "0"),
+    ("CATALYST_UPSTREAM_TIMEOUT_SECONDS", "3s"),
+    ("CATALYST_SHUTDOWN_GRACE_SECONDS", "-1"),
+    ("CATALYST_SHUTDOWN_GRACE_SECONDS", "soon"),
+    ("CATALYST_LOG_FORMAT", "xml"),
+    ("CATALYST_LOG_LEVEL", "verbose"),
+    ("CATALYST_TOKEN_ALGORITHMS", "HS256"),
+]
+
+
+@pytest.mark.parametrize(("variable", "value"), BAD_VALUES)
+def test_bad_value_names_the_variable(variable, value):
+    """A bad value raises ConfigError naming the variable, in one line."""
+    values = {variable: value}
+    if variable in ("CATALYST_KC_REALM", "CATALYST_KC_ADDR"):
+        values = {"CATALYST_KC_ADDR": "http://kc.test", **values}
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(values if variable.startswith("CATALYST_KC") else {**BASE, **values})
+    assert caught.value.variable == variable
+    message = str(caught.value)
+    assert message.startswith(variable + ": ")
+    assert "\n" not in message
+
+
+def test_bad_secret_values_are_not_echoed():
+    """A configuration error about a secret never repeats the secret."""
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env(
+            {"CATALYST_SME_JWT_SECRET": "s3cr3t-value", "CATALYST_UPSTREAM_TIMEOUT_SECONDS": "x"}
+        )
+    assert "s3cr3t-value" not in str(caught.value)
+
+
+def test_blank_values_count_as_unset():
+    """An empty or blank variable takes the default, as if it were not set."""
+    settings = env(
+        CATALYST_UPSTREAM_TIMEOUT_SECONDS="",
+        CATALYST_LOG_LEVEL="  ",
+        CATALYST_SME_JWT_SECRET=" ",
+        OPERATOR_EMAIL="",
+    )
+    assert settings.upstream_timeout_seconds == 3
+    assert settings.log_level == "info"
+    assert settings.bridge_secret is None
+    assert settings.operator_email is None
+
+
+def test_from_env_reads_only_the_mapping_given():
+    """from_env takes a plain mapping: nothing comes from the process environment."""
+    settings = Settings.from_env({"CATALYST_SESSION_PUBLIC_KEY_FILE": "/k.pem"})
+    assert settings == Settings(public_key_file="/k.pem")
+
+
+def test_url_with_credentials_is_refused_without_echo():
+    """A URL carrying a password is refused, and the password is not repeated."""
+    with pytest.raises(ConfigError) as caught:
+        env(CATALYST_SME_GATEWAY_URL="http://user:pa55word@sme.test")
+    assert caught.value.variable == "CATALYST_SME_GATEWAY_URL"
+    assert "pa55word" not in str(caught.value)

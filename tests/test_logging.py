@@ -1,0 +1,371 @@
+"""Logs (CONTRACT: Operations; issue 3): the real server's every byte, and no secret in it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from yarl import URL
+
+from catalyst_proxy.devtools.keys import public_jwk
+from catalyst_proxy.devtools.sme import SME
+
+from .serve_proc import JWS_SHAPE, ServeProcess
+from .support import RawUpstream, cookie_signature, free_socket, read_request, sign, start_app
+
+REQUEST_FIELDS = {
+    "request_id", "method", "path", "route", "status", "duration_ms", "upstream_status",
+    "upstream_ms", "sub", "email", "role", "error",
+}  # fmt: skip
+STRUCTLOG_FIELDS = {"event", "level", "timestamp"}
+
+BRIDGE = b"log-test-bridge-secret-0123456789abcdef-Q7"
+COOKIE_SECRET = b"log-test-cookie-secret-0123456789abcd-W3"
+KID = "kid-logging"
+PURCHASE = "/api/v1/billing/purchase"
+
+
+@pytest.fixture
+async def stand_in() -> AsyncIterator[tuple[SME, str]]:
+    sme = SME(BRIDGE)
+    runner, url = await start_app(sme.app(), access_log=None)
+    yield sme, url
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def servers() -> AsyncIterator[Callable[..., Awaitable[ServeProcess]]]:
+    """Factory: ``await servers(env)`` starts `catalyst-proxy serve` on a free port."""
+    started: list[ServeProcess] = []
+
+    async def start(env: dict[str, str]) -> ServeProcess:
+        proc = await ServeProcess(["serve", "--host", "127.0.0.1", "--port", "0"], env).start()
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        await proc.stop()
+
+
+def base_env(jwks_url: str, upstream: str, **extra: str) -> dict[str, str]:
+    return {
+        "CATALYST_JWKS_URL": jwks_url,
+        "CATALYST_JWKS_TIMEOUT_SECONDS": "1",
+        "CATALYST_SME_GATEWAY_URL": upstream,
+        "CATALYST_SME_JWT_SECRET": BRIDGE.decode(),
+        "CATALYST_SESSION_COOKIE_SECRET": COOKIE_SECRET.decode(),
+        "CATALYST_UPSTREAM_TIMEOUT_SECONDS": "0.3",
+        "CATALYST_SHUTDOWN_GRACE_SECONDS": "2",
+        "OPERATOR_EMAIL": "owner@example.test",
+        **extra,
+    }
+
+
+async def fetch(http: aiohttp.ClientSession, method: str, url: str, **kw: Any) -> tuple[int, bytes]:
+    async with http.request(method, URL(url, encoded=True), **kw) as resp:
+        return resp.status, await resp.read() + str(dict(resp.headers)).encode()
+
+
+class Mix:
+    """A full mix of requests; remembers every secret-bearing value it sent or saw."""
+
+    def __init__(self, token: Callable[..., str], other_key: Any) -> None:
+        self.token = token
+        self.other_key = other_key
+        self.secrets: set[str] = {BRIDGE.decode(), COOKIE_SECRET.decode()}
+        self.bodies: list[bytes] = []
+
+    def remember(self, *values: str) -> None:
+        self.secrets.update(v for v in values if v)
+
+    async def run(self, http: aiohttp.ClientSession, base: str) -> None:
+        good = self.token(kid=KID, realm_roles=["catalyst-owner"])
+        member = self.token(kid=KID, sub="member-1", email="member@example.test")
+        expired = self.token(kid=KID, now=time.time() - 7200, ttl=60)
+        foreign = self.token(kid=KID, key=self.other_key)
+        unknown_kid = self.token(kid="kid-nobody")
+        none_alg = sign({"alg": "none"}, {"sub": "x", "exp": int(time.time()) + 60})
+        hs_forged = sign({"alg": "HS256", "kid": KID}, {"sub": "x", "exp": 2**31}, b"guess")
+        sig = cookie_signature(good, COOKIE_SECRET)
+        bad_sig = cookie_signature(good, b"wrong-secret")
+        junk = "junk-token-LEAK-9f8e7d"
+        self.remember(good, member, expired, foreign, unknown_kid, none_alg, hs_forged, sig,
+                      bad_sig, junk)  # fmt: skip
+        requests: list[tuple[str, str, dict[str, Any]]] = [
+            ("POST", PURCHASE, {"headers": {"Authorization": f"Bearer {good}"}, "data": b"{}"}),
+            ("POST", "/api/v1/sme/billing/purchase?utm=x",
+             {"headers": {"Authorization": f"bearer {member}"}, "data": b"{}"}),
+            ("GET", "/api/v1/sme/billing/vouchers/list",
+             {"headers": {"Cookie": f"catalyst_session={good}.{sig}"}}),
+            ("GET", "/api/v1/sme/billing/vouchers/list",
+             {"headers": {"Cookie": f"catalyst_session={good}.{bad_sig}"}}),
+            ("GET", "/api/v1/sme/billing/vouchers/list",
+             {"headers": {"Cookie": f"catalyst_session={good}"}}),
+            ("POST", "/api/v1/sme/billing/vouchers/issue",
+             {"headers": {"Authorization": f"Bearer {good}"}, "data": b'{"code": "LOGV1"}'}),
+            ("DELETE", "/api/v1/sme/billing/vouchers/revoke/LOGV1",
+             {"headers": {"Authorization": f"Bearer {good}"}}),
+            ("POST", PURCHASE, {"headers": {"Authorization": f"Bearer {expired}"}}),
+            ("POST", PURCHASE, {"headers": {"Authorization": f"Bearer {foreign}"}}),
+            ("POST", PURCHASE, {"headers": {"Authorization": f"Bearer {unknown_kid}"}}),
+            ("POST", PURCHASE, {"headers": {"Authorization": f"Bearer {none_alg}"}}),
+            ("POST", PURCHASE, {"headers": {"Authorization": f"Bearer {hs_forged}"}}),
+            ("POST", PURCHASE, {"headers": {"Authorization": f"Bearer {junk}"}}),
+            ("POST", PURCHASE, {"headers": {"Authorization": f"Basic {junk}"}}),
+            ("POST", PURCHASE + f"?access_token={good}", {}),
+            ("POST", PURCHASE, {"headers": {"Authorization": f"Bearer {good}",
+                                            "Content-Encoding": "gzip"}, "data": b"x"}),
+            ("GET", PURCHASE, {"headers": {"Authorization": f"Bearer {good}"}}),
+            ("GET", "/nowhere", {"headers": {"Authorization": f"Bearer {good}"}}),
+        ]  # fmt: skip
+        oversized = self.token(kid=KID, extra={"pad": "p" * 17_000})
+        self.remember(oversized)
+        for header in ({"Authorization": f"Bearer {oversized}"},
+                       {"Cookie": f"catalyst_session={oversized}"}):  # fmt: skip
+            requests.append(("POST", PURCHASE, {"headers": header}))
+        for method, path, kwargs in requests:
+            status, body = await fetch(http, method, base + path, **kwargs)
+            assert status < 500 or status == 503, (path, status, body)
+            self.bodies.append(body)
+
+
+def scan(text: str, secrets: set[str]) -> list[str]:
+    """Every secret (or its distinctive middle) found in ``text``, and any JWS shape."""
+    hits = [s[:12] + "..." for s in secrets if s in text]
+    for secret in secrets:
+        parts = secret.split(".")
+        if len(parts) == 3 and len(parts[2]) >= 20:  # a JWS: its signature is the secret part
+            hits += [f"signature:{parts[2][:8]}"] if parts[2][:20] in text else []
+        elif len(secret) > 40 and secret[10:40] in text:
+            hits.append(secret[:12] + "...")
+    hits += [f"jws-shape:{m.group(0)[:12]}" for m in JWS_SHAPE.finditer(text)]
+    return hits
+
+
+async def test_no_secret_anywhere_the_process_wrote(
+    servers, stand_in, jwks_server, token, rsa_key, other_key
+):
+    """After a full mix no token, bridge token, secret, cookie, signature or Authorization leaks."""
+    sme, sme_url = stand_in
+    jwks_server.keys = [public_jwk(rsa_key, KID)]
+    main = await servers(base_env(jwks_server.url, sme_url))
+
+    async def faulty(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        _, body = await read_request(reader)
+        if body == b"garbage":
+            writer.write(b"HTTP/9 banana\r\n\r\n")
+        elif body == b"hang":
+            await reader.read()
+        # b"close": close before the status line
+
+    raw = await RawUpstream(faulty).start()
+    dead = free_socket()
+    dead_url = f"http://127.0.0.1:{dead.getsockname()[1]}"
+    dead.close()
+    faults = await servers(base_env(jwks_server.url, raw.url))
+    unreachable = await servers(base_env(jwks_server.url, dead_url))
+    mix = Mix(token, other_key)
+    try:
+        bases = [await p.wait_listening() for p in (main, faults, unreachable)]
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+            await mix.run(http, bases[0])
+            good = token(kid=KID, realm_roles=["catalyst-owner"])
+            mix.remember(good)
+            auth = {"Authorization": f"Bearer {good}"}
+            statuses = []
+            for body in (b"garbage", b"hang", b"close"):
+                statuses.append((await fetch(http, "POST", bases[1] + PURCHASE, headers=auth,
+                                             data=body))[0])  # fmt: skip
+            statuses.append((await fetch(http, "POST", bases[2] + PURCHASE, headers=auth))[0])
+            assert statuses == [502, 504, 502, 503]
+            for base in bases:
+                status, metrics = await fetch(http, "GET", base + "/metrics")
+                assert status == 200
+                mix.bodies.append(metrics)
+                mix.bodies.append((await fetch(http, "GET", base + "/readyz"))[1])
+        for proc in (main, faults, unreachable):
+            proc.signal(signal.SIGTERM)
+        for proc in (main, faults, unreachable):
+            assert await proc.wait() == 0
+    finally:
+        await raw.close()
+
+    bridge_tokens = [r.headers["Authorization"].split(" ", 1)[1] for r in sme.received]
+    assert len(bridge_tokens) >= 5
+    mix.remember(*bridge_tokens)
+    for proc in (main, faults, unreachable):
+        hits = scan(proc.output, mix.secrets)
+        assert hits == [], [line[:300] for line in proc.output.splitlines() if "eyJ" in line]
+    assert scan(b"\n".join(mix.bodies).decode("utf-8", "replace"), mix.secrets) == []
+    # and the output is not empty: the requests were logged
+    requests = [line for line in main.json_lines() if line["event"] == "request"]
+    assert len(requests) >= 18
+
+
+async def test_one_json_line_per_request_with_exactly_the_contract_fields(
+    servers, stand_in, jwks_server, token, rsa_key
+):
+    """Each request writes exactly one JSON "request" line holding exactly the contract's fields."""
+    _sme, sme_url = stand_in
+    jwks_server.keys = [public_jwk(rsa_key, KID)]
+    proc = await servers(base_env(jwks_server.url, sme_url))
+    base = await proc.wait_listening()
+    good = token(kid=KID, sub="op-log", email="Owner@Example.test", realm_roles=[])
+    async with aiohttp.ClientSession() as http:
+        cases = [
+            ("POST", PURCHASE + "?secretish=1", {"Authorization": f"Bearer {good}",
+                                                  "X-Request-ID": "req-ok-1"}),
+            ("POST", PURCHASE, {"X-Request-ID": "req-401"}),
+            ("DELETE", "/api/v1/sme/billing/vouchers/revoke/a%20b%2Fc?x=1",
+             {"Authorization": f"Bearer {good}", "X-Request-ID": "req-revoke"}),
+            ("GET", "/nowhere?q=1", {"X-Request-ID": "req-404"}),
+        ]  # fmt: skip
+        for method, path, headers in cases:
+            await fetch(http, method, base + path, headers=headers, data=b"{}")
+    proc.signal(signal.SIGTERM)
+    assert await proc.wait() == 0
+
+    lines = [line for line in proc.json_lines() if line["event"] == "request"]
+    by_id = {line["request_id"]: line for line in lines}
+    assert len(lines) == len(by_id) == 4
+    for line in lines:
+        assert set(line) == REQUEST_FIELDS | STRUCTLOG_FIELDS, sorted(line)
+        assert isinstance(line["duration_ms"], int | float)
+    ok = by_id["req-ok-1"]
+    assert ok["method"] == "POST"
+    assert ok["path"] == PURCHASE
+    assert ok["route"] == PURCHASE
+    assert (ok["status"], ok["upstream_status"]) == (200, 200)
+    assert ok["upstream_ms"] >= 0
+    assert ok["duration_ms"] >= ok["upstream_ms"]
+    assert (ok["sub"], ok["email"], ok["role"], ok["error"]) == (
+        "op-log", "Owner@Example.test", "superadmin", None
+    )  # fmt: skip
+    refused = by_id["req-401"]
+    assert (refused["status"], refused["error"]) == (401, "unauthenticated")
+    assert (refused["sub"], refused["upstream_status"], refused["upstream_ms"]) == (
+        None,
+        None,
+        None,
+    )
+    revoke = by_id["req-revoke"]
+    assert revoke["path"] == "/api/v1/sme/billing/vouchers/revoke/a%20b%2Fc"
+    assert revoke["route"] == "/api/v1/sme/billing/vouchers/revoke/{code}"
+    assert revoke["status"] == 404  # the SME stand-in has no such voucher
+    missing = by_id["req-404"]
+    assert (missing["path"], missing["route"], missing["status"]) == ("/nowhere", "none", 404)
+    assert missing["error"] == "not-found"
+    assert all(line.count("\n") == 0 for line in proc.stdout_lines)
+
+
+async def test_startup_jwks_and_shutdown_events(servers, stand_in, jwks_server, rsa_key):
+    """Start-up shows the effective config (secrets as set/unset), then JWKS and shutdown events."""
+    _, sme_url = stand_in
+    jwks_server.keys = [public_jwk(rsa_key, KID)]
+    proc = await servers(base_env(jwks_server.url, sme_url + "/"))
+    startup = await proc.wait_for_event("startup")
+    refresh = await proc.wait_for_event("jwks.refresh")
+    proc.signal(signal.SIGTERM)
+    assert await proc.wait() == 0
+
+    assert startup["level"] == "info"
+    assert startup["upstream"] == sme_url
+    assert startup["bridge_secret"] == "set"
+    assert startup["session_cookie_secret"] == "set"
+    assert startup["operator_keys"]["jwks_url"] == jwks_server.url
+    assert startup["shutdown_grace_seconds"] == 2
+    assert PURCHASE in startup["routes"]
+    assert BRIDGE.decode() not in proc.output
+    assert COOKIE_SECRET.decode() not in proc.output
+    assert "owner@example.test" not in json.dumps(startup)
+
+    assert refresh["result"] == "ok"
+    assert refresh["keys"] == 1
+    assert refresh["kids"] == [KID]
+
+    events = [line["event"] for line in proc.json_lines()]
+    assert events.index("startup") < events.index("shutdown.begin") < events.index("shutdown.done")
+    assert events[-1] == "shutdown.done"
+    assert proc.stderr_lines == []
+
+
+async def test_jwks_failure_is_logged(servers, stand_in, jwks_server):
+    """A failed JWKS fetch is logged as a warning with its result."""
+    _, sme_url = stand_in
+    jwks_server.mode = "error"
+    proc = await servers(base_env(jwks_server.url, sme_url))
+    refresh = await proc.wait_for_event("jwks.refresh")
+    proc.signal(signal.SIGTERM)
+    assert await proc.wait() == 0
+    assert refresh["result"] == "error"
+    assert refresh["level"] == "warning"
+
+
+async def test_console_format(servers, stand_in, jwks_server, token, rsa_key):
+    """CATALYST_LOG_FORMAT=console writes human-readable lines, not JSON, still without tokens."""
+    _, sme_url = stand_in
+    jwks_server.keys = [public_jwk(rsa_key, KID)]
+    proc = await servers(base_env(jwks_server.url, sme_url, CATALYST_LOG_FORMAT="console"))
+    line = await proc.wait_for_line(lambda text: "startup" in text)
+    port = line.split("listen=")[1].split()[0].rsplit(":", 1)[1]
+    good = token(kid=KID)
+    async with aiohttp.ClientSession() as http:
+        status, _ = await fetch(
+            http,
+            "POST",
+            f"http://127.0.0.1:{port}{PURCHASE}",
+            headers={"Authorization": f"Bearer {good}"},
+            data=b"{}",
+        )
+    assert status == 200
+    proc.signal(signal.SIGTERM)
+    assert await proc.wait() == 0
+    assert proc.stdout_lines
+    assert not any(text.startswith("{") for text in proc.stdout_lines)
+    request = [text for text in proc.stdout_lines if " request " in text]
+    assert len(request) == 1
+    assert "status=200" in request[0]
+    assert f"path={PURCHASE}" in request[0]
+    assert good not in proc.output
+    assert BRIDGE.decode() not in proc.output
+
+
+@pytest.mark.parametrize(
+    ("level", "shown"),
+    [("debug", True), ("info", True), ("warning", False), ("WARNING", False)],
+)
+async def test_log_level(stand_in, jwks_server, level, shown):
+    """CATALYST_LOG_LEVEL hides events below the level; warnings still show at warning."""
+    _, sme_url = stand_in
+    jwks_server.mode = "error"  # a warning-level event soon after start-up
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    env = base_env(jwks_server.url, sme_url, CATALYST_LOG_LEVEL=level,
+                   CATALYST_SME_JWT_SECRET="short")  # fmt: skip
+    proc = await ServeProcess(["serve", "--host", "127.0.0.1", "--port", str(port)], env).start()
+    try:
+        warning = await proc.wait_for_event("jwks.refresh")
+        async with aiohttp.ClientSession() as http:
+            # an answer means the server is listening and its signal handlers are in place
+            status, _ = await fetch(http, "GET", f"http://127.0.0.1:{port}/healthz")
+            assert status == 200
+        proc.signal(signal.SIGTERM)
+        assert await proc.wait() == 0
+    finally:
+        await proc.stop()
+    events = {line["event"] for line in proc.json_lines()}
+    assert ("startup" in events) is shown
+    assert ("request" in events) is shown
+    assert ("shutdown.done" in events) is shown
+    assert "bridge_secret.short" in events
+    assert warning["level"] == "warning"
+    levels = {line["level"] for line in proc.json_lines()}
+    assert levels <= ({"debug", "info", "warning"} if shown else {"warning"})

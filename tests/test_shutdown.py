@@ -1,0 +1,197 @@
+"""Graceful shutdown (CONTRACT: Operations; issue 3; issue 4 §10), on a real subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from .serve_proc import ServeProcess
+from .support import start_app
+
+PURCHASE = "/api/v1/billing/purchase"
+BRIDGE = "shutdown-test-bridge-secret-0123456789abcdef"
+IN_FLIGHT = 50
+
+
+class SlowUpstream:
+    """Holds each request until ``release`` is set (or ``hold`` seconds pass), then answers."""
+
+    def __init__(self, expected: int, hold: float = 60.0) -> None:
+        self.expected = expected
+        self.hold = hold
+        self.release = asyncio.Event()
+        self.all_arrived = asyncio.Event()
+        self.arrived = 0
+        self.answered = 0
+        self.cancelled = 0
+        self.url = ""
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.arrived += 1
+        if self.arrived >= self.expected:
+            self.all_arrived.set()
+        try:
+            await asyncio.wait_for(self.release.wait(), self.hold)
+        except TimeoutError:
+            pass
+        except asyncio.CancelledError:
+            self.cancelled += 1  # the gateway gave up on this request
+            raise
+        self.answered += 1
+        order = json.loads(body)["n"]
+        return web.json_response(
+            {"order_id": f"ord_{order}", "paid_by_credit": False, "session_url": None}
+        )
+
+
+@pytest.fixture
+async def slow() -> AsyncIterator[SlowUpstream]:
+    upstream = SlowUpstream(IN_FLIGHT)
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", upstream.handle)
+    runner, upstream.url = await start_app(app, access_log=None, handler_cancellation=True)
+    yield upstream
+    upstream.release.set()
+    await runner.cleanup()
+
+
+async def start_server(upstream: str, public_key_file: Path, grace: float) -> ServeProcess:
+    env = {
+        "CATALYST_SME_GATEWAY_URL": upstream,
+        "CATALYST_SESSION_PUBLIC_KEY_FILE": str(public_key_file),
+        "CATALYST_SME_JWT_SECRET": BRIDGE,
+        "CATALYST_UPSTREAM_TIMEOUT_SECONDS": "30",
+        "CATALYST_SHUTDOWN_GRACE_SECONDS": str(grace),
+    }
+    return await ServeProcess(["serve", "--host", "127.0.0.1", "--port", "0"], env).start()
+
+
+async def purchase(
+    http: aiohttp.ClientSession, base: str, auth: dict[str, str], n: int
+) -> tuple[int, dict[str, object]] | BaseException:
+    """One purchase; its (status, JSON body), or the exception if the connection broke."""
+    try:
+        async with http.post(base + PURCHASE, headers=auth, json={"n": n}) as resp:
+            return resp.status, await resp.json()
+    except aiohttp.ClientError as exc:
+        return exc
+
+
+async def connection_refused(base: str) -> bool:
+    host, port = base.removeprefix("http://").rsplit(":", 1)
+    try:
+        _, writer = await asyncio.open_connection(host, int(port))
+    except ConnectionRefusedError:
+        return True
+    writer.close()
+    return False
+
+
+async def test_sigterm_drains_fifty_in_flight_purchases(slow, public_key_file, bearer):
+    """On SIGTERM: readiness fails at once, no new connections, all 50 answered, exit 0 in grace."""
+    grace = 8.0
+    server = await start_server(slow.url, public_key_file, grace)
+    try:
+        base = await server.wait_listening()
+        auth = bearer()
+        connector = aiohttp.TCPConnector(limit=0, force_close=False)
+        async with aiohttp.ClientSession(connector=connector) as http:
+            async with http.get(base + "/readyz") as resp:
+                assert resp.status == 200
+            calls = [asyncio.create_task(purchase(http, base, auth, n)) for n in range(IN_FLIGHT)]
+            await slow.all_arrived.wait()
+            assert slow.arrived == IN_FLIGHT
+
+            terminated = time.monotonic()
+            server.signal(signal.SIGTERM)
+            begin = await server.wait_for_event("shutdown.begin")
+            assert begin["level"] == "info"
+            assert slow.answered == 0  # readiness failed while all 50 were still in flight
+            assert await connection_refused(base)
+
+            slow.release.set()
+            results = await asyncio.gather(*calls)
+            status = await server.wait(timeout=grace + 5)
+            elapsed = time.monotonic() - terminated
+    finally:
+        await server.stop()
+
+    assert status == 0
+    assert elapsed < grace
+    assert [r if isinstance(r, BaseException) else r[0] for r in results] == [200] * IN_FLIGHT
+    orders = {r[1]["order_id"] for r in results if not isinstance(r, BaseException)}
+    assert orders == {f"ord_{n}" for n in range(IN_FLIGHT)}
+    assert slow.arrived == slow.answered == IN_FLIGHT  # each purchase reached the upstream once
+    events = [line["event"] for line in server.json_lines()]
+    assert events.count("request") == IN_FLIGHT + 1
+    assert events[-2:] == ["request", "shutdown.done"] or events[-1] == "shutdown.done"
+
+
+async def test_readiness_is_503_on_an_open_connection_during_the_drain(
+    slow, public_key_file, bearer
+):
+    """A request that arrives on a connection still open during the drain never gets 200 ready."""
+    server = await start_server(slow.url, public_key_file, 5.0)
+    try:
+        base = await server.wait_listening()
+        slow.expected = 1
+        async with aiohttp.ClientSession() as http:
+            call = asyncio.create_task(purchase(http, base, bearer(), 0))
+            await slow.all_arrived.wait()
+            server.signal(signal.SIGTERM)
+            await server.wait_for_event("shutdown.begin")
+            try:
+                async with http.get(base + "/readyz") as resp:
+                    ready_status: int | None = resp.status
+            except aiohttp.ClientError:
+                ready_status = None  # refused: the listener is closed, which is also not ready
+            assert ready_status in (None, 503)
+            slow.release.set()
+            result = await call
+        assert await server.wait(timeout=10) == 0
+    finally:
+        await server.stop()
+    assert not isinstance(result, BaseException)
+    assert result[0] == 200
+
+
+async def test_upstream_hanging_past_the_grace(public_key_file, bearer):
+    """An upstream that outlasts the grace ends in closed client connections, never an answer."""
+    upstream = SlowUpstream(expected=5, hold=60.0)
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", upstream.handle)
+    runner, upstream.url = await start_app(app, access_log=None, handler_cancellation=True)
+    grace = 1.0
+    server = await start_server(upstream.url, public_key_file, grace)
+    try:
+        base = await server.wait_listening()
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+            calls = [asyncio.create_task(purchase(http, base, bearer(), n)) for n in range(5)]
+            await upstream.all_arrived.wait()
+            terminated = time.monotonic()
+            server.signal(signal.SIGTERM)
+            results = await asyncio.gather(*calls)
+            status = await server.wait(timeout=grace + 10)
+            elapsed = time.monotonic() - terminated
+    finally:
+        await server.stop()
+        upstream.release.set()
+        await runner.cleanup()
+
+    assert status == 0
+    assert grace <= elapsed < grace + 1.0, elapsed  # the grace, then cancel and close promptly
+    for result in results:
+        assert isinstance(result, aiohttp.ClientError), result  # closed, never a made-up answer
+    assert upstream.answered == 0
+    events = [line["event"] for line in server.json_lines()]
+    assert events[-1] == "shutdown.done"
+    assert "Traceback" not in server.output

@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -24,6 +23,9 @@ from .middleware import make_middleware
 from .ops import Ops
 from .proxy import Proxy, new_upstream_session
 from .routes import DEFAULT_ROUTES, Route, RoutesFileError, RouteTable, load_routes
+from .runner import SERVER_OPTIONS
+
+__all__ = ["PARTS", "SERVER_OPTIONS", "SESSION", "Parts", "create_app"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,15 +43,6 @@ class Parts:
 
 PARTS = web.AppKey("catalyst_proxy.parts", Parts)
 SESSION = web.AppKey("catalyst_proxy.session", aiohttp.ClientSession)
-
-# Server-side protocol settings (web.AppRunner / web.run_app keyword arguments).
-SERVER_OPTIONS: dict[str, Any] = {
-    "handler_cancellation": True,  # a client that goes away cancels its upstream request
-    "auto_decompress": False,  # never inflate a request body (we refuse encoded bodies: 415)
-    "max_line_size": 16 * 1024,
-    "max_field_size": 16 * 1024,  # Keycloak tokens approach 8 KiB; the default is 8190
-    "access_log": None,  # our middleware writes the access log
-}
 
 
 def load_route_table(settings: Settings) -> RouteTable:
@@ -92,7 +85,7 @@ def create_app(
         metrics=metrics,
         clock=monotonic,
     )
-    secret = BridgeSecret(settings.bridge_secret, settings.bridge_secret_file)
+    secret = BridgeSecret(settings.bridge_secret, settings.bridge_secret_file, clock=monotonic)
     authenticator = Authenticator(settings, keys, clock=clock)
     ops = Ops(keys, secret, metrics)
     app = web.Application(middlewares=[make_middleware(metrics)], handler_args=None)
@@ -109,5 +102,7 @@ def create_app(
     app.cleanup_ctx.append(lifecycle)
     proxy = Proxy(settings, table, authenticator, secret, metrics, lambda: app[SESSION])
     ops.add_routes(app)
-    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    # Every other path goes to the proxy, which matches the raw path itself ("[\s\S]":
+    # a percent-encoded newline decodes to one, and "." would not match it).
+    app.router.add_route("*", r"/{tail:[\s\S]*}", proxy.handle)
     return app

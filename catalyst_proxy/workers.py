@@ -14,6 +14,7 @@ second, so a crash loop does not spin.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -63,10 +64,8 @@ def supervise(count: int, worker: Callable[[int], int]) -> int:
         nonlocal stopping
         stopping = True
         for pid in list(children):
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
-            except ProcessLookupError:
-                pass
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
@@ -80,9 +79,9 @@ def supervise(count: int, worker: Callable[[int], int]) -> int:
             pid, wait_status = os.wait()
         except ChildProcessError:
             break
-        index = children.pop(pid, None)
-        if index is None:
+        if pid not in children:
             continue
+        index = children.pop(pid)
         code = os.waitstatus_to_exitcode(wait_status)
         if stopping:
             status = status or (0 if code == 0 else 1)

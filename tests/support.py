@@ -24,8 +24,9 @@ from aiohttp import web
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from catalyst_proxy.app import PARTS, SERVER_OPTIONS, Parts
+from catalyst_proxy.app import PARTS, Parts
 from catalyst_proxy.devtools.keys import public_jwk
+from catalyst_proxy.runner import Runner
 
 
 def b64(data: bytes) -> str:
@@ -61,8 +62,10 @@ def free_socket() -> socket.socket:
     return sock
 
 
-async def start_app(app: web.Application, **options: Any) -> tuple[web.AppRunner, str]:
-    runner = web.AppRunner(app, **options)
+async def start_app(
+    app: web.Application, runner_class: type[web.AppRunner] = web.AppRunner, **options: Any
+) -> tuple[web.AppRunner, str]:
+    runner = runner_class(app, **options)
     await runner.setup()
     site = web.SockSite(runner, free_socket())
     await site.start()
@@ -99,7 +102,7 @@ class Gateway:
 
 
 async def start_gateway(app: web.Application) -> Gateway:
-    runner, url = await start_app(app, **SERVER_OPTIONS)
+    runner, url = await start_app(app, Runner)
     http = aiohttp.ClientSession(
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),
@@ -194,7 +197,9 @@ class RawUpstream:
         self.url = f"http://127.0.0.1:{port}"
         return self
 
-    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _on_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         self.connections += 1
         task = asyncio.current_task()
         assert task is not None
@@ -220,7 +225,10 @@ async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
     """Read one HTTP/1.1 request (head, body) honouring Content-Length or chunked."""
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (l.partition(":") for l in lines[1:] if l)}
+    headers = {
+        k.strip().lower(): v.strip()
+        for k, _, v in (line.partition(":") for line in lines[1:] if line)
+    }
     if "content-length" in headers:
         body = await reader.readexactly(int(headers["content-length"]))
     elif "chunked" in headers.get("transfer-encoding", "").lower():

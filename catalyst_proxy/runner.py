@@ -1,0 +1,75 @@
+"""The HTTP server around the app: protocol limits, and answers to unparsable requests.
+
+aiohttp answers a request it cannot parse (a header line over the limit, a bad
+request line, a bad chunk size) before any handler runs, with a text body that
+quotes the offending bytes, and logs the same text with a traceback. The
+offending bytes are often an ``Authorization`` or ``Cookie`` line, that is, a
+token. ``Runner`` serves the app with a protocol handler that answers those
+with a JSON body naming only the kind of error, and logs only the exception's
+type.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+
+from . import headers as hdrs
+from . import log
+
+# Server-side protocol settings (web.AppRunner keyword arguments).
+SERVER_OPTIONS: dict[str, Any] = {
+    "handler_cancellation": True,  # a client that goes away cancels its upstream request
+    "auto_decompress": False,  # never inflate a request body (we refuse encoded bodies: 415)
+    "max_line_size": 16 * 1024,
+    "max_field_size": 16 * 1024,  # Keycloak tokens approach 8 KiB; the default is 8190
+    "access_log": None,  # our middleware writes the access log
+}
+
+_CODES = {400: "bad-request", 431: "request-header-fields-too-large", 500: "internal-error"}
+
+
+class _RequestHandler(RequestHandler):
+    def handle_error(
+        self,
+        request: Any,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if isinstance(exc, HttpProcessingError):
+            # `message` and `exc` quote the request's bytes: log the kind only.
+            log.get_logger().info(
+                log.REFUSED, error="unparsable-request", reason=type(exc).__name__
+            )
+        else:
+            self.log_exception("Error handling request", exc_info=exc)
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started; closing the connection")
+        if isinstance(exc, LineTooLong):
+            status = 431
+        response = web.json_response({"error": _CODES.get(status, "bad-request")}, status=status)
+        response.headers[hdrs.REQUEST_ID] = uuid.uuid4().hex
+        response.force_close()
+        return response
+
+
+class _Server(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _RequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class Runner(web.AppRunner):
+    """``web.AppRunner`` with SERVER_OPTIONS and the non-echoing protocol handler."""
+
+    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+        super().__init__(app, **{**SERVER_OPTIONS, **kwargs})
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _Server  # same server, our protocol handler class
+        return server

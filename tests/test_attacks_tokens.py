@@ -34,7 +34,7 @@ from catalyst_proxy.bridge import mint
 from catalyst_proxy.devtools.keys import public_jwk, public_pem
 
 from .auth_support import ROUTES, SOURCES, WatchedJWKS, call, claims, expected_status, present
-from .conftest import BRIDGE_SECRET
+from .conftest import BRIDGE_SECRET, Assurance
 from .support import RawUpstream, b64, sign
 
 ISSUER = "https://kc.example.test/realms/sovereign"
@@ -84,15 +84,21 @@ def good_claims(**overrides: Any) -> dict[str, Any]:
 
 async def assert_all_refused(gw: Any, token: str, canary: RawUpstream) -> None:
     """``token`` is refused on every route through both sources; nothing went anywhere."""
+    ASSURANCE.add("attack tokens tried")
     for source in SOURCES:
         for method, path in ROUTES:
             status, headers, body = await call(gw, method, path, present(source, token))
+            ASSURANCE.add("attack requests sent (token x source x route)")
+            ASSURANCE.add("attack requests accepted (must be 0)", int(status < 400))
+            ASSURANCE.add("5xx answers to bad tokens (must be 0)", int(status >= 500))
             where = f"{source} {method} {path}"
             assert status == 401, (where, status, body)
             assert json.loads(body) == {"error": "unauthenticated"}, where
             assert headers["WWW-Authenticate"] == (
                 'Bearer realm="catalyst-proxy", error="invalid_token"'
             ), where
+    ASSURANCE.add("attack requests that reached the upstream (must be 0)", len(gw.sme.received))
+    ASSURANCE.add("canary (jku/x5u) connections (must be 0)", canary.connections)
     assert gw.sme.received == []
     assert canary.connections == 0
     metrics = await gw.metrics_text()
@@ -507,6 +513,7 @@ ATTACKS["shape-duplicate-alg-none-last"] = lambda ctx: sign(
 )
 
 
+ASSURANCE = Assurance()
 ATTACK_NAMES = sorted(ATTACKS)
 
 

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from catalyst_proxy.devtools.keys import new_private_key, public_jwk
 
 from .auth_support import PURCHASE, Clock, WatchedJWKS, claims, metric, present
+from .conftest import Assurance
 from .support import b64, sign
 
 JWKS_TIMEOUT = 0.5
@@ -246,6 +247,8 @@ async def test_unknown_kid_flood_costs_one_fetch_per_30_seconds(gateway, jwks, k
     clock.now += 0.2  # 30.1 s after the miss refresh
     assert await _flood(gw, 300) == [401] * 300
     assert jwks.fetches == 3
+    Assurance().add("unknown-kid flood: requests", 2_600)
+    Assurance().add("unknown-kid flood: JWKS fetches (start-up + 1 per 30 s)", jwks.fetches)
     assert gw.sme.received == []
     assert metric(await gw.metrics_text(), "catalyst_proxy_auth_failures_total",
                   reason="unknown_key") == 2_600  # fmt: skip

@@ -16,6 +16,7 @@ from yarl import URL
 from catalyst_proxy.devtools.keys import public_jwk
 from catalyst_proxy.devtools.sme import SME
 
+from .conftest import Assurance
 from .serve_proc import JWS_SHAPE, ServeProcess
 from .support import RawUpstream, cookie_signature, free_socket, read_request, sign, start_app
 
@@ -202,6 +203,8 @@ async def test_no_secret_anywhere_the_process_wrote(
     mix.remember(*bridge_tokens)
     for proc in (main, faults, unreachable):
         hits = scan(proc.output, mix.secrets)
+        Assurance().add("leak scan: bytes of process output scanned", len(proc.output))
+        Assurance().add("leak scan: hits (must be 0)", len(hits))
         assert hits == [], [line[:300] for line in proc.output.splitlines() if "eyJ" in line]
     assert scan(b"\n".join(mix.bodies).decode("utf-8", "replace"), mix.secrets) == []
     # and the output is not empty: the requests were logged

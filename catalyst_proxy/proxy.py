@@ -18,6 +18,7 @@ connection is switched off by ``never_retry`` (see there).
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ from .errors import (
     UpstreamUnreachable,
 )
 from .metrics import Metrics
-from .middleware import INFO
+from .middleware import INFO, RequestInfo
 from .routes import Match, RouteTable
 
 # Margin past the connect timeout for the headers deadline, so that a connection
@@ -81,12 +82,20 @@ async def never_retry(
 def new_upstream_session(settings: Settings) -> aiohttp.ClientSession:
     """The process's one pooled client for the SME gateway."""
     budget = settings.upstream_timeout_seconds
+    # aiohttp rounds timeouts over 5 s up to a whole second (``ceil_threshold``). Ours must
+    # fire at the budget: a connect timeout rounded past the headers deadline would report
+    # an unreachable upstream as a 504 instead of a 503. So: never round.
+    connector = aiohttp.TCPConnector(
+        limit=0, ttl_dns_cache=10, keepalive_timeout=15, timeout_ceil_threshold=math.inf
+    )
     return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=0, ttl_dns_cache=10, keepalive_timeout=15),
+        connector=connector,
         cookie_jar=aiohttp.DummyCookieJar(),  # never keep or send upstream cookies
         auto_decompress=False,  # answers pass through as the upstream's bytes
         skip_auto_headers=("User-Agent", "Content-Type", "Accept-Encoding"),
-        timeout=aiohttp.ClientTimeout(total=None, connect=budget, sock_read=budget),
+        timeout=aiohttp.ClientTimeout(
+            total=None, connect=budget, sock_read=budget, ceil_threshold=math.inf
+        ),
         middlewares=(never_retry,),
         trust_env=False,
     )
@@ -126,8 +135,7 @@ class Proxy:
     async def handle(self, request: web.Request) -> web.StreamResponse:
         info = request[INFO]
         path, question, query = request.raw_path.partition("?")
-        match = self._route(path, request.method)
-        info.route = match.route.path
+        match = self._route(path, request.method, info)
 
         operator = await self._auth.authenticate(request.headers)
         role = map_role(operator.claims, self._settings.operator_email)
@@ -169,10 +177,11 @@ class Proxy:
             upload,
         )
 
-    def _route(self, path: str, method: str) -> Match:
+    def _route(self, path: str, method: str, info: RequestInfo) -> Match:
         match = self._table.match(path)
         if match is None:
             raise NotFound()
+        info.route = match.route.path  # a 405 is counted under the route it missed
         if method not in match.route.methods:
             raise MethodNotAllowed(match.route.methods)
         return match

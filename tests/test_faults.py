@@ -1,0 +1,784 @@
+"""Faults, at most once, body integrity, smuggling (issue 4, sections 4-7).
+
+Every case drives the real gateway over real sockets and checks three things:
+the exact status and JSON ``error`` (or, mid-body, an aborted transfer), and
+what the upstream saw, counted byte-exactly by ``HTTPUpstream``: nothing, one
+partial request, or one complete request, never two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gzip
+import hashlib
+import json
+import os
+import resource
+import socket
+import time
+import zlib
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import dataclass
+
+import aiohttp
+import pytest
+
+from .rawhttp import (
+    HTTPUpstream,
+    Respond,
+    Seen,
+    answer,
+    echo,
+    exchange,
+    never_answer,
+    partial_answer,
+    raw_client,
+    read_response,
+    request_bytes,
+    write_then_close,
+)
+
+PURCHASE = "/api/v1/billing/purchase"
+BUDGET = 0.3  # upstream_timeout_seconds for the fault cases
+LIMIT = 256 * 1024  # max_body_bytes for the body cases
+
+# A request that must never reach the upstream when it rides behind or inside another one.
+SECOND = (
+    b"POST /api/v1/sme/billing/vouchers/issue HTTP/1.1\r\nHost: gateway.test\r\n"
+    b"Authorization: {auth}\r\nContent-Length: 20\r\n\r\n"
+    b'{"code": "SMUGGLED"}'
+)
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Callable[[Respond], Awaitable[HTTPUpstream]]]:
+    """Factory: ``await upstream(respond)`` starts a recording HTTP/1.1 upstream."""
+    started: list[HTTPUpstream] = []
+
+    async def make(respond: Respond) -> HTTPUpstream:
+        server = await HTTPUpstream(respond).start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        await server.close()
+
+
+def error_of(body: bytes) -> str:
+    return str(json.loads(body)["error"])
+
+
+@contextlib.contextmanager
+def black_hole() -> Iterator[str]:
+    """A 127.0.0.1 URL whose accept queue is full: SYNs are dropped, never answered or refused."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers: list[socket.socket] = []
+    try:
+        for _ in range(4):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(("127.0.0.1", port))
+            fillers.append(filler)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+
+
+# === 4. Upstream faults ======================================================================
+
+
+async def test_black_holed_upstream_is_503_unreachable_within_the_budget(gateway, bearer):
+    """An upstream whose SYNs are dropped (accept queue full) is 503 unreachable within the
+    budget."""
+    with black_hole() as url:
+        gw = await gateway(upstream=url, upstream_timeout_seconds=BUDGET)
+        started = time.monotonic()
+        status, headers, body = await gw.request("POST", PURCHASE, headers=bearer(), data=b"{}")
+        elapsed = time.monotonic() - started
+    assert status == 503, body
+    assert error_of(body) == "sme-gateway-unreachable"
+    assert json.loads(body)["detail"]
+    assert headers["X-Request-ID"]
+    assert elapsed < BUDGET + 0.5
+
+
+@pytest.mark.slow
+async def test_black_holed_upstream_is_503_with_a_budget_above_five_seconds(gateway, bearer):
+    """With a budget above 5 s (where aiohttp rounds its timeouts up to whole seconds) a
+    black-holed upstream is still 503 unreachable at the budget, never a 504."""
+    budget = 5.02
+    with black_hole() as url:
+        gw = await gateway(upstream=url, upstream_timeout_seconds=budget)
+        started = time.monotonic()
+        status, _, body = await gw.request("POST", PURCHASE, headers=bearer(), data=b"{}")
+        elapsed = time.monotonic() - started
+    assert (status, error_of(body)) == (503, "sme-gateway-unreachable")
+    assert budget <= elapsed < budget + 0.5
+
+
+async def test_upstream_that_reads_and_never_answers_is_504_within_the_budget(
+    gateway, bearer, upstream
+):
+    """An upstream that takes the whole request and never answers is 504 sme-gateway-timeout
+    once the budget is spent, plus a small margin, and saw the request exactly once."""
+    up = await upstream(never_answer)
+    gw = await gateway(upstream=up.url, upstream_timeout_seconds=BUDGET)
+    started = time.monotonic()
+    status, headers, body = await gw.request("POST", PURCHASE, headers=bearer(), data=b"{}")
+    elapsed = time.monotonic() - started
+    assert (status, error_of(body)) == (504, "sme-gateway-timeout")
+    assert headers["X-Request-ID"]
+    assert BUDGET <= elapsed < BUDGET + 0.5
+    await up.all_closed()
+    assert [seen.complete for seen in up.requests] == [True]
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 65536 + b"\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 65536,
+        b"HTTP/1.1 200 " + b"O" * 65536 + b"\r\n\r\n",
+    ],
+    ids=["header-line", "header-line-unterminated", "status-line"],
+)
+async def test_64_kib_upstream_line_is_502(gateway, bearer, upstream, reply):
+    """A 64 KiB status or header line from the upstream is 502 sme-gateway-bad-response."""
+    up = await upstream(write_then_close(reply))
+    gw = await gateway(upstream=up.url, upstream_timeout_seconds=BUDGET)
+    status, _, body = await gw.request("POST", PURCHASE, headers=bearer(), data=b"{}")
+    assert (status, error_of(body)) == (502, "sme-gateway-bad-response")
+    await up.all_closed()
+    assert [seen.complete for seen in up.requests] == [True]
+
+
+async def test_slow_upstream_body_streams_through_piece_by_piece(gateway, bearer, upstream):
+    """A body sent one byte at a time, each within the budget, streams through to the client
+    as it comes (each byte arrives before the next is sent), though the whole takes longer."""
+    pieces = b"slowly!"
+    delivered = [asyncio.Event() for _ in pieces]
+    interval = 0.1  # per piece, under the 0.25 s budget; 7 pieces take longer than the budget
+
+    async def respond(
+        seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(pieces))
+        await writer.drain()
+        for index in range(len(pieces)):
+            await asyncio.sleep(interval)  # a slow server
+            writer.write(pieces[index : index + 1])
+            await writer.drain()
+            await delivered[index].wait()  # the client has it before the next byte leaves
+        return False
+
+    up = await upstream(respond)
+    gw = await gateway(upstream=up.url, upstream_timeout_seconds=0.25)
+    started = time.monotonic()
+    async with (
+        asyncio.timeout(10),
+        gw.http.post(gw.url + PURCHASE, headers=bearer(), data=b"{}") as resp,
+    ):
+        assert resp.status == 200
+        assert resp.headers["Content-Length"] == str(len(pieces))
+        for index in range(len(pieces)):
+            # Lock-step: the upstream sends byte n+1 only once the client holds byte n.
+            assert await resp.content.readany() == pieces[index : index + 1]
+            delivered[index].set()
+        assert await resp.content.read() == b""
+    assert time.monotonic() - started > 0.25  # the whole outlasted the budget: it is per piece
+
+
+@dataclass(frozen=True)
+class MidBody:
+    """An upstream that starts a 200 and breaks off (or stalls) partway through the body."""
+
+    chunked: bool
+    then: str
+
+    def respond(self) -> Respond:
+        return partial_answer(b"x" * 1000, b"x" * 400, chunked=self.chunked, then=self.then)
+
+
+MID_BODY = {
+    "length-then-close": MidBody(chunked=False, then="close"),
+    "chunked-then-close": MidBody(chunked=True, then="close"),
+    "length-then-stall": MidBody(chunked=False, then="stall"),
+    "chunked-then-stall": MidBody(chunked=True, then="stall"),
+}
+
+
+@pytest.mark.parametrize("case", MID_BODY)
+async def test_upstream_breaking_off_mid_body_aborts_the_clients_transfer(
+    gateway, bearer, upstream, case
+):
+    """An upstream that breaks off or stalls past the budget mid-body ends in an aborted
+    transfer (short of the declared length or without the final chunk), never a clean short 200."""
+    up = await upstream(MID_BODY[case].respond())
+    gw = await gateway(upstream=up.url, upstream_timeout_seconds=BUDGET)
+    request = request_bytes("POST", PURCHASE, [*bearer().items(), ("Content-Length", "2")], b"{}")
+    started = time.monotonic()
+    responses = await exchange(gw.url, request + request, at_most=2)
+    elapsed = time.monotonic() - started
+    assert len(responses) == 1  # the connection is gone: no second answer on it
+    [response] = responses
+    assert response.status == 200
+    assert not response.complete
+    assert response.body == b"x" * 400
+    if MID_BODY[case].chunked:
+        assert "Content-Length" not in response.headers
+    else:
+        assert response.headers["Content-Length"] == "1000"
+    if MID_BODY[case].then == "stall":
+        assert BUDGET <= elapsed < BUDGET + 0.5
+    await up.all_closed()
+    assert [seen.complete for seen in up.requests] == [True]
+
+
+@pytest.mark.parametrize("case", MID_BODY)
+async def test_aiohttp_client_sees_a_payload_error_when_the_upstream_breaks_off(
+    gateway, bearer, upstream, case
+):
+    """An ordinary HTTP client reading a broken-off answer gets a payload error, not a short
+    body."""
+    up = await upstream(MID_BODY[case].respond())
+    gw = await gateway(upstream=up.url, upstream_timeout_seconds=BUDGET)
+    status, error, _ = await one_call(gw, "POST", PURCHASE, bearer(), b"{}")
+    assert (status, error) == (200, "aborted")
+
+
+async def test_gzip_answer_passes_through_byte_identical(gateway, bearer, upstream):
+    """A gzip-encoded upstream answer reaches the client as the same bytes with its
+    Content-Encoding: never inflated, never re-encoded."""
+    plain = json.dumps({"vouchers": [{"code": f"V{i}", "amount_cents": i} for i in range(500)]})
+    compressed = gzip.compress(plain.encode(), mtime=0)
+    up = await upstream(answer(200, compressed, [("Content-Encoding", "gzip"), ("Vary", "x")]))
+    gw = await gateway(upstream=up.url)
+    status, headers, body = await gw.request(
+        "GET",
+        "/api/v1/sme/billing/vouchers/list",
+        headers={**bearer(), "Accept-Encoding": "gzip"},
+    )
+    assert status == 200
+    assert headers["Content-Encoding"] == "gzip"
+    assert headers["Content-Length"] == str(len(compressed))
+    assert hashlib.sha256(body).hexdigest() == hashlib.sha256(compressed).hexdigest()
+    assert gzip.decompress(body).decode() == plain
+    assert "Accept-Encoding" not in up.requests[0].headers
+
+
+@pytest.mark.slow
+async def test_200_mb_answer_streams_with_flat_memory(gateway, bearer, upstream):
+    """A 200 MB answer streams through intact without the gateway holding it: peak memory grows
+    by far less than the body."""
+    size, piece = 200 * 1024 * 1024, os.urandom(1 << 20)
+    expected = hashlib.sha256()
+    for _ in range(size // len(piece)):
+        expected.update(piece)
+
+    async def respond(
+        seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % size)
+        for _ in range(size // len(piece)):
+            writer.write(piece)
+            await writer.drain()
+        return False
+
+    up = await upstream(respond)
+    gw = await gateway(upstream=up.url, upstream_timeout_seconds=5)
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    digest, received = hashlib.sha256(), 0
+    async with gw.http.post(gw.url + PURCHASE, headers=bearer(), data=b"{}") as resp:
+        assert resp.status == 200
+        async for chunk in resp.content.iter_chunked(1 << 20):
+            digest.update(chunk)
+            received += len(chunk)
+    peak_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert received == size
+    assert digest.hexdigest() == expected.hexdigest()
+    assert (peak_after - peak_before) * 1024 < 48 * 1024 * 1024
+
+
+# === 5. At most once =========================================================================
+
+
+@dataclass(frozen=True)
+class Fault:
+    respond: Respond
+    status: int
+    error: str | None  # None: the upstream's own status; "aborted": a broken-off 200
+
+
+FAULTS: dict[str, Fault] = {
+    "never-answers": Fault(never_answer, 504, "sme-gateway-timeout"),
+    "closes-before-status": Fault(write_then_close(b""), 502, "sme-gateway-bad-response"),
+    "closes-mid-status": Fault(write_then_close(b"HTTP/1.1 20"), 502, "sme-gateway-bad-response"),
+    "garbage-status": Fault(
+        write_then_close(b"HTTP/1.1 OK fine\r\n\r\n"), 502, "sme-gateway-bad-response"
+    ),
+    "64k-header": Fault(
+        write_then_close(b"HTTP/1.1 200 OK\r\nX: " + b"a" * 65536 + b"\r\n\r\n"),
+        502,
+        "sme-gateway-bad-response",
+    ),
+    "length-then-close": Fault(MID_BODY["length-then-close"].respond(), 200, "aborted"),
+    "chunked-then-close": Fault(MID_BODY["chunked-then-close"].respond(), 200, "aborted"),
+    "stalls-mid-body": Fault(MID_BODY["length-then-stall"].respond(), 200, "aborted"),
+    "503-retry-after": Fault(
+        answer(503, b'{"error": "busy"}', [("Retry-After", "7")], keep_alive=False), 503, None
+    ),
+}
+
+METHODS = {
+    "POST": ("POST", PURCHASE, "POST"),
+    "GET": ("GET", "/api/v1/sme/billing/vouchers/list", "GET"),
+    "DELETE": ("DELETE", "/api/v1/sme/billing/vouchers/revoke/VCH-9", "DELETE"),
+}
+
+
+async def one_call(gw, method: str, path: str, headers: dict[str, str], data: bytes | None):
+    """(status, error code or "aborted" or None, headers) for one request through the gateway."""
+    async with (
+        asyncio.timeout(10),
+        gw.http.request(method, gw.url + path, headers=headers, data=data) as resp,
+    ):
+        try:
+            body = await resp.read()
+        except aiohttp.ClientPayloadError:
+            return resp.status, "aborted", resp.headers
+        if resp.status >= 500 and body.startswith(b'{"error": "sme-'):
+            return resp.status, error_of(body), resp.headers
+        return resp.status, None, resp.headers
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("fault", FAULTS)
+async def test_every_fault_repeated_reaches_the_upstream_exactly_once_per_request(
+    gateway, bearer, upstream, fault, method
+):
+    """Under every upstream fault, 20 concurrent requests each reach the upstream exactly once:
+    no retry for POST, GET or DELETE, whatever the HTTP client library would do."""
+    spec = FAULTS[fault]
+    client_method, path, upstream_method = METHODS[method]
+    up = await upstream(spec.respond)
+    gw = await gateway(upstream=up.url, upstream_timeout_seconds=BUDGET)
+    ids = [f"{fault}-{method}-{n}" for n in range(20)]
+    data = b'{"sku": "starter"}' if client_method == "POST" else None
+    results = await asyncio.gather(
+        *(one_call(gw, client_method, path, {**bearer(), "X-Request-ID": rid}, data) for rid in ids)
+    )
+    for status, error, headers in results:
+        assert (status, error) == (spec.status, spec.error)
+        assert headers["X-Request-ID"] in ids
+    await up.all_closed()
+    seen_ids = Counter(seen.headers.get("X-Request-ID") for seen in up.requests)
+    assert seen_ids == Counter(ids)  # each request exactly once: never zero, never twice
+    assert all(seen.complete and seen.method == upstream_method for seen in up.requests)
+    assert up.connections == 20
+
+
+@pytest.mark.parametrize("method", METHODS)
+async def test_upstream_closing_idle_keepalive_connections_never_causes_a_resend(
+    gateway, bearer, upstream, method
+):
+    """An upstream that closes each keep-alive connection right after answering: every request
+    reaches it at most once (a stale pooled connection is a 502, never a silent second send)."""
+
+    async def answer_then_close(
+        seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        # Keep-alive is promised (no "Connection: close") and then broken at once.
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}")
+        await writer.drain()
+        return False
+
+    client_method, path, _ = METHODS[method]
+    up = await upstream(answer_then_close)
+    gw = await gateway(upstream=up.url, upstream_timeout_seconds=2)
+    outcomes: Counter[int] = Counter()
+    for n in range(30):
+        rid = f"idle-{method}-{n}"
+        headers = {**bearer(), "X-Request-ID": rid}
+        status, error, _ = await one_call(gw, client_method, path, headers, None)
+        assert (status, error) in ((200, None), (502, "sme-gateway-bad-response"))
+        outcomes[status] += 1
+        matching = [seen for seen in up.requests if seen.headers.get("X-Request-ID") == rid]
+        if status == 200:
+            assert len(matching) == 1
+            assert matching[0].complete
+        else:  # sent on a connection the upstream had already closed: it never saw it
+            assert matching == []
+    await up.all_closed()
+    seen_ids = Counter(seen.headers.get("X-Request-ID") for seen in up.requests)
+    assert max(seen_ids.values()) == 1
+    assert len(up.requests) == outcomes[200]
+    assert outcomes[200] >= 1
+
+
+# === 6. Body integrity =======================================================================
+
+BODIES = {
+    "random-binary": os.urandom(100_000),
+    "nul-bytes": b"\x00" * 5000 + b"{}" + b"\x00" * 5000,
+    "invalid-utf8": b'{"sku": "\xff\xfe\xc3\x28\xa0\xa1\xe2\x28\xa1\xf0\x28\x8c\xbc"}',
+    "emoji": '{"note": "💳🧾✅ ünïcødé 中文 𝕏"}'.encode(),
+    "bom": b'\xef\xbb\xbf{"sku": "starter"}',
+    "utf16-bom": '{"sku": "x"}'.encode("utf-16"),
+    "crlf-and-request-lookalike": b"0\r\n\r\nPOST /api/billing/vouchers/issue HTTP/1.1\r\n\r\n",
+    "empty": b"",
+    "one-byte": b"\x00",
+    "exactly-at-limit": os.urandom(LIMIT),
+}
+
+
+async def chunks_of(data: bytes, size: int) -> AsyncIterator[bytes]:
+    for offset in range(0, len(data), size):
+        yield data[offset : offset + size]
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+@pytest.mark.parametrize("name", BODIES)
+async def test_body_round_trips_byte_for_byte(gateway, bearer, upstream, name, framing):
+    """The request body reaches the upstream byte for byte and the answer comes back the same
+    way: SHA-256 equal on the client, the upstream and the returning answer."""
+    payload = BODIES[name]
+    sent = hashlib.sha256(payload).hexdigest()
+    up = await upstream(echo)
+    gw = await gateway(upstream=up.url, max_body_bytes=LIMIT)
+    data = payload if framing == "content-length" else chunks_of(payload, 7919)
+    status, _, body = await gw.request(
+        "POST",
+        PURCHASE,
+        headers={**bearer(), "Content-Type": "application/octet-stream"},
+        data=data,
+    )
+    assert status == 200
+    assert len(up.requests) == 1
+    seen = up.requests[0]
+    assert seen.complete
+    assert seen.sha256 == sent
+    assert hashlib.sha256(body).hexdigest() == sent
+    if framing == "content-length":
+        assert seen.headers["Content-Length"] == str(len(payload))
+
+
+async def test_one_byte_over_the_limit_with_a_declared_length_is_413_and_nothing_upstream(
+    gateway, bearer, upstream
+):
+    """A declared length one byte over the limit is 413 request-body-too-large before anything
+    is sent upstream."""
+    up = await upstream(echo)
+    gw = await gateway(upstream=up.url, max_body_bytes=LIMIT)
+    status, headers, body = await gw.request(
+        "POST", PURCHASE, headers=bearer(), data=os.urandom(LIMIT + 1)
+    )
+    assert (status, error_of(body)) == (413, "request-body-too-large")
+    assert headers["X-Request-ID"]
+    # The refused body is never read as requests: one made of pipelined requests stays inert.
+    auth = bearer()["Authorization"]
+    inner = SECOND.replace(b"{auth}", auth.encode())
+    refused = (inner * (LIMIT // len(inner) + 2))[: LIMIT + 1]
+    head = request_bytes(
+        "POST", PURCHASE, [("Authorization", auth), ("Content-Length", str(len(refused)))]
+    )
+    responses = await exchange(gw.url, head + refused, at_most=3)
+    assert [response.status for response in responses] == [413]
+    assert up.connections == 0
+
+
+@pytest.mark.parametrize("piece", [1, 8192, LIMIT + 1])
+async def test_one_byte_over_the_limit_without_a_length_is_413_and_the_upload_aborted(
+    gateway, bearer, upstream, piece
+):
+    """A chunked upload that runs one byte past the limit is 413 request-body-too-large and the
+    upstream never sees a complete request."""
+    up = await upstream(echo)
+    gw = await gateway(upstream=up.url, max_body_bytes=LIMIT, upstream_timeout_seconds=10)
+    payload = os.urandom(LIMIT + 1)
+    if piece == 1:
+        # Raw bytes: LIMIT bytes in one chunk, then the one byte too many in its own chunk.
+        body = b"%x\r\n%s\r\n1\r\n%s\r\n0\r\n\r\n" % (LIMIT, payload[:LIMIT], payload[LIMIT:])
+        head = request_bytes(
+            "POST", PURCHASE, [*bearer().items(), ("Transfer-Encoding", "chunked")]
+        )
+        responses = await exchange(gw.url, head + body)
+        status, error = responses[0].status, error_of(responses[0].body)
+    else:
+        status, _, answer_body = await gw.request(
+            "POST", PURCHASE, headers=bearer(), data=chunks_of(payload, piece)
+        )
+        error = error_of(answer_body)
+    assert (status, error) == (413, "request-body-too-large")
+    await up.all_closed()
+    assert not up.complete
+    assert all(len(seen.body) <= LIMIT for seen in up.requests)
+
+
+async def test_100000_one_byte_chunks_arrive_intact_in_bounded_time(gateway, bearer, upstream):
+    """A body sent as 100,000 one-byte chunks arrives intact, in bounded CPU time."""
+    payload = os.urandom(100_000)
+    body = b"".join(b"1\r\n%c\r\n" % byte for byte in payload) + b"0\r\n\r\n"
+    up = await upstream(echo)
+    gw = await gateway(upstream=up.url, upstream_timeout_seconds=30)
+    head = request_bytes("POST", PURCHASE, [*bearer().items(), ("Transfer-Encoding", "chunked")])
+    cpu, wall = time.process_time(), time.monotonic()
+    [response] = await exchange(gw.url, head + body, timeout=30)
+    cpu, wall = time.process_time() - cpu, time.monotonic() - wall
+    assert response.status == 200
+    assert response.complete
+    assert response.sha256 == hashlib.sha256(payload).hexdigest()
+    assert up.requests[0].sha256 == hashlib.sha256(payload).hexdigest()
+    assert cpu < 10
+    assert wall < 15
+
+
+async def test_100000_one_byte_writes_from_a_client_library_arrive_intact(
+    gateway, bearer, upstream
+):
+    """An HTTP client streaming 100,000 one-byte pieces gets its body through intact, promptly."""
+    payload = os.urandom(100_000)
+    up = await upstream(echo)
+    gw = await gateway(upstream=up.url, upstream_timeout_seconds=30)
+    cpu = time.process_time()
+    status, _, body = await gw.request(
+        "POST", PURCHASE, headers=bearer(), data=chunks_of(payload, 1)
+    )
+    assert status == 200
+    assert hashlib.sha256(body).hexdigest() == hashlib.sha256(payload).hexdigest()
+    assert up.requests[0].sha256 == hashlib.sha256(payload).hexdigest()
+    assert time.process_time() - cpu < 20
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+@pytest.mark.parametrize("how", ["close", "half-close"])
+async def test_client_that_stops_halfway_never_completes_upstream(
+    gateway, bearer, upstream, framing, how
+):
+    """A client that stops halfway through its body (closing, or half-closing its side) never
+    causes a complete request upstream; the upstream connection is closed."""
+    up = await upstream(echo)
+    gw = await gateway(upstream=up.url, upstream_timeout_seconds=30)
+    half = os.urandom(5000)
+    if framing == "chunked":
+        headers = [*bearer().items(), ("Transfer-Encoding", "chunked")]
+        start = request_bytes("POST", PURCHASE, headers) + b"%x\r\n%s\r\n" % (len(half), half)
+        start += b"2710\r\n" + half  # a 10000-byte chunk, cut off halfway
+    else:
+        headers = [*bearer().items(), ("Content-Length", "10000")]
+        start = request_bytes("POST", PURCHASE, headers) + half
+    reader, writer = await raw_client(gw.url)
+    writer.write(start)
+    await writer.drain()
+    async with asyncio.timeout(5):
+        await up.head_arrived.wait()
+    if how == "half-close":
+        writer.write_eof()
+        response = await asyncio.wait_for(read_response(reader), 5)
+        assert response is None or response.status >= 400
+    writer.close()
+    await up.all_closed(timeout=5)
+    assert len(up.requests) == 1
+    assert not up.requests[0].complete
+    assert bytes(up.requests[0].body) == (half + half)[: len(up.requests[0].body)]
+
+
+@pytest.mark.parametrize(
+    "encoding",
+    [
+        ["gzip"],
+        ["br"],
+        ["deflate"],
+        ["deflate, identity"],
+        ["identity, gzip"],
+        ["GZip"],
+        ["x-gzip"],
+        ["compress"],
+        ["zstd"],
+        ["identity", "gzip"],
+        ["aes128gcm"],
+    ],
+)
+async def test_encoded_request_body_is_415_and_nothing_upstream(
+    gateway, bearer, upstream, encoding
+):
+    """A request body with any Content-Encoding other than identity is 415
+    unsupported-content-encoding and nothing reaches the upstream."""
+    up = await upstream(echo)
+    gw = await gateway(upstream=up.url)
+    body = zlib.compress(b'{"sku": "starter"}')
+    headers = [*bearer().items(), *(("Content-Encoding", value) for value in encoding)]
+    status, resp_headers, answer_body = await gw.request(
+        "POST", PURCHASE, headers=headers, data=body
+    )
+    assert (status, error_of(answer_body)) == (415, "unsupported-content-encoding")
+    assert resp_headers["X-Request-ID"]
+    assert up.connections == 0
+
+
+async def test_identity_content_encoding_is_accepted_and_body_unchanged(gateway, bearer, upstream):
+    """Content-Encoding: identity is no encoding: the body goes through unchanged."""
+    up = await upstream(echo)
+    gw = await gateway(upstream=up.url)
+    payload = gzip.compress(b"looks compressed but is just bytes")
+    status, _, body = await gw.request(
+        "POST", PURCHASE, headers={**bearer(), "Content-Encoding": "identity"}, data=payload
+    )
+    assert (status, body) == (200, payload)
+    assert up.requests[0].sha256 == hashlib.sha256(payload).hexdigest()
+    assert "Content-Encoding" not in up.requests[0].headers
+
+
+# === 7. Request smuggling and header hygiene =================================================
+
+SMUGGLING = {
+    "cl-and-te": ([("Content-Length", "5"), ("Transfer-Encoding", "chunked")], "zero"),
+    "te-and-cl": ([("Transfer-Encoding", "chunked"), ("Content-Length", "5")], "zero"),
+    "cl-covering-smuggled": ([("Transfer-Encoding", "chunked")], "cl-covers"),
+    "two-content-lengths": ([("Content-Length", "5"), ("Content-Length", "40")], "zero"),
+    "same-content-length-twice": ([("Content-Length", "5"), ("Content-Length", "5")], "zero"),
+    "content-length-list": ([("Content-Length", "5, 5")], "zero"),
+    "content-length-plus": ([("Content-Length", "+5")], "zero"),
+    "te-chunked-identity": ([("Transfer-Encoding", "chunked, identity")], "zero"),
+    "te-xchunked": ([("Transfer-Encoding", "xchunked")], "zero"),
+    "te-leading-space-and-cl": (
+        [("Transfer-Encoding", " chunked"), ("Content-Length", "5")],
+        "zero",
+    ),
+    "te-identity": ([("Transfer-Encoding", "identity")], "zero"),
+    "te-twice": ([("Transfer-Encoding", "chunked"), ("Transfer-Encoding", "chunked")], "zero"),
+    "te-obs-fold": ([("Transfer-Encoding", "identity\r\n chunked")], "zero"),
+    "te-space-before-colon": ([("Transfer-Encoding ", "chunked")], "zero"),
+    "te-vertical-tab": ([("Transfer-Encoding", "\x0bchunked")], "zero"),
+}
+
+
+@pytest.mark.parametrize("case", SMUGGLING)
+async def test_ambiguous_framing_is_refused_and_the_pipelined_request_never_reaches_upstream(
+    gateway, bearer, upstream, case
+):
+    """A request with ambiguous framing is refused with 400 and the connection closed: neither
+    it nor the request pipelined behind it reaches the upstream."""
+    up = await upstream(answer())
+    gw = await gateway(upstream=up.url)
+    auth = bearer()["Authorization"]
+    second = SECOND.replace(b"{auth}", auth.encode())
+    headers, body_kind = SMUGGLING[case]
+    body = b"0\r\n\r\n"
+    if body_kind == "cl-covers":
+        body += second
+        headers = [*headers, ("Content-Length", str(len(body)))]
+    first = request_bytes("POST", PURCHASE, [("Authorization", auth), *headers], body)
+    responses = await exchange(gw.url, first + second, at_most=3)
+    assert [response.status for response in responses] == [400]
+    assert up.connections == 0
+    assert up.requests == []
+
+
+async def test_duplicate_host_is_400_and_nothing_upstream(gateway, bearer, upstream):
+    """Two Host headers are refused with 400 (RFC 9112 §3.2) and nothing reaches the upstream."""
+    up = await upstream(answer())
+    gw = await gateway(upstream=up.url)
+    request = request_bytes(
+        "POST",
+        PURCHASE,
+        [("Host", "evil.test"), *bearer().items(), ("Content-Length", "2")],
+        b"{}",
+    )
+    responses = await exchange(gw.url, request + request, at_most=2)
+    assert [response.status for response in responses] == [400]
+    assert up.connections == 0
+
+
+PATH_TRICKS = [
+    "//api/v1/billing/purchase",
+    "/api//v1/billing/purchase",
+    "/api/v1/./billing/purchase",
+    "/api/v1/billing/./purchase",
+    "/api/v1/x/../billing/purchase",
+    "/api/v1/%2e%2e/v1/billing/purchase",
+    "/api/v1/%2E%2E/v1/billing/purchase",
+    "/api/v1/billing%2Fpurchase",
+    "/api/v1/billing/purchase/",
+    "/api/v1/billing/purchase/.",
+    "/api/v1/billing/purchase;jsessionid=1",
+    "/api/v1/billing/purchase%00",
+    "/API/v1/billing/purchase",
+    "/api/V1/Billing/Purchase",
+    "/api/v1/sme/billing/vouchers/LIST",
+    "/api/v1/sme/billing/vouchers/revoke/V1/",
+    "/api/v1/sme/billing/vouchers/revoke/V1/../../issue",
+]
+
+
+@pytest.mark.parametrize("authenticated", [False, True], ids=["anonymous", "authenticated"])
+@pytest.mark.parametrize("path", PATH_TRICKS)
+async def test_path_tricks_are_404_and_never_forwarded(
+    gateway, bearer, upstream, path, authenticated
+):
+    """A path that only resembles a route is 404 not-found, with or without a session, and
+    nothing reaches the upstream."""
+    up = await upstream(answer())
+    gw = await gateway(upstream=up.url)
+    headers = [*bearer().items()] if authenticated else []
+    request = request_bytes("POST", path, [*headers, ("Content-Length", "2")], b"{}")
+    [response] = await exchange(gw.url, request)
+    assert response.status == 404
+    assert error_of(response.body) == "not-found"
+    assert response.headers["X-Request-ID"]
+    assert up.connections == 0
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        "Connection",
+        "Keep-Alive",
+        "Proxy-Authenticate",
+        "Proxy-Authorization",
+        "Proxy-Connection",
+        "TE",
+        "Trailer",
+        "Upgrade",
+        "X-Named-In-Connection",
+        "X-User-Role",
+        "X-Forwarded-User",
+        "X-HTTP-Method-Override",
+        "X-HTTP-Method",
+        "X-Method-Override",
+        "X-Auth-Request-User",
+        "X-Remote-User",
+        "Remote-User",
+        "Cookie",
+    ],
+)
+async def test_hop_by_hop_and_spoofed_identity_headers_never_reach_upstream(
+    gateway, bearer, upstream, header
+):
+    """Each hop-by-hop header, each header named in Connection and each spoofed identity or
+    method-override header stays at the gateway; the upstream gets the route's own method."""
+    up = await upstream(answer())
+    gw = await gateway(upstream=up.url)
+    value = {"Connection": "keep-alive", "TE": "trailers"}.get(header, "DELETE")
+    headers = [
+        *bearer().items(),
+        ("Connection", "keep-alive, X-Named-In-Connection"),
+        (header, value),
+        ("Content-Length", "2"),
+    ]
+    if header == "Connection":
+        headers.pop(1)
+    [response] = await exchange(gw.url, request_bytes("POST", PURCHASE, headers, b"{}"))
+    assert response.status == 200
+    [seen] = up.requests
+    assert seen.method == "POST"
+    assert header not in seen.headers
+    assert "X-Named-In-Connection" not in seen.headers
+    assert "Connection" not in seen.headers

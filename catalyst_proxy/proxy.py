@@ -186,6 +186,24 @@ class Proxy:
             raise MethodNotAllowed(match.route.methods)
         return match
 
+    async def expect_handler(self, request: web.Request) -> None:
+        """``Expect: 100-continue``: invite the body only if we would take it.
+
+        aiohttp's default sends ``100 Continue`` before any handler runs, so a
+        client declaring 50 MB or a gzip body would upload it all before being
+        told 413/415. We stay silent instead; the handler then refuses (401,
+        413, 415) without the body ever being sent.
+        """
+        if request.headers.get("Expect", "").lower() != "100-continue":
+            raise web.HTTPExpectationFailed()
+        try:
+            self._check_body(request)
+        except ProxyError:
+            return
+        if request.version >= aiohttp.HttpVersion11:
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            request.writer.output_size = 0
+
     def _check_body(self, request: web.Request) -> None:
         for value in request.headers.getall("Content-Encoding", ()):
             for coding in value.split(","):

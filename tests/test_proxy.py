@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import jwt
 import pytest
 
-from .conftest import BRIDGE_SECRET
+from .conftest import BRIDGE_SECRET, RunningGateway
 from .rawhttp import (
     HTTPUpstream,
     Respond,
@@ -705,3 +705,47 @@ async def test_client_leaving_mid_download_closes_the_upstream_connection(
     writer.close()
     await up.all_closed(timeout=2)
     assert [seen.complete for seen in up.requests] == [True]
+
+
+# --- Expect: 100-continue ----------------------------------------------------------------
+async def _expect(gw: RunningGateway, headers: dict[str, str], body: bytes) -> tuple[bytes, bytes]:
+    """Send a request head with Expect: 100-continue; return (first answer, final answer)."""
+    host, port = gw.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+    writer.write(
+        f"POST /api/v1/billing/purchase HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n{head}\r\n"
+        .encode()
+    )  # fmt: skip
+    first = await reader.readuntil(b"\r\n\r\n")
+    final = b""
+    if first.startswith(b"HTTP/1.1 100"):
+        writer.write(body)
+        final = await reader.readuntil(b"\r\n\r\n")
+    writer.close()
+    return first, final
+
+
+async def test_expect_continue_invites_an_acceptable_body(gateway, bearer):
+    """With Expect: 100-continue, an acceptable body is invited (100) and then proxied (200)."""
+    gw = await gateway()
+    body = b'{"sku": "starter"}'
+    first, final = await _expect(gw, {**bearer(), "Content-Length": str(len(body))}, body)
+    assert first.startswith(b"HTTP/1.1 100 Continue")
+    assert final.startswith(b"HTTP/1.1 200")
+    assert gw.sme.received[-1].body == body
+
+
+@pytest.mark.parametrize(
+    ("extra", "status"),
+    [
+        ({"Content-Length": str(2 * 1024 * 1024)}, b"413"),
+        ({"Content-Length": "10", "Content-Encoding": "gzip"}, b"415"),
+    ],
+)
+async def test_expect_continue_never_invites_a_body_it_would_refuse(gateway, bearer, extra, status):
+    """An over-limit or encoded body is refused before it is invited: no 100, nothing uploaded."""
+    gw = await gateway()
+    first, _ = await _expect(gw, {**bearer(), **extra}, b"")
+    assert first.startswith(b"HTTP/1.1 " + status), first
+    assert gw.sme.received == []

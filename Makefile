@@ -30,6 +30,13 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check catalyst_proxy tests bench
 	$(VENV)/bin/mypy
 
+## assurance: run the attack, fault, leak and JWKS suites and print their figures
+ASSURANCE_SUITES := tests/test_attacks_tokens.py tests/test_jwks.py tests/test_faults.py tests/test_logging.py
+assurance: $(STAMP)
+	@mkdir -p .cache
+	CATALYST_ASSURANCE_OUT=.cache/assurance.json $(PY) -m pytest -q $(ASSURANCE_SUITES)
+	@$(PY) tests/assurance_report.py .cache/assurance.json
+
 fmt: $(STAMP)
 	$(VENV)/bin/ruff format catalyst_proxy tests bench
 	$(VENV)/bin/ruff check --fix catalyst_proxy tests bench

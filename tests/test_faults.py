@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import aiohttp
 import pytest
 
+from .conftest import Assurance
 from .rawhttp import (
     HTTPUpstream,
     Respond,
@@ -39,6 +40,8 @@ from .rawhttp import (
     request_bytes,
     write_then_close,
 )
+
+ASSURANCE = Assurance()
 
 PURCHASE = "/api/v1/billing/purchase"
 BUDGET = 0.3  # upstream_timeout_seconds for the fault cases
@@ -380,6 +383,9 @@ async def test_every_fault_repeated_reaches_the_upstream_exactly_once_per_reques
         assert headers["X-Request-ID"] in ids
     await up.all_closed()
     seen_ids = Counter(seen.headers.get("X-Request-ID") for seen in up.requests)
+    ASSURANCE.add("fault runs: client requests under upstream faults", len(ids))
+    ASSURANCE.add("fault runs: duplicated upstream requests (must be 0)",
+                  sum(n - 1 for n in seen_ids.values() if n > 1))  # fmt: skip
     assert seen_ids == Counter(ids)  # each request exactly once: never zero, never twice
     assert all(seen.complete and seen.method == upstream_method for seen in up.requests)
     assert up.connections == 20
@@ -418,6 +424,9 @@ async def test_upstream_closing_idle_keepalive_connections_never_causes_a_resend
             assert matching == []
     await up.all_closed()
     seen_ids = Counter(seen.headers.get("X-Request-ID") for seen in up.requests)
+    ASSURANCE.add("fault runs: client requests under upstream faults", 30)
+    ASSURANCE.add("fault runs: duplicated upstream requests (must be 0)",
+                  sum(n - 1 for n in seen_ids.values() if n > 1))  # fmt: skip
     assert max(seen_ids.values()) == 1
     assert len(up.requests) == outcomes[200]
     assert outcomes[200] >= 1
@@ -460,6 +469,10 @@ async def test_body_round_trips_byte_for_byte(gateway, bearer, upstream, name, f
         headers={**bearer(), "Content-Type": "application/octet-stream"},
         data=data,
     )
+    ASSURANCE.add("body round-trips (SHA-256 on client, upstream, answer)")
+    ASSURANCE.add("body round-trip mismatches (must be 0)",
+                  int(not up.requests or up.requests[0].sha256 != sent
+                      or hashlib.sha256(body).hexdigest() != sent))  # fmt: skip
     assert status == 200
     assert len(up.requests) == 1
     seen = up.requests[0]
@@ -585,6 +598,9 @@ async def test_client_that_stops_halfway_never_completes_upstream(
         assert response is None or response.status >= 400
     writer.close()
     await up.all_closed(timeout=5)
+    ASSURANCE.add("aborted uploads", 1)
+    ASSURANCE.add("aborted uploads completed upstream (must be 0)",
+                  sum(seen.complete for seen in up.requests))  # fmt: skip
     assert len(up.requests) == 1
     assert not up.requests[0].complete
     assert bytes(up.requests[0].body) == (half + half)[: len(up.requests[0].body)]

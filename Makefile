@@ -25,9 +25,10 @@ test: $(STAMP) lint deploy-tools
 	$(PY) -m pytest -q
 	$(MAKE) container-check
 
+LINT_PATHS := catalyst_proxy tests $(wildcard bench)
 lint: $(STAMP)
-	$(VENV)/bin/ruff check catalyst_proxy tests bench
-	$(VENV)/bin/ruff format --check catalyst_proxy tests bench
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 	$(VENV)/bin/mypy
 
 ## assurance: run the attack, fault, leak and JWKS suites and print their figures
@@ -38,8 +39,8 @@ assurance: $(STAMP)
 	@$(PY) tests/assurance_report.py .cache/assurance.json
 
 fmt: $(STAMP)
-	$(VENV)/bin/ruff format catalyst_proxy tests bench
-	$(VENV)/bin/ruff check --fix catalyst_proxy tests bench
+	$(VENV)/bin/ruff format $(LINT_PATHS)
+	$(VENV)/bin/ruff check --fix $(LINT_PATHS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info

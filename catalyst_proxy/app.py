@@ -104,7 +104,5 @@ def create_app(
     ops.add_routes(app)
     # Every other path goes to the proxy, which matches the raw path itself ("[\s\S]":
     # a percent-encoded newline decodes to one, and "." would not match it).
-    app.router.add_route(
-        "*", r"/{tail:[\s\S]*}", proxy.handle, expect_handler=proxy.expect_handler
-    )
+    app.router.add_route("*", r"/{tail:[\s\S]*}", proxy.handle, expect_handler=proxy.expect_handler)
     return app

@@ -17,8 +17,8 @@ client can send any value it likes.
 
 from __future__ import annotations
 
+import os
 import re
-import uuid
 from typing import Any
 
 from multidict import CIMultiDict
@@ -60,7 +60,7 @@ def request_id(headers: Any) -> str:
     values = headers.getall(REQUEST_ID, ())
     if len(values) == 1 and _SANE_REQUEST_ID.fullmatch(values[0]):
         return str(values[0])
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()  # 32 hex digits, as uuid4().hex, at a fifth of the cost
 
 
 def upstream_request_headers(

@@ -85,8 +85,7 @@ def make_middleware(metrics: Metrics) -> Any:
             metrics.in_flight.dec()
             duration = time.perf_counter() - started
             status = info.status or (response.status if response is not None else 500)
-            metrics.requests.labels(info.route, request.method, str(status)).inc()
-            metrics.request_duration.labels(info.route).observe(duration)
+            metrics.request_done(info.route, request.method, status, duration)
             logger.info(
                 log.REQUEST,
                 request_id=info.request_id,

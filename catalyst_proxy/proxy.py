@@ -237,7 +237,7 @@ class Proxy:
         finally:
             elapsed = time.perf_counter() - started
             info.upstream_ms = round(elapsed * 1000, 3)
-            self._metrics.upstream_duration.labels(info.route).observe(elapsed)
+            self._metrics.upstream_done(info.route, elapsed)
         info.upstream_status = upstream.status
         try:
             return await self._relay(request, upstream)

@@ -367,3 +367,14 @@ async def test_labels_never_carry_paths_codes_or_emails(gateway, token):
             route = s.labels.get("route", "none")
             assert route == "none" or route.startswith("/api/v1/"), route
             assert code not in route
+
+
+async def test_arbitrary_methods_do_not_create_metric_series(gateway):
+    """Exotic methods (the parser knows dozens) are counted as "other", not one series each."""
+    gw = await gateway()
+    for method in ("PROPFIND", "MKCOL", "LOCK", "PURGE", "SEARCH"):
+        status, _, _ = await gw.request(method, "/nowhere")
+        assert status == 404
+    text = await gw.metrics_text()
+    assert "PROPFIND" not in text
+    assert 'catalyst_proxy_requests_total{method="other",route="none",status="404"} 5.0' in text

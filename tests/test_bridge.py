@@ -402,3 +402,17 @@ def test_long_secret_does_not_warn():
     with capture_logs() as logs:
         create_app(Settings(jwks_url="http://k/j", bridge_secret=b"x" * 32))
     assert logs == []
+
+
+@pytest.mark.parametrize(
+    "sub", ["plain", 'quo"te', "back\\slash", "line\nbreak", "\u2028sep", "é ü 中文", "\x00nul"]
+)
+def test_minted_claims_survive_any_characters(sub):
+    """Subjects and emails with quotes, escapes, separators or non-ASCII decode unchanged."""
+    from catalyst_proxy.bridge import mint
+
+    token = mint(b"s" * 32, sub=sub, email=f"{sub}@x", role="member", now=1_000_000)
+    claims = jwt.decode(token, b"s" * 32, algorithms=["HS256"], options={"verify_exp": False})
+    assert claims["sub"] == sub
+    assert claims["email"] == f"{sub}@x"
+    assert (claims["iat"], claims["exp"], claims["typ"]) == (1_000_000, 1_000_300, "session")

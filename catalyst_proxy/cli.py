@@ -56,28 +56,24 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _port(text: str) -> int:
+def _whole(text: str, low: int, high: int, what: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port out of range: {value}")
+        raise argparse.ArgumentTypeError(f"not a {what}: {text!r}") from None
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"{what} out of range {low}-{high}: {text!r}")
     return value
+
+
+def _port(text: str) -> int:
+    return _whole(text, 0, 65535, "port number")
 
 
 def _workers(text: str) -> int:
     from .workers import cpu_count
 
-    if text == "auto":
-        return cpu_count()
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of workers: {text!r}") from None
-    if not 1 <= value <= 64:
-        raise argparse.ArgumentTypeError(f"must be between 1 and 64 (or auto): {text!r}")
-    return value
+    return cpu_count() if text == "auto" else _whole(text, 1, 64, "number of workers")
 
 
 def _seconds(text: str) -> float:

@@ -32,6 +32,7 @@ from catalyst_proxy.devtools.keys import new_private_key, operator_token, public
 from catalyst_proxy.devtools.sme import SME
 from catalyst_proxy.metrics import Metrics
 
+from .rawhttp import HTTPUpstream, Respond
 from .support import Gateway, JWKSServer, start_app, start_gateway
 
 BRIDGE_SECRET = b"test-bridge-secret-0123456789abcdef"
@@ -125,6 +126,21 @@ async def gateway(
     yield make
     for gw in started:
         await gw.close()
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[Callable[[Respond], Awaitable[HTTPUpstream]]]:
+    """Factory: ``await upstream(respond)`` starts a recording HTTP/1.1 upstream."""
+    started: list[HTTPUpstream] = []
+
+    async def make(respond: Respond) -> HTTPUpstream:
+        server = await HTTPUpstream(respond).start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        await server.close()
 
 
 @pytest.fixture

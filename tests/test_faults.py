@@ -19,7 +19,7 @@ import socket
 import time
 import zlib
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
 import aiohttp
@@ -27,7 +27,6 @@ import pytest
 
 from .conftest import Assurance
 from .rawhttp import (
-    HTTPUpstream,
     Respond,
     Seen,
     answer,
@@ -53,21 +52,6 @@ SECOND = (
     b"Authorization: {auth}\r\nContent-Length: 20\r\n\r\n"
     b'{"code": "SMUGGLED"}'
 )
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[Callable[[Respond], Awaitable[HTTPUpstream]]]:
-    """Factory: ``await upstream(respond)`` starts a recording HTTP/1.1 upstream."""
-    started: list[HTTPUpstream] = []
-
-    async def make(respond: Respond) -> HTTPUpstream:
-        server = await HTTPUpstream(respond).start()
-        started.append(server)
-        return server
-
-    yield make
-    for server in started:
-        await server.close()
 
 
 def error_of(body: bytes) -> str:

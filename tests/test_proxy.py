@@ -13,14 +13,12 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
 
 import jwt
 import pytest
 
 from .conftest import BRIDGE_SECRET, RunningGateway
 from .rawhttp import (
-    HTTPUpstream,
     Respond,
     Seen,
     answer,
@@ -52,21 +50,6 @@ UPSTREAM_REQUEST_HEADERS = {
     "tracestate",
     "idempotency-key",
 }
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[Callable[[Respond], Awaitable[HTTPUpstream]]]:
-    """Factory: ``await upstream(respond)`` starts a recording HTTP/1.1 upstream."""
-    started: list[HTTPUpstream] = []
-
-    async def make(respond: Respond) -> HTTPUpstream:
-        server = await HTTPUpstream(respond).start()
-        started.append(server)
-        return server
-
-    yield make
-    for server in started:
-        await server.close()
 
 
 def closed_port_url() -> str:

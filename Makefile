@@ -56,4 +56,6 @@ bench: $(STAMP)
 SOAK_SECONDS ?= 600
 SOAK_ARGS ?=
 soak: $(STAMP)
-	$(PY) bench/soak.py --seconds $(SOAK_SECONDS) $(SOAK_ARGS)
+	@mkdir -p .cache
+	$(PY) bench/soak.py --seconds $(SOAK_SECONDS) $(SOAK_ARGS) > .cache/soak-latest.md; \
+	  status=$$?; cat .cache/soak-latest.md; exit $$status

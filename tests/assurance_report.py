@@ -3,7 +3,7 @@
     make assurance        # runs the suites with CATALYST_ASSURANCE_OUT set, then this
 
 The figures come from the suites themselves (tests/conftest.py ``Assurance``);
-the soak figures from the newest ``bench/results/soak-*.json``, if any.
+the soak's from the last ``make soak`` on this machine (``.cache/soak-latest.md``).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 
-def main(figures_file: str, soak_dir: str = "bench/results") -> int:
+def main(figures_file: str, soak_file: str = ".cache/soak-latest.md") -> int:
     figures = json.loads(Path(figures_file).read_text())
     print("| figure | value |")
     print("|---|---|")
@@ -22,14 +22,12 @@ def main(figures_file: str, soak_dir: str = "bench/results") -> int:
         must_be_zero = "(must be 0)" in name
         failed |= must_be_zero and value != 0
         print(f"| {name} | {value:g}{'' if not must_be_zero or value == 0 else '  **FAIL**'} |")
-    soaks = sorted(Path(soak_dir).glob("soak-*.json"))
-    if soaks:
-        soak = json.loads(soaks[-1].read_text())
-        for name, value in soak.get("figures", soak).items():
-            if isinstance(value, int | float | str):
-                print(f"| soak ({soaks[-1].name}): {name} | {value} |")
+    soak = Path(soak_file)
+    if soak.exists():
+        print(f"\nLast soak ({soak_file}):\n")
+        print(soak.read_text())
     else:
-        print("| soak | not run here (make soak) |")
+        print("\nNo soak on this machine yet: `make soak` (recorded runs: bench/README.md).")
     return 1 if failed else 0
 
 

@@ -52,7 +52,6 @@ from .routes import Match, RouteTable
 # Margin past the connect timeout for the headers deadline, so that a connection
 # that cannot be made is always reported as unreachable (503), never as a 504.
 _DEADLINE_MARGIN = 0.05
-_STREAM_CHUNK = 64 * 1024
 
 
 class _ConnectionLost(aiohttp.ClientConnectionError):

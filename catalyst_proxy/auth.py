@@ -45,7 +45,10 @@ from .errors import OperatorKeysUnavailable, Unauthenticated
 from .jwks import Key, KeySet
 
 SESSION_COOKIE = "catalyst_session"
-CACHE_SIZE = 4096
+# Distinct sessions remembered. A token and its claims can weigh ~10 KiB (Keycloak tokens
+# approach 8 KiB), so 1,024 bounds the cache near 10 MiB per worker; a console has far
+# fewer concurrent operators than that.
+CACHE_SIZE = 1024
 _MAX_KID = 256
 # RFC 7515 compact serialization: unpadded base64url only. Anything else (padding,
 # other characters) is refused, so one signed token has exactly one accepted spelling.

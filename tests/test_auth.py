@@ -512,3 +512,21 @@ async def test_sub_and_email_reach_the_bridge_token(gateway, rsa_key, method, pa
     assert seen.claims is not None
     assert (seen.claims["sub"], seen.claims["email"]) == ("op-42", "Op42@Example.test")
     assert "Cookie" not in seen.headers
+
+
+async def test_verified_token_cache_is_bounded(public_key_file, token):
+    """The verified-token cache never holds more than its bound; the oldest entries go first."""
+    from multidict import CIMultiDict
+
+    from catalyst_proxy.auth import Authenticator
+    from catalyst_proxy.config import Settings
+    from catalyst_proxy.jwks import KeySet, load_local_keys
+
+    settings = Settings(public_key_file=str(public_key_file))
+    auth = Authenticator(settings, KeySet(local_keys=load_local_keys(str(public_key_file))),
+                         cache_size=8)  # fmt: skip
+    tokens = [token(sub=f"op-{n}") for n in range(20)]
+    for t in tokens:
+        await auth.authenticate(CIMultiDict(Authorization=f"Bearer {t}"))
+    assert len(auth._cache) == 8
+    assert list(auth._cache) == tokens[-8:]

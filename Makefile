@@ -11,6 +11,11 @@ PORT   ?= 8080
 include deploy/deploy.mk
 
 $(STAMP): pyproject.toml constraints.txt
+	@# Debian splits venv/ensurepip out of python3: install it when missing (as root).
+	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv; \
+	  else echo "make: $(PYTHON) lacks venv/ensurepip: install python3-venv" >&2; exit 1; fi; }
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt -e '.[dev,fast]'

@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 from multidict import CIMultiDict
 
-from .support import RawUpstream
+from .support import RawUpstream, read_chunked
 
 
 def parse_head(head: bytes) -> tuple[str, CIMultiDict[str]]:
@@ -252,13 +252,7 @@ async def read_response(reader: asyncio.StreamReader) -> RawResponse | None:
     body = bytearray()
     try:
         if "chunked" in headers.get("Transfer-Encoding", "").lower():
-            while True:
-                size = int((await reader.readuntil(b"\r\n")).strip().split(b";")[0], 16)
-                if size == 0:
-                    await reader.readuntil(b"\r\n")
-                    break
-                body += await reader.readexactly(size)
-                await reader.readexactly(2)
+            await read_chunked(reader, body)
         elif "Content-Length" in headers:
             body += await reader.readexactly(int(headers["Content-Length"]))
         elif status not in (204, 304) and status >= 200:

@@ -3,7 +3,8 @@
 - ``Gateway``: the real app on a real socket, with the production server options.
 - ``JWKSServer``: a real HTTP JWKS endpoint whose keys and failure mode a test sets.
 - ``RawUpstream``: an asyncio socket server scripted byte by byte, for faults
-  that must be exact (close before the status line, garbage, stall mid-body).
+  that must be exact (close before the status line, garbage, stall mid-body);
+  ``rawhttp.HTTPUpstream`` records what each connection sent.
 - ``sign()``: any JWS at all, including ones no honest library would make.
 """
 
@@ -178,15 +179,13 @@ ConnectionScript = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaita
 
 @dataclass
 class RawUpstream:
-    """An asyncio socket server that runs ``script`` for every connection.
+    """An asyncio socket server that runs ``script`` for every connection and counts them.
 
-    ``requests`` collects the raw bytes each connection sent (head and body),
-    so a test can count complete and partial requests exactly.
+    ``tests/rawhttp.py`` builds the recording HTTP upstream (``HTTPUpstream``) on it.
     """
 
     script: ConnectionScript
     connections: int = 0
-    received: list[bytearray] = field(default_factory=list)
     url: str = ""
     _server: asyncio.Server | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
@@ -221,6 +220,17 @@ class RawUpstream:
             await self._server.wait_closed()
 
 
+async def read_chunked(reader: asyncio.StreamReader, into: bytearray) -> None:
+    """Read a chunked body into ``into`` (partial on error, so callers can see how far it got)."""
+    while True:
+        size = int((await reader.readuntil(b"\r\n")).strip().split(b";")[0], 16)
+        if size == 0:
+            await reader.readuntil(b"\r\n")
+            return
+        into += await reader.readexactly(size)
+        await reader.readexactly(2)
+
+
 async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
     """Read one HTTP/1.1 request (head, body) honouring Content-Length or chunked."""
     head = await reader.readuntil(b"\r\n\r\n")
@@ -229,18 +239,9 @@ async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
         k.strip().lower(): v.strip()
         for k, _, v in (line.partition(":") for line in lines[1:] if line)
     }
+    body = bytearray()
     if "content-length" in headers:
-        body = await reader.readexactly(int(headers["content-length"]))
+        body += await reader.readexactly(int(headers["content-length"]))
     elif "chunked" in headers.get("transfer-encoding", "").lower():
-        body = bytearray()
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).strip().split(b";")[0], 16)
-            if size == 0:
-                await reader.readuntil(b"\r\n")
-                break
-            body += await reader.readexactly(size)
-            await reader.readexactly(2)
-        body = bytes(body)
-    else:
-        body = b""
-    return head, body
+        await read_chunked(reader, body)
+    return head, bytes(body)

@@ -51,10 +51,18 @@ FORWARDED = "X-Catalyst-Forwarded"
 
 
 class ProxyError(Exception):
+    """An answer the gateway makes on its own, rendered as ``{"error": code}``.
+
+    Each subclass's docstring opens with what the answer means to the caller,
+    in one paragraph, and ``advice`` says what the caller should do: both are
+    the reference's error table (``catalyst_proxy/devtools/reference.py``).
+    """
+
     status: int = 500
     code: str = "internal-error"
     detail: str | None = None
     forwarded: str = "no"
+    advice: str = ""
 
     def __init__(
         self,
@@ -77,27 +85,48 @@ class ProxyError(Exception):
 
 
 class BadRequest(ProxyError):
-    """The request could not be parsed (answered by the protocol handler, before routing)."""
+    """The request could not be parsed as HTTP (a bad request line, header or
+    chunk size); the connection is closed after the answer.
+
+    Answered by the protocol handler, before routing.
+    """
 
     status, code = 400, "bad-request"
+    advice = "fix the client's HTTP; nothing was forwarded"
 
 
 class MissingCode(ProxyError):
+    """The voucher code in the path is blank (after trimming)."""
+
     status, code = 400, "missing-code"
+    advice = "send a code"
 
 
 class IdempotencyKeyInvalid(ProxyError):
+    """The ``Idempotency-Key`` header is malformed (not 1-255 visible ASCII
+    characters, bare or quoted) or was sent more than once.
+    """
+
     status, code = 400, "idempotency-key-invalid"
+    advice = "send one well-formed key; nothing was forwarded"
 
 
 class IdempotencyKeyMissing(ProxyError):
+    """The route requires an ``Idempotency-Key`` and none was sent."""
+
     status, code = 400, "idempotency-key-missing"
+    advice = "send a new random key per operation, and the same key on every retry of it"
 
 
 class Unauthenticated(ProxyError):
-    """``reason`` is one of the auth-failure metric's labels (missing, invalid, expired, ...)."""
+    """No operator session, or one that is invalid, expired or ambiguous
+    (``WWW-Authenticate`` says whether a token was presented).
+
+    ``reason`` is one of the auth-failure metric's labels (missing, invalid, expired, ...).
+    """
 
     status, code = 401, "unauthenticated"
+    advice = "sign in again; the reason is in the gateway's log under the `X-Request-ID`"
 
     def __init__(self, reason: str, *, token_presented: bool, log_detail: str = "") -> None:
         challenge = 'Bearer realm="catalyst-proxy"'
@@ -108,75 +137,136 @@ class Unauthenticated(ProxyError):
 
 
 class NotFound(ProxyError):
+    """Not a route of this gateway."""
+
     status, code = 404, "not-found"
+    advice = "check the path"
 
 
 class MethodNotAllowed(ProxyError):
+    """A known path, another method (``Allow`` lists the right ones)."""
+
     status, code = 405, "method-not-allowed"
+    advice = "use a listed method"
 
     def __init__(self, allowed: tuple[str, ...]) -> None:
         super().__init__(headers={"Allow": ", ".join(allowed)})
 
 
 class IdempotencyKeyInUse(ProxyError):
+    """An earlier request with this key is still in progress."""
+
     status, code = 409, "idempotency-key-in-use"
+    advice = "retry with the same key after `Retry-After`"
 
     def __init__(self) -> None:
         super().__init__(headers={"Retry-After": "1"})
 
 
 class IdempotencyOutcomeUnknown(ProxyError):
+    """An earlier attempt with this key may have been acted on, but its outcome
+    is unknown; it is never forwarded again under this key.
+    """
+
     status, code = 409, "idempotency-outcome-unknown"
+    advice = "do not repeat it blindly under a new key: find out whether it happened first"
 
 
 class IdempotencyReplayUnavailable(ProxyError):
+    """The request with this key was done, but its answer was too large to
+    record, so it cannot be replayed.
+    """
+
     status, code = 409, "idempotency-replay-unavailable"
+    advice = "do not repeat it under a new key: it happened once; look up its result"
 
 
 class BodyTooLarge(ProxyError):
+    """The request body is over ``CATALYST_MAX_BODY_BYTES``."""
+
     status, code = 413, "request-body-too-large"
+    advice = "send less"
 
     def __init__(self, limit: int) -> None:
         super().__init__(f"request body over {limit} bytes")
 
 
 class UnsupportedContentEncoding(ProxyError):
+    """The request body has a ``Content-Encoding`` other than ``identity``."""
+
     status, code = 415, "unsupported-content-encoding"
+    advice = "send it uncompressed"
 
 
 class IdempotencyKeyReused(ProxyError):
+    """This key was already used for a different request (another method, path,
+    query or body).
+    """
+
     status, code = 422, "idempotency-key-reused"
+    advice = "a new request needs a new key; retry this one only with its own key"
 
 
 class RateLimited(ProxyError):
+    """This operator is over the route's rate limit (``Retry-After``,
+    ``RateLimit-Policy`` and ``RateLimit`` say how long and which limit).
+    """
+
     status, code = 429, "rate-limited"
+    advice = "wait `Retry-After` seconds, then retry (safe: nothing was forwarded)"
 
 
 class HeaderFieldsTooLarge(ProxyError):
+    """A header line is over 16 KiB; the connection is closed after the answer."""
+
     status, code = 431, "request-header-fields-too-large"
+    advice = "send a shorter header (usually a smaller token or fewer cookies)"
 
 
 class InternalError(ProxyError):
+    """An unexpected fault in the gateway itself."""
+
     status, code = 500, "internal-error"
+    advice = "retry with the same `Idempotency-Key`; report the `X-Request-ID`"
 
 
 class MintFailed(ProxyError):
+    """The bridge token could not be signed."""
+
     status, code = 500, "sme-jwt-mint-failed"
+    advice = "operator: check the bridge secret"
 
 
 class UpstreamBadResponse(ProxyError):
+    """The SME gateway closed the connection or sent something that is not HTTP
+    before a complete status line and headers.
+    """
+
     status, code = 502, "sme-gateway-bad-response"
+    forwarded = "unknown"  # raised only once the request was handed to the upstream
+    advice = "retry only with the same `Idempotency-Key`; operator: check the SME gateway"
 
 
 class OperatorKeysUnavailable(ProxyError):
+    """No operator verification key is usable (the realm's JWKS was never
+    fetched and there is no local key): the identity provider is down, the
+    session may be fine.
+    """
+
     status, code = 503, "operator-keys-unavailable"
+    advice = "retry after `Retry-After`; operator: check Keycloak"
 
     def __init__(self, reason: str = "keys_unavailable", *, retry_after: int = 5) -> None:
         super().__init__(reason, headers={"Retry-After": str(retry_after)})
 
 
 class BridgeUnwired(ProxyError):
+    """No bridge secret is configured: the marketplace is not enabled on this
+    Sovereign.
+    """
+
     status, code = 503, "sme-jwt-bridge-unwired"
+    advice = "operator: wire `sme-secrets/JWT_SECRET`"
     detail = (
         "the SME bridge secret is not configured (CATALYST_SME_JWT_SECRET, "
         "CATALYST_ORG_JWT_SECRET or CATALYST_SME_JWT_SECRET_FILE); the marketplace is not enabled"
@@ -184,27 +274,55 @@ class BridgeUnwired(ProxyError):
 
 
 class UpstreamUnreachable(ProxyError):
+    """The SME gateway cannot be reached (name, refused, unreachable, connect
+    timeout, or the breaker is open): the marketplace is not enabled or is down.
+    """
+
     status, code = 503, "sme-gateway-unreachable"
+    advice = (
+        "safe to retry, even a POST (after `Retry-After` when sent); operator: check the SME tier"
+    )
     detail = "the SME gateway could not be reached; the marketplace may not be enabled"
 
 
 class GatewayOverloaded(ProxyError):
+    """Too many requests are already waiting for an upstream connection, or this
+    one's budget ran out while waiting; nothing was sent.
+    """
+
     status, code = 503, "gateway-overloaded"
+    advice = "retry after `Retry-After` (safe, even a POST)"
 
     def __init__(self, reason: str = "") -> None:
         super().__init__(reason, headers={"Retry-After": "1"})
 
 
 class RateLimitStoreUnavailable(ProxyError):
+    """The shared rate-limit store cannot be reached and the gateway is set to
+    refuse (``CATALYST_RATE_LIMIT_ON_STORE_ERROR=refuse``).
+    """
+
     status, code = 503, "rate-limit-store-unavailable"
+    advice = "retry shortly; operator: check Redis/Valkey"
 
 
 class IdempotencyStoreUnavailable(ProxyError):
+    """A request with an ``Idempotency-Key`` arrived while the shared
+    idempotency store cannot be reached; it was not forwarded.
+    """
+
     status, code = 503, "idempotency-store-unavailable"
+    advice = "retry with the same key; operator: check Redis/Valkey"
 
 
 class UpstreamTimeout(ProxyError):
+    """The SME gateway did not send its response headers within
+    ``CATALYST_UPSTREAM_TIMEOUT_SECONDS`` after the request was sent.
+    """
+
     status, code = 504, "sme-gateway-timeout"
+    forwarded = "unknown"  # raised only once the request was handed to the upstream
+    advice = "retry only with the same `Idempotency-Key`; operator: check the SME gateway's latency"
 
 
 def every_error() -> tuple[type[ProxyError], ...]:

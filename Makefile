@@ -25,8 +25,10 @@ $(STAMP): pyproject.toml constraints.txt
 dev: $(STAMP)
 	$(VENV)/bin/catalyst-proxy dev --port $(PORT)
 
-## test: lint, type-check, every test (chart checks included), then the container for real
+## test: lint, type-check, every test (chart checks included), then the container for real;
+## the tests' Debian packages (tests/test-packages.txt: redis-server) are installed first
 test: $(STAMP) lint deploy-tools
+	bash tests/install-test-packages.sh
 	$(PY) -m pytest -q
 	$(MAKE) container-check
 

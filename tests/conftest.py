@@ -18,7 +18,7 @@ points it somewhere other than the SME stand-in.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from catalyst_proxy.devtools.sme import SME
 from catalyst_proxy.metrics import Metrics
 
 from .rawhttp import HTTPUpstream, Respond
+from .redis_server import RedisServer, RedisServerError
 from .support import Gateway, JWKSServer, start_app, start_gateway
 
 BRIDGE_SECRET = b"test-bridge-secret-0123456789abcdef"
@@ -152,6 +153,36 @@ def bearer(token: Callable[..., str]) -> Callable[..., dict[str, str]]:
         return {"Authorization": f"Bearer {token(**kwargs)}"}
 
     return make
+
+
+# --- Redis ----------------------------------------------------------------------
+# One real redis-server per session (tests/redis_server.py); `redis_url` hands
+# each test that server running and empty. No fakes: a missing redis-server
+# fails the tests that need it, it never skips them.
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """The session's redis-server; a test may stop() it, the next one gets it back."""
+    server = RedisServer()
+    try:
+        server.start()
+        failure = None
+    except RedisServerError as exc:
+        failure = str(exc)
+    if failure is not None:  # failed outside the except block: one message, no chained copy
+        server.close()
+        pytest.fail(failure, pytrace=False)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """``redis://127.0.0.1:PORT/0`` of the session's server, running and flushed."""
+    redis_server.start()  # a no-op unless an earlier test stopped it
+    redis_server.flush()
+    return redis_server.url
 
 
 # --- assurance figures -----------------------------------------------------------

@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 PORT   ?= 8080
 
-.PHONY: dev test lint fmt bench soak assurance clean
+.PHONY: dev test lint fmt bench soak assurance clean docs
 
 include deploy/deploy.mk
 
@@ -44,6 +44,10 @@ assurance: $(STAMP)
 	@mkdir -p .cache
 	CATALYST_ASSURANCE_OUT=.cache/assurance.json $(PY) -m pytest -q $(ASSURANCE_SUITES)
 	@$(PY) tests/assurance_report.py .cache/assurance.json
+
+## docs: rebuild the generated tables of README.md and docs/reference.md from the code
+docs: $(STAMP)
+	$(PY) -m catalyst_proxy.devtools.reference
 
 fmt: $(STAMP)
 	$(VENV)/bin/ruff format $(LINT_PATHS)

@@ -14,6 +14,8 @@ Timestamps use ``time.perf_counter()`` (uvloop's ``loop.time()`` has millisecond
 resolution); the end of a response is stamped in ``data_received``, before any
 task is scheduled. Requests are prebuilt bytes; the response parser handles
 ``Content-Length`` and chunked bodies, one request at a time per connection.
+With ``idempotency_prefix`` every request also carries ``Idempotency-Key:
+<prefix>-<index>``, a key never sent before, joined in as the request goes out.
 """
 
 from __future__ import annotations
@@ -160,8 +162,13 @@ async def fixed_rate(
     warmup: float = 2,
     conns: int = 32,
     timeout: float = 10,
+    idempotency_prefix: str | None = None,
 ) -> RateResult:
-    """Send ``requests`` round-robin at ``rate``/s for ``warmup`` + ``duration`` seconds."""
+    """Send ``requests`` round-robin at ``rate``/s for ``warmup`` + ``duration`` seconds.
+
+    With ``idempotency_prefix``, request ``i`` gets ``Idempotency-Key: <prefix>-<i>``
+    after its request line: every request is a first use of its key.
+    """
     loop = asyncio.get_running_loop()
     result = RateResult(rate, duration)
     idle: asyncio.Queue[_Conn] = asyncio.Queue()
@@ -176,7 +183,16 @@ async def fixed_rate(
     warm = int(warmup * rate)
     total = warm + int(duration * rate)
 
+    def request(index: int) -> bytes:
+        data = requests[index % len(requests)]
+        if idempotency_prefix is None:
+            return data
+        line_end = data.index(b"\r\n") + 2
+        key = f"Idempotency-Key: {idempotency_prefix}-{index}\r\n".encode()
+        return data[:line_end] + key + data[line_end:]
+
     async def one(index: int, due: float) -> None:
+        data = request(index)  # before the clock starts
         try:
             conn = idle.get_nowait()
             waited = False
@@ -188,9 +204,7 @@ async def fixed_rate(
         sent = time.perf_counter()
         start = due if waited else sent
         try:
-            status, end = await asyncio.wait_for(
-                conn.send(requests[index % len(requests)]), timeout
-            )
+            status, end = await asyncio.wait_for(conn.send(data), timeout)
         except (ConnectionError, TimeoutError, OSError):
             if index >= warm:
                 result.errors += 1

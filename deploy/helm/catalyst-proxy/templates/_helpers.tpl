@@ -63,6 +63,48 @@ files give Helm float64s, and 1048576 would otherwise print as 1.048576e+06).
 {{- define "catalyst-proxy.publicKeyDir" -}}/etc/catalyst-proxy/session-keys{{- end }}
 {{- define "catalyst-proxy.bridgeDir" -}}/var/run/secrets/catalyst-proxy/bridge{{- end }}
 {{- define "catalyst-proxy.routesDir" -}}/etc/catalyst-proxy/routes{{- end }}
+{{- define "catalyst-proxy.redisDir" -}}/var/run/secrets/catalyst-proxy/redis{{- end }}
+
+{{/* "true" when the gateway is given a Redis URL (plain or from a Secret), else "". */}}
+{{- define "catalyst-proxy.redis" -}}
+{{- if or .Values.redis.url .Values.redis.urlSecret.secretName }}true{{ end }}
+{{- end }}
+
+{{/*
+Why more than one gateway process may serve this release, "" when only one does.
+Each process keeps its own rate-limit counters, breaker and (without Redis)
+idempotency records, so a retry can reach a process that never saw the first try.
+*/}}
+{{- define "catalyst-proxy.processes" -}}
+{{- $why := list }}
+{{- if .Values.autoscaling.enabled }}
+{{- $why = append $why (printf "autoscaling.enabled, up to %d pods" (int .Values.autoscaling.maxReplicas)) }}
+{{- else if gt (int .Values.replicaCount) 1 }}
+{{- $why = append $why (printf "replicaCount %d" (int .Values.replicaCount)) }}
+{{- end }}
+{{- if gt (int .Values.workers) 1 }}
+{{- $why = append $why (printf "workers %d per pod" (int .Values.workers)) }}
+{{- end }}
+{{- join ", " $why }}
+{{- end }}
+
+{{/*
+CATALYST_IDEMPOTENCY as rendered: auto becomes off where several processes serve
+the release and no Redis is shared between them (optional/required are refused
+there by catalyst-proxy.validate).
+*/}}
+{{- define "catalyst-proxy.idempotency" -}}
+{{- if and (eq .Values.idempotency.mode "auto") (include "catalyst-proxy.processes" .) (not (include "catalyst-proxy.redis" .)) }}
+{{- "off" }}
+{{- else }}
+{{- .Values.idempotency.mode }}
+{{- end }}
+{{- end }}
+
+{{/* A Redis URL with a password in it (user:password@ or ?password=). */}}
+{{- define "catalyst-proxy.urlPassword" -}}
+^[^/]*//[^/?#@]*:[^/?#@]*@|[?&][Pp][Aa][Ss][Ss][Ww][Oo][Rr][Dd]=
+{{- end }}
 
 {{/* Does the release render a routes ConfigMap / mount one? */}}
 {{- define "catalyst-proxy.routesFile" -}}
@@ -100,11 +142,20 @@ Every plain (non-secret) variable the chart sets, name → value as a YAML map;
 {{- if and $v.bridge.secretName (eq $v.bridge.mode "file") }}
 {{- $bridgeFile = printf "%s/%s" (include "catalyst-proxy.bridgeDir" .) $v.bridge.key }}
 {{- end }}
+{{- $redisPasswordFile := "" }}
+{{- if $v.redis.passwordSecret.secretName }}
+{{- $redisPasswordFile = printf "%s/%s" (include "catalyst-proxy.redisDir" .) $v.redis.passwordSecret.key }}
+{{- end }}
 {{- dict
   "CATALYST_SME_GATEWAY_URL" $v.upstream.smeGatewayUrl
   "CATALYST_ORG_GATEWAY_URL" $v.upstream.orgGatewayUrl
   "CATALYST_UPSTREAM_TIMEOUT_SECONDS" (include "catalyst-proxy.number" $v.upstream.timeoutSeconds)
   "CATALYST_MAX_BODY_BYTES" (include "catalyst-proxy.number" $v.upstream.maxBodyBytes)
+  "CATALYST_UPSTREAM_MAX_CONNECTIONS" (include "catalyst-proxy.number" $v.upstream.maxConnections)
+  "CATALYST_UPSTREAM_MAX_PENDING" (include "catalyst-proxy.number" $v.upstream.maxPending)
+  "CATALYST_UPSTREAM_IDLE_SECONDS" (include "catalyst-proxy.number" $v.upstream.idleSeconds)
+  "CATALYST_BREAKER_FAILURES" (include "catalyst-proxy.number" $v.upstream.breaker.failures)
+  "CATALYST_BREAKER_COOLDOWN_SECONDS" (include "catalyst-proxy.number" $v.upstream.breaker.cooldownSeconds)
   "CATALYST_KC_ADDR" $v.auth.keycloak.addr
   "CATALYST_KC_REALM" $v.auth.keycloak.realm
   "CATALYST_JWKS_URL" $v.auth.jwksUrl
@@ -118,6 +169,13 @@ Every plain (non-secret) variable the chart sets, name → value as a YAML map;
   "CATALYST_SESSION_PUBLIC_KEY_FILE" $publicKeyFile
   "CATALYST_SME_JWT_SECRET_FILE" $bridgeFile
   "CATALYST_ROUTES_FILE" (include "catalyst-proxy.routesFile" .)
+  "CATALYST_RATE_LIMIT" $v.rateLimit.limit
+  "CATALYST_RATE_LIMIT_ON_STORE_ERROR" $v.rateLimit.onStoreError
+  "CATALYST_REDIS_URL" $v.redis.url
+  "CATALYST_REDIS_PASSWORD_FILE" $redisPasswordFile
+  "CATALYST_IDEMPOTENCY" (include "catalyst-proxy.idempotency" .)
+  "CATALYST_IDEMPOTENCY_TTL_SECONDS" (include "catalyst-proxy.number" $v.idempotency.ttlSeconds)
+  "CATALYST_IDEMPOTENCY_MAX_BODY_BYTES" (include "catalyst-proxy.number" $v.idempotency.maxBodyBytes)
   "CATALYST_LOG_FORMAT" $v.log.format
   "CATALYST_LOG_LEVEL" $v.log.level
   "CATALYST_SHUTDOWN_GRACE_SECONDS" (include "catalyst-proxy.number" $v.shutdown.graceSeconds)
@@ -126,7 +184,7 @@ Every plain (non-secret) variable the chart sets, name → value as a YAML map;
 
 {{/* The variables the chart fills from Secrets (by reference, never by value). */}}
 {{- define "catalyst-proxy.secretEnvNames" -}}
-CATALYST_SME_JWT_SECRET,CATALYST_ORG_JWT_SECRET,CATALYST_SESSION_COOKIE_SECRET
+CATALYST_SME_JWT_SECRET,CATALYST_ORG_JWT_SECRET,CATALYST_SESSION_COOKIE_SECRET,CATALYST_REDIS_URL
 {{- end }}
 
 {{/* The container's env list: plain values, then secret references, then extraEnv. */}}
@@ -163,6 +221,13 @@ CATALYST_SME_JWT_SECRET,CATALYST_ORG_JWT_SECRET,CATALYST_SESSION_COOKIE_SECRET
       name: {{ $v.auth.sessionCookieSecret.secretName }}
       key: {{ $v.auth.sessionCookieSecret.key }}
 {{- end }}
+{{- if $v.redis.urlSecret.secretName }}
+- name: CATALYST_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ $v.redis.urlSecret.secretName }}
+      key: {{ $v.redis.urlSecret.key }}
+{{- end }}
 {{- with $v.extraEnv }}
 {{ toYaml . }}
 {{- end }}
@@ -180,6 +245,29 @@ CATALYST_SME_JWT_SECRET,CATALYST_ORG_JWT_SECRET,CATALYST_SESSION_COOKIE_SECRET
 {{- if and $v.autoscaling.enabled (lt (int $v.autoscaling.maxReplicas) (int $v.autoscaling.minReplicas)) }}
 {{- fail "autoscaling.maxReplicas must be at least autoscaling.minReplicas" }}
 {{- end }}
+{{- if and $v.redis.url $v.redis.urlSecret.secretName }}
+{{- fail "redis: set either redis.url or redis.urlSecret.secretName, not both" }}
+{{- end }}
+{{- /* The message must not repeat the URL: it holds the password. */}}
+{{- if regexMatch (include "catalyst-proxy.urlPassword" .) $v.redis.url }}
+{{- fail "redis.url holds a password, which would sit in the pod's plain environment: put the whole URL in a Secret (redis.urlSecret) or only the password (redis.passwordSecret, mounted as CATALYST_REDIS_PASSWORD_FILE)" }}
+{{- end }}
+{{- if and $v.redis.passwordSecret.secretName (not (include "catalyst-proxy.redis" .)) }}
+{{- fail "redis.passwordSecret is set but no Redis is: set redis.url or redis.urlSecret.secretName too" }}
+{{- end }}
+{{- $processes := include "catalyst-proxy.processes" . }}
+{{- if and $processes (not (include "catalyst-proxy.redis" .)) }}
+{{- $why := printf "this release runs more than one gateway process (%s) and no Redis, and each process's memory store would miss a retry that lands on another one, so a purchase could happen twice. Set redis.url or redis.urlSecret.secretName (a store every pod shares)" $processes }}
+{{- if has $v.idempotency.mode (list "optional" "required") }}
+{{- fail (printf "idempotency.mode %s needs Redis: %s, or set idempotency.mode to auto (rendered as off) or off" $v.idempotency.mode $why) }}
+{{- end }}
+{{- range $i, $route := $v.routes.aliases }}
+{{- $mode := get $route "idempotency" | default "" }}
+{{- if has $mode (list "optional" "required") }}
+{{- fail (printf "routes.aliases[%d] (%s): idempotency %s needs Redis: %s, or drop the entry's idempotency" $i $route.path $mode $why) }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- $managed := concat (keys (include "catalyst-proxy.plainEnv" . | fromYaml)) (splitList "," (include "catalyst-proxy.secretEnvNames" .)) }}
 {{- range $v.extraEnv }}
 {{- if has .name $managed }}
@@ -188,7 +276,7 @@ CATALYST_SME_JWT_SECRET,CATALYST_ORG_JWT_SECRET,CATALYST_SESSION_COOKIE_SECRET
 {{- end }}
 {{- end }}
 
-{{/* Files the gateway reads: the public key, the bridge secret (file mode), the routes. */}}
+{{/* Files the gateway reads: the public key, the bridge secret (file mode), the routes, the Redis password. */}}
 {{- define "catalyst-proxy.volumeMounts" -}}
 {{- if .Values.auth.publicKey.secretName }}
 - name: session-keys
@@ -203,6 +291,11 @@ CATALYST_SME_JWT_SECRET,CATALYST_ORG_JWT_SECRET,CATALYST_SESSION_COOKIE_SECRET
 {{- if include "catalyst-proxy.routesFile" . }}
 - name: routes
   mountPath: {{ include "catalyst-proxy.routesDir" . }}
+  readOnly: true
+{{- end }}
+{{- if .Values.redis.passwordSecret.secretName }}
+- name: redis-password
+  mountPath: {{ include "catalyst-proxy.redisDir" . }}
   readOnly: true
 {{- end }}
 {{- end }}
@@ -239,5 +332,15 @@ CATALYST_SME_JWT_SECRET,CATALYST_ORG_JWT_SECRET,CATALYST_SESSION_COOKIE_SECRET
 - name: routes
   configMap:
     name: {{ include "catalyst-proxy.fullname" . }}-routes
+{{- end }}
+{{- if .Values.redis.passwordSecret.secretName }}
+# CATALYST_REDIS_PASSWORD_FILE: a file, so the password is never in the environment.
+- name: redis-password
+  secret:
+    secretName: {{ .Values.redis.passwordSecret.secretName }}
+    defaultMode: 0444
+    items:
+      - key: {{ .Values.redis.passwordSecret.key }}
+        path: {{ .Values.redis.passwordSecret.key }}
 {{- end }}
 {{- end }}

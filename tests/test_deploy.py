@@ -18,12 +18,13 @@ from typing import Any
 
 import pytest
 
+from catalyst_proxy.config import VARIABLES, Settings, parse_rate_limit
+
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "deploy/helm/catalyst-proxy"
 PRODUCTION = ROOT / "deploy/helm/values-production.yaml"
 INVALID = ROOT / "deploy/helm/values-invalid.yaml"
 DOCKERFILE = ROOT / "deploy/Dockerfile"
-CONTRACT = ROOT.parent / "shared" / "CONTRACT.md"
 TOOLS = ROOT / ".cache/tools/bin"
 VENV_BIN = Path(sys.executable).parent
 
@@ -94,6 +95,14 @@ class Helm:
         done = self.run(*self.template_args(values, extra, kube))
         assert done.returncode != 0, "helm template accepted values it must refuse"
         return done.stderr
+
+    def notes(self, *values: Path, extra: dict[str, Any] | None = None) -> str:
+        """The release notes of a client-side dry-run install, whitespace folded to one space."""
+        files = [*values, *([self.values_file(extra)] if extra else [])]
+        args = ["install", RELEASE, str(CHART), "--dry-run=client", "--namespace", NAMESPACE]
+        done = self.run(*args, *[arg for path in files for arg in ("--values", str(path))])
+        assert done.returncode == 0, done.stderr
+        return " ".join(done.stdout.split("NOTES:", 1)[1].split())
 
 
 class Manifests:
@@ -224,6 +233,14 @@ def test_production_values_turn_everything_on(production: Manifests) -> None:
 
 # --- the values schema -----------------------------------------------------------------
 
+ALIAS = {
+    "methods": ["POST"],
+    "path": "/api/v1/org/billing/purchase",
+    "upstream_method": "POST",
+    "upstream_path": "/api/billing/purchase",
+}
+REDIS_URL_SECRET = {"secretName": "redis-url", "key": "URL"}
+
 
 def test_invalid_values_file_is_refused_by_the_schema(helm: Helm) -> None:
     """values-invalid.yaml breaks values.schema.json four ways and helm names each one."""
@@ -248,6 +265,25 @@ def test_invalid_values_file_is_refused_by_the_schema(helm: Helm) -> None:
         ({"networkPolicy": {"egress": {"dns": {"to": []}}}}, "/networkPolicy/egress/dns/to"),
         ({"routes": {"aliases": [{"path": "/x"}]}}, "/routes/aliases/0"),
         ({"metrics": {"serviceMonitor": {"interval": "often"}}}, "/interval"),
+        ({"upstream": {"maxConnections": 0}}, "/upstream/maxConnections"),
+        ({"upstream": {"maxPending": -1}}, "/upstream/maxPending"),
+        ({"upstream": {"idleSeconds": 0}}, "/upstream/idleSeconds"),
+        ({"upstream": {"breaker": {"failures": 1.5}}}, "/upstream/breaker/failures"),
+        ({"upstream": {"breaker": {"cooldownSeconds": 0}}}, "/upstream/breaker/cooldownSeconds"),
+        ({"upstream": {"breaker": {"threshold": 5}}}, "/upstream/breaker"),
+        ({"rateLimit": {"limit": "30/fortnight"}}, "/rateLimit/limit"),
+        ({"rateLimit": {"onStoreError": "ignore"}}, "/rateLimit/onStoreError"),
+        ({"redis": {"url": "http://cache.test:6379"}}, "/redis/url"),
+        ({"redis": {"url": "redis://cache.test/cache"}}, "/redis/url"),
+        ({"redis": {"urlSecret": {"secretName": "Not_A_Name"}}}, "/redis/urlSecret/secretName"),
+        ({"redis": {"passwordSecret": {"key": "a/b"}}}, "/redis/passwordSecret/key"),
+        ({"idempotency": {"mode": "sometimes"}}, "/idempotency/mode"),
+        ({"idempotency": {"ttlSeconds": 0}}, "/idempotency/ttlSeconds"),
+        ({"idempotency": {"maxBodyBytes": -1}}, "/idempotency/maxBodyBytes"),
+        ({"networkPolicy": {"egress": {"redis": {"ports": []}}}}, "/networkPolicy/egress/redis"),
+        ({"routes": {"aliases": [{**ALIAS, "idempotency": "auto"}]}}, "/aliases/0/idempotency"),
+        ({"routes": {"aliases": [{**ALIAS, "rate_limit": "fast"}]}}, "/aliases/0/rate_limit"),
+        ({"routes": {"aliases": [{**ALIAS, "methods": ["FETCH"]}]}}, "/aliases/0/methods/0"),
     ],
 )
 def test_schema_refuses_bad_values(helm: Helm, extra: dict[str, Any], where: str) -> None:
@@ -255,6 +291,43 @@ def test_schema_refuses_bad_values(helm: Helm, extra: dict[str, Any], where: str
     message = helm.refuse(extra=extra)
     assert "don't meet the specifications of the schema" in message, message
     assert where in message, message
+
+
+@pytest.mark.parametrize(
+    ("limit", "valid"),
+    [
+        ("30/minute", True),
+        ("5/second;100/hour", True),
+        ("5 per second ; 1000/day", True),
+        ("2/hours", True),
+        ("0/minute", False),
+        ("30/fortnight", False),
+        ("30", False),
+        ("5/second;", False),
+    ],
+)
+def test_rate_limit_values_follow_the_gateway_syntax(helm: Helm, limit: str, valid: bool) -> None:
+    """rateLimit.limit and a route's rate_limit take what the gateway's own parser takes
+    (N/second|minute|hour|day or N per PERIOD, ;-separated, N at least 1) and refuse the rest."""
+    try:
+        parse_rate_limit(limit)
+        parsed = True
+    except ValueError:
+        parsed = False
+    assert parsed is valid, "the gateway's parser disagrees with this case"
+    values = {
+        "rateLimit": {"limit": limit},
+        "routes": {"aliases": [{**ALIAS, "rate_limit": limit}]},
+    }
+    if valid:
+        manifests = helm.render(extra=values)
+        assert manifests.plain("CATALYST_RATE_LIMIT") == limit
+        routes = json.loads(manifests.one("ConfigMap")["data"]["routes.json"])["routes"]
+        assert routes[0]["rate_limit"] == limit
+    else:
+        message = helm.refuse(extra=values)
+        assert "at '/rateLimit/limit'" in message, message
+        assert "at '/routes/aliases/0/rate_limit'" in message, message
 
 
 @pytest.mark.parametrize(
@@ -275,6 +348,22 @@ def test_schema_refuses_bad_values(helm: Helm, extra: dict[str, Any], where: str
         (
             {"autoscaling": {"minReplicas": 4, "maxReplicas": 2}},
             "maxReplicas must be at least",
+        ),
+        (
+            {"redis": {"url": "redis://cache.test", "urlSecret": REDIS_URL_SECRET}},
+            "set either redis.url or redis.urlSecret.secretName, not both",
+        ),
+        (
+            {"redis": {"passwordSecret": {"secretName": "redis-auth"}}},
+            "redis.passwordSecret is set but no Redis is",
+        ),
+        (
+            {"extraEnv": [{"name": "CATALYST_REDIS_URL", "value": "redis://:pw@cache.test"}]},
+            "extraEnv: CATALYST_REDIS_URL is set by the chart",
+        ),
+        (
+            {"extraEnv": [{"name": "CATALYST_IDEMPOTENCY", "value": "required"}]},
+            "extraEnv: CATALYST_IDEMPOTENCY is set by the chart",
         ),
     ],
 )
@@ -361,23 +450,68 @@ def test_bridge_secret_file_mode_mounts_an_optional_secret(helm: Helm) -> None:
     assert mount == {"name": "bridge-secret", "mountPath": str(path.parent), "readOnly": True}
 
 
-def contract_variables() -> set[str]:
-    """The variables CONTRACT.md names, plus those the package's modules read."""
-    if not CONTRACT.exists():
-        pytest.fail(f"{CONTRACT} is missing (shared/ sits beside the repository)", pytrace=False)
-    pattern = r"\b(?:CATALYST_[A-Z_]+[A-Z]|OPERATOR_EMAIL)\b"
-    names = set(re.findall(pattern, CONTRACT.read_text()))
-    for module in (ROOT / "catalyst_proxy").glob("*.py"):
-        names |= set(re.findall(pattern, module.read_text()))
-    return names
+def test_redis_credentials_arrive_by_secret_reference_only(helm: Helm) -> None:
+    """redis.urlSecret gives CATALYST_REDIS_URL by a secretKeyRef (required: Redis was asked
+    for) and redis.passwordSecret mounts the password as the file CATALYST_REDIS_PASSWORD_FILE
+    names; no plain env value holds a Redis URL or a password."""
+    manifests = helm.render(
+        extra={
+            "redis": {
+                "urlSecret": REDIS_URL_SECRET,
+                "passwordSecret": {"secretName": "redis-auth", "key": "PASSWORD"},
+            }
+        }
+    )
+    assert manifests.env["CATALYST_REDIS_URL"] == {
+        "name": "CATALYST_REDIS_URL",
+        "valueFrom": {"secretKeyRef": {"name": "redis-url", "key": "URL"}},
+    }
+    path = Path(manifests.plain("CATALYST_REDIS_PASSWORD_FILE"))
+    (volume,) = [v for v in manifests.pod["volumes"] if v["name"] == "redis-password"]
+    assert volume["secret"] == {
+        "secretName": "redis-auth",
+        "defaultMode": 0o444,
+        "items": [{"key": "PASSWORD", "path": path.name}],
+    }
+    (mount,) = [m for m in manifests.container["volumeMounts"] if m["name"] == "redis-password"]
+    assert mount == {"name": "redis-password", "mountPath": str(path.parent), "readOnly": True}
+    plain = [item["value"] for item in manifests.env.values() if "value" in item]
+    assert not [value for value in plain if "redis://" in value or "rediss://" in value]
+    assert "Secret" not in manifests.kinds(), "the chart makes no Secret"
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:hunter2@cache.test:6379/0",
+        "rediss://app:hunter2@cache.test",
+        "redis://cache.test:6379?password=hunter2",
+    ],
+)
+def test_a_password_in_the_plain_redis_url_is_refused_without_repeating_it(
+    helm: Helm, url: str
+) -> None:
+    """A password written into redis.url would sit in the pod spec in plain text: the chart
+    refuses it, says where to put it instead, and the refusal never repeats it."""
+    message = helm.refuse(extra={"redis": {"url": url}})
+    assert "redis.url holds a password" in message, message
+    assert "redis.urlSecret" in message
+    assert "redis.passwordSecret" in message
+    assert "hunter2" not in message
+
+
+# Every variable the gateway reads, as it declares them itself.
+DECLARED = {variable.name for variable in VARIABLES}
 EVERYTHING: dict[str, Any] = {
     "upstream": {
         "smeGatewayUrl": "http://sme.test:8080",
         "orgGatewayUrl": "http://org.test:8080",
         "timeoutSeconds": 2.5,
         "maxBodyBytes": 10485760,
+        "maxConnections": 250,
+        "maxPending": 0,
+        "idleSeconds": 7.5,
+        "breaker": {"failures": 0, "cooldownSeconds": 12.5},
     },
     "auth": {
         "keycloak": {"addr": "http://kc.test:8080", "realm": "other"},
@@ -393,43 +527,51 @@ EVERYTHING: dict[str, Any] = {
         "sessionCookieSecret": {"secretName": "console-session", "key": "COOKIE"},
     },
     "bridge": {"orgSecret": {"secretName": "org-secrets", "key": "ORG_JWT"}},
-    "routes": {
-        "aliases": [
-            {
-                "methods": ["POST"],
-                "path": "/api/v1/org/billing/purchase",
-                "upstream_method": "POST",
-                "upstream_path": "/api/billing/purchase",
-            }
-        ]
+    "routes": {"aliases": [{**ALIAS, "idempotency": "required", "rate_limit": "10/minute"}]},
+    "rateLimit": {"limit": "5/second;100/hour", "onStoreError": "refuse"},
+    "redis": {
+        "url": "rediss://cache.test:6380/2",
+        "passwordSecret": {"secretName": "redis-auth", "key": "PASSWORD"},
     },
+    "idempotency": {"mode": "required", "ttlSeconds": 2592000, "maxBodyBytes": 1048576},
     "log": {"format": "console", "level": "debug"},
     "shutdown": {"graceSeconds": 25},
 }
 
 
-def test_every_contract_variable_is_settable_from_values(helm: Helm) -> None:
-    """Each environment variable of CONTRACT.md (and of the package) can be set from values:
-    the union over the bridge's env and file modes covers them all."""
-    rendered = set()
-    for mode in ("env", "file"):
-        manifests = helm.render(
-            extra={**EVERYTHING, "bridge": {**EVERYTHING["bridge"], "mode": mode}}
-        )
-        rendered |= set(manifests.env)
-    missing = contract_variables() - rendered
+def test_every_declared_variable_is_settable_from_values(helm: Helm) -> None:
+    """Each variable of catalyst_proxy.config.VARIABLES can be set from values (the union
+    over the bridge's env and file modes and the Redis URL plain or from a Secret covers
+    them all), and the chart sets no variable the gateway does not declare."""
+    assert {"CATALYST_REDIS_URL", "CATALYST_IDEMPOTENCY"} <= DECLARED, "VARIABLES looks empty"
+    variants = [
+        EVERYTHING,
+        {**EVERYTHING, "bridge": {**EVERYTHING["bridge"], "mode": "file"}},
+        {**EVERYTHING, "redis": {**EVERYTHING["redis"], "url": "", "urlSecret": REDIS_URL_SECRET}},
+    ]
+    rendered: set[str] = set()
+    for extra in variants:
+        rendered |= set(helm.render(extra=extra).env)
+    missing = DECLARED - rendered
     assert not missing, f"not settable from chart values: {sorted(missing)}"
+    undeclared = rendered - DECLARED
+    assert not undeclared, f"the chart sets variables the gateway does not read: {undeclared}"
 
 
 def test_values_reach_the_environment_verbatim(helm: Helm) -> None:
-    """Numbers keep their exact form (no 1.048576e+06), lists become comma lists, and the
-    secrets arrive by reference, never by value."""
+    """Numbers keep their exact form (no 1.048576e+06, and 0 is a value, not "unset"), lists
+    become comma lists, and the secrets arrive by reference, never by value."""
     manifests = helm.render(extra=EVERYTHING)
     expected = {
         "CATALYST_SME_GATEWAY_URL": "http://sme.test:8080",
         "CATALYST_ORG_GATEWAY_URL": "http://org.test:8080",
         "CATALYST_UPSTREAM_TIMEOUT_SECONDS": "2.5",
         "CATALYST_MAX_BODY_BYTES": "10485760",
+        "CATALYST_UPSTREAM_MAX_CONNECTIONS": "250",
+        "CATALYST_UPSTREAM_MAX_PENDING": "0",
+        "CATALYST_UPSTREAM_IDLE_SECONDS": "7.5",
+        "CATALYST_BREAKER_FAILURES": "0",
+        "CATALYST_BREAKER_COOLDOWN_SECONDS": "12.5",
         "CATALYST_KC_ADDR": "http://kc.test:8080",
         "CATALYST_KC_REALM": "other",
         "CATALYST_JWKS_URL": "http://kc.test:8080/realms/other/protocol/openid-connect/certs",
@@ -440,6 +582,12 @@ def test_values_reach_the_environment_verbatim(helm: Helm) -> None:
         "CATALYST_TOKEN_ISSUER": "https://a.test/realms/x,https://b.test/realms/x",
         "CATALYST_TOKEN_AUDIENCE": "console",
         "OPERATOR_EMAIL": "owner@x.test",
+        "CATALYST_RATE_LIMIT": "5/second;100/hour",
+        "CATALYST_RATE_LIMIT_ON_STORE_ERROR": "refuse",
+        "CATALYST_REDIS_URL": "rediss://cache.test:6380/2",
+        "CATALYST_IDEMPOTENCY": "required",
+        "CATALYST_IDEMPOTENCY_TTL_SECONDS": "2592000",
+        "CATALYST_IDEMPOTENCY_MAX_BODY_BYTES": "1048576",
         "CATALYST_LOG_FORMAT": "console",
         "CATALYST_LOG_LEVEL": "debug",
         "CATALYST_SHUTDOWN_GRACE_SECONDS": "25",
@@ -473,11 +621,38 @@ def test_unset_values_leave_the_gateway_defaults(default: Manifests) -> None:
         "CATALYST_SESSION_COOKIE_SECRET",
         "CATALYST_ORG_JWT_SECRET",
         "CATALYST_SME_JWT_SECRET_FILE",
+        "CATALYST_RATE_LIMIT",
+        "CATALYST_REDIS_URL",
+        "CATALYST_REDIS_PASSWORD_FILE",
     ):
         assert name not in default.env, name
     assert default.plain("CATALYST_SME_GATEWAY_URL") == (
         "http://gateway.org-services.svc.cluster.local:8080"
     )
+
+
+def gateway_settings(manifests: Manifests) -> Settings:
+    """Settings.from_env over the rendered env, a stand-in value for each Secret reference."""
+    stand_ins = {"CATALYST_REDIS_URL": "redis://cache.test:6379/0"}
+    environ = {
+        name: item["value"] if "value" in item else stand_ins.get(name, "s" * 32)
+        for name, item in manifests.env.items()
+    }
+    return Settings.from_env(environ)
+
+
+def test_the_gateway_starts_with_what_the_chart_renders(
+    helm: Helm, default: Manifests, production: Manifests
+) -> None:
+    """The gateway's own Settings.from_env (and its --workers check) accepts the environment
+    the default, the production and the everything-set values render."""
+    for manifests in (default, production, helm.render(extra=EVERYTHING)):
+        settings = gateway_settings(manifests)
+        args = manifests.container["args"]
+        settings.check_workers(int(args[args.index("--workers") + 1]) if "--workers" in args else 1)
+    assert gateway_settings(default).idempotency == "off"
+    assert gateway_settings(production).redis_password_file is not None
+    assert str(gateway_settings(production).rate_limit[0]) == "30/minute"
 
 
 def mounted_files(manifests: Manifests) -> Iterator[tuple[str, Path, dict[str, Any]]]:
@@ -493,8 +668,8 @@ def mounted_files(manifests: Manifests) -> Iterator[tuple[str, Path, dict[str, A
 
 
 def test_file_variables_point_into_their_volumes(helm: Helm) -> None:
-    """CATALYST_SESSION_PUBLIC_KEY_FILE and CATALYST_ROUTES_FILE name a file that the
-    mounted Secret or ConfigMap actually holds."""
+    """CATALYST_SESSION_PUBLIC_KEY_FILE, CATALYST_REDIS_PASSWORD_FILE and CATALYST_ROUTES_FILE
+    name a file that the mounted Secret or ConfigMap actually holds."""
     manifests = helm.render(extra=EVERYTHING)
     seen = {}
     for name, path, volume in mounted_files(manifests):
@@ -504,12 +679,14 @@ def test_file_variables_point_into_their_volumes(helm: Helm) -> None:
             assert path.name in [item["path"] for item in source["items"]], (name, source)
         seen[name] = volume
     assert seen["CATALYST_SESSION_PUBLIC_KEY_FILE"]["secret"]["secretName"] == "session-keys"
+    assert seen["CATALYST_REDIS_PASSWORD_FILE"]["secret"]["secretName"] == "redis-auth"
     assert seen["CATALYST_ROUTES_FILE"]["configMap"]["name"] == f"{RELEASE}-routes"
 
 
 def test_route_aliases_become_a_json_routes_file(helm: Helm) -> None:
-    """routes.aliases renders the CONTRACT's JSON shape into a ConfigMap, and the pods roll
-    when it changes (the file is read at start-up)."""
+    """routes.aliases renders the gateway's JSON routes-file shape (per-route idempotency and
+    rate_limit included) into a ConfigMap, and the pods roll when it changes (the file is
+    read at start-up)."""
     manifests = helm.render(extra=EVERYTHING)
     config_map = manifests.one("ConfigMap")
     assert json.loads(config_map["data"]["routes.json"]) == {
@@ -577,6 +754,92 @@ def test_workers_flag_only_when_more_than_one(helm: Helm, default: Manifests) ->
     assert helm.render(extra={"workers": 3}).container["args"][-2:] == ["--workers", "3"]
 
 
+# --- idempotency and rate limits with several processes ---------------------------------
+
+REDIS = {"redis": {"url": "redis://cache.test:6379/0"}}
+ONE_PROCESS = {"autoscaling": {"enabled": False}, "replicaCount": 1, "workers": 1}
+# How a release comes to run more than one gateway process, and how the chart says so.
+SEVERAL_PROCESSES = {
+    "autoscaling": ({"autoscaling": {"enabled": True}}, "autoscaling.enabled, up to 6 pods"),
+    "replicas": ({"autoscaling": {"enabled": False}, "replicaCount": 3}, "replicaCount 3"),
+    "workers": ({**ONE_PROCESS, "workers": 2}, "workers 2 per pod"),
+}
+
+
+@pytest.mark.parametrize("case", SEVERAL_PROCESSES)
+def test_auto_idempotency_is_off_with_several_processes_and_no_redis(helm: Helm, case: str) -> None:
+    """With more than one pod or worker and no Redis, auto renders as CATALYST_IDEMPOTENCY=off
+    (a per-pod memory store would miss retries that land on another pod); with Redis, and for
+    an explicit off, the mode passes through."""
+    processes, _ = SEVERAL_PROCESSES[case]
+    assert helm.render(extra=processes).plain("CATALYST_IDEMPOTENCY") == "off"
+    assert helm.render(extra={**processes, **REDIS}).plain("CATALYST_IDEMPOTENCY") == "auto"
+    explicit_off = helm.render(extra={**processes, "idempotency": {"mode": "off"}})
+    assert explicit_off.plain("CATALYST_IDEMPOTENCY") == "off"
+
+
+@pytest.mark.parametrize("mode", ["auto", "off", "optional", "required"])
+def test_one_process_passes_every_idempotency_mode_through(helm: Helm, mode: str) -> None:
+    """One replica of one worker without autoscaling shares nothing, so its memory store
+    serves: every mode reaches the gateway as given, without Redis."""
+    manifests = helm.render(extra={**ONE_PROCESS, "idempotency": {"mode": mode}})
+    assert manifests.plain("CATALYST_IDEMPOTENCY") == mode
+
+
+@pytest.mark.parametrize("mode", ["optional", "required"])
+@pytest.mark.parametrize("case", SEVERAL_PROCESSES)
+def test_explicit_idempotency_needs_redis_with_several_processes(
+    helm: Helm, case: str, mode: str
+) -> None:
+    """An explicit optional/required with more than one process and no Redis could not
+    deduplicate a retry that reaches another process: helm refuses, naming the mode, what
+    makes several processes, why, and what to set; with Redis the mode passes through."""
+    processes, reason = SEVERAL_PROCESSES[case]
+    message = " ".join(helm.refuse(extra={**processes, "idempotency": {"mode": mode}}).split())
+    assert f"idempotency.mode {mode} needs Redis" in message, message
+    assert f"more than one gateway process ({reason})" in message, message
+    assert "would miss a retry that lands on another one" in message, message
+    assert "Set redis.url or redis.urlSecret.secretName" in message, message
+    manifests = helm.render(extra={**processes, **REDIS, "idempotency": {"mode": mode}})
+    assert manifests.plain("CATALYST_IDEMPOTENCY") == mode
+
+
+@pytest.mark.parametrize("mode", ["optional", "required"])
+def test_a_route_alias_cannot_ask_for_idempotency_without_redis_either(
+    helm: Helm, mode: str
+) -> None:
+    """A routes.aliases entry's idempotency overrides the mode for its route, so an explicit
+    optional/required there is refused the same way (off is fine), and allowed with Redis."""
+    routes = {"routes": {"aliases": [ALIAS, {**ALIAS, "path": "/x", "idempotency": mode}]}}
+    message = " ".join(helm.refuse(extra=routes).split())
+    assert f"routes.aliases[1] (/x): idempotency {mode} needs Redis" in message, message
+    assert "Set redis.url or redis.urlSecret.secretName" in message, message
+    helm.render(extra={**routes, **REDIS})
+    helm.render(extra={"routes": {"aliases": [{**ALIAS, "idempotency": "off"}]}})
+
+
+def test_notes_say_what_each_process_keeps_without_redis(helm: Helm) -> None:
+    """Without Redis and with several processes the release notes say that auto became off,
+    why and what turns it back on, and that rate limits count per process; with Redis they
+    say neither, and point at the Redis egress rule instead."""
+    notes = helm.notes(extra={"rateLimit": {"limit": "30/minute"}})
+    assert "Idempotency: off (idempotency.mode auto, turned off: see below)" in notes
+    assert "Idempotency is off: more than one gateway process serves this release" in notes
+    assert "a per-pod memory store would miss retries that land on another pod" in notes
+    assert "Set redis.url or redis.urlSecret.secretName to turn it on" in notes
+    assert "Rate limits are counted in each process without Redis" in notes
+    assert "the number of processes times the limit" in notes
+    shared = helm.notes(extra={**REDIS, "rateLimit": {"limit": "30/minute"}})
+    assert "Idempotency: auto " in shared
+    assert "Redis: redis://cache.test:6379/0" in shared
+    assert "Idempotency is off" not in shared
+    assert "Rate limits are counted in each process" not in shared
+    assert "networkPolicy.egress.redis" in shared
+    single = helm.notes(extra={**ONE_PROCESS, "rateLimit": {"limit": "30/minute"}})
+    assert "Idempotency is off" not in single
+    assert "Rate limits are counted in each process" not in single
+
+
 # --- Service, HPA, PDB, NetworkPolicy ---------------------------------------------------
 
 
@@ -602,11 +865,12 @@ def test_service_hpa_and_pdb_select_the_pods(default: Manifests) -> None:
     assert "replicas" not in deployment["spec"]
 
 
-def test_network_policy_allows_only_console_ingress_and_three_egress_targets(
+def test_network_policy_allows_only_console_ingress_and_named_egress_targets(
     production: Manifests,
 ) -> None:
     """Both directions are default-deny; ingress from the ingress controller (and the
-    scraper), egress to the SME gateway, Keycloak and DNS, each to named peers and ports."""
+    scraper), egress to the SME gateway, Keycloak, DNS and (Redis being configured) Redis,
+    each to named peers and ports."""
     policy = production.one("NetworkPolicy")["spec"]
     selector = production.one("Deployment")["spec"]["selector"]["matchLabels"]
     assert policy["podSelector"] == {"matchLabels": selector}
@@ -619,15 +883,84 @@ def test_network_policy_allows_only_console_ingress_and_three_egress_targets(
     ]
     assert all(rule["ports"] == [{"port": "http", "protocol": "TCP"}] for rule in policy["ingress"])
     egress = policy["egress"]
-    assert len(egress) == 3
+    assert len(egress) == 4
     assert all(rule["to"] and rule["ports"] for rule in egress), "an empty list allows all"
-    targets = [rule["to"][0]["namespaceSelector"]["matchLabels"] for rule in egress]
+    targets = [rule["to"][0]["namespaceSelector"]["matchLabels"] for rule in egress[:3]]
     assert [t["kubernetes.io/metadata.name"] for t in targets] == [
         "org-services",
         "keycloak",
         "kube-system",
     ]
     assert egress[2]["ports"] == [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]
+    assert egress[3] == {
+        "to": [
+            {
+                "podSelector": {
+                    "matchLabels": {
+                        "app.kubernetes.io/name": "redis",
+                        "app.kubernetes.io/instance": "catalyst-redis",
+                    }
+                }
+            }
+        ],
+        "ports": [{"port": 6379, "protocol": "TCP"}],
+    }
+
+
+REDIS_EGRESS_DEFAULT = {
+    "to": [
+        {
+            "podSelector": {
+                "matchExpressions": [
+                    {
+                        "key": "app.kubernetes.io/name",
+                        "operator": "In",
+                        "values": ["redis", "valkey"],
+                    }
+                ]
+            }
+        }
+    ],
+    "ports": [{"port": 6379, "protocol": "TCP"}],
+}
+
+
+@pytest.mark.parametrize(
+    ("redis", "rule"),
+    [
+        ({}, None),
+        ({"passwordSecret": {"secretName": ""}}, None),
+        ({"url": "redis://cache.test:6379/0"}, REDIS_EGRESS_DEFAULT),
+        ({"urlSecret": REDIS_URL_SECRET}, REDIS_EGRESS_DEFAULT),
+    ],
+    ids=["none", "none-either", "url", "url-secret"],
+)
+def test_network_policy_allows_redis_egress_only_when_redis_is_configured(
+    helm: Helm, redis: dict[str, Any], rule: dict[str, Any] | None
+) -> None:
+    """The egress rule to Redis (by default pods named redis or valkey in the release's
+    namespace, port 6379/TCP) is rendered when redis.url or redis.urlSecret is set, and not
+    otherwise: without Redis the pods may reach only the SME gateway, Keycloak and DNS."""
+    egress = helm.render(extra={"redis": redis}).one("NetworkPolicy")["spec"]["egress"]
+    to_redis = [r for r in egress if {"port": 6379, "protocol": "TCP"} in r["ports"]]
+    assert to_redis == ([] if rule is None else [rule])
+    assert len(egress) == (3 if rule is None else 4)
+
+
+def test_redis_egress_peers_and_ports_are_settable(helm: Helm) -> None:
+    """networkPolicy.egress.redis replaces the default peers and ports, e.g. a managed
+    Redis outside the cluster on 6380 by ipBlock."""
+    custom = {
+        "to": [{"ipBlock": {"cidr": "10.20.0.0/24"}}],
+        "ports": [{"port": 6380, "protocol": "TCP"}],
+    }
+    manifests = helm.render(
+        extra={
+            **{"redis": {"url": "rediss://10.20.0.5:6380/0"}},
+            "networkPolicy": {"egress": {"redis": custom}},
+        }
+    )
+    assert manifests.one("NetworkPolicy")["spec"]["egress"][-1] == custom
 
 
 # --- monitoring ------------------------------------------------------------------------
@@ -822,6 +1155,14 @@ def test_chart_readme_documents_every_value() -> None:
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     missing = [key for key in leaf_keys(values) if f"`{key}`" not in readme]
     assert not missing, f"values missing from the chart README table: {missing}"
+
+
+def test_chart_readme_names_every_declared_variable() -> None:
+    """Each variable of catalyst_proxy.config.VARIABLES appears in the chart README, so an
+    operator can find the value that sets it."""
+    readme = (CHART / "README.md").read_text()
+    missing = sorted(name for name in DECLARED if f"`{name}`" not in readme)
+    assert not missing, f"variables missing from the chart README: {missing}"
 
 
 # --- the Dockerfile --------------------------------------------------------------------

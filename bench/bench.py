@@ -692,11 +692,11 @@ def table(bench: Bench, results: list[Measurement], targets: list[Target]) -> tu
     lines.append("| target | " + " | ".join(f"round {r}" for r in rounds) + " |")
     lines.append("|---|" + "---|" * len(rounds))
     for t in targets:
-        cells = {m.round: f"{m.rps:,.0f} / {m.cpu_us_per_req:.1f}" for m in by[t.name]}
+        cells = {m.round: f"{m.rps:,.0f} / {m.cpu_us_per_req:.1f}" for m in by[t.name] if m.rps}
         lines.append(f"| {t.name} | " + " | ".join(cells.get(r, "–") for r in rounds) + " |")
     lines.append("")
     store = [
-        f"{t.name} {med([m.store_us_per_req for m in by[t.name] if m.rps]):.1f}"
+        f"{t.name} {num(med([m.store_us_per_req for m in by[t.name] if m.rps]), '.1f')}"
         for t in targets
         if t.store and by[t.name]
     ]

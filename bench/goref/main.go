@@ -20,9 +20,12 @@
 // X-Forwarded-*, the token cache) it does not do: the difference is the
 // price of those, plus Python.
 //
-// Build (GOPATH mode, Debian's golang-github-golang-jwt-jwt-dev, no network):
+// bench.py builds it in GOPATH mode against Debian's
+// golang-github-golang-jwt-jwt-dev, with no network: it copies this file to
+// $WORK/gopath/src/catalyst-bench/goref/ next to a one-line go.mod (which
+// lets GOPATH mode read the import .../jwt/v4 as Debian's .../jwt) and runs
 //
-//	GO111MODULE=off GOPATH=$WORK:/usr/share/gocode go build -o $WORK/goref ./bench/goref
+//	GO111MODULE=off GOPATH=$WORK/gopath:/usr/share/gocode go build catalyst-bench/goref
 //
 // Settings come from flags, which default to the environment the gateway
 // reads (CATALYST_SESSION_PUBLIC_KEY_FILE, CATALYST_SME_JWT_SECRET or

@@ -56,8 +56,9 @@ fmt: $(STAMP)
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build dist *.egg-info
 
-## bench: gateway vs a direct hit on a fast upstream (wrk + nginx, installed by apt-get when
-## missing: needs root or preinstalled packages); e.g. make bench BENCH_ARGS='--workers 2'
+## bench: gateway vs a direct hit and a Go reference, plus rate-limit and idempotency rows (wrk,
+## nginx, Go + golang-jwt, redis-server, installed by apt-get when missing: needs root or
+## preinstalled packages); e.g. make bench BENCH_ARGS='--workers 2'
 BENCH_ARGS ?=
 bench: $(STAMP)
 	sh bench/install-tools.sh

@@ -1,0 +1,181 @@
+"""The SME gateway client: one request, at most once, streamed both ways.
+
+Written for exactly one job: HTTP/1.1 to one SME gateway, keep-alive, no
+cookies, no redirects, no decompression, never a retry. ``request()``:
+
+1. takes a connection from the pool (the wait counts against the budget);
+2. writes the head and the body on that one connection: a body that is
+   already here goes out with the head in one write; a streamed one is pumped
+   by a task, chunk by chunk, pausing whenever the upstream is slow to read;
+3. waits, within the budget, for the final response head and returns it as a
+   ``Response`` whose body is read piece by piece (each wait within the
+   budget again) and which gives the connection back exactly once.
+
+Any failure after the first byte was written ends the request and closes the
+connection; nothing is ever written a second time. If the caller is
+cancelled (the client went away), the upstream connection is aborted at
+once, so a request cut short never completes upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterable
+from urllib.parse import urlsplit
+
+from .breaker import Breaker
+from .connection import Connection
+from .pool import Pool
+
+Body = bytes | AsyncIterable[bytes] | None
+_METHODS_WITH_CONTENT = frozenset({b"POST", b"PUT", b"PATCH"})
+
+
+class Response:
+    """The upstream's final answer: status and headers now, the body as it comes."""
+
+    __slots__ = ("_budget", "_conn", "_pool", "_pump", "headers", "status")
+
+    def __init__(
+        self, conn: Connection, pool: Pool, pump: asyncio.Task[None] | None, budget: float
+    ) -> None:
+        self.status = conn.status
+        self.headers = conn.headers  # [(name, value)] as sent, bytes
+        self._conn: Connection | None = conn
+        self._pool = pool
+        self._pump = pump
+        self._budget = budget
+
+    @property
+    def complete(self) -> bool:
+        """The whole body has already arrived (``body()`` returns it without waiting)."""
+        return self._conn is not None and self._conn.body_complete
+
+    def body(self) -> bytes:
+        assert self._conn is not None
+        return self._conn.take_body()
+
+    async def read(self) -> bytes:
+        """The next piece of the body, b"" at its end; raises BodyBroken."""
+        assert self._conn is not None
+        return await self._conn.read(self._budget)
+
+    def release(self) -> None:
+        """Give the connection back (reused only if everything ended cleanly); idempotent."""
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if self._pump is not None and not self._pump.done():
+            self._pump.cancel()  # an early answer: the rest of the request is never sent
+        self._pool.release(conn)
+
+
+class Client:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float,
+        max_connections: int,
+        max_pending: int,
+        idle_seconds: float,
+        breaker: Breaker,
+    ) -> None:
+        parts = urlsplit(base_url)
+        assert parts.hostname is not None
+        secure = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = parts.port or (443 if secure else 80)
+        self._tls = ssl.create_default_context() if secure else None
+        self._host_header = parts.netloc.encode("idna")
+        self._timeout = timeout
+        self._options = (max_connections, max_pending, idle_seconds)
+        self.breaker = breaker
+        self._pool: Pool | None = None
+
+    @property
+    def pool(self) -> Pool:
+        assert self._pool is not None, "Client.start() first"
+        return self._pool
+
+    async def start(self) -> None:
+        max_connections, max_pending, idle_seconds = self._options
+        self._pool = Pool(
+            self._host,
+            self._port,
+            tls=self._tls,
+            max_connections=max_connections,
+            max_pending=max_pending,
+            idle_seconds=idle_seconds,
+            breaker=self.breaker,
+        )
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+
+    async def request(
+        self, method: bytes, target: bytes, headers: bytes, body: Body, length: int | None
+    ) -> Response:
+        """Send one request (``headers``: complete ``Name: value\\r\\n`` lines, no framing).
+
+        ``body`` is bytes already here, an async iterable streamed as it comes, or None.
+        ``length`` is the declared length of a streamed body (None: sent chunked).
+        """
+        pool = self.pool
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout
+        conn = await pool.acquire(deadline)
+        head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%s" % (method, target, self._host_header, headers)
+        pump: asyncio.Task[None] | None = None
+        try:
+            if body is None or isinstance(body, bytes):
+                if body or method in _METHODS_WITH_CONTENT:
+                    head += b"Content-Length: %d\r\n" % len(body or b"")
+                conn.send(head + b"\r\n" + (body or b""), skip_body=method == b"HEAD")
+                conn.request_sent()
+            else:
+                chunked = length is None
+                framing = (
+                    b"Transfer-Encoding: chunked\r\n" if chunked else b"Content-Length: %d\r\n"
+                )
+                conn.send(head + (framing if chunked else framing % length) + b"\r\n")
+                pump = loop.create_task(_pump(conn, body, chunked))
+            await conn.response_head(deadline)
+        except BaseException:
+            if pump is not None:
+                pump.cancel()
+            conn.abort()  # half-written or unanswered: never reused, never resent
+            pool.release(conn)
+            raise
+        return Response(conn, pool, pump, self._timeout)
+
+
+async def _pump(conn: Connection, body: AsyncIterable[bytes], chunked: bool) -> None:
+    """Stream the request body; the upstream's pace sets ours (drain after every write).
+
+    A failure of the body's source (over the limit, the client gone) aborts the
+    upstream request and is reported through ``conn``; an upstream that goes away
+    is on record in ``conn`` already.
+    """
+    pieces = aiter(body)
+    while True:
+        try:
+            piece = await anext(pieces)
+        except StopAsyncIteration:
+            break
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            conn.body_failed(exc)
+            return
+        if piece:
+            conn.send(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+            try:
+                await conn.drain()
+            except ConnectionError:
+                return
+    if chunked:
+        conn.send(b"0\r\n\r\n")
+    conn.request_sent()

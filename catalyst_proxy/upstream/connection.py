@@ -1,0 +1,341 @@
+"""One keep-alive HTTP/1.1 connection to the SME gateway: its states, its parser, its bytes.
+
+A connection's life, as explicit states (only IDLE is reusable, and "a byte
+was written" is the state SENDING, not a flag found out later)::
+
+    CONNECTING ─> RESERVED ─> SENDING ─> SENT ─> RECEIVING ─> IDLE ─> RESERVED ─> ...
+                     │           │  └────────────────┘ │       │
+                     └───────────┴──────────┴──────────┴───────┴──> CLOSED
+
+- RESERVED: taken for one request, nothing written yet. The one safe moment to
+  drop a connection found closed and use another (the pool does that).
+- SENDING: at least one byte of the request is on its way; from here on a
+  failure ends the request, it is never sent again anywhere.
+- SENT: the whole request was handed to the transport.
+- RECEIVING: the final response head arrived (possibly before the request was
+  complete: an early answer); the body is being read.
+- IDLE again only when both messages were complete, the upstream keeps the
+  connection alive, and not one byte arrived after the response (an
+  unsolicited second answer closes the connection, so answers never desync).
+
+The parser is httptools (llhttp). Its callbacks run inside ``feed_data()``;
+they only record, and every decision is taken after ``feed_data()`` returns.
+Framing is the parser's: Content-Length, chunked, or (for a response with
+neither) the connection's end; interim 1xx answers are skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from collections.abc import Callable
+from typing import cast
+
+import httptools
+
+from .failures import BadResponse, BodyBroken, BodyFailed, ResponseTimeout
+from .flow import ReadBuffer, WriteFlow
+
+# Limits on what the upstream may send before its body (aiohttp's client allows 8 KiB
+# lines; Envoy allows 60 KiB of response headers): a bigger head is a bad response.
+MAX_HEAD_BYTES = 32 * 1024
+MAX_HEADER_FIELDS = 128
+
+
+class State(enum.Enum):
+    CONNECTING = "connecting"
+    RESERVED = "reserved"
+    SENDING = "sending"
+    SENT = "sent"
+    RECEIVING = "receiving"
+    IDLE = "idle"
+    CLOSED = "closed"
+
+
+CONNECTING, RESERVED, SENDING, SENT, RECEIVING, IDLE, CLOSED = State
+
+
+def _expire(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)
+
+
+class Connection(asyncio.Protocol):
+    """The protocol object of one upstream connection (created by the pool)."""
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, on_closed: Callable[[Connection], None]
+    ) -> None:
+        self._loop = loop
+        self._on_closed = on_closed
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._write = WriteFlow(loop)
+        self._body = ReadBuffer()
+        self._waiter: asyncio.Future[bool] | None = None
+        self.state = CONNECTING
+        self.pooled = False  # counted by the pool (set by it once connected)
+        self.idle_since = 0.0
+        self._reset()
+
+    def _reset(self) -> None:
+        """Forget the last exchange (a new one starts on this connection)."""
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self._head_done = False
+        self._interim = False
+        self._complete = False
+        self._keep_alive = False
+        self._extra = False  # bytes arrived after the complete response
+        self._failure: str | None = None
+        self._body_error: BaseException | None = None
+        self._head_received = 0
+        self._head_size = 0
+        self._skip_body = False
+        self.request_complete = False
+        self._body.clear()
+
+    # --- asyncio.Protocol -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
+        self._transport = cast(asyncio.Transport, transport)
+        self._body.attach(self._transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.state is not SENDING and self.state is not SENT and self.state is not RECEIVING:
+            self.close()  # bytes nobody asked for (idle, or not yet written to): desynced
+            return
+        if not self._head_done:
+            self._head_received += len(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._failure = self._failure or "the upstream switched protocols"
+        except httptools.HttpParserError as exc:
+            if self._complete:
+                self._extra = True  # garbage after a complete answer
+            else:
+                self._failure = self._failure or f"unparsable response: {exc}"
+        if not self._head_done and self._failure is None and self._head_received > MAX_HEAD_BYTES:
+            self._failure = "response head over the size limit"
+        if self._failure is not None or self._extra:
+            self._transport_close()  # stop reading; what is buffered may still be delivered
+        else:
+            self._body.check()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        return False  # close the transport; connection_lost() does the rest
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._head_done and not self._complete and self._failure is None:
+            if self._delimited_by_close():
+                self._complete = True
+            else:
+                self._failure = "the upstream closed the connection mid-body"
+        elif not self._head_done and self._failure is None:
+            self._failure = "the upstream closed the connection before a complete response head"
+        self._write.connection_lost()
+        self._mark_closed()
+        self._wake()
+
+    def pause_writing(self) -> None:
+        self._write.pause()
+
+    def resume_writing(self) -> None:
+        self._write.resume()
+
+    # --- httptools callbacks: record only ---------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._complete:
+            self._extra = True
+
+    def on_status(self, reason: bytes) -> None:
+        self._head_size += len(reason) + 16  # the reason phrase, and the rest of the line
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+        self._head_size += len(name) + len(value) + 4
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self._interim = True  # 100 Continue, 103 Early Hints: skipped
+            self.headers = []
+            self._head_size = 0
+        elif status == 101 or status > 599:
+            self._failure = f"unacceptable status {status}"
+        elif self._head_size > MAX_HEAD_BYTES or len(self.headers) > MAX_HEADER_FIELDS:
+            self._failure = "response head over the size limit"
+        else:
+            self.status = status
+            self._head_done = True
+            if self._skip_body:
+                self._complete = True  # a HEAD answer: whatever its framing says, no body
+
+    def on_body(self, body: bytes) -> None:
+        if not self._skip_body:
+            self._body.append(body)
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+        else:
+            self._complete = True
+            # Only valid now: llhttp clears the message's flags once this callback returns.
+            self._keep_alive = self._parser.should_keep_alive()
+
+    # --- the exchange -----------------------------------------------------------------------
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self._transport
+
+    @property
+    def is_idle(self) -> bool:
+        return self.state is IDLE
+
+    def reserve(self) -> bool:
+        """Take this connection for one request; False if it turned out to be closed."""
+        transport = self._transport
+        if self.state is not IDLE or transport is None or transport.is_closing():
+            if self.state is not CLOSED:
+                self.close()
+            return False
+        self.state = RESERVED
+        return True
+
+    def connected(self) -> None:
+        """A new connection, straight to its first request."""
+        self.state = RESERVED
+
+    def send(self, data: bytes, *, skip_body: bool = False) -> None:
+        """Write request bytes (the first call moves RESERVED → SENDING)."""
+        if self.state is RESERVED:
+            self.state = SENDING
+            self._skip_body = skip_body
+        if self._transport is not None and self.state is not CLOSED:
+            self._transport.write(data)
+
+    def request_sent(self) -> None:
+        """The whole request has been handed to the transport."""
+        self.request_complete = True
+        if self.state is SENDING:
+            self.state = SENT
+
+    def body_failed(self, exc: BaseException) -> None:
+        """The request body's source failed: the upstream must never see it complete."""
+        self._body_error = exc
+        self.abort()
+        self._wake()
+
+    async def drain(self) -> None:
+        await self._write.drain()
+
+    async def response_head(self, deadline: float) -> None:
+        """Wait for the final response head; raise the failure table's kinds otherwise."""
+        while True:
+            if self._head_done:
+                self.state = RECEIVING
+                return
+            if self._body_error is not None:
+                raise BodyFailed(self._body_error)
+            if self._failure is not None:
+                raise BadResponse(self._failure, sent=self.request_complete)
+            if not await self._wait(deadline):
+                raise ResponseTimeout(
+                    "no response head within the budget", sent=self.request_complete
+                )
+
+    @property
+    def body_complete(self) -> bool:
+        return self._complete
+
+    def take_body(self) -> bytes:
+        """The whole body, when ``body_complete`` already (no waiting)."""
+        return self._body.take_all()
+
+    async def read(self, budget: float) -> bytes:
+        """The next piece of the body, b"" at its end; BodyBroken if it broke or stalled."""
+        while True:
+            if self._body.size:
+                return self._body.take()
+            if self._complete:
+                return b""
+            if self._failure is not None:
+                raise BodyBroken(self._failure)
+            if not await self._wait(self._loop.time() + budget):
+                raise BodyBroken("the response body stalled past the budget", stalled=True)
+
+    def finish(self) -> bool:
+        """The exchange is over: back to IDLE if the connection is reusable, else closed."""
+        reusable = (
+            self.state is RECEIVING
+            and self._complete
+            and self.request_complete
+            and not self._extra
+            and not self._skip_body  # the parser still expects that HEAD answer's body
+            and self._body.size == 0
+            and self._transport is not None
+            and not self._transport.is_closing()
+            and self._keep_alive
+        )
+        if not reusable:
+            self.abort() if not (self._complete and self.request_complete) else self.close()
+            return False
+        self._reset()
+        self.state = IDLE
+        self.idle_since = self._loop.time()
+        return True
+
+    def close(self) -> None:
+        """Close (after flushing what was written)."""
+        self._transport_close()
+        self._mark_closed()
+
+    def abort(self) -> None:
+        """Close at once, dropping unsent bytes: a half-sent request must stay incomplete."""
+        if self._transport is not None:
+            self._transport.abort()
+        self._mark_closed()
+
+    # --- internals --------------------------------------------------------------------------
+
+    def _transport_close(self) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+
+    def _mark_closed(self) -> None:
+        if self.state is not CLOSED:
+            self.state = CLOSED
+            self._on_closed(self)
+
+    def _delimited_by_close(self) -> bool:
+        """RFC 9112 §6.3: a response with neither a chunked coding nor a length ends at close."""
+        transfer_encoding = content_length = None
+        for name, value in self.headers:
+            lowered = name.lower()
+            if lowered == b"transfer-encoding":
+                transfer_encoding = value
+            elif lowered == b"content-length":
+                content_length = value
+        if transfer_encoding is not None:
+            return not transfer_encoding.strip().lower().endswith(b"chunked")
+        return content_length is None
+
+    async def _wait(self, deadline: float) -> bool:
+        """Wait for news (bytes, close, a body failure); False if ``deadline`` passed first."""
+        waiter = self._waiter = self._loop.create_future()
+        timer = self._loop.call_at(deadline, _expire, waiter)
+        try:
+            return bool(await waiter)
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(True)

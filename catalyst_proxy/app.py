@@ -1,8 +1,11 @@
-"""``create_app()``: the aiohttp application, with every collaborator it owns.
+"""``create_app()``: the application, with every collaborator it owns.
 
-The app owns the upstream ``ClientSession`` and the key set: both are created
-when the app starts and closed when it stops (``cleanup_ctx``), never module
-globals. Tests pass their own ``clock`` or ``session`` instead of patching.
+The app owns the upstream client (and its pool) and the key set: both are
+created when the app starts and closed when it stops (``cleanup_ctx``), never
+module globals. Requests do not go through aiohttp's router or middlewares:
+``Runner`` serves the app's ``Dispatcher`` with aiohttp's low-level server, and
+the app is the lifecycle around it. Tests pass their own ``clock`` instead of
+patching.
 """
 
 from __future__ import annotations
@@ -11,21 +14,21 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
 
+from . import log
 from .auth import Authenticator
 from .bridge import BridgeSecret
 from .config import ConfigError, Settings
+from .dispatch import Dispatcher
 from .jwks import Key, KeySet, load_local_keys
 from .metrics import Metrics
-from .middleware import make_middleware
 from .ops import Ops
-from .proxy import Proxy, new_upstream_session
+from .proxy import Proxy
 from .routes import DEFAULT_ROUTES, Route, RoutesFileError, RouteTable, load_routes
-from .runner import SERVER_OPTIONS
+from .upstream import Breaker, Client
 
-__all__ = ["PARTS", "SERVER_OPTIONS", "SESSION", "Parts", "create_app"]
+__all__ = ["PARTS", "Parts", "create_app"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,10 +42,11 @@ class Parts:
     authenticator: Authenticator
     ops: Ops
     table: RouteTable
+    client: Client
+    dispatcher: Dispatcher
 
 
 PARTS = web.AppKey("catalyst_proxy.parts", Parts)
-SESSION = web.AppKey("catalyst_proxy.session", aiohttp.ClientSession)
 
 
 def load_route_table(settings: Settings) -> RouteTable:
@@ -72,7 +76,6 @@ def create_app(
     metrics: Metrics | None = None,
     clock: Callable[[], float] = time.time,
     monotonic: Callable[[], float] = time.monotonic,
-    session: aiohttp.ClientSession | None = None,
 ) -> web.Application:
     """Build the app; raises ConfigError for a bad routes file or key file."""
     metrics = metrics or Metrics()
@@ -87,22 +90,46 @@ def create_app(
     )
     secret = BridgeSecret(settings.bridge_secret, settings.bridge_secret_file, clock=monotonic)
     authenticator = Authenticator(settings, keys, clock=clock)
-    ops = Ops(keys, secret, metrics)
-    app = web.Application(middlewares=[make_middleware(metrics)], handler_args=None)
-    app[PARTS] = Parts(settings, metrics, keys, secret, authenticator, ops, table)
+    breaker = Breaker(
+        settings.breaker_failures,
+        settings.breaker_cooldown_seconds,
+        clock=monotonic,
+        on_change=_breaker_moved(metrics),
+    )
+    client = Client(
+        settings.gateway_url,
+        timeout=settings.upstream_timeout_seconds,
+        max_connections=settings.upstream_max_connections,
+        max_pending=settings.upstream_max_pending,
+        idle_seconds=settings.upstream_idle_seconds,
+        breaker=breaker,
+    )
+    ops = Ops(keys, secret, metrics, breaker)
+    proxy = Proxy(settings, authenticator, secret, metrics, client)
+    dispatcher = Dispatcher(table, ops.routes(), proxy, metrics)
+    app = web.Application(handler_args=None)
+    app[PARTS] = Parts(
+        settings, metrics, keys, secret, authenticator, ops, table, client, dispatcher
+    )
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
-        app[SESSION] = session or new_upstream_session(settings)
+        await client.start()
+        metrics.watch_pool(lambda: client.pool.open, lambda: client.pool.waiting)
         await keys.start()
         yield
         await keys.close()
-        if session is None:
-            await app[SESSION].close()
+        await client.close()
 
     app.cleanup_ctx.append(lifecycle)
-    proxy = Proxy(settings, table, authenticator, secret, metrics, lambda: app[SESSION])
-    ops.add_routes(app)
-    # Every other path goes to the proxy, which matches the raw path itself ("[\s\S]":
-    # a percent-encoded newline decodes to one, and "." would not match it).
-    app.router.add_route("*", r"/{tail:[\s\S]*}", proxy.handle, expect_handler=proxy.expect_handler)
     return app
+
+
+def _breaker_moved(metrics: Metrics) -> Callable[[str, int], None]:
+    logger = log.get_logger()
+
+    def moved(state: str, failures: int) -> None:
+        metrics.breaker_moved(state)
+        report = logger.warning if state == "open" else logger.info
+        report(log.BREAKER, state=state, failures_in_a_row=failures)
+
+    return moved

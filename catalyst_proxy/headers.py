@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterable
 from typing import Any
 
 from multidict import CIMultiDict
@@ -38,7 +39,7 @@ HOP_BY_HOP = frozenset(
     }
 )
 
-# Client headers copied upstream verbatim, when present.
+# Client headers copied upstream verbatim (the first of each), when present.
 FORWARDED_REQUEST_HEADERS = ("Content-Type", "traceparent", "tracestate", "Idempotency-Key")
 
 # Upstream answer headers copied to the client, when present (Content-Length is framing).
@@ -52,7 +53,13 @@ FORWARDED_RESPONSE_HEADERS = (
 )
 
 REQUEST_ID = "X-Request-ID"
+FORWARDED = "X-Catalyst-Forwarded"  # yes / no / unknown: did the request reach the SME gateway?
+SERVER = "Server"
+SERVER_NAME = "catalyst-proxy"  # no version banner (aiohttp would send its own)
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._~:@+=/-]{1,128}")
+
+_FORWARD_UP = {name.lower().encode(): name.encode() for name in FORWARDED_REQUEST_HEADERS}
+_FORWARD_DOWN = {name.lower().encode(): name for name in FORWARDED_RESPONSE_HEADERS}
 
 
 def request_id(headers: Any) -> str:
@@ -63,43 +70,79 @@ def request_id(headers: Any) -> str:
     return os.urandom(16).hex()  # 32 hex digits, as uuid4().hex, at a fifth of the cost
 
 
-def upstream_request_headers(
-    headers: Any,
+def upstream_request_head(
+    raw_headers: Iterable[tuple[bytes, bytes]],
     *,
     bridge_token: str,
     request_id: str,
     peer: str | None,
     scheme: str,
     host: str | None,
-) -> CIMultiDict[str]:
-    """The exact header set sent to the SME gateway (framing headers are added by the caller)."""
-    out: CIMultiDict[str] = CIMultiDict()
-    out["Authorization"] = "Bearer " + bridge_token
-    out["Accept"] = "application/json"
-    out[REQUEST_ID] = request_id
-    for name in FORWARDED_REQUEST_HEADERS:
-        value = headers.get(name)
-        if value is not None:
-            out[name] = value
-    prior = ", ".join(headers.getall("X-Forwarded-For", ()))
+) -> bytes:
+    """The exact header lines sent to the SME gateway (the client adds Host and the framing).
+
+    One pass over the client's raw headers: values cross as the bytes the client sent
+    (the server's parser has refused any CR, LF or NUL in them already).
+    """
+    lines = [
+        b"Authorization: Bearer %s\r\nAccept: application/json\r\nX-Request-ID: %s\r\n"
+        % (bridge_token.encode(), request_id.encode())
+    ]
+    seen: set[bytes] = set()
+    forwarded_for: list[bytes] = []
+    forwarded_proto = forwarded_host = client_host = None
+    for name, value in raw_headers:
+        lowered = name.lower()
+        canonical = _FORWARD_UP.get(lowered)
+        if canonical is not None:
+            if lowered not in seen:
+                seen.add(lowered)
+                lines.append(b"%s: %s\r\n" % (canonical, value))
+        elif lowered == b"x-forwarded-for":
+            forwarded_for.append(value)
+        elif lowered == b"x-forwarded-proto":
+            forwarded_proto = forwarded_proto or value
+        elif lowered == b"x-forwarded-host":
+            forwarded_host = forwarded_host or value
+        elif lowered == b"host":
+            client_host = client_host or value
     if peer:
-        out["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-    elif prior:
-        out["X-Forwarded-For"] = prior
-    out["X-Forwarded-Proto"] = headers.get("X-Forwarded-Proto") or scheme
-    forwarded_host = headers.get("X-Forwarded-Host") or host
+        forwarded_for.append(peer.encode())
+    if forwarded_for:
+        lines.append(b"X-Forwarded-For: %s\r\n" % b", ".join(forwarded_for))
+    lines.append(b"X-Forwarded-Proto: %s\r\n" % (forwarded_proto or scheme.encode()))
+    forwarded_host = forwarded_host or client_host or (host.encode() if host else None)
     if forwarded_host:
-        out["X-Forwarded-Host"] = forwarded_host
-    return out
+        lines.append(b"X-Forwarded-Host: %s\r\n" % forwarded_host)
+    return b"".join(lines)
 
 
-def client_response_headers(upstream: Any, request_id: str) -> CIMultiDict[str]:
-    """The answer's headers: the allow-list, a default Content-Type, and X-Request-ID."""
+def client_response_headers(
+    upstream: Iterable[tuple[bytes, bytes]], request_id: str
+) -> tuple[CIMultiDict[str], int | None]:
+    """The answer's headers (the allow-list, a default Content-Type, X-Request-ID and the
+    forwarding marker) and the upstream's Content-Length when it framed the body by length.
+
+    A value that is not UTF-8 is dropped rather than altered (the server writes UTF-8).
+    """
     out: CIMultiDict[str] = CIMultiDict()
-    for name in FORWARDED_RESPONSE_HEADERS:
-        for value in upstream.getall(name, ()):
-            out.add(name, value)
+    length: int | None = None
+    chunked = False
+    for name, value in upstream:
+        lowered = name.lower()
+        canonical = _FORWARD_DOWN.get(lowered)
+        if canonical is not None:
+            try:
+                out.add(canonical, value.decode())
+            except UnicodeDecodeError:
+                continue
+        elif lowered == b"content-length" and value.strip().isdigit():
+            length = int(value)
+        elif lowered == b"transfer-encoding":
+            chunked = True
     if "Content-Type" not in out:
         out["Content-Type"] = "application/json"
     out[REQUEST_ID] = request_id
-    return out
+    out[FORWARDED] = "yes"
+    out[SERVER] = SERVER_NAME
+    return out, None if chunked else length

@@ -3,25 +3,30 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from .bridge import BridgeSecret
 from .jwks import KeySet
 from .metrics import CONTENT_TYPE, Metrics
+from .upstream import Breaker
 
 
 class Ops:
-    def __init__(self, keys: KeySet, secret: BridgeSecret, metrics: Metrics) -> None:
+    def __init__(
+        self, keys: KeySet, secret: BridgeSecret, metrics: Metrics, breaker: Breaker
+    ) -> None:
         self._keys = keys
         self._secret = secret
         self._metrics = metrics
+        self._breaker = breaker
         self.draining = False
 
-    async def healthz(self, request: web.Request) -> web.Response:
+    async def healthz(self, request: web.BaseRequest) -> web.Response:
         return web.json_response({"status": "ok"})
 
-    async def readyz(self, request: web.Request) -> web.Response:
+    async def readyz(self, request: web.BaseRequest) -> web.Response:
         reasons = []
         if self.draining:
             reasons.append("shutting down")
@@ -33,14 +38,19 @@ class Ops:
             "reasons": reasons,
             "operator_keys": self._keys.describe(),
             "bridge_secret": bridge,
+            # informational: an open breaker does not make the gateway unready
+            "breaker": {
+                "state": self._breaker.state,
+                "failures_in_a_row": self._breaker.failures,
+                "retry_after_seconds": round(self._breaker.seconds_left(), 3),
+            },
             "pid": os.getpid(),  # which worker answered (serve --workers N)
         }
         return web.json_response(body, status=503 if reasons else 200)
 
-    async def metrics(self, request: web.Request) -> web.Response:
+    async def metrics(self, request: web.BaseRequest) -> web.Response:
         return web.Response(body=self._metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
-    def add_routes(self, app: web.Application) -> None:
-        app.router.add_get("/healthz", self.healthz, allow_head=False)
-        app.router.add_get("/readyz", self.readyz, allow_head=False)
-        app.router.add_get("/metrics", self.metrics, allow_head=False)
+    def routes(self) -> dict[str, Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]]:
+        """Path → handler (GET only; the dispatcher answers 405 for other methods)."""
+        return {"/healthz": self.healthz, "/readyz": self.readyz, "/metrics": self.metrics}

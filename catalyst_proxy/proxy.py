@@ -1,44 +1,41 @@
 """The proxied routes: one request in, at most one request upstream, the answer back.
 
-For each request, in the contract's order:
+For each request routed here, in the contract's order:
 
-1. route: the raw path in the table (404), the method on the route (405);
-2. operator session (401 / 503 operator-keys-unavailable);
-3. bridge secret (503 sme-jwt-bridge-unwired), then the voucher code (400);
-4. request body: Content-Encoding (415), declared length (413);
-5. the upstream exchange: the body is streamed up (413 again if an undeclared
-   length runs over the limit: the upstream request is aborted), the answer is
-   streamed back. Failures are translated in one place, ``_translate()``.
+1. operator session (401 / 503 operator-keys-unavailable);
+2. bridge secret (503 sme-jwt-bridge-unwired), then the voucher code (400);
+3. request body: Content-Encoding (415), declared length (413); only now is a
+   client that sent ``Expect: 100-continue`` invited to send it;
+4. the upstream exchange through our own client (``upstream/``): the body is
+   streamed up (413 again if an undeclared length runs over the limit: the
+   upstream request is aborted), the answer is streamed back. The client's
+   failures become the contract's answers in one table, ``_FAILURES``.
 
-Nothing reaches the upstream before 1-4 passed, and nothing is ever retried:
-the HTTP client's own silent retry of idempotent requests on a stale pooled
-connection is switched off by ``never_retry`` (see there).
+Nothing reaches the upstream before 1-3 passed, and nothing is ever retried:
+the client writes a request on exactly one connection.
 """
 
 from __future__ import annotations
 
-import asyncio
-import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import aiohttp
-from aiohttp import web
-from multidict import CIMultiDict
-from yarl import URL
+from aiohttp import HttpVersion11, web
+from aiohttp.streams import StreamReader
 
 from . import headers as hdrs
 from .auth import Authenticator
 from .bridge import BridgeSecret, map_role, mint
 from .config import Settings
+from .dispatch import RequestInfo
 from .errors import (
+    BadRequest,
     BodyTooLarge,
     BridgeUnwired,
-    MethodNotAllowed,
+    GatewayOverloaded,
     MintFailed,
     MissingCode,
-    NotFound,
     ProxyError,
     UnsupportedContentEncoding,
     UpstreamBadResponse,
@@ -46,58 +43,29 @@ from .errors import (
     UpstreamUnreachable,
 )
 from .metrics import Metrics
-from .middleware import INFO, RequestInfo
-from .routes import Match, RouteTable
+from .routes import Match
+from .upstream import (
+    BadResponse,
+    Body,
+    BodyBroken,
+    BodyFailed,
+    BreakerOpen,
+    Client,
+    ConnectFailed,
+    PoolOverloaded,
+    Response,
+    ResponseTimeout,
+    UpstreamFailure,
+)
 
-# Margin past the connect timeout for the headers deadline, so that a connection
-# that cannot be made is always reported as unreachable (503), never as a 504.
-_DEADLINE_MARGIN = 0.05
-
-
-class _ConnectionLost(aiohttp.ClientConnectionError):
-    """The upstream connection broke before a complete answer; never retried."""
-
-
-async def never_retry(
-    request: aiohttp.ClientRequest,
-    handler: Callable[[aiohttp.ClientRequest], Awaitable[aiohttp.ClientResponse]],
-) -> aiohttp.ClientResponse:
-    """Client middleware: a request is sent upstream at most once.
-
-    aiohttp re-sends GET/DELETE/PUT once when a pooled keep-alive connection
-    turns out to be closed (``ServerDisconnectedError`` / ``ClientOSError``).
-    For a purchase or a revoke that is a second charge or a second revoke. We
-    re-raise those errors as a type aiohttp does not retry on; connection
-    *setup* errors (``ClientConnectorError``, a subclass) pass through intact.
-    """
-    try:
-        return await handler(request)
-    except aiohttp.ClientConnectorError:
-        raise
-    except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
-        raise _ConnectionLost(type(exc).__name__) from exc
-
-
-def new_upstream_session(settings: Settings) -> aiohttp.ClientSession:
-    """The process's one pooled client for the SME gateway."""
-    budget = settings.upstream_timeout_seconds
-    # aiohttp rounds timeouts over 5 s up to a whole second (``ceil_threshold``). Ours must
-    # fire at the budget: a connect timeout rounded past the headers deadline would report
-    # an unreachable upstream as a 504 instead of a 503. So: never round.
-    connector = aiohttp.TCPConnector(
-        limit=0, ttl_dns_cache=10, keepalive_timeout=15, timeout_ceil_threshold=math.inf
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
-        cookie_jar=aiohttp.DummyCookieJar(),  # never keep or send upstream cookies
-        auto_decompress=False,  # answers pass through as the upstream's bytes
-        skip_auto_headers=("User-Agent", "Content-Type", "Accept-Encoding"),
-        timeout=aiohttp.ClientTimeout(
-            total=None, connect=budget, sock_read=budget, ceil_threshold=math.inf
-        ),
-        middlewares=(never_retry,),
-        trust_env=False,
-    )
+# The client's failures, as the contract's answers (CONTRACT: "The upstream exchange").
+_FAILURES: tuple[tuple[type[UpstreamFailure], type[ProxyError]], ...] = (
+    (PoolOverloaded, GatewayOverloaded),
+    (BreakerOpen, UpstreamUnreachable),
+    (ConnectFailed, UpstreamUnreachable),
+    (ResponseTimeout, UpstreamTimeout),
+    (BadResponse, UpstreamBadResponse),
+)
 
 
 @dataclass(slots=True)
@@ -117,25 +85,21 @@ class Proxy:
     def __init__(
         self,
         settings: Settings,
-        table: RouteTable,
         authenticator: Authenticator,
         secret: BridgeSecret,
         metrics: Metrics,
-        session: Callable[[], aiohttp.ClientSession],
+        client: Client,
     ) -> None:
         self._settings = settings
-        self._table = table
         self._auth = authenticator
         self._secret = secret
         self._metrics = metrics
-        self._session = session
-        self._base = settings.gateway_url
+        self._client = client
+        self._limit = settings.max_body_bytes
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        info = request[INFO]
-        path, question, query = request.raw_path.partition("?")
-        match = self._route(path, request.method, info)
-
+    async def handle(
+        self, request: web.BaseRequest, info: RequestInfo, match: Match, query: str
+    ) -> web.StreamResponse:
         operator = await self._auth.authenticate(request.headers)
         role = map_role(operator.claims, self._settings.operator_email)
         info.sub, info.email, info.role = operator.sub, operator.email, role
@@ -145,150 +109,120 @@ class Proxy:
             raise BridgeUnwired(self._secret.last_error or "no bridge secret configured")
         if match.code is not None and not match.code:
             raise MissingCode()
-        self._check_body(request)
+        self.check_body(request)
+        await _invite_body(request)
+        upload = _Upload(self._limit)
+        body, length = self._body(request, upload)
         try:
             token = mint(secret, sub=operator.sub, email=operator.email, role=role)
         except Exception as exc:
             raise MintFailed(type(exc).__name__) from None
 
         route = match.route
-        target = self._base + route.upstream_target(match.code) + question + query
-        upstream_headers = hdrs.upstream_request_headers(
-            request.headers,
+        target = route.upstream_target(match.code) + query
+        head = hdrs.upstream_request_head(
+            request.raw_headers,
             bridge_token=token,
             request_id=info.request_id,
             peer=request.remote,
             scheme=request.scheme,
             host=request.host,
         )
-        upload = _Upload(self._settings.max_body_bytes)
-        body: AsyncIterator[bytes] | None = None
-        if request.body_exists:
-            body = _stream_body(request.content, upload)
-            if request.content_length is not None:
-                upstream_headers["Content-Length"] = str(request.content_length)
-        return await self._exchange(
-            request,
-            route.upstream_method,
-            URL(target, encoded=True),
-            upstream_headers,
-            body,
-            upload,
-        )
-
-    def _route(self, path: str, method: str, info: RequestInfo) -> Match:
-        match = self._table.match(path)
-        if match is None:
-            raise NotFound()
-        info.route = match.route.path  # a 405 is counted under the route it missed
-        if method not in match.route.methods:
-            raise MethodNotAllowed(match.route.methods)
-        return match
-
-    async def expect_handler(self, request: web.Request) -> None:
-        """``Expect: 100-continue``: invite the body only if we would take it.
-
-        aiohttp's default sends ``100 Continue`` before any handler runs, so a
-        client declaring 50 MB or a gzip body would upload it all before being
-        told 413/415. We stay silent instead; the handler then refuses (401,
-        413, 415) without the body ever being sent.
-        """
-        if request.headers.get("Expect", "").lower() != "100-continue":
-            raise web.HTTPExpectationFailed()
-        try:
-            self._check_body(request)
-        except ProxyError:
-            return
-        if request.version >= aiohttp.HttpVersion11:
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            request.writer.output_size = 0
-
-    def _check_body(self, request: web.Request) -> None:
-        for value in request.headers.getall("Content-Encoding", ()):
-            for coding in value.split(","):
-                if coding.strip().lower() not in ("identity", ""):
-                    raise UnsupportedContentEncoding()
-        length = request.content_length
-        if length is not None and length > self._settings.max_body_bytes:
-            raise BodyTooLarge(self._settings.max_body_bytes)
-
-    async def _exchange(
-        self,
-        request: web.Request,
-        method: str,
-        url: URL,
-        upstream_headers: CIMultiDict[str],
-        body: AsyncIterator[bytes] | None,
-        upload: _Upload,
-    ) -> web.StreamResponse:
-        info = request[INFO]
-        budget = self._settings.upstream_timeout_seconds
         started = time.perf_counter()
         try:
-            async with asyncio.timeout(budget + _DEADLINE_MARGIN):
-                upstream = await self._session().request(
-                    method, url, headers=upstream_headers, data=body, allow_redirects=False
-                )
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            if upload.too_large:
-                raise BodyTooLarge(upload.limit) from None
-            raise self._translate(exc) from None
+            upstream = await self._client.request(
+                route.upstream_method.encode(), target.encode(errors="surrogateescape"), head,
+                body, length,
+            )  # fmt: skip
+        except UpstreamFailure as exc:
+            raise self._translate(exc, upload) from None
         finally:
             elapsed = time.perf_counter() - started
             info.upstream_ms = round(elapsed * 1000, 3)
             self._metrics.upstream_done(info.route, elapsed)
         info.upstream_status = upstream.status
         try:
-            return await self._relay(request, upstream)
+            return await self._relay(request, info, upstream)
         finally:
-            upstream.close() if not upstream.content.at_eof() else upstream.release()
+            upstream.release()
 
-    def _translate(self, exc: BaseException) -> ProxyError:
-        """aiohttp's failure → the contract's answer; the most specific match wins."""
-        for kinds, error, label in _FAILURES:
-            if isinstance(exc, kinds):
-                self._metrics.upstream_failures.labels(label).inc()
-                return error(f"{type(exc).__name__}: {exc}")
-        self._metrics.upstream_failures.labels("bad_response").inc()
-        return UpstreamBadResponse(type(exc).__name__)
+    def check_body(self, request: web.BaseRequest) -> None:
+        """415 for an encoded body, 413 for a declared length over the limit."""
+        for value in request.headers.getall("Content-Encoding", ()):
+            for coding in value.split(","):
+                if coding.strip().lower() not in ("identity", ""):
+                    raise UnsupportedContentEncoding()
+        length = request.content_length
+        if length is not None and length > self._limit:
+            raise BodyTooLarge(self._limit)
+
+    def _body(self, request: web.BaseRequest, upload: _Upload) -> tuple[Body, int | None]:
+        """The body as bytes when it has all arrived already (one write upstream), else a stream."""
+        if not request.body_exists:
+            return None, None
+        content = request.content
+        if content.is_eof():
+            data = content.read_nowait(-1)
+            if len(data) > self._limit:
+                raise BodyTooLarge(self._limit)
+            return data, None
+        return _stream_body(content, upload), request.content_length
+
+    def _translate(self, exc: UpstreamFailure, upload: _Upload) -> ProxyError:
+        """The client's failure → the contract's answer (most specific first)."""
+        if isinstance(exc, BodyFailed):
+            if upload.too_large:
+                return BodyTooLarge(upload.limit)
+            return BadRequest(f"the request body ended early: {type(exc.cause).__name__}")
+        self._metrics.failures[exc.kind].inc()
+        for kind, answer in _FAILURES:
+            if isinstance(exc, kind):
+                error = answer(exc.reason)
+                break
+        else:  # pragma: no cover - every failure kind is in the table
+            error = UpstreamBadResponse(exc.reason)
+        if isinstance(exc, BreakerOpen):
+            error.headers["Retry-After"] = str(exc.retry_after)
+        error.forwarded = "unknown" if exc.sent else "no"
+        return error
 
     async def _relay(
-        self, request: web.Request, upstream: aiohttp.ClientResponse
+        self, request: web.BaseRequest, info: RequestInfo, upstream: Response
     ) -> web.StreamResponse:
         """Stream the answer back; if the upstream breaks off, so does the client's transfer."""
-        info = request[INFO]
-        response = web.StreamResponse(
-            status=upstream.status,
-            headers=hdrs.client_response_headers(upstream.headers, info.request_id),
-        )
-        if upstream.content_length is not None:
-            response.content_length = upstream.content_length
+        headers, length = hdrs.client_response_headers(upstream.headers, info.request_id)
+        if upstream.complete:  # the whole answer is here already: one write
+            return web.Response(status=upstream.status, body=upstream.body(), headers=headers)
+        response = web.StreamResponse(status=upstream.status, headers=headers)
+        if length is not None:
+            response.content_length = length
         await response.prepare(request)
         try:
-            while chunk := await upstream.content.readany():
+            while chunk := await upstream.read():
                 await response.write(chunk)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            # The upstream stalled or broke off mid-body: close the client's
-            # connection before the declared length / final chunk, so the
-            # client sees an aborted transfer, never a clean short answer.
-            kind = "timeout" if isinstance(exc, TimeoutError) else "aborted"
-            self._metrics.upstream_failures.labels(kind).inc()
+        except BodyBroken as exc:
+            # The upstream stalled or broke off mid-body: close the client's connection
+            # before the declared length / final chunk, so the client sees an aborted
+            # transfer, never a clean short answer.
+            self._metrics.failures[exc.kind].inc()
             info.error = "sme-gateway-aborted"
             if request.transport is not None:
-                request.transport.close()
+                request.transport.abort()
         return response
 
 
-_Kinds = type[BaseException] | tuple[type[BaseException], ...]
-_FAILURES: tuple[tuple[_Kinds, type[ProxyError], str], ...] = (
-    (aiohttp.ConnectionTimeoutError, UpstreamUnreachable, "unreachable"),
-    (aiohttp.ClientConnectorError, UpstreamUnreachable, "unreachable"),
-    ((aiohttp.ServerTimeoutError, TimeoutError), UpstreamTimeout, "timeout"),
-    (aiohttp.ClientError, UpstreamBadResponse, "bad_response"),
-)  # fmt: skip
+async def _invite_body(request: web.BaseRequest) -> None:
+    """``Expect: 100-continue``: invite the body now that every check that could refuse it
+    has passed (a client declaring 50 MB, a gzip body or a bad token is refused before it
+    sends a byte of it). Other expectations are ignored (RFC 9110 §10.1.1 allows that)."""
+    if request.version < HttpVersion11 or not request.body_exists:
+        return
+    if request.headers.get("Expect", "").lower() == "100-continue" and not request.content.is_eof():
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the answer proper has not started
 
 
-async def _stream_body(content: aiohttp.StreamReader, upload: _Upload) -> AsyncIterator[bytes]:
+async def _stream_body(content: StreamReader, upload: _Upload) -> AsyncIterator[bytes]:
     """The client's body, chunk by chunk as it arrives, up to the limit."""
     while chunk := await content.readany():
         upload.sent += len(chunk)

@@ -341,7 +341,8 @@ async def test_only_allow_listed_response_headers_reach_the_client(gateway, bear
     assert headers["ETag"] == 'W/"v1-0815:ab"'
     assert headers.getall("X-Request-ID") == ["mine-1"]
     assert headers["Content-Length"] == str(len(payload))
-    assert "sme-gateway" not in headers.get("Server", "")
+    assert headers["Server"] == "catalyst-proxy"  # ours, and no version banner
+    assert headers["X-Catalyst-Forwarded"] == "yes"  # the SME gateway's own answer
     for name in (
         "Set-Cookie",
         "X-Up-Hop",
@@ -365,6 +366,7 @@ async def test_only_allow_listed_response_headers_reach_the_client(gateway, bear
         "content-length",
         "date",
         "server",
+        "x-catalyst-forwarded",
     }
     assert {name.lower() for name in headers} <= allowed
     assert len(up.complete) == 1

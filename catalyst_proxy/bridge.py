@@ -9,16 +9,16 @@ else: never to the client, never to a log.
 from __future__ import annotations
 
 import base64
-import hashlib
 import hmac
-import json
 import os
-import secrets
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import orjson
+
 from . import log
+from .ids import hex_id
 
 BRIDGE_TTL_SECONDS = 300
 SHORT_SECRET_BYTES = 32
@@ -151,22 +151,15 @@ _HEADER = base64.urlsafe_b64encode(b'{"alg":"HS256","typ":"JWT"}').rstrip(b"=")
 def mint(secret: bytes, *, sub: str, email: str | None, role: str, now: float | None = None) -> str:
     """A compact HS256 JWS: ``{"alg":"HS256","typ":"JWT"}`` + the bridge claims.
 
-    The claims JSON is assembled directly (strings through the JSON encoder, so
-    any character is escaped correctly): 2-3 µs less than ``json.dumps`` of a
-    dict, on every proxied request.
+    The claims are compact JSON in this order (orjson: every character escaped
+    correctly, a fifth of ``json.dumps``'s cost), signed with OpenSSL's one-shot
+    HMAC; this runs on every proxied request.
     """
     iat = int(time.time() if now is None else now)
-    claims = (
-        f'{{"sub":{_json_str(sub)},"email":{_json_str(email or "")},"role":{_json_str(role)},'
-        f'"iat":{iat},"exp":{iat + BRIDGE_TTL_SECONDS},"typ":"session",'
-        f'"jti":"{secrets.token_hex(16)}"}}'
-    )
-    payload = base64.urlsafe_b64encode(claims.encode()).rstrip(b"=")
-    signing_input = _HEADER + b"." + payload
-    signature = base64.urlsafe_b64encode(
-        hmac.new(secret, signing_input, hashlib.sha256).digest()
-    ).rstrip(b"=")
-    return (signing_input + b"." + signature).decode("ascii")
-
-
-_json_str = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+    claims = orjson.dumps(
+        {"sub": sub, "email": email or "", "role": role, "iat": iat,
+         "exp": iat + BRIDGE_TTL_SECONDS, "typ": "session", "jti": hex_id()}
+    )  # fmt: skip
+    signing_input = _HEADER + b"." + base64.urlsafe_b64encode(claims).rstrip(b"=")
+    signature = base64.urlsafe_b64encode(hmac.digest(secret, signing_input, "sha256"))
+    return (signing_input + b"." + signature.rstrip(b"=")).decode("ascii")

@@ -17,12 +17,13 @@ client can send any value it likes.
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterable
 from typing import Any
 
 from multidict import CIMultiDict
+
+from .ids import hex_id
 
 # RFC 9110 §7.6.1 connection-specific fields (plus the de-facto Keep-Alive family).
 HOP_BY_HOP = frozenset(
@@ -67,7 +68,7 @@ def request_id(headers: Any) -> str:
     values = headers.getall(REQUEST_ID, ())
     if len(values) == 1 and _SANE_REQUEST_ID.fullmatch(values[0]):
         return str(values[0])
-    return os.urandom(16).hex()  # 32 hex digits, as uuid4().hex, at a fifth of the cost
+    return hex_id()
 
 
 def upstream_request_head(

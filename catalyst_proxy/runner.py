@@ -16,7 +16,6 @@ type.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from aiohttp import web
@@ -27,6 +26,7 @@ from . import log
 from .app import PARTS
 from .dispatch import error_response
 from .errors import BadRequest, HeaderFieldsTooLarge, InternalError, ProxyError
+from .ids import hex_id
 
 # Server-side protocol settings (web.AppRunner keyword arguments).
 SERVER_OPTIONS: dict[str, Any] = {
@@ -62,7 +62,7 @@ class _RequestHandler(RequestHandler):
             error = InternalError()
         else:
             error = BadRequest()
-        response = error_response(error, os.urandom(16).hex())
+        response = error_response(error, hex_id())
         response.force_close()
         return response
 

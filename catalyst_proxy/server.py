@@ -35,7 +35,9 @@ async def serve(
     runner = Runner(app, shutdown_timeout=_CANCEL_WAIT)
     await runner.setup()
     site: web.BaseSite = (
-        web.SockSite(runner, sock) if sock is not None else web.TCPSite(runner, host, port)
+        web.SockSite(runner, sock)
+        if sock is not None
+        else web.TCPSite(runner, host, port, backlog=1024)
     )
     await site.start()
     loop = asyncio.get_running_loop()

@@ -124,7 +124,7 @@ class Client:
         ``length`` is the declared length of a streamed body (None: sent chunked).
         """
         pool = self.pool
-        loop = asyncio.get_running_loop()
+        loop = pool.loop  # not get_running_loop(): that is a getpid() system call each time
         deadline = loop.time() + self._timeout
         conn = await pool.acquire(deadline)
         head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%s" % (method, target, self._host_header, headers)

@@ -61,7 +61,7 @@ class Pool:
         self._max_pending = max_pending
         self._idle_seconds = idle_seconds
         self.breaker = breaker
-        self._loop = asyncio.get_running_loop()
+        self.loop = self._loop = asyncio.get_running_loop()
         self._idle: list[Connection] = []  # oldest first; reuse takes the newest
         self._slots = 0  # connections open or being opened, and slots handed to waiters
         self.open = 0  # connections actually open (a gauge)

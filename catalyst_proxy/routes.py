@@ -7,7 +7,10 @@ aiohttp's ``{code}`` would not match and answer 404) and because the code must
 be taken from the *raw* path, so ``%2F`` stays inside the segment.
 
 ``CATALYST_ROUTES_FILE`` adds entries of the same shape (JSON or TOML, by
-extension); a bad file raises ``RoutesFileError`` naming the file and entry.
+extension), each optionally with its own ``idempotency`` mode and
+``rate_limit``; a bad file raises ``RoutesFileError`` naming the file and entry.
+Methods are the standard ones, in any case (``post`` is ``POST``); anything
+else (``FETCH``) is a bad entry.
 """
 
 from __future__ import annotations
@@ -21,8 +24,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, unquote_to_bytes
 
+from .config import ROUTE_IDEMPOTENCY_MODES, Rate, parse_rate_limit
+
 PLACEHOLDER = "{code}"
-_METHOD = re.compile(r"^[A-Z]+$")
+STANDARD_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+_KEYS = frozenset(
+    {"methods", "path", "upstream_method", "upstream_path", "idempotency", "rate_limit"}
+)
 _LITERAL_PATH = re.compile(r"^/[A-Za-z0-9._~!$&'()*+,;=:@/-]*$")
 
 
@@ -34,6 +42,8 @@ class Route:
     path: str
     upstream_method: str
     upstream_path: str
+    idempotency: str | None = None  # this route's mode; None: CATALYST_IDEMPOTENCY decides
+    rate_limit: tuple[Rate, ...] | None = None  # None: CATALYST_RATE_LIMIT decides
 
     @property
     def templated(self) -> bool:
@@ -153,24 +163,44 @@ def _route(path: str, index: int, entry: object) -> Route:
 
     if not isinstance(entry, Mapping):
         raise bad("must be a table/object")
-    unknown = set(entry) - {"methods", "path", "upstream_method", "upstream_path"}
+    unknown = set(entry) - _KEYS
     if unknown:
         raise bad(f"unknown key(s) {', '.join(sorted(unknown))}")
+    standard = ", ".join(STANDARD_METHODS)
     methods = entry.get("methods")
-    if (
-        not isinstance(methods, list)
-        or not methods
-        or not all(isinstance(m, str) and _METHOD.match(m) for m in methods)
-    ):
-        raise bad('"methods" must be a non-empty list of upper-case HTTP methods')
+    if not isinstance(methods, list) or not methods or not all(map(_method, methods)):
+        raise bad(f'"methods" must be a non-empty list of standard HTTP methods ({standard})')
     upstream_method = entry.get("upstream_method")
-    if not isinstance(upstream_method, str) or not _METHOD.match(upstream_method):
-        raise bad('"upstream_method" must be an upper-case HTTP method')
+    if not _method(upstream_method):
+        raise bad(f'"upstream_method" must be a standard HTTP method ({standard})')
     client_path = _path(entry.get("path"), "path", bad)
     upstream_path = _path(entry.get("upstream_path"), "upstream_path", bad)
     if PLACEHOLDER in upstream_path and PLACEHOLDER not in client_path:
         raise bad('"upstream_path" uses {code} but "path" does not')
-    return Route(tuple(dict.fromkeys(methods)), client_path, upstream_method, upstream_path)
+    idempotency = entry.get("idempotency")
+    if idempotency is not None and idempotency not in ROUTE_IDEMPOTENCY_MODES:
+        raise bad(f'"idempotency" must be one of {", ".join(ROUTE_IDEMPOTENCY_MODES)}')
+    rate_limit = entry.get("rate_limit")
+    rates = None
+    if rate_limit is not None:
+        if not isinstance(rate_limit, str):
+            raise bad('"rate_limit" must be a string such as "30/minute"')
+        try:
+            rates = parse_rate_limit(rate_limit)
+        except ValueError as exc:
+            raise bad(f'"rate_limit": {exc}') from None
+    return Route(
+        tuple(dict.fromkeys(m.upper() for m in methods)),
+        client_path,
+        str(upstream_method).upper(),
+        upstream_path,
+        idempotency,
+        rates,
+    )
+
+
+def _method(value: object) -> bool:
+    return isinstance(value, str) and value.upper() in STANDARD_METHODS
 
 
 def _path(value: object, key: str, bad: Any) -> str:

@@ -268,7 +268,14 @@ BAD_ENTRIES: list[tuple[str, dict[str, Any], str]] = [
     ("unknown key", {**ORG_PURCHASE, "rewrite": True}, "rewrite"),
     ("missing field", {k: v for k, v in ORG_PURCHASE.items() if k != "upstream_path"},
      "upstream_path"),
-    ("lower-case method", {**ORG_PURCHASE, "methods": ["post"]}, "methods"),
+    ("non-standard method", {**ORG_PURCHASE, "methods": ["FETCH"]}, "methods"),
+    ("non-standard upstream method", {**ORG_PURCHASE, "upstream_method": "PURGE"},
+     "upstream_method"),
+    ("unknown idempotency mode", {**ORG_PURCHASE, "idempotency": "auto"}, "idempotency"),
+    ("idempotency not a string", {**ORG_PURCHASE, "idempotency": True}, "idempotency"),
+    ("bad rate limit", {**ORG_PURCHASE, "rate_limit": "30/fortnight"}, "rate_limit"),
+    ("zero rate limit", {**ORG_PURCHASE, "rate_limit": "0/minute"}, "rate_limit"),
+    ("rate limit not a string", {**ORG_PURCHASE, "rate_limit": 30}, "rate_limit"),
     ("bad method", {**ORG_PURCHASE, "methods": ["GET POST"]}, "methods"),
     ("empty methods", {**ORG_PURCHASE, "methods": []}, "methods"),
     ("bad upstream method", {**ORG_PURCHASE, "upstream_method": "FETCH!"}, "upstream_method"),
@@ -282,6 +289,20 @@ BAD_ENTRIES: list[tuple[str, dict[str, Any], str]] = [
     ("query in a path", {**ORG_PURCHASE, "upstream_path": "/api/billing/purchase?admin=1"},
      "upstream_path"),
 ]  # fmt: skip
+
+
+def test_methods_are_case_insensitive_and_the_route_options_are_kept(tmp_path):
+    """Standard methods in any case are accepted as upper case; idempotency and rate_limit
+    are kept on the route."""
+    path = tmp_path / "routes.json"
+    entry = {**ORG_PURCHASE, "methods": ["post", "Put"], "upstream_method": "post",
+             "idempotency": "required", "rate_limit": "5/second; 100 per hour"}  # fmt: skip
+    path.write_text(json.dumps({"routes": [entry]}))
+    [route] = load_routes(str(path))
+    assert route.methods == ("POST", "PUT")
+    assert route.upstream_method == "POST"
+    assert route.idempotency == "required"
+    assert [str(rate) for rate in route.rate_limit or ()] == ["5/second", "100/hour"]
 
 
 @pytest.mark.parametrize(("case", "entry", "named"), BAD_ENTRIES, ids=[c[0] for c in BAD_ENTRIES])

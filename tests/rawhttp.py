@@ -5,7 +5,9 @@
   test sees exactly what reached the upstream: nothing, a partial request, or a
   complete one. ``respond(seen, reader, writer)`` writes whatever answer the
   test scripts (good, broken, slow or none) and returns whether to keep the
-  connection for another request.
+  connection for another request. ``cut`` makes it hang up partway through a
+  request instead (after its head, or after some of its body);
+  ``open_connections``/``peak_connections`` count connections open at once.
 - ``raw_client()``/``read_response()``: a client that writes exact bytes to the
   gateway and reads answers without forgiving anything (a short body is
   reported as incomplete, never as a clean answer).
@@ -66,6 +68,9 @@ class Seen:
 
 
 Respond = Callable[[Seen, asyncio.StreamReader, asyncio.StreamWriter], Awaitable[bool]]
+# Given a request whose head just arrived: None to read it whole and respond, or a number of
+# body bytes to read (0: none) before closing the connection without a word.
+Cut = Callable[[Seen], int | None]
 
 
 def answer(
@@ -123,12 +128,15 @@ async def never_answer(
 class HTTPUpstream:
     """A scripted HTTP/1.1 upstream that records every request byte it receives."""
 
-    def __init__(self, respond: Respond) -> None:
+    def __init__(self, respond: Respond, *, cut: Cut | None = None, backlog: int = 100) -> None:
         self.respond = respond
+        self.cut = cut
         self.requests: list[Seen] = []
         self.closed: list[asyncio.Event] = []  # one per connection, set when it ends
         self.head_arrived = asyncio.Event()  # set whenever a request head arrives
-        self.raw = RawUpstream(self._script)
+        self.open_connections = 0  # connections open right now
+        self.peak_connections = 0  # the most ever open at once
+        self.raw = RawUpstream(self._script, backlog=backlog)
         self._changed = asyncio.Event()
 
     def _touch(self) -> None:
@@ -171,6 +179,8 @@ class HTTPUpstream:
         number = len(self.closed)
         closed = asyncio.Event()
         self.closed.append(closed)
+        self.open_connections += 1
+        self.peak_connections = max(self.peak_connections, self.open_connections)
         try:
             while True:
                 try:
@@ -183,12 +193,17 @@ class HTTPUpstream:
                 self.requests.append(seen)
                 self.head_arrived.set()
                 self._touch()
+                limit = self.cut(seen) if self.cut is not None else None
+                if limit is not None:
+                    await _read_at_most(reader, seen, limit, self._touch)
+                    return  # hang up, the request unanswered and (maybe) part-read
                 await _read_body(reader, seen, self._touch)
                 seen.complete = True
                 self._touch()
                 if not await self.respond(seen, reader, writer):
                     return
         finally:
+            self.open_connections -= 1
             closed.set()
             self._touch()
 
@@ -220,6 +235,18 @@ async def _read_body(
         seen.body += piece
         progress()
         remaining -= len(piece)
+
+
+async def _read_at_most(
+    reader: asyncio.StreamReader, seen: Seen, limit: int, progress: Callable[[], None]
+) -> None:
+    """Read up to ``limit`` body bytes into ``seen.body`` (fewer if the peer stops sending)."""
+    while len(seen.body) < limit:
+        piece = await reader.read(limit - len(seen.body))
+        if not piece:
+            return
+        seen.body += piece
+        progress()
 
 
 @dataclass

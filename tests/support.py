@@ -185,13 +185,16 @@ class RawUpstream:
     """
 
     script: ConnectionScript
+    backlog: int = 100  # the listen queue (asyncio's default)
     connections: int = 0
     url: str = ""
     _server: asyncio.Server | None = None
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
     async def start(self) -> RawUpstream:
-        self._server = await asyncio.start_server(self._on_connection, sock=free_socket())
+        self._server = await asyncio.start_server(
+            self._on_connection, sock=free_socket(), backlog=self.backlog
+        )
         port = self._server.sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
         return self

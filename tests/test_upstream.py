@@ -1,0 +1,1171 @@
+"""The upstream client, end to end (CONTRACT "The upstream exchange", "Order of checks").
+
+The keep-alive pool (reuse, stale and misbehaving connections, its bounds, the
+waiting room, idle closing), framing the upstream gets wrong or unusual, at most
+once when the upstream hangs up mid-request, back-pressure both ways (measured
+on a child process, where the gateway's memory is its own), and what every
+answer says in ``X-Catalyst-Forwarded``.
+
+Everything runs over real sockets on 127.0.0.1 against the whole gateway; the
+client itself is never imported. What the upstream saw comes from an
+``HTTPUpstream`` (or a ``RawUpstream`` script) that records every byte it is
+sent and counts the connections open at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import re
+import socket
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import jwt
+import pytest
+
+from catalyst_proxy.devtools.keys import operator_token
+
+from .conftest import BRIDGE_SECRET, RunningGateway
+from .rawhttp import (
+    HTTPUpstream,
+    RawResponse,
+    Respond,
+    Seen,
+    answer,
+    exchange,
+    never_answer,
+    parse_head,
+    partial_answer,
+    raw_client,
+    read_response,
+    request_bytes,
+    write_then_close,
+)
+from .serve_proc import ServeProcess
+from .support import RawUpstream, free_socket, read_chunked, read_request
+
+PURCHASE = "/api/v1/billing/purchase"
+FORWARDED = "X-Catalyst-Forwarded"
+CONNECTIONS = "catalyst_proxy_upstream_connections"
+WAITING = "catalyst_proxy_upstream_waiting"
+IN_FLIGHT = "catalyst_proxy_requests_in_flight"
+KiB, MiB = 1 << 10, 1 << 20
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def body_for(request_id: str) -> bytes:
+    return json.dumps({"for": request_id}).encode()
+
+
+def final(status: int, body: bytes) -> bytes:
+    """A complete keep-alive JSON answer with a Content-Length."""
+    head = b"HTTP/1.1 %d Final\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+    return head % (status, len(body)) + body
+
+
+def ok_for(request_id: str) -> bytes:
+    """A keep-alive 200 whose body names the request it answers."""
+    return final(200, body_for(request_id))
+
+
+def rid_of(seen: Seen) -> str:
+    return seen.headers.get("X-Request-ID", "")
+
+
+def error_of(response: RawResponse) -> str | None:
+    """The JSON ``error`` of an answer, or None if it has none (an upstream answer, say)."""
+    with contextlib.suppress(ValueError):
+        value = json.loads(response.body)
+        if isinstance(value, dict):
+            return value.get("error")
+    return None
+
+
+def purchase(
+    auth: dict[str, str],
+    request_id: str,
+    body: bytes = b'{"sku": "starter"}',
+    extra: list[tuple[str, str]] | None = None,
+) -> bytes:
+    """A purchase as exact bytes, with a declared length and the given X-Request-ID."""
+    headers = [*auth.items(), ("X-Request-ID", request_id), ("Content-Length", str(len(body)))]
+    return request_bytes("POST", PURCHASE, headers + (extra or []), body)
+
+
+def scripted(replies: dict[str, bytes] | None = None) -> Respond:
+    """A keep-alive ``respond`` writing ``replies[X-Request-ID]``, by default ``ok_for(id)``."""
+
+    async def respond(
+        seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        writer.write((replies or {}).get(rid_of(seen), ok_for(rid_of(seen))))
+        await writer.drain()
+        return True
+
+    return respond
+
+
+async def only_answer(url: str, data: bytes, *, timeout: float = 10.0) -> RawResponse:
+    """The one answer to ``data`` sent on a new client connection."""
+    responses = await exchange(url, data, timeout=timeout)
+    assert len(responses) == 1, "the gateway closed the connection without an answer"
+    return responses[0]
+
+
+class WireClient:
+    """A client connection read straight off its socket: every byte that arrived is kept (an
+    answer followed by a reset included: asyncio's StreamReader raises a reset before handing
+    out what it already holds), answers are read strictly by ``read_response``, and a test can
+    wait for bytes to arrive."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.received = bytearray()
+        self.stream = asyncio.StreamReader(limit=MiB)  # sees data and EOF, never an error
+        self.ended = False  # the gateway closed or reset the connection
+        self._changed = asyncio.Event()
+        self._tasks = [asyncio.create_task(self._pump())]
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def connect(cls, url: str) -> AsyncIterator[WireClient]:
+        parts = urlsplit(url)
+        assert parts.hostname is not None
+        assert parts.port is not None
+        sock = socket.socket()
+        sock.setblocking(False)
+        try:
+            await asyncio.get_running_loop().sock_connect(sock, (parts.hostname, parts.port))
+            client = cls(sock)
+            try:
+                yield client
+            finally:
+                for task in client._tasks:
+                    task.cancel()
+                await asyncio.gather(*client._tasks, return_exceptions=True)
+        finally:
+            sock.close()
+
+    async def _pump(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while piece := await loop.sock_recv(self.sock, 64 * KiB):
+                self.received += piece
+                self.stream.feed_data(piece)
+                self._touch()
+        except ConnectionError:
+            pass
+        finally:
+            self.ended = True
+            self.stream.feed_eof()
+            self._touch()
+
+    def _touch(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def send(self, data: bytes) -> None:
+        """Write ``data`` in the background (once per client); a gateway that hangs up mid-way
+        just ends it."""
+
+        async def send() -> None:
+            with contextlib.suppress(ConnectionError):
+                await asyncio.get_running_loop().sock_sendall(self.sock, data)
+
+        self._tasks.append(asyncio.create_task(send()))
+
+    async def until(self, predicate: Callable[[bytes], bool], timeout: float = 5.0) -> None:
+        """Wait until ``predicate(every byte received so far)`` holds."""
+        async with asyncio.timeout(timeout):
+            while not predicate(bytes(self.received)):
+                assert not self.ended, "the connection ended first"
+                await self._changed.wait()
+
+    async def answer(self, timeout: float = 10.0) -> RawResponse | None:
+        """The next answer, or None if the connection ended before one began."""
+        async with asyncio.timeout(timeout):
+            return await read_response(self.stream)
+
+
+async def answer_through_reset(url: str, data: bytes, *, timeout: float = 10.0) -> RawResponse:
+    """The one answer to ``data`` on a new connection, even if a reset follows it."""
+    async with WireClient.connect(url) as client:
+        client.send(data)
+        response = await client.answer(timeout)
+    assert response is not None, "the gateway closed the connection without an answer"
+    return response
+
+
+async def settle(gw: RunningGateway) -> None:
+    """One round trip through the gateway: whatever reached its sockets before has been read."""
+    status, _, _ = await gw.request("GET", "/healthz")
+    assert status == 200
+
+
+def gauge(metrics: str, name: str) -> float:
+    match = re.search(rf"^{name} (\S+)$", metrics, re.MULTILINE)
+    assert match is not None, f"{name} is not exported"
+    return float(match.group(1))
+
+
+def closed_port_url() -> str:
+    """A 127.0.0.1 URL nothing listens on (bound, never listened: connections are refused)."""
+    sock = free_socket()
+    port = sock.getsockname()[1]
+    sock.close()
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture
+async def upstream_with() -> AsyncIterator[Callable[..., Awaitable[HTTPUpstream]]]:
+    """Factory: ``await upstream_with(respond, cut=..., backlog=...)``, an ``HTTPUpstream``."""
+    started: list[HTTPUpstream] = []
+
+    async def make(respond: Respond, **options: Any) -> HTTPUpstream:
+        server = await HTTPUpstream(respond, **options).start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        await server.close()
+
+
+# --- the pool: stale connections, hang-ups, misbehaviour ---------------------------------------
+
+
+async def test_connection_the_upstream_closed_while_pooled_is_never_used_again(
+    gateway, bearer, upstream
+):
+    """A pooled connection the upstream closed between two requests is dropped: the second
+    request goes out once, on a new connection, and gets its answer."""
+
+    async def answer_then_hang_up(
+        seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        # Keep-alive is implied (HTTP/1.1, no "Connection: close") and broken once answered.
+        writer.write(ok_for(rid_of(seen)))
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()  # the close is on the wire before `closed` is set
+        return False
+
+    up = await upstream(answer_then_hang_up)
+    gw = await gateway(upstream=up.url)
+    first = await only_answer(gw.url, purchase(bearer(), "first"))
+    assert (first.status, first.body) == (200, body_for("first"))
+    await up.all_closed()
+    await settle(gw)  # the upstream's close has reached the gateway and been read
+    second = await only_answer(gw.url, purchase(bearer(), "second"))
+    assert (second.status, second.body, second.complete) == (200, body_for("second"), True)
+    assert up.connections == 2
+    assert [(seen.connection, rid_of(seen), seen.complete) for seen in up.requests] == [
+        (0, "first", True),
+        (1, "second", True),
+    ]
+
+
+HANG_UPS = {
+    # moment: (request body, body bytes the upstream reads before hanging up)
+    "after-the-head": (b'{"sku": "starter"}', 0),
+    "after-some-body": (os.urandom(768 * KiB), 64 * KiB),
+}
+
+
+@pytest.mark.parametrize("connection", ["new", "reused"])
+@pytest.mark.parametrize("moment", HANG_UPS)
+async def test_upstream_hanging_up_as_the_request_is_written_is_502_and_never_resent(
+    gateway, bearer, upstream_with, moment, connection
+):
+    """An upstream that hangs up while the request is being written (after its head, or after
+    some of its body), on a new or a reused connection, is 502 sme-gateway-bad-response: the
+    upstream saw the request once, and it was never resent on another connection."""
+    body, read = HANG_UPS[moment]
+    up = await upstream_with(
+        scripted(), cut=lambda seen: read if rid_of(seen) == "victim" else None
+    )
+    gw = await gateway(upstream=up.url)
+    if connection == "reused":
+        warm = await only_answer(gw.url, purchase(bearer(), "warm"))
+        assert (warm.status, warm.body) == (200, body_for("warm"))
+    response = await answer_through_reset(gw.url, purchase(bearer(), "victim", body))
+    assert (response.status, error_of(response)) == (502, "sme-gateway-bad-response")
+    # Whether the gateway got the whole request out before the hang-up is a race it cannot
+    # see the end of: "no" and "unknown" are both honest; "yes" or nothing never is.
+    assert response.headers.getall(FORWARDED, []) in (["no"], ["unknown"])
+    await up.all_closed()
+    assert [rid_of(seen) for seen in up.requests] == ["warm"] * (connection == "reused") + [
+        "victim"
+    ]
+    victim = up.requests[-1]
+    assert not victim.complete
+    assert bytes(victim.body) == body[: len(victim.body)]
+    assert up.connections == 1  # the victim went out on the first connection and on no other
+
+
+FIRST_CHUNK = b"5\r\nhello\r\n"
+
+
+def broken_chunks(broken: bytes, then: str, mid_body: asyncio.Event) -> Respond:
+    """A ``respond`` that starts a chunked 200 with FIRST_CHUNK, writes ``broken`` once
+    ``mid_body`` is set, then closes (``then="close"``) or keeps the connection busy with a byte
+    every TRICKLE seconds until the peer leaves."""
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+    head += b"Transfer-Encoding: chunked\r\n\r\n"
+
+    async def respond(
+        seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        writer.write(head + FIRST_CHUNK)
+        await writer.drain()
+        await mid_body.wait()
+        writer.write(broken)
+        await writer.drain()
+        while then == "trickle":
+            try:
+                # The upstream's pace: a byte every TRICKLE s, well within the per-piece
+                # budget, so only reading the framing (not a timeout) can end this.
+                if not await asyncio.wait_for(reader.read(1), TRICKLE):
+                    return False  # the gateway hung up
+            except TimeoutError:
+                writer.write(b"x")
+                await writer.drain()
+        return False
+
+    return respond
+
+
+FRAMING_BUDGET = 1.0
+TRICKLE = 0.1
+BROKEN_CHUNKS = {
+    # case: (bytes after FIRST_CHUNK, the good body data in all, what the upstream does next)
+    "bad-chunk-size": (b"zz\r\n", b"hello", "trickle"),
+    "chunk-size-overflow": (b"f" * 20 + b"\r\n", b"hello", "trickle"),
+    "no-crlf-after-chunk": (b"5\r\nworldXX", b"helloworld", "trickle"),
+    "chunk-cut-short-then-close": (b"a\r\nwor", b"hellowor", "close"),
+    "trailer-garbage": (b"0\r\nthis is not a header\r\n\r\n", b"hello", "trickle"),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_CHUNKS)
+async def test_broken_chunk_framing_aborts_the_transfer_within_the_budget(
+    gateway, bearer, upstream, case
+):
+    """Chunk framing that breaks mid-body (a bad or overflowing size, no CRLF after a chunk, a
+    chunk cut short, garbage in the trailers) ends the client's transfer aborted within the
+    budget, never as a clean short answer, and the upstream connection is closed."""
+    broken, good, then = BROKEN_CHUNKS[case]
+    mid_body = asyncio.Event()
+    up = await upstream(broken_chunks(broken, then, mid_body))
+    gw = await gateway(upstream=up.url, upstream_timeout_seconds=FRAMING_BUDGET)
+    request = purchase(bearer(), case)
+    async with WireClient.connect(gw.url) as client:
+        client.send(request + request)  # the second one must never be answered
+        await client.until(lambda received: b"hello" in received)
+        mid_body.set()  # the answer has begun on the client's side: now the framing breaks
+        started = time.monotonic()
+        try:
+            response = await client.answer(timeout=FRAMING_BUDGET + 3)
+        except TimeoutError:
+            pytest.fail(f"the transfer was still going {FRAMING_BUDGET + 3} s after the break")
+        elapsed = time.monotonic() - started
+        after = await client.answer(timeout=5)
+    assert response is not None
+    assert response.status == 200
+    assert not response.complete
+    assert response.body.startswith(b"hello")
+    assert good.startswith(response.body)  # only good data got through, never a stray byte
+    assert elapsed < FRAMING_BUDGET + 0.5
+    assert after is None  # the connection ended with the aborted answer: nothing after it
+    await up.all_closed()  # the gateway hung up on the broken connection: it is not reused
+    assert len(up.requests) == 1
+
+
+UNSOLICITED_BODY = b'{"for": "nobody asked for this"}'
+UNSOLICITED = final(200, UNSOLICITED_BODY)
+
+
+@pytest.mark.parametrize("when", ["with-the-answer", "while-idle"])
+async def test_unsolicited_second_answer_never_reaches_the_next_request(
+    gateway, bearer, upstream, when
+):
+    """An unsolicited second answer on a keep-alive connection (written with the real one, or
+    later while the connection is idle) is never delivered: the next request gets its own
+    answer on a new connection, and the connection that misbehaved is closed."""
+    delivered, extra_sent = asyncio.Event(), asyncio.Event()
+
+    async def respond(
+        seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        if rid_of(seen) == "first":
+            if when == "with-the-answer":
+                writer.write(ok_for("first") + UNSOLICITED)  # one write: they arrive together
+            else:
+                writer.write(ok_for("first"))
+                await writer.drain()
+                await delivered.wait()
+                writer.write(UNSOLICITED)
+            await writer.drain()
+            extra_sent.set()
+        else:
+            writer.write(ok_for(rid_of(seen)))
+            await writer.drain()
+        return True  # and carry on as if all were well
+
+    up = await upstream(respond)
+    gw = await gateway(upstream=up.url)
+    first = await only_answer(gw.url, purchase(bearer(), "first"))
+    assert (first.status, first.body, first.complete) == (200, body_for("first"), True)
+    delivered.set()
+    async with asyncio.timeout(5):
+        await extra_sent.wait()
+    if when == "while-idle":
+        await settle(gw)  # the unsolicited bytes are on the wire: the gateway has read them
+    second = await only_answer(gw.url, purchase(bearer(), "second"))
+    assert (second.status, second.body, second.complete) == (200, body_for("second"), True)
+    assert [(seen.connection, rid_of(seen)) for seen in up.requests] == [
+        (0, "first"),
+        (1, "second"),
+    ]
+    try:
+        async with asyncio.timeout(5):
+            await up.closed[0].wait()
+    except TimeoutError:
+        pytest.fail("the connection that spoke out of turn was left open")
+
+
+# --- framing the upstream may use --------------------------------------------------------------
+
+
+CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+EARLY_HINTS = b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload; as=style\r\n\r\n"
+UNUSUAL = {
+    # case: (what the upstream writes, the status, body and headers the client must get)
+    "100-then-200": (CONTINUE + final(200, b'{"n": 1}'), 200, b'{"n": 1}', {}),
+    "103-103-then-201": (EARLY_HINTS * 2 + final(201, b'{"n": 2}'), 201, b'{"n": 2}', {}),
+    "100-103-then-409": (CONTINUE + EARLY_HINTS + final(409, b'{"n": 3}'), 409, b'{"n": 3}', {}),
+    "204": (b"HTTP/1.1 204 No Content\r\n\r\n", 204, b"", {}),
+    "100-then-204": (CONTINUE + b"HTTP/1.1 204 No Content\r\n\r\n", 204, b"", {}),
+    "304": (
+        b'HTTP/1.1 304 Not Modified\r\nETag: "v7"\r\nCache-Control: max-age=60\r\n\r\n',
+        304,
+        b"",
+        {"ETag": '"v7"', "Cache-Control": "max-age=60"},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", UNUSUAL)
+async def test_interim_and_bodiless_answers_arrive_complete_and_the_connection_stays_usable(
+    gateway, bearer, upstream, case
+):
+    """100 and 103 interim answers are skipped and the final answer arrives complete; a 204 or
+    304 arrives with no body; either way the pooled connection serves the next request."""
+    reply, status, body, headers = UNUSUAL[case]
+    up = await upstream(scripted({"first": reply}))
+    gw = await gateway(upstream=up.url)
+    response = await only_answer(gw.url, purchase(bearer(), "first"))
+    assert (response.status, response.body, response.complete) == (status, body, True)
+    for name, value in headers.items():
+        assert response.headers[name] == value
+    nxt = await only_answer(gw.url, purchase(bearer(), "next"))
+    assert (nxt.status, nxt.body, nxt.complete) == (200, body_for("next"), True)
+    assert [(seen.connection, rid_of(seen)) for seen in up.requests] == [(0, "first"), (0, "next")]
+
+
+async def test_answer_delimited_by_close_arrives_whole_and_its_connection_is_not_reused(
+    gateway, bearer, upstream
+):
+    """An answer with no length, ended by the upstream closing the connection, arrives whole
+    and complete; the next request goes out on a new connection."""
+    payload = os.urandom(300 * KiB)
+
+    async def respond(
+        seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        if rid_of(seen) != "delimited":
+            return await scripted()(seen, reader, writer)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n\r\n" + payload)
+        await writer.drain()
+        return False  # the close is the end of the body
+
+    up = await upstream(respond)
+    gw = await gateway(upstream=up.url)
+    response = await only_answer(gw.url, purchase(bearer(), "delimited"))
+    assert (response.status, response.complete) == (200, True)
+    assert response.sha256 == hashlib.sha256(payload).hexdigest()
+    nxt = await only_answer(gw.url, purchase(bearer(), "next"))
+    assert (nxt.status, nxt.body) == (200, body_for("next"))
+    assert [(seen.connection, rid_of(seen)) for seen in up.requests] == [
+        (0, "delimited"),
+        (1, "next"),
+    ]
+
+
+# --- the pool's bounds -------------------------------------------------------------------------
+
+N = 1000
+MAX_CONNECTIONS = 50
+
+
+@pytest.fixture(scope="module")
+def operators(rsa_key) -> list[str]:
+    """1,000 owner tokens, sub op-0 .. op-999 (signed once for the module, ~1-2 ms each)."""
+    return [
+        operator_token(
+            rsa_key, sub=f"op-{n}", email=f"op{n}@example.test", realm_roles=["catalyst-owner"]
+        )
+        for n in range(N)
+    ]
+
+
+def sub_of(seen: Seen) -> str:
+    bridge = seen.headers["Authorization"].removeprefix("Bearer ")
+    return str(jwt.decode(bridge, BRIDGE_SECRET, algorithms=["HS256"])["sub"])
+
+
+def answer_orders(*, think: float = 0.0, release: asyncio.Event | None = None) -> Respond:
+    """A keep-alive ``respond`` answering each purchase with an order named after its operator,
+    after ``think`` seconds or once ``release`` is set."""
+
+    async def respond(
+        seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        if release is not None:
+            await release.wait()
+        if think:
+            await asyncio.sleep(think)  # the SME gateway's think time, which keeps connections busy
+        order = json.dumps({"order_id": f"ord-{sub_of(seen)}", "paid_by_credit": False,
+                            "session_url": None}).encode()  # fmt: skip
+        writer.write(final(200, order))
+        await writer.drain()
+        return True
+
+    return respond
+
+
+Client = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+async def open_clients(url: str, count: int) -> list[Client]:
+    """``count`` open connections to the gateway."""
+    clients = []
+    for _ in range(count):
+        # One after another: the gateway's listen backlog is 128, and a burst of 1,000
+        # connects would spend seconds in SYN retransmits.
+        clients.append(await raw_client(url))
+    return clients
+
+
+async def buy(client: Client, token: str, n: int) -> RawResponse:
+    reader, writer = client
+    writer.write(purchase({"Authorization": f"Bearer {token}"}, f"buy-{n}"))
+    await writer.drain()
+    response = await read_response(reader)
+    assert response is not None, f"buy-{n}: the gateway closed the connection without an answer"
+    return response
+
+
+async def wind_down(
+    tasks: list[asyncio.Task[RawResponse]],
+    clients: list[Client],
+    release: asyncio.Event | None = None,
+) -> None:
+    """Let what is still in flight finish before closing the clients: a failed run must not
+    leave 1,000 handlers to be cancelled (and logged) at teardown."""
+    if release is not None:
+        release.set()
+    if tasks:
+        await asyncio.wait(tasks, timeout=20)
+    for task in tasks:
+        task.cancel()
+    for _, writer in clients:
+        writer.close()
+
+
+def order_of(response: RawResponse) -> str:
+    return str(json.loads(response.body)["order_id"])
+
+
+@pytest.mark.slow
+async def test_1000_concurrent_purchases_all_succeed_within_the_connection_bound(
+    gateway, upstream_with, operators
+):
+    """1,000 concurrent purchases against an upstream with a 128-deep listen queue all get their
+    own 200, each reaching the upstream once, which never has more than
+    upstream_max_connections connections open at once."""
+    up = await upstream_with(answer_orders(think=0.002), backlog=128)
+    gw = await gateway(
+        upstream=up.url, upstream_max_connections=MAX_CONNECTIONS, upstream_timeout_seconds=20
+    )
+    clients = await open_clients(gw.url, N)
+    tasks = [
+        asyncio.create_task(buy(c, t, n))
+        for n, (c, t) in enumerate(zip(clients, operators, strict=True))
+    ]
+    try:
+        async with asyncio.timeout(40):
+            responses = await asyncio.gather(*tasks)
+    finally:
+        await wind_down(tasks, clients)
+    assert Counter(response.status for response in responses) == {200: N}
+    assert all(response.complete for response in responses)
+    assert [order_of(response) for response in responses] == [f"ord-op-{n}" for n in range(N)]
+    assert sorted(sub_of(seen) for seen in up.complete) == sorted(f"op-{n}" for n in range(N))
+    assert len(up.requests) == N
+    assert up.peak_connections <= MAX_CONNECTIONS
+    assert up.peak_connections >= MAX_CONNECTIONS // 2  # the pool really was under pressure
+    metrics = await gw.metrics_text()
+    assert gauge(metrics, WAITING) == 0
+    assert 1 <= gauge(metrics, CONNECTIONS) <= MAX_CONNECTIONS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("connections", "pending"), [(20, 50), (1, 0)])
+async def test_requests_beyond_the_waiting_room_are_503_overloaded_and_never_sent(
+    gateway, upstream_with, operators, connections, pending
+):
+    """With every connection busy and upstream_max_pending requests waiting (0: none), each of
+    1,000 concurrent purchases beyond them gets 503 gateway-overloaded at once, with Retry-After:
+    1 and X-Catalyst-Forwarded: no, and never reaches the upstream; the others all succeed."""
+    release = asyncio.Event()
+    up = await upstream_with(answer_orders(release=release), backlog=128)
+    gw = await gateway(
+        upstream=up.url,
+        upstream_max_connections=connections,
+        upstream_max_pending=pending,
+        upstream_timeout_seconds=30,
+    )
+    refused = N - connections - pending
+    clients = await open_clients(gw.url, N)
+    tasks = [
+        asyncio.create_task(buy(c, t, n))
+        for n, (c, t) in enumerate(zip(clients, operators, strict=True))
+    ]
+    try:
+        # The upstream holds every request it gets: only the overflow can be answered now,
+        # and no more than `connections` requests may reach the upstream meanwhile.
+        too_many = asyncio.create_task(up.until(lambda: len(up.requests) > connections, 15))
+        try:
+            async with asyncio.timeout(15):
+                while sum(task.done() for task in tasks) < refused and not too_many.done():
+                    await asyncio.wait(
+                        [too_many, *(task for task in tasks if not task.done())],
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                await up.until(lambda: len(up.requests) >= connections, timeout=15)
+        except TimeoutError:
+            pass
+        finally:
+            too_many.cancel()
+        done = sum(task.done() for task in tasks)
+        assert (done, len(up.requests)) == (refused, connections), (
+            f"{done} answers of the {refused} expected while the upstream holds "
+            f"{len(up.requests)} requests of the {connections} it may"
+        )
+        early = [task.result() for task in tasks if task.done()]
+        held_metrics = await gw.metrics_text()
+        assert len(up.requests) == connections  # the waiting ones are still waiting
+        release.set()
+        async with asyncio.timeout(20):
+            results = await asyncio.gather(*tasks)
+    finally:
+        await wind_down(tasks, clients, release)
+    for response in early:
+        assert (response.status, error_of(response)) == (503, "gateway-overloaded")
+        assert response.headers["Retry-After"] == "1"
+        assert response.headers.getall(FORWARDED, []) == ["no"]
+    assert Counter(response.status for response in results) == {
+        200: connections + pending,
+        503: refused,
+    }
+    answered = [f"op-{n}" for n, response in enumerate(results) if response.status == 200]
+    assert all(order_of(results[int(sub[3:])]) == f"ord-{sub}" for sub in answered)
+    assert sorted(sub_of(seen) for seen in up.complete) == sorted(answered)  # no 503 went out
+    assert len(up.requests) == connections + pending
+    assert up.peak_connections <= connections
+    assert gauge(held_metrics, CONNECTIONS) == connections
+    assert gauge(held_metrics, WAITING) == pending
+    assert connections + pending <= gauge(held_metrics, IN_FLIGHT) <= connections + pending + 1
+
+
+WAIT_BUDGET = 0.5
+
+
+async def test_budget_running_out_while_waiting_for_a_connection_is_503_overloaded(
+    gateway, bearer, upstream
+):
+    """A request whose budget runs out while it waits for the only connection (held by a slow
+    answer) gets 503 gateway-overloaded with Retry-After: 1 and X-Catalyst-Forwarded: no, and
+    nothing of it is sent; the connection then serves the next request."""
+    release = asyncio.Event()
+
+    async def respond(
+        seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        if rid_of(seen) != "slow":
+            return await scripted()(seen, reader, writer)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")  # fmt: skip
+        while not release.is_set():
+            writer.write(b"1\r\nx\r\n")
+            await writer.drain()
+            # A slow answer: a byte every quarter budget, each well within the per-piece bound.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(release.wait(), WAIT_BUDGET / 4)
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        return True
+
+    up = await upstream(respond)
+    gw = await gateway(
+        upstream=up.url, upstream_max_connections=1, upstream_timeout_seconds=WAIT_BUDGET
+    )
+    slow_reader, slow_writer = await raw_client(gw.url)
+    try:
+        slow_writer.write(purchase(bearer(), "slow"))
+        async with asyncio.timeout(5):
+            head = await slow_reader.readuntil(b"\r\n\r\n")  # the one connection is taken
+        assert head.startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        waiter = await only_answer(gw.url, purchase(bearer(), "waiter"), timeout=WAIT_BUDGET + 3)
+        waited = time.monotonic() - started
+        release.set()
+        slow_body = bytearray()
+        async with asyncio.timeout(5):
+            await read_chunked(slow_reader, slow_body)
+    finally:
+        release.set()
+        slow_writer.close()
+    assert (waiter.status, error_of(waiter)) == (503, "gateway-overloaded"), waiter.body
+    assert waiter.headers["Retry-After"] == "1"
+    assert waiter.headers.getall(FORWARDED, []) == ["no"]
+    assert WAIT_BUDGET - 0.01 <= waited < WAIT_BUDGET + 1.0
+    assert slow_body  # the slow answer went on undisturbed
+    assert slow_body == b"x" * len(slow_body)
+    after = await only_answer(gw.url, purchase(bearer(), "after"))
+    assert (after.status, after.body) == (200, body_for("after"))
+    assert [rid_of(seen) for seen in up.requests] == ["slow", "after"]
+    assert up.connections == 1
+
+
+IDLE = 0.4
+
+
+async def test_idle_connection_closes_after_upstream_idle_seconds(gateway, bearer, upstream):
+    """A pooled connection stays open while it is in use and closes once it has been idle for
+    upstream_idle_seconds; the connections gauge follows, and the next request opens anew."""
+    up = await upstream(scripted())
+    gw = await gateway(upstream=up.url, upstream_idle_seconds=IDLE)
+    for n in range(3):
+        if n:
+            await asyncio.sleep(IDLE / 4)  # a client back well within the idle time (its pace)
+        response = await only_answer(gw.url, purchase(bearer(), f"call-{n}"))
+        assert (response.status, response.body) == (200, body_for(f"call-{n}"))
+    answered = time.monotonic()
+    while_open = await gw.metrics_text()
+    try:
+        async with asyncio.timeout(IDLE + 2):
+            await up.closed[0].wait()
+    except TimeoutError:
+        pytest.fail(f"the idle connection was still open {IDLE + 2} s after its last answer")
+    idle_for = time.monotonic() - answered
+    assert up.connections == 1  # the one connection served all three calls
+    assert IDLE - 0.05 <= idle_for < IDLE + 1.0
+    assert gauge(while_open, CONNECTIONS) == 1
+    assert gauge(await gw.metrics_text(), CONNECTIONS) == 0
+    again = await only_answer(gw.url, purchase(bearer(), "again"))
+    assert (again.status, again.body) == (200, body_for("again"))
+    assert up.connections == 2
+
+
+# --- X-Catalyst-Forwarded and Expect -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Said:
+    status: int
+    forwarded: str
+    error: str | None = None  # the gateway's own JSON error code; None: the upstream's answer
+
+
+def own_body(status: int) -> bytes:
+    return b'{"error": "the-sme-gateway-says-%d"}' % status
+
+
+FORWARDED_CASES = {
+    "upstream-200": Said(200, "yes"),
+    "upstream-404": Said(404, "yes"),
+    "upstream-500": Said(500, "yes"),
+    "upstream-502": Said(502, "yes"),
+    "upstream-503": Said(503, "yes"),
+    "upstream-504": Said(504, "yes"),
+    "upstream-breaks-off-mid-body": Said(200, "yes"),
+    "no-token": Said(401, "no", "unauthenticated"),
+    "unknown-path": Said(404, "no", "not-found"),
+    "wrong-method": Said(405, "no", "method-not-allowed"),
+    "missing-code": Said(400, "no", "missing-code"),
+    "declared-too-large": Said(413, "no", "request-body-too-large"),
+    "streamed-too-large": Said(413, "no", "request-body-too-large"),
+    "encoded-body": Said(415, "no", "unsupported-content-encoding"),
+    "bridge-unwired": Said(503, "no", "sme-jwt-bridge-unwired"),
+    "unreachable": Said(503, "no", "sme-gateway-unreachable"),
+    "hung-up-after-the-request": Said(502, "unknown", "sme-gateway-bad-response"),
+    "garbage-after-the-request": Said(502, "unknown", "sme-gateway-bad-response"),
+    "no-answer-in-time": Said(504, "unknown", "sme-gateway-timeout"),
+}
+
+
+def forwarded_case_upstream(case: str) -> Respond:
+    if case == "upstream-breaks-off-mid-body":
+        return partial_answer(b"x" * 1000, b"x" * 400, chunked=False)
+    if case.startswith("upstream-"):
+        status = FORWARDED_CASES[case].status
+        return answer(status, own_body(status))
+    return {
+        "hung-up-after-the-request": write_then_close(b""),
+        "garbage-after-the-request": write_then_close(b"HTTP/1.1 2OO OK\r\n\r\n"),
+        "no-answer-in-time": never_answer,
+    }.get(case, answer())
+
+
+@pytest.mark.parametrize("case", FORWARDED_CASES)
+async def test_every_answer_says_whether_the_request_reached_the_sme_gateway(
+    gateway, bearer, upstream, case
+):
+    """X-Catalyst-Forwarded is "yes" on the upstream's own answers (any status), "no" on every
+    answer made before or instead of the exchange, "unknown" on a 502/504 after the whole
+    request was sent; exactly one such header, and "no" means nothing complete went upstream."""
+    said = FORWARDED_CASES[case]
+    up = await upstream(forwarded_case_upstream(case))
+    overrides: dict[str, Any] = {"upstream_timeout_seconds": 0.3, "max_body_bytes": 64}
+    overrides["upstream"] = closed_port_url() if case == "unreachable" else up.url
+    if case == "bridge-unwired":
+        overrides["bridge_secret"] = None
+    gw = await gateway(**overrides)
+    method, path, body = "POST", PURCHASE, b"{}"
+    headers = [*bearer().items(), ("X-Request-ID", case)]
+    framing = [("Content-Length", str(len(body)))]
+    if case == "no-token":
+        headers = headers[1:]
+    elif case == "unknown-path":
+        path = "/api/v1/billing/nothing-here"
+    elif case == "wrong-method":
+        method = "GET"
+    elif case == "missing-code":
+        path = "/api/v1/sme/billing/vouchers/revoke/%20"
+    elif case == "declared-too-large":
+        body = b"x" * 65
+        framing = [("Content-Length", "65")]
+    elif case == "streamed-too-large":  # 64 bytes, then the one too many: caught mid-stream
+        body = b"40\r\n" + b"x" * 64 + b"\r\n1\r\nx\r\n0\r\n\r\n"
+        framing = [("Transfer-Encoding", "chunked")]
+    elif case == "encoded-body":
+        headers.append(("Content-Encoding", "gzip"))
+    response = await answer_through_reset(
+        gw.url, request_bytes(method, path, headers + framing, body)
+    )
+    assert response.status == said.status
+    if said.error is not None:
+        assert error_of(response) == said.error
+    elif case == "upstream-breaks-off-mid-body":
+        assert not response.complete
+    else:
+        assert (response.body, response.complete) == (own_body(said.status), True)
+    assert response.headers.getall(FORWARDED, []) == [said.forwarded]
+    if said.forwarded == "no":
+        assert up.complete == []
+    else:
+        assert [rid_of(seen) for seen in up.complete] == [case]
+
+
+@pytest.mark.parametrize(
+    ("case", "extra", "first_status"),
+    [
+        ("acceptable", [], 100),
+        ("too-large", [("Content-Length", str(2 * MiB))], 413),
+        ("encoded", [("Content-Encoding", "gzip")], 415),
+    ],
+)
+async def test_expect_100_continue_invites_only_a_body_that_will_be_forwarded(
+    gateway, bearer, upstream, case, extra, first_status
+):
+    """With Expect: 100-continue an acceptable body is invited (100), then forwarded once without
+    the Expect header ("yes"); a body the gateway would refuse is refused before it is sent
+    ("no"), and nothing reaches the upstream."""
+    up = await upstream(scripted())
+    gw = await gateway(upstream=up.url)
+    payload = os.urandom(5000)
+    headers = [*bearer().items(), ("X-Request-ID", case), ("Expect", "100-continue")]
+    if not any(name == "Content-Length" for name, _ in extra):
+        headers.append(("Content-Length", str(len(payload))))
+    reader, writer = await raw_client(gw.url)
+    try:
+        writer.write(request_bytes("POST", PURCHASE, headers + extra))
+        async with asyncio.timeout(5):
+            first = await read_response(reader)
+            assert first is not None
+            assert first.status == first_status
+            final_answer = first
+            if first_status == 100:
+                writer.write(payload)
+                final_answer = await read_response(reader)
+    finally:
+        writer.close()
+    assert final_answer is not None
+    if first_status == 100:
+        assert (final_answer.status, final_answer.body) == (200, body_for(case))
+        assert final_answer.headers.getall(FORWARDED, []) == ["yes"]
+        [seen] = up.requests
+        assert seen.complete
+        assert seen.sha256 == hashlib.sha256(payload).hexdigest()
+        assert "Expect" not in seen.headers
+    else:
+        assert final_answer.headers.getall(FORWARDED, []) == ["no"]
+        assert up.connections == 0
+
+
+# --- back-pressure and memory, on a child process ----------------------------------------------
+
+RSS_GROWTH_LIMIT = 20 * MiB
+# How far the writing side may get ahead of the reading side. The loopback socket buffers
+# between them (the gateway's own autotune up to net.ipv4.tcp_rmem/tcp_wmem's maximum) hold
+# several MB on their own (5-8 MiB measured here); a gateway that buffered instead of
+# pushing back would let the writer run 40 MiB (upload) or 190 MiB (download) ahead.
+AHEAD_LIMIT = 16 * MiB
+PIECE = 64 * KiB
+
+
+def memory(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM of a process, in bytes."""
+    found = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            found[name] = int(value.split()[0]) * KiB
+    return found
+
+
+def reset_peak(pid: int) -> None:
+    """Set the process's VmHWM (peak RSS) to its current RSS (Linux 4.0+)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")
+
+
+StartChild = Callable[..., Awaitable[tuple[int, str]]]
+
+
+@pytest.fixture
+async def child_gateway(public_key_file) -> AsyncIterator[StartChild]:
+    """Factory: ``await child_gateway(upstream_url, **env)`` runs ``catalyst-proxy serve`` as a
+    child process; returns (pid, base URL)."""
+    started: list[ServeProcess] = []
+
+    async def start(upstream_url: str, **env: str) -> tuple[int, str]:
+        proc = ServeProcess(
+            ["serve", "--host", "127.0.0.1", "--port", "0"],
+            {
+                "CATALYST_SME_GATEWAY_URL": upstream_url,
+                "CATALYST_SESSION_PUBLIC_KEY_FILE": str(public_key_file),
+                "CATALYST_SME_JWT_SECRET": BRIDGE_SECRET.decode(),
+                **env,
+            },
+        )
+        started.append(await proc.start())
+        url = await proc.wait_listening()
+        assert proc.proc is not None
+        return proc.proc.pid, url
+
+    yield start
+    for proc in started:
+        await proc.stop()
+
+
+async def small_buffer_client(url: str, option: int) -> Client:
+    """A client connection whose own kernel buffer (SO_RCVBUF or SO_SNDBUF) is 64 KiB, so that
+    what it has read or written is close to what left or reached the gateway."""
+    parts = urlsplit(url)
+    assert parts.hostname is not None
+    assert parts.port is not None
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, option, PIECE)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (parts.hostname, parts.port))
+    return await asyncio.open_connection(sock=sock, limit=PIECE)
+
+
+@dataclass
+class BigAnswer:
+    """An upstream answering ``warm-up`` with a small body and anything else with ``size``
+    bytes as fast as it may write; ``written`` counts what it got rid of (after each drain)."""
+
+    size: int
+    piece: bytes
+    written: int = 0
+
+    async def script(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            head, _ = await read_request(reader)
+            if b"X-Request-ID: warm-up" in head:
+                writer.write(final(200, self.piece))
+                await writer.drain()
+                continue
+            # Its own kernel buffer small, so `written` is close to what reached the gateway.
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, PIECE)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                         b"Content-Length: %d\r\n\r\n" % self.size)  # fmt: skip
+            for _ in range(self.size // len(self.piece)):
+                writer.write(self.piece)
+                await writer.drain()
+                self.written += len(self.piece)
+            return
+
+
+@pytest.mark.slow
+async def test_200_mb_answer_to_a_slow_reader_holds_the_upstream_back_in_flat_memory(
+    child_gateway, bearer
+):
+    """A 200 MB answer to a client reading at about 1 MB/s (then fast) arrives intact while the
+    gateway's RSS grows by less than 20 MB and the upstream is held back to a few MB ahead of
+    the client."""
+    size, slow_seconds, ahead_limit = 200 * MiB, 3.0, AHEAD_LIMIT
+    upstream_side = BigAnswer(size, os.urandom(PIECE))
+    expected = hashlib.sha256()
+    for _ in range(size // PIECE):
+        expected.update(upstream_side.piece)
+    raw = await RawUpstream(upstream_side.script).start()
+    try:
+        # A budget well under the slow phase: it bounds each wait for the upstream, not the whole.
+        pid, url = await child_gateway(raw.url, CATALYST_UPSTREAM_TIMEOUT_SECONDS="1")
+        warm = await only_answer(url, purchase(bearer(), "warm-up"))
+        assert (warm.status, warm.body) == (200, upstream_side.piece)
+        baseline = memory(pid)["VmRSS"]
+        reset_peak(pid)
+        reader, writer = await small_buffer_client(url, socket.SO_RCVBUF)
+        digest, got, ahead = hashlib.sha256(), 0, 0
+        try:
+            async with asyncio.timeout(60):
+                writer.write(purchase(bearer(), "big"))
+                start, headers = parse_head(await reader.readuntil(b"\r\n\r\n"))
+                assert start.startswith("HTTP/1.1 200")
+                assert headers["Content-Length"] == str(size)
+                slow_until = time.monotonic() + slow_seconds
+                while time.monotonic() < slow_until:
+                    piece = await reader.readexactly(PIECE)
+                    digest.update(piece)
+                    got += len(piece)
+                    ahead = max(ahead, upstream_side.written - got)
+                    await asyncio.sleep(1 / 16)  # the slow reader's pace: 64 KiB per 1/16 s
+                while got < size and (piece := await reader.read(MiB)):
+                    digest.update(piece)
+                    got += len(piece)
+        finally:
+            writer.close()
+        peak = memory(pid)["VmHWM"]
+    finally:
+        await raw.close()
+    assert got == size
+    assert digest.hexdigest() == expected.hexdigest()
+    assert ahead < ahead_limit, f"the upstream got {ahead / MiB:.1f} MiB ahead of the client"
+    assert peak - baseline < RSS_GROWTH_LIMIT, f"RSS grew {(peak - baseline) / MiB:.1f} MiB"
+
+
+@dataclass
+class SlowReader:
+    """An upstream reading a ``warm-up`` upload at once and any other at about 2 MiB/s for
+    ``slow_seconds`` (then fast); ``read`` counts the body bytes it has taken."""
+
+    slow_seconds: float
+    read: int = 0
+    slow: bool = True
+
+    async def script(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            _, headers = parse_head(await reader.readuntil(b"\r\n\r\n"))
+            length = int(headers["Content-Length"])
+            if headers["X-Request-ID"] == "warm-up":
+                body = await reader.readexactly(length)
+                writer.write(final(200, hashlib.sha256(body).hexdigest().encode()))
+                await writer.drain()
+                continue
+            # Its own kernel buffer small, so `read` is close to what left the gateway.
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, PIECE)
+            digest = hashlib.sha256()
+            slow_until = time.monotonic() + self.slow_seconds
+            while self.read < length:
+                piece = await reader.read(min(PIECE, length - self.read))
+                if not piece:
+                    return
+                digest.update(piece)
+                self.read += len(piece)
+                if self.slow and time.monotonic() < slow_until:
+                    await asyncio.sleep(1 / 32)  # the slow upstream's pace: 64 KiB per 1/32 s
+                else:
+                    self.slow = False
+            self.slow = False
+            writer.write(final(200, digest.hexdigest().encode()))
+            await writer.drain()
+            return
+
+
+@pytest.mark.slow
+async def test_upload_to_a_slow_upstream_holds_the_client_back_in_flat_memory(
+    child_gateway, bearer
+):
+    """An upload to an upstream reading at about 2 MiB/s (then fast) arrives intact while the
+    gateway's RSS grows by less than 20 MB and the client is held back to a few MB ahead of
+    what the upstream read."""
+    # 48 MiB, not the default 1 MiB limit: the kernel buffers between client and upstream
+    # hold several MB, so only an upload well past them can show what the gateway holds.
+    size, slow_seconds, ahead_limit = 48 * MiB, 2.0, AHEAD_LIMIT
+    piece = os.urandom(PIECE)
+    expected = hashlib.sha256()
+    for _ in range(size // PIECE):
+        expected.update(piece)
+    upstream_side = SlowReader(slow_seconds)
+    raw = await RawUpstream(upstream_side.script).start()
+    try:
+        pid, url = await child_gateway(
+            raw.url,
+            CATALYST_MAX_BODY_BYTES=str(64 * MiB),
+            CATALYST_UPSTREAM_TIMEOUT_SECONDS="30",  # the answer comes after the whole upload
+        )
+        warm = await only_answer(url, purchase(bearer(), "warm-up", piece))
+        assert (warm.status, warm.body) == (200, hashlib.sha256(piece).hexdigest().encode())
+        baseline = memory(pid)["VmRSS"]
+        reset_peak(pid)
+        reader, writer = await small_buffer_client(url, socket.SO_SNDBUF)
+        sent, ahead = 0, 0
+        try:
+            async with asyncio.timeout(60):
+                headers = [*bearer().items(), ("X-Request-ID", "big"),
+                           ("Content-Type", "application/octet-stream"),
+                           ("Content-Length", str(size))]  # fmt: skip
+                writer.write(request_bytes("POST", PURCHASE, headers))
+                for _ in range(size // PIECE):
+                    writer.write(piece)
+                    await writer.drain()
+                    sent += PIECE
+                    if upstream_side.slow:
+                        ahead = max(ahead, sent - upstream_side.read)
+                response = await read_response(reader)
+        finally:
+            writer.close()
+        peak = memory(pid)["VmHWM"]
+    finally:
+        await raw.close()
+    assert response is not None
+    assert (response.status, response.body) == (200, expected.hexdigest().encode())
+    assert upstream_side.read == size
+    assert ahead < ahead_limit, f"the client got {ahead / MiB:.1f} MiB ahead of the upstream"
+    assert peak - baseline < RSS_GROWTH_LIMIT, f"RSS grew {(peak - baseline) / MiB:.1f} MiB"

@@ -152,14 +152,20 @@ class Connection(asyncio.Protocol):
         if self._complete:
             self._extra = True
 
+    # Once the response is complete, whatever follows (an unsolicited second answer) is
+    # noted by on_message_begin() and otherwise ignored: it must not touch this answer.
+
     def on_status(self, reason: bytes) -> None:
         self._head_size += len(reason) + 16  # the reason phrase, and the rest of the line
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-        self._head_size += len(name) + len(value) + 4
+        if not self._extra:
+            self.headers.append((name, value))
+            self._head_size += len(name) + len(value) + 4
 
     def on_headers_complete(self) -> None:
+        if self._extra:
+            return
         status = self._parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             self._interim = True  # 100 Continue, 103 Early Hints: skipped
@@ -176,10 +182,12 @@ class Connection(asyncio.Protocol):
                 self._complete = True  # a HEAD answer: whatever its framing says, no body
 
     def on_body(self, body: bytes) -> None:
-        if not self._skip_body:
+        if not self._skip_body and not self._extra:
             self._body.append(body)
 
     def on_message_complete(self) -> None:
+        if self._extra:
+            return
         if self._interim:
             self._interim = False
         else:

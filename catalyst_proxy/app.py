@@ -25,7 +25,9 @@ from .jwks import Key, KeySet, load_local_keys
 from .metrics import Metrics
 from .ops import Ops
 from .proxy import Proxy
+from .ratelimit import MemoryCounters, RateLimiter, RedisCounters
 from .routes import DEFAULT_ROUTES, Route, RoutesFileError, RouteTable, load_routes
+from .store import Store
 from .upstream import Breaker, Client
 
 __all__ = ["PARTS", "Parts", "create_app"]
@@ -44,6 +46,8 @@ class Parts:
     table: RouteTable
     client: Client
     dispatcher: Dispatcher
+    store: Store | None
+    limiter: RateLimiter
 
 
 PARTS = web.AppKey("catalyst_proxy.parts", Parts)
@@ -104,21 +108,34 @@ def create_app(
         idle_seconds=settings.upstream_idle_seconds,
         breaker=breaker,
     )
-    ops = Ops(keys, secret, metrics, breaker)
-    proxy = Proxy(settings, authenticator, secret, metrics, client)
+    store = Store(settings, clock=monotonic) if settings.redis_url else None
+    limiter = RateLimiter(
+        table.routes,
+        settings.rate_limit,
+        RedisCounters(store) if store is not None else MemoryCounters(),
+        refuse_on_store_error=settings.rate_limit_on_store_error == "refuse",
+        metrics=metrics,
+    )
+    ops = Ops(keys, secret, metrics, breaker, store)
+    proxy = Proxy(settings, authenticator, secret, metrics, client, limiter)
     dispatcher = Dispatcher(table, ops.routes(), proxy, metrics)
     app = web.Application(handler_args=None)
     app[PARTS] = Parts(
-        settings, metrics, keys, secret, authenticator, ops, table, client, dispatcher
-    )
+        settings, metrics, keys, secret, authenticator, ops, table, client, dispatcher,
+        store, limiter,
+    )  # fmt: skip
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await client.start()
         metrics.watch_pool(lambda: client.pool.open, lambda: client.pool.waiting)
+        if store is not None:
+            await store.start()
         await keys.start()
         yield
         await keys.close()
         await client.close()
+        if store is not None:
+            await store.close()
 
     app.cleanup_ctx.append(lifecycle)
     return app

@@ -10,17 +10,24 @@ from aiohttp import web
 from .bridge import BridgeSecret
 from .jwks import KeySet
 from .metrics import CONTENT_TYPE, Metrics
+from .store import Store
 from .upstream import Breaker
 
 
 class Ops:
     def __init__(
-        self, keys: KeySet, secret: BridgeSecret, metrics: Metrics, breaker: Breaker
+        self,
+        keys: KeySet,
+        secret: BridgeSecret,
+        metrics: Metrics,
+        breaker: Breaker,
+        store: Store | None = None,
     ) -> None:
         self._keys = keys
         self._secret = secret
         self._metrics = metrics
         self._breaker = breaker
+        self._store = store
         self.draining = False
 
     async def healthz(self, request: web.BaseRequest) -> web.Response:
@@ -44,6 +51,8 @@ class Ops:
                 "failures_in_a_row": self._breaker.failures,
                 "retry_after_seconds": round(self._breaker.seconds_left(), 3),
             },
+            # informational too: the shared store (Redis/Valkey), if any, never the password
+            "store": self._store.report() if self._store is not None else None,
             "pid": os.getpid(),  # which worker answered (serve --workers N)
         }
         return web.json_response(body, status=503 if reasons else 200)

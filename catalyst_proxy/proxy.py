@@ -2,7 +2,9 @@
 
 For each request routed here, in the contract's order:
 
-1. operator session (401 / 503 operator-keys-unavailable);
+1. operator session (401 / 503 operator-keys-unavailable), then this
+   operator's rate limit on this route (429 / 503 rate-limit-store-unavailable:
+   a bad token never spends an operator's budget);
 2. bridge secret (503 sme-jwt-bridge-unwired), then the voucher code (400);
 3. request body: Content-Encoding (415), declared length (413); only now is a
    client that sent ``Expect: 100-continue`` invited to send it;
@@ -43,6 +45,7 @@ from .errors import (
     UpstreamUnreachable,
 )
 from .metrics import Metrics
+from .ratelimit import RateLimiter
 from .routes import Match
 from .upstream import (
     BadResponse,
@@ -89,8 +92,10 @@ class Proxy:
         secret: BridgeSecret,
         metrics: Metrics,
         client: Client,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self._settings = settings
+        self._limiter = limiter if limiter is not None and limiter.active else None
         self._auth = authenticator
         self._secret = secret
         self._metrics = metrics
@@ -103,6 +108,8 @@ class Proxy:
         operator = await self._auth.authenticate(request.headers)
         role = map_role(operator.claims, self._settings.operator_email)
         info.sub, info.email, info.role = operator.sub, operator.email, role
+        if self._limiter is not None:
+            await self._limiter.check(info.route, operator.sub)
         secret = self._secret.get()
         if secret is None:
             self._metrics.bridge_unwired.inc()

@@ -1,0 +1,165 @@
+"""The shared store: one Redis/Valkey client per process, for every worker and replica.
+
+``CATALYST_REDIS_URL`` (``redis://`` or ``rediss://``) names it; the password
+is in the URL or in ``CATALYST_REDIS_PASSWORD_FILE`` (read for every new
+connection, so a rotated Kubernetes Secret takes effect without a restart).
+Rate-limit counters (through ``limits``) and idempotency records share the
+one connection pool.
+
+- Start-up never waits for it: the first PING runs in the background and its
+  outcome is logged (``store.state``) and shown in ``/readyz``.
+- Commands are never retried by the client library: a retried compare-and-set
+  whose first try did run would report a conflict that is not there. Each one
+  is bounded by ``COMMAND_TIMEOUT``.
+- After a failure the store is treated as down for ``RETRY_AFTER`` seconds
+  (callers do not each wait for a connection that will not come), then the
+  next command tries again: when Redis is back, its users resume without a
+  restart.
+- The password never reaches a log line, ``/readyz`` or an error message:
+  ``describe()`` is the URL without it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.credentials import CredentialProvider
+from redis.exceptions import RedisError
+
+from . import log
+from .config import ConfigError, Settings
+
+COMMAND_TIMEOUT = 0.5  # a command takes well under a millisecond on a healthy store
+RETRY_AFTER = 1.0
+
+T = TypeVar("T")
+
+
+class StoreUnavailable(Exception):
+    """The store could not be reached (or answered with an error); the reason is for logs."""
+
+
+class _PasswordFile(CredentialProvider):
+    """The password from a file, read for each new connection (rotation without restart)."""
+
+    def __init__(self, path: str, username: str | None) -> None:
+        self._path = Path(path)
+        self._username = username
+
+    def get_credentials(self) -> tuple[str] | tuple[str, str]:
+        password = self._path.read_text(encoding="utf-8").strip()
+        return (self._username, password) if self._username else (password,)
+
+    async def get_credentials_async(self) -> tuple[str] | tuple[str, str]:
+        return self.get_credentials()
+
+
+class Store:
+    def __init__(self, settings: Settings, *, clock: Callable[[], float] = time.monotonic) -> None:
+        assert settings.redis_url is not None
+        self.url = settings.redis_url
+        parts = urlsplit(self.url)
+        self._clock = clock
+        options: dict[str, Any] = {
+            "socket_timeout": COMMAND_TIMEOUT,
+            "socket_connect_timeout": COMMAND_TIMEOUT,
+            "retry": Retry(NoBackoff(), 0),
+            "retry_on_error": [],
+        }
+        if settings.redis_password_file:
+            if parts.password:
+                raise ConfigError(
+                    "CATALYST_REDIS_PASSWORD_FILE",
+                    "CATALYST_REDIS_URL holds a password too: keep it in one place",
+                )
+            provider = _PasswordFile(settings.redis_password_file, parts.username)
+            try:
+                provider.get_credentials()
+            except (OSError, UnicodeDecodeError) as exc:
+                problem = getattr(exc, "strerror", None) or type(exc).__name__
+                raise ConfigError(
+                    "CATALYST_REDIS_PASSWORD_FILE", f"cannot read it: {problem}"
+                ) from None
+            options["credential_provider"] = provider
+            self.url = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+        self.pool = ConnectionPool.from_url(self.url, **options)
+        self.redis = Redis(connection_pool=self.pool)
+        self.state = "connecting"
+        self.last_error: str | None = None
+        self._down_until = 0.0
+        self._probe: asyncio.Task[None] | None = None
+        self._logger = log.get_logger()
+
+    def describe(self) -> str:
+        """The URL without credentials (for logs and /readyz)."""
+        parts = urlsplit(self.url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+        return f"{parts.scheme}://{host}{port}{parts.path or ''}"
+
+    def report(self) -> dict[str, Any]:
+        return {"url": self.describe(), "state": self.state, "last_error": self.last_error}
+
+    async def start(self) -> None:
+        """Begin connecting in the background (start-up does not wait for it)."""
+        self._probe = asyncio.get_running_loop().create_task(self._first_ping())
+
+    async def close(self) -> None:
+        if self._probe is not None and not self._probe.done():
+            self._probe.cancel()
+        await self.redis.aclose()
+        await self.pool.disconnect()
+
+    async def run(self, command: Callable[[], Awaitable[T]]) -> T:
+        """Run one store command; StoreUnavailable if the store is down or fails."""
+        if self._down_until and self._clock() < self._down_until:
+            raise StoreUnavailable(self.last_error or "the store is down")
+        try:
+            result = await command()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self.failed(exc)
+            raise StoreUnavailable(self.last_error or "the store failed") from None
+        self.succeeded()
+        return result
+
+    def failed(self, exc: BaseException) -> None:
+        """Note a failure (from here or from a library using the pool)."""
+        self._down_until = self._clock() + RETRY_AFTER
+        self.last_error = _reason(exc)
+        if self.state != "unavailable":
+            self.state = "unavailable"
+            self._logger.warning(
+                log.STORE, state=self.state, url=self.describe(), reason=self.last_error
+            )
+
+    def succeeded(self) -> None:
+        if self.state != "ok":
+            self.state = "ok"
+            self._down_until = 0.0
+            self._logger.info(log.STORE, state=self.state, url=self.describe())
+
+    @property
+    def down(self) -> bool:
+        """A recent failure: skip the store for now (RETRY_AFTER after it)."""
+        return bool(self._down_until) and self._clock() < self._down_until
+
+    async def _first_ping(self) -> None:
+        with contextlib.suppress(StoreUnavailable):  # logged by failed(); the next one retries
+            await self.run(self.redis.ping)
+
+
+def _reason(exc: BaseException) -> str:
+    """The kind of failure, never the exception text (it could quote the URL)."""
+    text = type(exc).__name__
+    if isinstance(exc, OSError) and exc.strerror:
+        text += f": {exc.strerror}"
+    return text

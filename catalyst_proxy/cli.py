@@ -39,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
 
     dev = commands.add_parser("dev", help="gateway + local SME stand-in, keys and tokens")
     dev.add_argument("--port", type=_port, default=8080)
+    dev.add_argument(
+        "--redis",
+        metavar="URL",
+        help="a Redis/Valkey to share rate-limit counters and idempotency records (redis://...)",
+    )
 
     keygen = commands.add_parser("keygen", help="write private.pem, public.pem, jwks.json")
     keygen.add_argument("--out", required=True, type=Path)
@@ -96,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "serve":
         _serve(args.host, args.port, args.workers)
     elif args.command == "dev":
-        _dev(args.port)
+        _dev(args.port, args.redis)
     elif args.command == "keygen":
         _keygen(args.out)
     else:
@@ -110,6 +115,7 @@ def _serve(host: str, port: int, workers: int = 1) -> None:
 
     try:
         settings = Settings.from_env(os.environ)
+        settings.check_workers(workers)
         log.configure(fmt=settings.log_format, level=settings.log_level)
         app = create_app(settings)  # validates the routes file and key files
     except ConfigError as exc:
@@ -132,11 +138,16 @@ def _serve(host: str, port: int, workers: int = 1) -> None:
     raise SystemExit(supervise(workers, worker))
 
 
-def _dev(port: int) -> None:
+def _dev(port: int, redis_url: str | None = None) -> None:
     from .devtools.dev import run
 
+    if redis_url is not None:
+        try:
+            Settings.from_env({"CATALYST_REDIS_URL": redis_url, "CATALYST_JWKS_URL": "http://x/"})
+        except ConfigError as exc:
+            _fail(f"--redis: {exc.problem}")
     log.configure(fmt="console", level="info")
-    _run(run(port))
+    _run(run(port, redis_url=redis_url))
 
 
 def _run(main: object) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from . import log
+from . import log, native
 from .app import PARTS
 from .runner import Runner
 
@@ -59,7 +59,19 @@ async def serve(
         routes=[route.path for route in parts.table.routes],
         max_body_bytes=settings.max_body_bytes,
         upstream_timeout_seconds=settings.upstream_timeout_seconds,
+        upstream_max_connections=settings.upstream_max_connections,
+        upstream_max_pending=settings.upstream_max_pending,
+        upstream_idle_seconds=settings.upstream_idle_seconds,
+        breaker=(
+            f"{settings.breaker_failures} failures, {settings.breaker_cooldown_seconds:g} s"
+            if settings.breaker_failures
+            else "off"
+        ),
+        rate_limit=";".join(map(str, settings.rate_limit)) or None,
+        rate_limit_on_store_error=settings.rate_limit_on_store_error,
+        store=parts.store.describe() if parts.store is not None else "memory (this process)",
         shutdown_grace_seconds=settings.shutdown_grace_seconds,
+        native=native.extensions(),
     )
     if on_ready is not None:
         on_ready(bound)
@@ -86,6 +98,7 @@ async def serve(
         #    and the key set.
         await runner.cleanup()
         logger.info(log.SHUTDOWN_DONE)
+        log.flush()  # every line written before the process goes
 
 
 async def _drain(runner: web.AppRunner, grace: float) -> int:

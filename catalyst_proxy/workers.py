@@ -21,6 +21,8 @@ import socket
 import time
 from collections.abc import Callable
 
+from . import log
+
 RESTART_INTERVAL = 1.0
 
 
@@ -57,6 +59,7 @@ def supervise(count: int, worker: Callable[[int], int]) -> int:
             try:
                 status = worker(index)
             finally:
+                log.flush()  # os._exit skips atexit: a worker's last lines go out first
                 os._exit(status)
         children[pid] = index
 

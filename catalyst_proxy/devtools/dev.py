@@ -14,6 +14,7 @@ import shutil
 import socket
 import tempfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -26,7 +27,7 @@ from .sme import SME
 OWNER_EMAIL = "owner@dev.example"
 
 
-async def run(port: int, host: str = "127.0.0.1") -> None:
+async def run(port: int, host: str = "127.0.0.1", *, redis_url: str | None = None) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="catalyst-dev-"))
     kid = keygen(workdir)
     secret = secrets.token_urlsafe(32)
@@ -44,6 +45,7 @@ async def run(port: int, host: str = "127.0.0.1") -> None:
         public_key_file=str(workdir / "public.pem"),
         bridge_secret=secret.encode(),
         log_format="console",
+        redis_url=redis_url,
     )
     key = load_private_key(workdir / "private.pem")
     owner = operator_token(
@@ -59,7 +61,7 @@ async def run(port: int, host: str = "127.0.0.1") -> None:
             port,
             # flush: stdout may be a pipe (`| tee`), and the banner is what the user waits for
             on_ready=lambda bound: print(
-                _banner(bound, sme_url, workdir, kid, owner, member), flush=True
+                _banner(bound, sme_url, workdir, kid, owner, member, redis_url), flush=True
             ),
         )
     finally:
@@ -74,7 +76,15 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _banner(port: int, sme_url: str, workdir: Path, kid: str, owner: str, member: str) -> str:
+def _banner(
+    port: int,
+    sme_url: str,
+    workdir: Path,
+    kid: str,
+    owner: str,
+    member: str,
+    redis_url: str | None = None,
+) -> str:
     base = f"http://127.0.0.1:{port}"
     json_body = "-H 'Content-Type: application/json'"
     auth = '-H "Authorization: Bearer $CATALYST_TOKEN"'
@@ -85,6 +95,7 @@ catalyst-proxy dev is running.
   gateway        {base}
   SME stand-in   {sme_url}
   keys, secret   {workdir}  (kid {kid})
+  shared store   {_store(redis_url)}
 
 An operator token (realm role catalyst-owner → SME role superadmin), valid 12 h:
 
@@ -111,3 +122,10 @@ curl -sS -i -X POST {base}/api/v1/billing/purchase {json_body} -d {purchase}
 Health {base}/healthz · readiness {base}/readyz · metrics {base}/metrics
 Ctrl-C stops everything.
 """.lstrip("\n")
+
+
+def _store(redis_url: str | None) -> str:
+    if redis_url is None:
+        return "none (counters and records in this process; try --redis redis://127.0.0.1:6379/0)"
+    parts = urlsplit(redis_url)
+    return f"{parts.scheme}://{parts.hostname}{f':{parts.port}' if parts.port else ''}{parts.path}"

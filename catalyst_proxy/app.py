@@ -21,6 +21,8 @@ from .auth import Authenticator
 from .bridge import BridgeSecret
 from .config import ConfigError, Settings
 from .dispatch import Dispatcher
+from .idempotency import Idempotency, MemoryRecords, RedisRecords, route_modes
+from .idempotency.guard import LEASE_MARGIN
 from .jwks import Key, KeySet, load_local_keys
 from .metrics import Metrics
 from .ops import Ops
@@ -48,6 +50,7 @@ class Parts:
     dispatcher: Dispatcher
     store: Store | None
     limiter: RateLimiter
+    idempotency: Idempotency
 
 
 PARTS = web.AppKey("catalyst_proxy.parts", Parts)
@@ -80,8 +83,10 @@ def create_app(
     metrics: Metrics | None = None,
     clock: Callable[[], float] = time.time,
     monotonic: Callable[[], float] = time.monotonic,
+    workers: int = 1,
 ) -> web.Application:
-    """Build the app; raises ConfigError for a bad routes file or key file."""
+    """Build the app; raises ConfigError for a bad routes file, key file or password file,
+    or an idempotency mode ``workers`` processes cannot honour without a shared store."""
     metrics = metrics or Metrics()
     table = load_route_table(settings)
     keys = KeySet(
@@ -116,24 +121,49 @@ def create_app(
         refuse_on_store_error=settings.rate_limit_on_store_error == "refuse",
         metrics=metrics,
     )
-    ops = Ops(keys, secret, metrics, breaker, store)
-    proxy = Proxy(settings, authenticator, secret, metrics, client, limiter)
+    modes, off_reason = route_modes(settings, table.routes, workers=workers)
+    records = (
+        RedisRecords(store, settings.idempotency_ttl_seconds)
+        if store is not None
+        else MemoryRecords(
+            settings.idempotency_ttl_seconds,
+            clock=clock,
+            on_evict=metrics.idempotency_evictions.inc,
+        )
+    )
+    idempotency = Idempotency(
+        modes,
+        records,
+        metrics,
+        lease_seconds=settings.upstream_timeout_seconds + LEASE_MARGIN,
+        max_body_bytes=settings.idempotency_max_body_bytes,
+        shared=store is not None,
+        off_reason=off_reason,
+        clock=clock,
+    )
+    ops = Ops(keys, secret, metrics, breaker, store, idempotency)
+    proxy = Proxy(settings, authenticator, secret, metrics, client, limiter, idempotency)
     dispatcher = Dispatcher(table, ops.routes(), proxy, metrics)
     app = web.Application(handler_args=None)
     app[PARTS] = Parts(
         settings, metrics, keys, secret, authenticator, ops, table, client, dispatcher,
-        store, limiter,
+        store, limiter, idempotency,
     )  # fmt: skip
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         await client.start()
         metrics.watch_pool(lambda: client.pool.open, lambda: client.pool.waiting)
+        if off_reason is not None:
+            log.get_logger().warning(log.IDEMPOTENCY_OFF, reason=off_reason)
         if store is not None:
             await store.start()
+            if isinstance(records, RedisRecords) and idempotency.active:
+                idempotency.later(records.check_policy())
         await keys.start()
         yield
         await keys.close()
         await client.close()
+        await idempotency.close()  # record updates still on their way
         if store is not None:
             await store.close()
 

@@ -117,7 +117,7 @@ def _serve(host: str, port: int, workers: int = 1) -> None:
         settings = Settings.from_env(os.environ)
         settings.check_workers(workers)
         log.configure(fmt=settings.log_format, level=settings.log_level)
-        app = create_app(settings)  # validates the routes file and key files
+        app = create_app(settings, workers=workers)  # validates routes, key and password files
     except ConfigError as exc:
         _fail(str(exc))
     if workers == 1:
@@ -132,7 +132,7 @@ def _serve(host: str, port: int, workers: int = 1) -> None:
 
     def worker(index: int) -> int:
         sock = listen_socket(host, port, reuse_port=True)
-        _run(serve(create_app(settings), host, port, sock=sock))
+        _run(serve(create_app(settings, workers=workers), host, port, sock=sock))
         return 0
 
     raise SystemExit(supervise(workers, worker))

@@ -48,6 +48,7 @@ class RequestInfo:
     email: str | None = None
     role: str | None = None
     error: str | None = None
+    idempotency: str | None = None  # new, replayed, in-use, reused, unknown, store-error
 
 
 class ProxyHandler(Protocol):
@@ -127,6 +128,7 @@ class Dispatcher:
                     "email": info.email,
                     "role": info.role,
                     "error": info.error,
+                    "idempotency": info.idempotency,  # never the key itself
                 }
             )
         return response

@@ -55,6 +55,7 @@ FORWARDED_RESPONSE_HEADERS = (
 
 REQUEST_ID = "X-Request-ID"
 FORWARDED = "X-Catalyst-Forwarded"  # yes / no / unknown: did the request reach the SME gateway?
+REPLAYED = "Idempotent-Replayed"  # true on an answer replayed from an idempotency record
 SERVER = "Server"
 SERVER_NAME = "catalyst-proxy"  # no version banner (aiohttp would send its own)
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._~:@+=/-]{1,128}")

@@ -41,6 +41,8 @@ REFUSED = "request.refused"
 BREAKER = "breaker.state"
 STORE = "store.state"
 IDEMPOTENCY_OFF = "idempotency.off"
+IDEMPOTENCY_EVICTION = "idempotency.eviction_policy"
+IDEMPOTENCY_STORE_ERROR = "idempotency.store_error"
 
 FLUSH_INTERVAL = 0.1
 _FLUSH_BYTES = 64 * 1024

@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from .bridge import BridgeSecret
+from .idempotency import Idempotency
 from .jwks import KeySet
 from .metrics import CONTENT_TYPE, Metrics
 from .store import Store
@@ -22,12 +23,14 @@ class Ops:
         metrics: Metrics,
         breaker: Breaker,
         store: Store | None = None,
+        idempotency: Idempotency | None = None,
     ) -> None:
         self._keys = keys
         self._secret = secret
         self._metrics = metrics
         self._breaker = breaker
         self._store = store
+        self._idempotency = idempotency
         self.draining = False
 
     async def healthz(self, request: web.BaseRequest) -> web.Response:
@@ -53,6 +56,7 @@ class Ops:
             },
             # informational too: the shared store (Redis/Valkey), if any, never the password
             "store": self._store.report() if self._store is not None else None,
+            "idempotency": self._idempotency.report() if self._idempotency else None,
             "pid": os.getpid(),  # which worker answered (serve --workers N)
         }
         return web.json_response(body, status=503 if reasons else 200)

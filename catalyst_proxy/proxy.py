@@ -19,12 +19,14 @@ the client writes a request on exactly one connection.
 
 from __future__ import annotations
 
+import hashlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 
 from aiohttp import HttpVersion11, web
 from aiohttp.streams import StreamReader
+from multidict import CIMultiDict
 
 from . import headers as hdrs
 from .auth import Authenticator
@@ -44,6 +46,7 @@ from .errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
+from .idempotency import Attempt, Idempotency, Record, fingerprinter
 from .metrics import Metrics
 from .ratelimit import RateLimiter
 from .routes import Match
@@ -56,6 +59,7 @@ from .upstream import (
     Client,
     ConnectFailed,
     PoolOverloaded,
+    Progress,
     Response,
     ResponseTimeout,
     UpstreamFailure,
@@ -69,6 +73,16 @@ _FAILURES: tuple[tuple[type[UpstreamFailure], type[ProxyError]], ...] = (
     (ResponseTimeout, UpstreamTimeout),
     (BadResponse, UpstreamBadResponse),
 )
+
+
+@dataclass(frozen=True, slots=True)
+class _Exchange:
+    """The upstream request, prepared (everything but its body)."""
+
+    method: bytes
+    target: bytes
+    head: bytes
+    upload: _Upload
 
 
 @dataclass(slots=True)
@@ -93,8 +107,10 @@ class Proxy:
         metrics: Metrics,
         client: Client,
         limiter: RateLimiter | None = None,
+        idempotency: Idempotency | None = None,
     ) -> None:
         self._settings = settings
+        self._idem = idempotency if idempotency is not None and idempotency.active else None
         self._limiter = limiter if limiter is not None and limiter.active else None
         self._auth = authenticator
         self._secret = secret
@@ -117,41 +133,109 @@ class Proxy:
         if match.code is not None and not match.code:
             raise MissingCode()
         self.check_body(request)
-        await _invite_body(request)
-        upload = _Upload(self._limit)
-        body, length = self._body(request, upload)
+        key = self._idem.key(info.route, request.headers) if self._idem is not None else None
         try:
             token = mint(secret, sub=operator.sub, email=operator.email, role=role)
         except Exception as exc:
             raise MintFailed(type(exc).__name__) from None
-
         route = match.route
-        target = route.upstream_target(match.code) + query
-        head = hdrs.upstream_request_head(
-            request.raw_headers,
-            bridge_token=token,
-            request_id=info.request_id,
-            peer=request.remote,
-            scheme=request.scheme,
-            host=request.host,
+        exchange = _Exchange(
+            route.upstream_method.encode(),
+            (route.upstream_target(match.code) + query).encode(errors="surrogateescape"),
+            hdrs.upstream_request_head(
+                request.raw_headers,
+                bridge_token=token,
+                request_id=info.request_id,
+                peer=request.remote,
+                scheme=request.scheme,
+                host=request.host,
+            ),
+            _Upload(self._limit),
         )
-        started = time.perf_counter()
+        if key is None:
+            return await self._exchange(request, info, exchange, None)
+        assert self._idem is not None
+        iss = operator.claims.get("iss")
+        attempt = await self._idem.begin(iss if isinstance(iss, str) else None, operator.sub,
+                                         route, key)  # fmt: skip
         try:
-            upstream = await self._client.request(
-                route.upstream_method.encode(), target.encode(errors="surrogateescape"), head,
-                body, length,
-            )  # fmt: skip
-        except UpstreamFailure as exc:
-            raise self._translate(exc, upload) from None
+            if attempt.existing is None:
+                return await self._exchange(request, info, exchange, attempt)
+            attempt.check_pending()  # 409 in use / unknown: whatever the body
+            await _invite_body(request)
+            fingerprint = await self._fingerprint(request, exchange)
+            return self._replay(info, attempt.judge(fingerprint))
         finally:
-            elapsed = time.perf_counter() - started
-            info.upstream_ms = round(elapsed * 1000, 3)
-            self._metrics.upstream_done(info.route, elapsed)
+            info.idempotency = attempt.outcome or None
+
+    async def _exchange(
+        self,
+        request: web.BaseRequest,
+        info: RequestInfo,
+        exchange: _Exchange,
+        attempt: Attempt | None,
+    ) -> web.StreamResponse:
+        """Step 6: the one upstream request, and its answer streamed back.
+
+        With an ``attempt`` the body is fingerprinted as it streams, and the outcome
+        settles the key: refused before anything was forwarded → released; 502/504
+        after sending, or the client gone once sent → unknown; an answer → recorded.
+        """
+        progress = Progress()
+        hasher: hashlib._Hash | None = None
+        try:
+            await _invite_body(request)
+            body, length = self._body(request, exchange.upload)
+            if attempt is not None:
+                hasher = fingerprinter(exchange.method, exchange.target)
+                body = _hashed(body, hasher)
+            started = time.perf_counter()
+            try:
+                upstream = await self._client.request(
+                    exchange.method, exchange.target, exchange.head, body, length, progress
+                )
+            except UpstreamFailure as exc:
+                raise self._translate(exc, exchange.upload) from None
+            finally:
+                elapsed = time.perf_counter() - started
+                info.upstream_ms = round(elapsed * 1000, 3)
+                self._metrics.upstream_done(info.route, elapsed)
+        except ProxyError as error:
+            if attempt is not None:
+                await (attempt.release() if error.forwarded == "no" else attempt.unknown())
+            raise
+        except BaseException:  # the client went away (cancelled), or worse
+            if attempt is not None:
+                attempt.settle_later(sent=progress.sent)
+            raise
         info.upstream_status = upstream.status
         try:
-            return await self._relay(request, info, upstream)
+            return await self._relay(request, info, upstream, attempt, hasher)
         finally:
             upstream.release()
+
+    async def _fingerprint(self, request: web.BaseRequest, exchange: _Exchange) -> str:
+        """A repeated key's request: its fingerprint, reading (never forwarding) its body."""
+        hasher = fingerprinter(exchange.method, exchange.target)
+        body, _ = self._body(request, exchange.upload)
+        if isinstance(body, bytes):
+            hasher.update(body)
+        elif body is not None:
+            try:
+                async for chunk in body:
+                    hasher.update(chunk)
+            except _TooLarge:
+                raise BodyTooLarge(self._limit) from None
+        return hasher.hexdigest()
+
+    def _replay(self, info: RequestInfo, record: Record) -> web.Response:
+        """The recorded answer again: same status, headers and body, a new X-Request-ID."""
+        headers: CIMultiDict[str] = CIMultiDict(record.headers)
+        headers[hdrs.REQUEST_ID] = info.request_id
+        headers[hdrs.FORWARDED] = "yes"  # it is the SME gateway's answer, from the first time
+        headers[hdrs.REPLAYED] = "true"
+        headers[hdrs.SERVER] = hdrs.SERVER_NAME
+        return web.Response(status=record.status, body=record.body, headers=headers)
 
     def check_body(self, request: web.BaseRequest) -> None:
         """415 for an encoded body, 413 for a declared length over the limit."""
@@ -194,18 +278,38 @@ class Proxy:
         return error
 
     async def _relay(
-        self, request: web.BaseRequest, info: RequestInfo, upstream: Response
+        self,
+        request: web.BaseRequest,
+        info: RequestInfo,
+        upstream: Response,
+        attempt: Attempt | None,
+        hasher: hashlib._Hash | None,
     ) -> web.StreamResponse:
-        """Stream the answer back; if the upstream breaks off, so does the client's transfer."""
+        """Stream the answer back; if the upstream breaks off, so does the client's transfer.
+
+        With an ``attempt``, the answer is recorded as it passes (up to the record's
+        size limit), once the client has it (or once it is complete, if the client left).
+        """
         headers, length = hdrs.client_response_headers(upstream.headers, info.request_id)
         if upstream.complete:  # the whole answer is here already: one write
-            return web.Response(status=upstream.status, body=upstream.body(), headers=headers)
+            data = upstream.body()
+            whole = web.Response(status=upstream.status, body=data, headers=headers)
+            if attempt is not None and hasher is not None:
+                await self._send_then_record(request, whole, attempt, hasher, headers, data)
+            return whole
         response = web.StreamResponse(status=upstream.status, headers=headers)
         if length is not None:
             response.content_length = length
         await response.prepare(request)
+        kept: bytearray | None = bytearray() if attempt is not None else None
+        limit = self._idem.max_body_bytes if self._idem is not None else 0
         try:
             while chunk := await upstream.read():
+                if kept is not None:
+                    if len(kept) + len(chunk) <= limit:
+                        kept += chunk
+                    else:
+                        kept = None  # too large to record: replays will say so
                 await response.write(chunk)
         except BodyBroken as exc:
             # The upstream stalled or broke off mid-body: close the client's connection
@@ -215,7 +319,64 @@ class Proxy:
             info.error = "sme-gateway-aborted"
             if request.transport is not None:
                 request.transport.abort()
+            if attempt is not None:
+                await attempt.unknown()  # it was acted on, but its answer is lost
+            return response
+        except BaseException:
+            if attempt is not None:
+                attempt.settle_later(sent=True)
+            raise
+        if attempt is not None and hasher is not None:
+            body = bytes(kept) if kept is not None else None
+            await self._send_then_record(request, response, attempt, hasher, headers, body)
         return response
+
+    async def _send_then_record(
+        self,
+        request: web.BaseRequest,
+        response: web.StreamResponse,
+        attempt: Attempt,
+        hasher: hashlib._Hash,
+        headers: CIMultiDict[str],
+        body: bytes | None,
+    ) -> None:
+        """Finish the client's answer, then record it: the client is not kept waiting for
+        the store. The answer is complete either way, so a client gone by now changes
+        nothing."""
+        assert self._idem is not None
+        if body is not None and len(body) > self._idem.max_body_bytes:
+            body = None
+        kept = [(name, value) for name, value in headers.items() if name not in _OURS]
+        record = attempt.complete(hasher.hexdigest(), response.status, kept, body)
+        try:
+            if not response.prepared:
+                await response.prepare(request)
+            await response.write_eof()
+        except ConnectionError:
+            pass
+        except BaseException:
+            self._idem.later(record)  # cancelled: the record still gets written
+            raise
+        await record
+
+
+_OURS = frozenset({hdrs.REQUEST_ID, hdrs.FORWARDED, hdrs.SERVER})
+
+
+def _hashed(body: Body, hasher: hashlib._Hash) -> Body:
+    """``body`` as it is, feeding ``hasher`` on the way."""
+    if body is None:
+        return None
+    if isinstance(body, bytes):
+        hasher.update(body)
+        return body
+    return _hashing(body, hasher)
+
+
+async def _hashing(body: AsyncIterable[bytes], hasher: hashlib._Hash) -> AsyncIterator[bytes]:
+    async for chunk in body:
+        hasher.update(chunk)
+        yield chunk
 
 
 async def _invite_body(request: web.BaseRequest) -> None:

@@ -22,7 +22,7 @@ from .support import RawUpstream, cookie_signature, free_socket, read_request, s
 
 REQUEST_FIELDS = {
     "request_id", "method", "path", "route", "status", "duration_ms", "upstream_status",
-    "upstream_ms", "sub", "email", "role", "error",
+    "upstream_ms", "sub", "email", "role", "error", "idempotency",
 }  # fmt: skip
 STRUCTLOG_FIELDS = {"event", "level", "timestamp"}
 

@@ -9,7 +9,7 @@
 """
 
 from .breaker import Breaker
-from .client import Body, Client, Response
+from .client import Body, Client, Progress, Response
 from .failures import (
     BadResponse,
     BodyBroken,
@@ -31,6 +31,7 @@ __all__ = [
     "Client",
     "ConnectFailed",
     "PoolOverloaded",
+    "Progress",
     "Response",
     "ResponseTimeout",
     "UpstreamFailure",

@@ -32,6 +32,20 @@ Body = bytes | AsyncIterable[bytes] | None
 _METHODS_WITH_CONTENT = frozenset({b"POST", b"PUT", b"PATCH"})
 
 
+class Progress:
+    """How far one request got: set by ``request()``, read by a caller being cancelled."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self) -> None:
+        self._conn: Connection | None = None
+
+    @property
+    def sent(self) -> bool:
+        """The whole request was handed to the connection (the upstream may act on it)."""
+        return self._conn is not None and self._conn.request_complete
+
+
 class Response:
     """The upstream's final answer: status and headers now, the body as it comes."""
 
@@ -116,7 +130,13 @@ class Client:
             self._pool.close()
 
     async def request(
-        self, method: bytes, target: bytes, headers: bytes, body: Body, length: int | None
+        self,
+        method: bytes,
+        target: bytes,
+        headers: bytes,
+        body: Body,
+        length: int | None,
+        progress: Progress | None = None,
     ) -> Response:
         """Send one request (``headers``: complete ``Name: value\\r\\n`` lines, no framing).
 
@@ -127,6 +147,8 @@ class Client:
         loop = pool.loop  # not get_running_loop(): that is a getpid() system call each time
         deadline = loop.time() + self._timeout
         conn = await pool.acquire(deadline)
+        if progress is not None:
+            progress._conn = conn
         head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%s" % (method, target, self._host_header, headers)
         pump: asyncio.Task[None] | None = None
         try:

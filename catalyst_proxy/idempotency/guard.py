@@ -1,0 +1,244 @@
+"""The proxy's side of idempotency: which routes, which key, one ``Attempt`` per keyed request.
+
+Modes per route: the routes file's ``idempotency`` if the entry has one, else
+``CATALYST_IDEMPOTENCY``: ``auto`` (optional where the upstream is ``POST
+/api/billing/purchase`` or ``POST /api/billing/vouchers/issue``, off
+elsewhere), ``off``, ``optional`` or ``required``. With ``--workers`` above 1
+and no shared store, ``auto`` is off everywhere (each worker's memory would
+miss the retries that reach another) and an explicit mode is a configuration
+error.
+
+An ``Attempt`` is the life of one keyed request (see ``records.py``):
+``begin()`` reserves the key or finds its record; a found record is judged
+(409 in use, 409 outcome unknown, 422 another request, 409 replay
+unavailable, or the answer to replay); a new one ends ``complete()``,
+``unknown()`` or ``release()``d.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any
+
+from .. import log
+from ..config import ConfigError, Settings
+from ..errors import (
+    IdempotencyKeyInUse,
+    IdempotencyKeyMissing,
+    IdempotencyKeyReused,
+    IdempotencyOutcomeUnknown,
+    IdempotencyReplayUnavailable,
+    IdempotencyStoreUnavailable,
+)
+from ..ids import hex_id
+from ..metrics import Metrics
+from ..routes import Route
+from ..store import StoreUnavailable
+from .keys import parse_key, slot
+from .records import COMPLETED, RESERVED, UNKNOWN, Record, Records
+
+AUTO_UPSTREAMS = frozenset(
+    {("POST", "/api/billing/purchase"), ("POST", "/api/billing/vouchers/issue")}
+)
+LEASE_MARGIN = 30.0  # a reservation older than the budget plus this, unfinished, is unknown
+HEADER = "Idempotency-Key"
+
+
+def route_modes(
+    settings: Settings, routes: Iterable[Route], *, workers: int = 1
+) -> tuple[dict[str, str], str | None]:
+    """Route path → off | optional | required, and why idempotency is off everywhere (or None)."""
+    routes = tuple(routes)
+    modes = {}
+    for route in routes:
+        mode = route.idempotency or settings.idempotency
+        if mode == "auto":
+            upstream = (route.upstream_method, route.upstream_path)
+            mode = "optional" if upstream in AUTO_UPSTREAMS else "off"
+        modes[route.path] = mode
+    if workers > 1 and settings.redis_url is None:
+        settings.check_workers(workers)  # an explicit CATALYST_IDEMPOTENCY: exit 2
+        for route in routes:
+            if route.idempotency in ("optional", "required"):
+                raise ConfigError(
+                    "CATALYST_ROUTES_FILE",
+                    f"{settings.routes_file}: {route.path}: idempotency {route.idempotency!r} "
+                    f"with --workers {workers} needs CATALYST_REDIS_URL",
+                )
+        if any(mode != "off" for mode in modes.values()):
+            reason = (
+                f"--workers {workers} without CATALYST_REDIS_URL: each worker's memory store "
+                "would miss retries that reach another worker"
+            )
+            return dict.fromkeys(modes, "off"), reason
+    return modes, None
+
+
+class Idempotency:
+    def __init__(
+        self,
+        modes: dict[str, str],
+        records: Records,
+        metrics: Metrics,
+        *,
+        lease_seconds: float,
+        max_body_bytes: int,
+        shared: bool,
+        off_reason: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._modes = modes
+        self._records = records
+        self._metrics = metrics
+        self._lease = lease_seconds
+        self.max_body_bytes = max_body_bytes
+        self.shared = shared
+        self.off_reason = off_reason
+        self._clock = clock
+        self._outcomes = {
+            name: metrics.idempotency.labels(name)
+            for name in ("new", "replayed", "in-use", "reused", "unknown", "store-error")
+        }
+        self._pending: set[asyncio.Task[None]] = set()
+        self._logger = log.get_logger()
+
+    @property
+    def active(self) -> bool:
+        return any(mode != "off" for mode in self._modes.values())
+
+    def report(self) -> dict[str, Any]:
+        on = sorted(path for path, mode in self._modes.items() if mode != "off")
+        return {"store": "redis" if self.shared else "memory", "routes": on,
+                "off_reason": self.off_reason}  # fmt: skip
+
+    def key(self, route: str, headers: Any) -> str | None:
+        """This request's key, if its route takes one (400 invalid / missing)."""
+        mode = self._modes.get(route, "off")
+        if mode == "off":
+            return None
+        key = parse_key(headers.getall(HEADER, []))
+        if key is None and mode == "required":
+            raise IdempotencyKeyMissing()
+        return key
+
+    async def begin(self, iss: str | None, sub: str, route: Route, key: str) -> Attempt:
+        """Reserve the key, or find what it already holds (503 if the store is down)."""
+        where = slot(iss, sub, route.upstream_method, route.upstream_path, key)
+        owner = hex_id()
+        mine = Record(RESERVED, owner, self._clock() + self._lease)
+        try:
+            existing = await self._records.reserve(where, mine)
+        except StoreUnavailable as exc:
+            self.count("store-error")
+            raise IdempotencyStoreUnavailable(str(exc)) from None
+        attempt = Attempt(self, where, owner, existing)
+        if existing is None:
+            self.count("new")
+        return attempt
+
+    def count(self, outcome: str) -> None:
+        self._outcomes[outcome].inc()
+
+    def later(self, step: Coroutine[Any, Any, None]) -> None:
+        """Run a record update that must not be lost to a cancelled request."""
+        task = asyncio.get_running_loop().create_task(step)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def close(self) -> None:
+        """Shutdown: wait for the record updates still on their way."""
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
+
+    async def _settle(self, where: str, owner: str, record: Record | None) -> None:
+        """Replace (record) or release (None) a reservation of ours; a failure is logged."""
+        try:
+            if record is None:
+                await self._records.release(where, owner)
+            else:
+                await self._records.replace(where, owner, record)
+        except StoreUnavailable as exc:
+            # The reservation stays; past its lease it reads as unknown (never a resend).
+            self.count("store-error")
+            self._logger.warning(log.IDEMPOTENCY_STORE_ERROR, reason=str(exc),
+                                 outcome=record.state if record else "release")  # fmt: skip
+
+
+class Attempt:
+    """One keyed request. ``outcome`` is the access log's ``idempotency`` field."""
+
+    __slots__ = ("_guard", "_owner", "_where", "existing", "outcome", "settled")
+
+    def __init__(self, guard: Idempotency, where: str, owner: str, existing: Record | None):
+        self._guard = guard
+        self._where = where
+        self._owner = owner
+        self.existing = existing
+        self.outcome = "new" if existing is None else ""
+        self.settled = existing is not None  # nothing of ours to settle
+
+    def check_pending(self) -> None:
+        """A found record that is not a completed answer: 409 in use or 409 unknown."""
+        record = self.existing
+        assert record is not None
+        if record.state == RESERVED and record.lease_until > self._guard._clock():
+            self._refuse("in-use", IdempotencyKeyInUse())
+        if record.state != COMPLETED:
+            self._refuse("unknown", IdempotencyOutcomeUnknown(f"recorded as {record.state}"))
+
+    def judge(self, fingerprint: str) -> Record:
+        """A completed record and this request's fingerprint: the answer to replay, or 422/409."""
+        record = self.existing
+        assert record is not None
+        assert record.state == COMPLETED
+        if record.fingerprint != fingerprint:
+            self._refuse("reused", IdempotencyKeyReused("another request under this key"))
+        self.outcome = "replayed"
+        self._guard.count("replayed")
+        if record.body is None:
+            raise IdempotencyReplayUnavailable("the answer was too large to record")
+        return record
+
+    async def complete(
+        self, fingerprint: str, status: int, headers: list[tuple[str, str]], body: bytes | None
+    ) -> None:
+        """The SME gateway's answer is complete: record it (``body`` None: too large)."""
+        record = Record(COMPLETED, self._owner, 0.0, fingerprint, status, headers, body)
+        await self._settle(record)
+
+    async def unknown(self) -> None:
+        """It may have been acted on (502/504 after sending, the client gone mid-exchange)."""
+        if not self.settled:
+            self._mark_unknown()
+            await self._settle(Record(UNKNOWN, self._owner, 0.0))
+
+    async def release(self) -> None:
+        """Refused before anything was forwarded: the client may use the key again."""
+        await self._settle(None)
+
+    def settle_later(self, *, sent: bool) -> None:
+        """From a request being cancelled: unknown if it was sent, else released."""
+        if self.settled:
+            return
+        if sent:
+            self._mark_unknown()
+        self.settled = True
+        record = Record(UNKNOWN, self._owner, 0.0) if sent else None
+        self._guard.later(self._guard._settle(self._where, self._owner, record))
+
+    def _mark_unknown(self) -> None:
+        self.outcome = "unknown"
+        self._guard.count("unknown")
+
+    async def _settle(self, record: Record | None) -> None:
+        if self.settled:
+            return
+        self.settled = True
+        await self._guard._settle(self._where, self._owner, record)
+
+    def _refuse(self, outcome: str, error: Exception) -> None:
+        self.outcome = outcome
+        self._guard.count(outcome)
+        raise error

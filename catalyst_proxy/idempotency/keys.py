@@ -1,0 +1,67 @@
+"""The ``Idempotency-Key`` header, its scope and the request's fingerprint.
+
+- Syntax (the IETF httpapi idempotency-key draft): 1-255 visible ASCII
+  characters, bare (``Idempotency-Key: 8e03978e``) or as a structured-field
+  string (``Idempotency-Key: "8e03978e"``, with ``\\"`` and ``\\\\`` escapes);
+  the quotes are not part of the key, so both spellings are the same key. An
+  empty or over-long key, any other byte, or two headers → ``400
+  idempotency-key-invalid``.
+- Scope: the operator (token ``iss`` and ``sub``) and the route's upstream
+  method and path. The store sees only a SHA-256 of scope and key
+  (``slot()``), never the client's key.
+- Fingerprint: SHA-256 over the upstream method, the upstream target (path and
+  query) and the body, fed while the body streams.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from ..errors import IdempotencyKeyInvalid
+
+MAX_KEY_LENGTH = 255
+
+
+def parse_key(values: list[str]) -> str | None:
+    """The key of a request's ``Idempotency-Key`` headers, None if there is none."""
+    if not values:
+        return None
+    if len(values) > 1:
+        raise IdempotencyKeyInvalid("more than one Idempotency-Key header")
+    raw = values[0]
+    key = _unquote(raw) if raw.startswith('"') else raw
+    if not 1 <= len(key) <= MAX_KEY_LENGTH:
+        raise IdempotencyKeyInvalid(f"key length {len(key)} is not 1-{MAX_KEY_LENGTH}")
+    if not all("!" <= char <= "~" for char in key):
+        raise IdempotencyKeyInvalid("the key holds a character that is not visible ASCII")
+    return key
+
+
+def _unquote(raw: str) -> str:
+    if len(raw) < 2 or not raw.endswith('"'):
+        raise IdempotencyKeyInvalid("an unterminated quoted key")
+    out: list[str] = []
+    inner = iter(raw[1:-1])
+    for char in inner:
+        if char == "\\":
+            escaped = next(inner, "")
+            if escaped not in ('"', "\\"):
+                raise IdempotencyKeyInvalid("a bad escape in a quoted key")
+            out.append(escaped)
+        elif char == '"':
+            raise IdempotencyKeyInvalid("a quote inside a quoted key")
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def slot(iss: str | None, sub: str, method: str, upstream_path: str, key: str) -> str:
+    """Where the key's record lives: a digest of the scope and the key (hex)."""
+    scope = "\0".join((iss or "", sub, method, upstream_path, key))
+    return hashlib.sha256(scope.encode()).hexdigest()
+
+
+def fingerprinter(method: bytes, target: bytes) -> hashlib._Hash:
+    """A SHA-256 already fed the request's method and target; feed it the body."""
+    digest = hashlib.sha256(method + b" " + target + b"\n")
+    return digest

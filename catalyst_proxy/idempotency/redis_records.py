@@ -1,0 +1,92 @@
+"""Idempotency records in Redis/Valkey, shared by every worker and replica.
+
+- Reservation: ``SET slot record NX PX ttl``, atomic: of two gateways racing
+  on one key exactly one reserves it.
+- Completion, "unknown" and release: compare-and-set on the record's owner
+  token in a Lua script, never a plain ``SET``: a first attempt that outlived
+  its record can never overwrite a newer one.
+- Keys are ``catalyst-idem:`` + a SHA-256 of scope and key: the client's key
+  is never stored. Records expire after the TTL.
+
+Redis must not evict them (``maxmemory-policy noeviction``: an evicted
+reservation would let a retry through twice); ``check_policy()`` warns at
+start-up when the server says otherwise. Replication is asynchronous: a
+failover can lose the last writes, which this store cannot prevent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import log
+from ..store import Store, StoreUnavailable
+from .records import OWNER_LENGTH, Record
+
+PREFIX = "catalyst-idem:"
+
+_REPLACE = f"""
+local current = redis.call('GET', KEYS[1])
+if current and string.sub(current, 1, {OWNER_LENGTH}) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+"""
+
+_RELEASE = f"""
+local current = redis.call('GET', KEYS[1])
+if current and string.sub(current, 1, {OWNER_LENGTH}) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+class RedisRecords:
+    def __init__(self, store: Store, ttl: float) -> None:
+        self._store = store
+        self._redis = store.redis
+        self._ttl_ms = max(int(ttl * 1000), 1)
+        self._replace = self._redis.register_script(_REPLACE)
+        self._release = self._redis.register_script(_RELEASE)
+
+    async def reserve(self, slot: str, record: Record) -> Record | None:
+        key = PREFIX + slot
+        data = record.encode()
+        for _ in range(2):  # the record met may expire between SET and GET: try once more
+            stored = await self._store.run(
+                lambda: self._redis.set(key, data, nx=True, px=self._ttl_ms)
+            )
+            if stored:
+                return None
+            found: Any = await self._store.run(lambda: self._redis.get(key))
+            if found is not None:
+                return Record.decode(bytes(found))
+        raise StoreUnavailable("the record kept changing under the reservation")
+
+    async def replace(self, slot: str, owner: str, record: Record) -> bool:
+        args: list[Any] = [owner, record.encode(), self._ttl_ms]
+        done = await self._store.run(lambda: self._replace(keys=[PREFIX + slot], args=args))
+        return bool(done)
+
+    async def release(self, slot: str, owner: str) -> bool:
+        done = await self._store.run(lambda: self._release(keys=[PREFIX + slot], args=[owner]))
+        return bool(done)
+
+    async def check_policy(self) -> None:
+        """Warn if the server may evict records (managed servers may refuse CONFIG: fine)."""
+        try:
+            reply = await self._redis.config_get("maxmemory-policy")
+        except Exception:
+            return
+        values: Any = reply or {}
+        policy = values.get("maxmemory-policy") or values.get(b"maxmemory-policy")
+        if isinstance(policy, bytes):
+            policy = policy.decode()
+        if policy and policy != "noeviction":
+            log.get_logger().warning(
+                log.IDEMPOTENCY_EVICTION,
+                maxmemory_policy=policy,
+                advice="set maxmemory-policy noeviction: an evicted reservation lets a retry "
+                "through twice",
+            )

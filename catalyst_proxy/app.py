@@ -14,9 +14,10 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+import orjson
 from aiohttp import web
 
-from . import log
+from . import log, openapi
 from .auth import Authenticator
 from .bridge import BridgeSecret
 from .config import ConfigError, Settings
@@ -142,6 +143,13 @@ def create_app(
         clock=clock,
     )
     ops = Ops(keys, secret, metrics, breaker, store, idempotency)
+    ops.openapi = orjson.dumps(
+        openapi.document(
+            table.routes,
+            idempotency=idempotency.mode,
+            rate_limited=lambda path: limiter.policy_header(path) is not None,
+        )
+    )
     proxy = Proxy(settings, authenticator, secret, metrics, client, limiter, idempotency)
     dispatcher = Dispatcher(table, ops.routes(), proxy, metrics)
     app = web.Application(handler_args=None)

@@ -1,4 +1,4 @@
-"""The command line: serve | dev | keygen | token. The only module that prints or exits."""
+"""The command line: serve | dev | openapi | keygen | token. Only it prints or exits."""
 
 from __future__ import annotations
 
@@ -43,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
         "--redis",
         metavar="URL",
         help="a Redis/Valkey to share rate-limit counters and idempotency records (redis://...)",
+    )
+
+    commands.add_parser(
+        "openapi", help="print the OpenAPI 3.1 document (routes from CATALYST_ROUTES_FILE too)"
     )
 
     keygen = commands.add_parser("keygen", help="write private.pem, public.pem, jwks.json")
@@ -102,6 +106,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         _serve(args.host, args.port, args.workers)
     elif args.command == "dev":
         _dev(args.port, args.redis)
+    elif args.command == "openapi":
+        _openapi()
     elif args.command == "keygen":
         _keygen(args.out)
     else:
@@ -136,6 +142,22 @@ def _serve(host: str, port: int, workers: int = 1) -> None:
         return 0
 
     raise SystemExit(supervise(workers, worker))
+
+
+def _openapi() -> None:
+    from .app import PARTS, create_app
+
+    environ = dict(os.environ)
+    if not any(environ.get(name) for name in _KEY_SOURCES):
+        environ["CATALYST_JWKS_URL"] = "http://unused.invalid/"  # the document needs no keys
+    try:
+        app = create_app(Settings.from_env(environ))
+    except ConfigError as exc:
+        _fail(str(exc))
+    sys.stdout.buffer.write(app[PARTS].ops.openapi + b"\n")
+
+
+_KEY_SOURCES = ("CATALYST_JWKS_URL", "CATALYST_KC_ADDR", "CATALYST_SESSION_PUBLIC_KEY_FILE")
 
 
 def _dev(port: int, redis_url: str | None = None) -> None:

@@ -49,6 +49,11 @@ from collections.abc import Mapping
 
 FORWARDED = "X-Catalyst-Forwarded"
 
+# The checks a request passes, in order (CONTRACT: "Order of checks"); each error names its
+# step, so the reference and the OpenAPI document know which routes can answer it.
+STEPS = ("protocol", "routing", "session", "rate-limit", "bridge", "code", "body",
+         "idempotency", "exchange")  # fmt: skip
+
 
 class ProxyError(Exception):
     """An answer the gateway makes on its own, rendered as ``{"error": code}``.
@@ -63,6 +68,7 @@ class ProxyError(Exception):
     detail: str | None = None
     forwarded: str = "no"
     advice: str = ""
+    step: str = "protocol"  # which check of STEPS answers it
 
     def __init__(
         self,
@@ -92,6 +98,7 @@ class BadRequest(ProxyError):
     """
 
     status, code = 400, "bad-request"
+    step = "protocol"
     advice = "fix the client's HTTP; nothing was forwarded"
 
 
@@ -99,6 +106,7 @@ class MissingCode(ProxyError):
     """The voucher code in the path is blank (after trimming)."""
 
     status, code = 400, "missing-code"
+    step = "code"
     advice = "send a code"
 
 
@@ -108,6 +116,7 @@ class IdempotencyKeyInvalid(ProxyError):
     """
 
     status, code = 400, "idempotency-key-invalid"
+    step = "idempotency"
     advice = "send one well-formed key; nothing was forwarded"
 
 
@@ -115,6 +124,7 @@ class IdempotencyKeyMissing(ProxyError):
     """The route requires an ``Idempotency-Key`` and none was sent."""
 
     status, code = 400, "idempotency-key-missing"
+    step = "idempotency"
     advice = "send a new random key per operation, and the same key on every retry of it"
 
 
@@ -126,6 +136,7 @@ class Unauthenticated(ProxyError):
     """
 
     status, code = 401, "unauthenticated"
+    step = "session"
     advice = "sign in again; the reason is in the gateway's log under the `X-Request-ID`"
 
     def __init__(self, reason: str, *, token_presented: bool, log_detail: str = "") -> None:
@@ -140,6 +151,7 @@ class NotFound(ProxyError):
     """Not a route of this gateway."""
 
     status, code = 404, "not-found"
+    step = "routing"
     advice = "check the path"
 
 
@@ -147,6 +159,7 @@ class MethodNotAllowed(ProxyError):
     """A known path, another method (``Allow`` lists the right ones)."""
 
     status, code = 405, "method-not-allowed"
+    step = "routing"
     advice = "use a listed method"
 
     def __init__(self, allowed: tuple[str, ...]) -> None:
@@ -157,6 +170,7 @@ class IdempotencyKeyInUse(ProxyError):
     """An earlier request with this key is still in progress."""
 
     status, code = 409, "idempotency-key-in-use"
+    step = "idempotency"
     advice = "retry with the same key after `Retry-After`"
 
     def __init__(self) -> None:
@@ -169,6 +183,7 @@ class IdempotencyOutcomeUnknown(ProxyError):
     """
 
     status, code = 409, "idempotency-outcome-unknown"
+    step = "idempotency"
     advice = "do not repeat it blindly under a new key: find out whether it happened first"
 
 
@@ -178,6 +193,7 @@ class IdempotencyReplayUnavailable(ProxyError):
     """
 
     status, code = 409, "idempotency-replay-unavailable"
+    step = "idempotency"
     advice = "do not repeat it under a new key: it happened once; look up its result"
 
 
@@ -185,6 +201,7 @@ class BodyTooLarge(ProxyError):
     """The request body is over ``CATALYST_MAX_BODY_BYTES``."""
 
     status, code = 413, "request-body-too-large"
+    step = "body"
     advice = "send less"
 
     def __init__(self, limit: int) -> None:
@@ -195,6 +212,7 @@ class UnsupportedContentEncoding(ProxyError):
     """The request body has a ``Content-Encoding`` other than ``identity``."""
 
     status, code = 415, "unsupported-content-encoding"
+    step = "body"
     advice = "send it uncompressed"
 
 
@@ -204,6 +222,7 @@ class IdempotencyKeyReused(ProxyError):
     """
 
     status, code = 422, "idempotency-key-reused"
+    step = "idempotency"
     advice = "a new request needs a new key; retry this one only with its own key"
 
 
@@ -213,6 +232,7 @@ class RateLimited(ProxyError):
     """
 
     status, code = 429, "rate-limited"
+    step = "rate-limit"
     advice = "wait `Retry-After` seconds, then retry (safe: nothing was forwarded)"
 
 
@@ -220,6 +240,7 @@ class HeaderFieldsTooLarge(ProxyError):
     """A header line is over 16 KiB; the connection is closed after the answer."""
 
     status, code = 431, "request-header-fields-too-large"
+    step = "protocol"
     advice = "send a shorter header (usually a smaller token or fewer cookies)"
 
 
@@ -227,6 +248,7 @@ class InternalError(ProxyError):
     """An unexpected fault in the gateway itself."""
 
     status, code = 500, "internal-error"
+    step = "protocol"
     advice = "retry with the same `Idempotency-Key`; report the `X-Request-ID`"
 
 
@@ -234,6 +256,7 @@ class MintFailed(ProxyError):
     """The bridge token could not be signed."""
 
     status, code = 500, "sme-jwt-mint-failed"
+    step = "bridge"
     advice = "operator: check the bridge secret"
 
 
@@ -243,7 +266,8 @@ class UpstreamBadResponse(ProxyError):
     """
 
     status, code = 502, "sme-gateway-bad-response"
-    forwarded = "unknown"  # raised only once the request was handed to the upstream
+    step = "exchange"
+    forwarded = "unknown"  # "no" when the request broke off before it was all sent
     advice = "retry only with the same `Idempotency-Key`; operator: check the SME gateway"
 
 
@@ -254,6 +278,7 @@ class OperatorKeysUnavailable(ProxyError):
     """
 
     status, code = 503, "operator-keys-unavailable"
+    step = "session"
     advice = "retry after `Retry-After`; operator: check Keycloak"
 
     def __init__(self, reason: str = "keys_unavailable", *, retry_after: int = 5) -> None:
@@ -266,6 +291,7 @@ class BridgeUnwired(ProxyError):
     """
 
     status, code = 503, "sme-jwt-bridge-unwired"
+    step = "bridge"
     advice = "operator: wire `sme-secrets/JWT_SECRET`"
     detail = (
         "the SME bridge secret is not configured (CATALYST_SME_JWT_SECRET, "
@@ -279,6 +305,7 @@ class UpstreamUnreachable(ProxyError):
     """
 
     status, code = 503, "sme-gateway-unreachable"
+    step = "exchange"
     advice = (
         "safe to retry, even a POST (after `Retry-After` when sent); operator: check the SME tier"
     )
@@ -291,6 +318,7 @@ class GatewayOverloaded(ProxyError):
     """
 
     status, code = 503, "gateway-overloaded"
+    step = "exchange"
     advice = "retry after `Retry-After` (safe, even a POST)"
 
     def __init__(self, reason: str = "") -> None:
@@ -303,6 +331,7 @@ class RateLimitStoreUnavailable(ProxyError):
     """
 
     status, code = 503, "rate-limit-store-unavailable"
+    step = "rate-limit"
     advice = "retry shortly; operator: check Redis/Valkey"
 
 
@@ -312,6 +341,7 @@ class IdempotencyStoreUnavailable(ProxyError):
     """
 
     status, code = 503, "idempotency-store-unavailable"
+    step = "idempotency"
     advice = "retry with the same key; operator: check Redis/Valkey"
 
 
@@ -321,7 +351,8 @@ class UpstreamTimeout(ProxyError):
     """
 
     status, code = 504, "sme-gateway-timeout"
-    forwarded = "unknown"  # raised only once the request was handed to the upstream
+    step = "exchange"
+    forwarded = "unknown"  # "no" when the request broke off before it was all sent
     advice = "retry only with the same `Idempotency-Key`; operator: check the SME gateway's latency"
 
 

@@ -31,6 +31,7 @@ class Ops:
         self._breaker = breaker
         self._store = store
         self._idempotency = idempotency
+        self.openapi = b"{}"  # the document, rendered once (set by create_app)
         self.draining = False
 
     async def healthz(self, request: web.BaseRequest) -> web.Response:
@@ -64,6 +65,10 @@ class Ops:
     async def metrics(self, request: web.BaseRequest) -> web.Response:
         return web.Response(body=self._metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
+    async def openapi_json(self, request: web.BaseRequest) -> web.Response:
+        return web.Response(body=self.openapi, content_type="application/json")
+
     def routes(self) -> dict[str, Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]]:
         """Path → handler (GET only; the dispatcher answers 405 for other methods)."""
-        return {"/healthz": self.healthz, "/readyz": self.readyz, "/metrics": self.metrics}
+        return {"/healthz": self.healthz, "/readyz": self.readyz, "/metrics": self.metrics,
+                "/openapi.json": self.openapi_json}  # fmt: skip

@@ -108,6 +108,9 @@ class Idempotency:
     def active(self) -> bool:
         return any(mode != "off" for mode in self._modes.values())
 
+    def mode(self, route: str) -> str:
+        return self._modes.get(route, "off")
+
     def report(self) -> dict[str, Any]:
         on = sorted(path for path, mode in self._modes.items() if mode != "off")
         return {"store": "redis" if self.shared else "memory", "routes": on,

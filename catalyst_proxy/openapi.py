@@ -1,0 +1,256 @@
+"""The OpenAPI 3.1 document of this gateway, built from the route table and the error tree.
+
+Nothing here is written twice: each proxied route of the table (aliases from
+``CATALYST_ROUTES_FILE`` included) becomes an operation per client method; the
+answers it can make itself are the error classes whose ``step`` applies to
+that route (every route: protocol, session, bridge, body, exchange; a
+``{code}`` route: the code; a rate-limited route: the rate limit; a route
+with idempotency: the key's answers), each status with its exact ``error``
+codes. Any status may also be the SME gateway's own answer, passed through
+unchanged (``X-Catalyst-Forwarded: yes``): our answers say ``no`` or
+``unknown`` and have the documented JSON shape. Built once at start-up,
+served at ``GET /openapi.json`` and printed by ``catalyst-proxy openapi``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from . import __version__
+from . import headers as hdrs
+from .errors import ProxyError, every_error
+from .routes import PLACEHOLDER, Route
+
+ALWAYS = frozenset({"protocol", "session", "bridge", "body", "exchange"})
+_JSON = "application/json"
+
+_HEADERS: dict[str, dict[str, Any]] = {
+    hdrs.REQUEST_ID: {
+        "description": "The client's X-Request-ID when it is a sane token of at most 128 "
+        "characters, else a new one; quote it when asking for help.",
+        "required": True,
+        "schema": {"type": "string", "pattern": r"^[A-Za-z0-9._~:@+=/-]{1,128}$"},
+    },
+    hdrs.FORWARDED: {
+        "description": "Whether the request reached the SME gateway: `no` (safe to retry, even "
+        "a POST), `yes` (its own answer, passed through or replayed), `unknown` (it may have "
+        "been acted on: retry only with the same Idempotency-Key).",
+        "required": True,
+        "schema": {"type": "string", "enum": ["yes", "no", "unknown"]},
+    },
+    "Retry-After": {
+        "description": "Seconds to wait before retrying.",
+        "schema": {"type": "string"},
+    },
+    "WWW-Authenticate": {
+        "description": 'Bearer realm="catalyst-proxy", with '
+        'error="invalid_token" when a token was presented (RFC 6750).',
+        "schema": {"type": "string"},
+    },
+    "RateLimit-Policy": {
+        "description": "The route's rate limits (IETF httpapi "
+        'ratelimit-headers), e.g. `"30-per-minute";q=30;w=60`.',
+        "schema": {"type": "string"},
+    },
+    "RateLimit": {
+        "description": 'The exhausted limit: `"30-per-minute";r=0;t=12`.',
+        "schema": {"type": "string"},
+    },
+    hdrs.REPLAYED: {
+        "description": "`true` on an answer replayed from an Idempotency-Key record.",
+        "schema": {"type": "string", "enum": ["true"]},
+    },
+}
+_ERROR_HEADERS = {
+    "RateLimited": ("Retry-After", "RateLimit-Policy", "RateLimit"),
+    "Unauthenticated": ("WWW-Authenticate",),
+    "OperatorKeysUnavailable": ("Retry-After",),
+    "GatewayOverloaded": ("Retry-After",),
+    "UpstreamUnreachable": ("Retry-After",),
+    "IdempotencyKeyInUse": ("Retry-After",),
+}
+
+
+def document(
+    routes: Iterable[Route],
+    *,
+    idempotency: Callable[[str], str],
+    rate_limited: Callable[[str], bool],
+) -> dict[str, Any]:
+    """The whole document. ``idempotency(path)`` is a route's mode, ``rate_limited(path)``
+    whether it has a rate limit."""
+    paths: dict[str, Any] = {}
+    for route in routes:
+        operations = paths.setdefault(route.path, {})
+        if route.templated:
+            operations["parameters"] = [
+                {
+                    "name": "code",
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string"},
+                    "description": "Trimmed, then sent upstream as one percent-encoded path "
+                    "segment; blank is `400 missing-code`.",
+                }
+            ]
+        for method in route.methods:
+            operations[method.lower()] = _operation(
+                route, method, idempotency(route.path), rate_limited(route.path)
+            )
+    paths.update(_OPS_PATHS)
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "catalyst-proxy",
+            "version": __version__,
+            "description": "The operator console's gateway to the SME billing gateway: an "
+            "RS256 operator session in, an HS256 bridge token out, request and answer "
+            "streamed unchanged, each request sent upstream at most once.",
+        },
+        "paths": paths,
+        "components": {
+            "securitySchemes": {
+                "operatorBearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+                "operatorCookie": {"type": "apiKey", "in": "cookie", "name": "catalyst_session"},
+            },
+            "headers": _HEADERS,
+            "schemas": {"Error": _error_schema(every_error())},
+        },
+    }
+
+
+def _operation(route: Route, method: str, mode: str, limited: bool) -> dict[str, Any]:
+    steps = set(ALWAYS)
+    if route.templated:
+        steps.add("code")
+    if limited:
+        steps.add("rate-limit")
+    if mode != "off":
+        steps.add("idempotency")
+    errors = [
+        cls
+        for cls in every_error()
+        if cls.step in steps and (cls.__name__ != "IdempotencyKeyMissing" or mode == "required")
+    ]
+    responses: dict[str, Any] = {
+        "default": {
+            "description": "The SME gateway's own answer (any status), streamed back unchanged: "
+            "its body and Content-Type, Content-Encoding, Cache-Control, Location, Retry-After "
+            "and ETag; never Set-Cookie or Server.",
+            "headers": _refs(hdrs.REQUEST_ID, hdrs.FORWARDED, hdrs.REPLAYED),
+            "content": {"*/*": {"schema": {}}},
+        }
+    }
+    for status in sorted({cls.status for cls in errors}):
+        at_status = [cls for cls in errors if cls.status == status]
+        extra = sorted({h for cls in at_status for h in _ERROR_HEADERS.get(cls.__name__, ())})
+        responses[str(status)] = {
+            "description": "; ".join(f"`{cls.code}`: {_meaning(cls)}" for cls in at_status)
+            + ". Or the SME gateway's own answer with this status (X-Catalyst-Forwarded: yes).",
+            "headers": _refs(hdrs.REQUEST_ID, hdrs.FORWARDED, hdrs.REPLAYED, *extra),
+            "content": {
+                _JSON: {"schema": {"anyOf": [_error_schema(at_status), {}]}},
+                "*/*": {"schema": {}},
+            },
+        }
+    parameters: list[dict[str, Any]] = [
+        {
+            "name": hdrs.REQUEST_ID,
+            "in": "header",
+            "required": False,
+            "schema": {"type": "string"},
+            "description": "Kept when sane, else replaced.",
+        },
+    ]
+    if mode != "off":
+        parameters.append(
+            {
+                "name": "Idempotency-Key",
+                "in": "header",
+                "required": mode == "required",
+                "schema": {"type": "string", "minLength": 1, "maxLength": 257},
+                "description": "1-255 visible ASCII characters, bare or quoted: a repeat with "
+                "the same key and request replays the first answer instead of acting twice. "
+                f"This route: {mode}.",
+            }
+        )
+    operation: dict[str, Any] = {
+        "summary": f"{route.upstream_method} {route.upstream_path} on the SME gateway",
+        "operationId": _operation_id(method, route.path),
+        "security": [{"operatorBearer": []}, {"operatorCookie": []}],
+        "parameters": parameters,
+        "responses": responses,
+    }
+    if method in ("POST", "PUT", "PATCH", "DELETE"):
+        operation["requestBody"] = {
+            "required": False,
+            "description": "Streamed to the SME gateway byte for byte (no Content-Encoding).",
+            "content": {_JSON: {"schema": {}}, "*/*": {"schema": {}}},
+        }
+    return operation
+
+
+def _error_schema(errors: Iterable[type[ProxyError]]) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {"type": "string", "enum": sorted({cls.code for cls in errors})},
+            "detail": {"type": "string"},
+        },
+        "additionalProperties": False,
+    }
+
+
+def _meaning(cls: type[ProxyError]) -> str:
+    return " ".join((cls.__doc__ or cls.code).split("\n\n")[0].split()).rstrip(".")
+
+
+def _refs(*names: str) -> dict[str, Any]:
+    return {name: {"$ref": f"#/components/headers/{name}"} for name in names}
+
+
+def _operation_id(method: str, path: str) -> str:
+    words = [part for part in path.replace(PLACEHOLDER, "by-code").split("/") if part]
+    return method.lower() + "".join(word.title().replace("-", "") for word in words)
+
+
+def _ops(
+    name: str, summary: str, content: str, schema: dict[str, Any], *statuses: str
+) -> dict[str, Any]:
+    return {
+        "get": {
+            "summary": summary,
+            "operationId": name,
+            "responses": {
+                status: {
+                    "description": summary,
+                    "headers": _refs(hdrs.REQUEST_ID, hdrs.FORWARDED),
+                    "content": {content: {"schema": schema}},
+                }
+                for status in statuses
+            },
+        }
+    }
+
+
+_OPS_PATHS = {
+    "/healthz": _ops(
+        "getHealthz",
+        "Liveness",
+        _JSON,
+        {"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}},
+        "200",
+    ),
+    "/readyz": _ops(
+        "getReadyz",
+        "Readiness: 200 when operator keys are usable; 503 with reasons otherwise",
+        _JSON,
+        {"type": "object", "required": ["status", "reasons"]},
+        "200",
+        "503",
+    ),
+    "/metrics": _ops("getMetrics", "Prometheus metrics", "text/plain", {"type": "string"}, "200"),
+    "/openapi.json": _ops("getOpenapi", "This document", _JSON, {"type": "object"}, "200"),
+}

@@ -47,7 +47,7 @@ def test_generated_regions_are_up_to_date(document: str) -> None:
 @pytest.mark.parametrize(
     ("document", "names"),
     [
-        ("README.md", ["variables", "errors"]),
+        ("README.md", ["variables", "errors", "metrics"]),
         ("docs/reference.md", ["routes", "errors", "metrics", "variables"]),
     ],
 )

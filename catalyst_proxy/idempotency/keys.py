@@ -16,10 +16,12 @@
 from __future__ import annotations
 
 import hashlib
+import re
 
 from ..errors import IdempotencyKeyInvalid
 
 MAX_KEY_LENGTH = 255
+_VISIBLE = re.compile(r"[!-~]+")  # VCHAR: %x21-7E
 
 
 def parse_key(values: list[str]) -> str | None:
@@ -32,7 +34,7 @@ def parse_key(values: list[str]) -> str | None:
     key = _unquote(raw) if raw.startswith('"') else raw
     if not 1 <= len(key) <= MAX_KEY_LENGTH:
         raise IdempotencyKeyInvalid(f"key length {len(key)} is not 1-{MAX_KEY_LENGTH}")
-    if not all("!" <= char <= "~" for char in key):
+    if _VISIBLE.fullmatch(key) is None:
         raise IdempotencyKeyInvalid("the key holds a character that is not visible ASCII")
     return key
 

@@ -23,7 +23,7 @@ import ssl
 from collections import deque
 from typing import Final
 
-from .breaker import OPEN, Breaker
+from .breaker import CLOSED, OPEN, Breaker
 from .connection import Connection
 from .failures import BreakerOpen, ConnectFailed, PoolOverloaded
 
@@ -157,8 +157,12 @@ class Pool:
             self._hand_over(granted)  # never used: on to the next in line
 
     def _hand_over(self, conn: Connection) -> None:
-        """An IDLE connection: to the first in line, else to the idle set."""
-        if self._closed:
+        """An IDLE connection: to the first in line, else to the idle set.
+
+        Not while the breaker is open or half-open: a request sent on an old
+        connection would neither be the trial nor close the breaker.
+        """
+        if self._closed or self.breaker.state != CLOSED:
             conn.close()
             return
         while self._waiters:

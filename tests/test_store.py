@@ -1,0 +1,358 @@
+"""The shared store (``store.Store``) against a real redis-server (CONTRACT: "Rate limits").
+
+Start-up never waits for the store; an outage makes it skip the store for
+``RETRY_AFTER`` seconds, then try again; the password comes from the URL or a
+file read for every new connection; it never reaches ``describe()``, the
+state report, a log line or an error. The store's clock is a fake
+``monotonic`` where a test must step past ``RETRY_AFTER``; everything else is
+real: the session's redis-server (``redis_server`` / ``redis_url``), and one
+of our own with ``requirepass`` for the password cases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from catalyst_proxy import log
+from catalyst_proxy.config import ConfigError, Settings
+from catalyst_proxy.store import COMMAND_TIMEOUT, RETRY_AFTER, Store, StoreUnavailable
+
+from .redis_server import RedisServer
+from .support import free_socket
+
+PASSWORD = "pw-one-8e1f0c2b"
+ROTATED = "pw-two-5d7a9e44"
+DEADLINE = 5.0  # generous: every wait below ends in well under a second
+
+
+class FakeClock:
+    """The store's ``monotonic``: moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+async def until(predicate: Callable[[], bool], timeout: float = DEADLINE) -> None:
+    """Return once ``predicate()`` holds; fail after ``timeout`` seconds (polled, not slept)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached before the deadline"
+        await asyncio.sleep(0.01)
+
+
+def store_for(url: str, *, password_file: Path | None = None, clock: Any = None) -> Store:
+    settings = Settings(
+        jwks_url="http://keys.test/jwks",
+        redis_url=url,
+        redis_password_file=str(password_file) if password_file else None,
+    )
+    return Store(settings) if clock is None else Store(settings, clock=clock)
+
+
+@pytest.fixture
+async def stores() -> AsyncIterator[Callable[..., Store]]:
+    """Factory like ``store_for``; every store made is closed at the end."""
+    made: list[Store] = []
+
+    def make(url: str, **kwargs: Any) -> Store:
+        store = store_for(url, **kwargs)
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        await store.close()
+
+
+@pytest.fixture
+def password_server() -> Iterator[RedisServer]:
+    """A redis-server of this test's own, with ``requirepass PASSWORD``."""
+    with RedisServer(password=PASSWORD) as server:
+        yield server
+
+
+@pytest.fixture
+def silent_store() -> Iterator[str]:
+    """A ``redis://`` URL whose listener completes the TCP handshake and never answers."""
+    sock = free_socket()
+    sock.listen(8)  # the kernel accepts connections into the queue; nobody reads them
+    try:
+        yield f"redis://127.0.0.1:{sock.getsockname()[1]}/0"
+    finally:
+        sock.close()
+
+
+def store_events(logs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [entry for entry in logs if entry["event"] == log.STORE]
+
+
+async def ping(store: Store) -> Any:
+    return await store.run(store.redis.ping)
+
+
+# --- start-up ----------------------------------------------------------------------------------
+
+
+async def test_start_returns_at_once_and_the_first_ping_reports_ok(stores, redis_url):
+    """start() does not wait for the store: the state is `connecting` until the background PING
+    answers, then `ok`, logged once as a store.state event with the URL."""
+    with capture_logs() as logs:
+        store = stores(redis_url)
+        await store.start()
+        assert store.report() == {"url": redis_url, "state": "connecting", "last_error": None}
+        await until(lambda: store.state != "connecting")
+    assert store.report() == {"url": redis_url, "state": "ok", "last_error": None}
+    assert store_events(logs) == [
+        {"event": log.STORE, "log_level": "info", "state": "ok", "url": redis_url}
+    ]
+
+
+async def test_a_store_that_never_answers_does_not_hold_up_start(stores, silent_store):
+    """Against a store that accepts and never answers, start() returns while the PING is still
+    out; the PING gives up after COMMAND_TIMEOUT and the state turns `unavailable`."""
+    with capture_logs() as logs:
+        store = stores(silent_store)
+        started = time.monotonic()
+        await store.start()
+        assert store.state == "connecting"
+        await until(lambda: store.state != "connecting")
+        waited = time.monotonic() - started
+    assert store.state == "unavailable"
+    assert store.last_error == "TimeoutError"
+    assert COMMAND_TIMEOUT * 0.9 <= waited < COMMAND_TIMEOUT + 1.0  # bounded by the timeout
+    assert store_events(logs) == [
+        {
+            "event": log.STORE,
+            "log_level": "warning",
+            "state": "unavailable",
+            "url": silent_store,
+            "reason": "TimeoutError",
+        }
+    ]
+
+
+async def test_a_store_that_is_down_at_start_is_reported_unavailable(
+    stores, redis_server, redis_url
+):
+    """With Redis down at start-up the background PING fails fast and the state says why."""
+    redis_server.stop()
+    store = stores(redis_url)
+    await store.start()
+    await until(lambda: store.state != "connecting")
+    assert store.state == "unavailable"
+    assert store.last_error is not None
+    assert store.last_error.startswith("ConnectionError")
+
+
+async def test_close_before_the_first_ping_answered(silent_store):
+    """Closing the store before its first PING answered cancels it quietly."""
+    with capture_logs() as logs:
+        store = store_for(silent_store)
+        await store.start()
+        await store.close()
+    assert store.state == "connecting"
+    assert store_events(logs) == []
+
+
+# --- outage and recovery ------------------------------------------------------------------
+
+
+async def test_an_outage_skips_the_store_for_retry_after_then_it_is_tried_again(
+    stores, redis_server, redis_url
+):
+    """After a failure the store is not tried for RETRY_AFTER (even when Redis is back), then the
+    next command tries it again and the state returns to ok; each change is logged once."""
+    clock = FakeClock()
+    with capture_logs() as logs:
+        store = stores(redis_url, clock=clock)
+        assert await ping(store) is True
+        redis_server.stop()
+        for _ in range(3):
+            with pytest.raises(StoreUnavailable):
+                await ping(store)
+        assert (store.state, store.down) == ("unavailable", True)
+
+        clock.advance(RETRY_AFTER + 0.01)  # still down: the next command tries and fails again
+        assert not store.down
+        with pytest.raises(StoreUnavailable):
+            await ping(store)
+        assert store.down
+
+        redis_server.start()
+        clock.advance(RETRY_AFTER - 0.02)
+        with pytest.raises(StoreUnavailable):  # Redis answers again, but it is not asked yet
+            await ping(store)
+        assert store.state == "unavailable"
+        clock.advance(0.04)
+        assert await ping(store) is True
+        assert (store.state, store.down) == ("ok", False)
+    assert [(event["state"], event["log_level"]) for event in store_events(logs)] == [
+        ("ok", "info"),
+        ("unavailable", "warning"),
+        ("ok", "info"),
+    ]
+
+
+async def test_the_reason_of_a_failure_is_its_kind(stores, redis_server, redis_url):
+    """StoreUnavailable and last_error name the kind of failure, not the library's text."""
+    store = stores(redis_url, clock=FakeClock())
+    await ping(store)
+    redis_server.stop()
+    with pytest.raises(StoreUnavailable) as caught:
+        await ping(store)
+    assert str(caught.value) == store.last_error
+    assert store.last_error is not None
+    assert store.last_error.split(":")[0] in ("ConnectionError", "ConnectionRefusedError")
+    assert "127.0.0.1" not in str(caught.value)
+
+
+# --- describe(): never the password -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "described"),
+    [
+        ("redis://:s3cret-pw@cache.internal:6380/2", "redis://cache.internal:6380/2"),
+        ("rediss://app:s3cret-pw@cache.internal/0", "rediss://cache.internal/0"),
+        ("redis://app@cache.internal:6379", "redis://cache.internal:6379"),
+        ("redis://cache.internal", "redis://cache.internal"),
+    ],
+)
+def test_describe_is_the_url_without_credentials(url, described):
+    """describe() and report() show scheme, host, port and database, never user or password."""
+    store = store_for(url)
+    assert store.describe() == described
+    assert store.report() == {"url": described, "state": "connecting", "last_error": None}
+    assert "s3cret" not in repr(store.report())
+
+
+def test_describe_keeps_an_ipv6_host_a_url():
+    """An IPv6 host keeps its brackets in describe(), so /readyz and the logs show a URL."""
+    store = store_for("redis://:s3cret-pw@[fd00::7]:6379/0")
+    assert store.describe() == "redis://[fd00::7]:6379/0"
+
+
+# --- the password -------------------------------------------------------------------------
+
+
+async def test_a_password_in_the_url_authenticates(stores, password_server):
+    """A password in CATALYST_REDIS_URL authenticates, and describe() leaves it out."""
+    store = stores(password_server.url_with_password())
+    assert await store.run(lambda: store.redis.set("k", "v")) is True
+    assert password_server.command("GET", "k") == b"v"
+    assert store.describe() == password_server.url
+
+
+async def test_a_wrong_password_is_unavailable_and_never_repeated(stores, password_server):
+    """A refused password makes the store unavailable; neither password appears in the error,
+    the report or the log."""
+    wrong = "wrong-pw-31c9d8"
+    with capture_logs() as logs:
+        store = stores(password_server.url_with_password(wrong))
+        await store.start()
+        await until(lambda: store.state != "connecting")
+        with pytest.raises(StoreUnavailable) as caught:
+            await ping(store)
+    assert store.state == "unavailable"
+    assert store.last_error == "AuthenticationError"
+    for text in (str(caught.value), repr(store.report()), repr(logs)):
+        assert wrong not in text
+        assert PASSWORD not in text
+
+
+async def test_a_password_file_authenticates(stores, password_server, tmp_path):
+    """CATALYST_REDIS_PASSWORD_FILE supplies the password (trailing newline trimmed)."""
+    secret = tmp_path / "redis-password"
+    secret.write_text(PASSWORD + "\n")
+    store = stores(password_server.url, password_file=secret)
+    assert await store.run(lambda: store.redis.set("k", "v")) is True
+    assert password_server.command("GET", "k") == b"v"
+
+
+async def test_a_rotated_password_file_is_used_by_new_connections(
+    stores, password_server, tmp_path
+):
+    """The password file is read for every new connection: after the server's password changes,
+    new connections fail until the file holds the new one, then the store serves again
+    without a restart."""
+    clock = FakeClock()
+    secret = tmp_path / "redis-password"
+    secret.write_text(PASSWORD)
+    store = stores(password_server.url, password_file=secret, clock=clock)
+    assert await ping(store) is True
+
+    # The server's password changes; connections open now must authenticate anew.
+    password_server.command("CONFIG", "SET", "requirepass", ROTATED)
+    password_server.password = ROTATED
+    password_server.command("CLIENT", "KILL", "TYPE", "normal")  # not this one (SKIPME)
+    with pytest.raises(StoreUnavailable):
+        await ping(store)  # the store's connection is gone
+    clock.advance(RETRY_AFTER)
+    with pytest.raises(StoreUnavailable):
+        await ping(store)  # a new connection, with the file's old password
+    assert store.last_error == "AuthenticationError"
+
+    secret.write_text(ROTATED + "\n")  # the Secret is rotated
+    clock.advance(RETRY_AFTER)
+    assert await ping(store) is True
+    assert store.state == "ok"
+
+
+def test_a_password_in_both_places_is_a_config_error(tmp_path):
+    """A password in the URL and a password file: ConfigError naming the file's variable,
+    without the password."""
+    secret = tmp_path / "redis-password"
+    secret.write_text(PASSWORD)
+    with pytest.raises(ConfigError) as caught:
+        store_for(f"redis://:{PASSWORD}@127.0.0.1:6379/0", password_file=secret)
+    assert caught.value.variable == "CATALYST_REDIS_PASSWORD_FILE"
+    assert PASSWORD not in str(caught.value)
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory", "not UTF-8"])
+def test_an_unreadable_password_file_is_a_config_error(tmp_path, kind):
+    """A password file that cannot be read is a ConfigError at construction, not a later
+    connection failure."""
+    path = tmp_path / "redis-password"
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "not UTF-8":
+        path.write_bytes(b"\xff\xfe-not-text")
+    with pytest.raises(ConfigError) as caught:
+        store_for("redis://127.0.0.1:6379/0", password_file=path)
+    assert caught.value.variable == "CATALYST_REDIS_PASSWORD_FILE"
+    assert "cannot read it" in caught.value.problem
+    assert "\n" not in str(caught.value)
+
+
+async def test_a_user_name_with_a_password_file(stores, password_server, tmp_path):
+    """A user name in the URL goes with the file's password (Redis ACL users)."""
+    password_server.command("ACL", "SETUSER", "limiter", "on", ">" + ROTATED, "~*", "+@all")
+    secret = tmp_path / "redis-password"
+    secret.write_text(ROTATED)
+    url = password_server.url.replace("redis://", "redis://limiter@")
+    store = stores(url, password_file=secret)
+    assert await store.run(lambda: store.redis.acl_whoami()) == "limiter"
+    assert store.describe() == password_server.url
+
+
+def test_the_silent_store_fixture_really_accepts(silent_store):
+    """(The helper) the silent store completes a TCP handshake, so the PING waits for an answer
+    rather than failing to connect."""
+    port = int(silent_store.rsplit(":", 1)[1].split("/")[0])
+    with socket.create_connection(("127.0.0.1", port), timeout=1):
+        pass

@@ -246,6 +246,10 @@ class Settings:
                 "CATALYST_LOG_LEVEL", ("debug", "info", "warning", "error"), "info"
             ),
         )
+        if settings.redis_password_file and settings.redis_url is None:
+            raise ConfigError(
+                "CATALYST_REDIS_PASSWORD_FILE", "is set but CATALYST_REDIS_URL is not"
+            )
         if settings.jwks_url is None and settings.public_key_file is None:
             raise ConfigError(
                 "CATALYST_JWKS_URL",

@@ -51,6 +51,7 @@ from .routes import Route
 from .store import Store, StoreUnavailable
 
 MAX_MEMORY_KEYS = 100_000  # per process; the least recently used counters go first
+_MIN_WAIT = 0.001  # a refused hit's wait is never 0 (0 means allowed)
 _ITEMS: dict[str, type[RateLimitItem]] = {
     "second": RateLimitItemPerSecond,
     "minute": RateLimitItemPerMinute,
@@ -60,8 +61,9 @@ _ITEMS: dict[str, type[RateLimitItem]] = {
 
 
 class Counters(Protocol):
-    async def hit(self, key: str, rate: Rate) -> float:
-        """Count one request; 0.0 if allowed, else the seconds until one would be."""
+    async def hit(self, key: str, rate: Rate, *, count: bool = True) -> float:
+        """0.0 if one more request fits (counted, unless ``count`` is False), else the
+        seconds until one would (always more than 0)."""
         ...
 
 
@@ -74,7 +76,7 @@ class MemoryCounters:
         # key → [window number, count in that window, count in the window before]
         self._windows: OrderedDict[str, list[int]] = OrderedDict()
 
-    async def hit(self, key: str, rate: Rate) -> float:
+    async def hit(self, key: str, rate: Rate, *, count: bool = True) -> float:
         now = self._clock()
         period = rate.seconds
         window = int(now // period)
@@ -90,9 +92,10 @@ class MemoryCounters:
                 state[0], state[1] = window, 0
         elapsed = now / period - window  # fraction of the current window gone by
         if state[2] * (1 - elapsed) + state[1] + 1 <= rate.amount:
-            state[1] += 1
+            if count:
+                state[1] += 1
             return 0.0
-        return _wait(state[1], state[2], elapsed, rate)
+        return max(_wait(state[1], state[2], elapsed, rate), _MIN_WAIT)
 
     def __len__(self) -> int:
         return len(self._windows)
@@ -125,14 +128,15 @@ class RedisCounters:
         self._limiter = SlidingWindowCounterRateLimiter(storage)
         self._items: dict[Rate, RateLimitItem] = {}
 
-    async def hit(self, key: str, rate: Rate) -> float:
+    async def hit(self, key: str, rate: Rate, *, count: bool = True) -> float:
         item = self._items.get(rate)
         if item is None:
             item = self._items[rate] = _ITEMS[rate.period](rate.amount, namespace="rl")
         if self._store.down:
             raise StoreUnavailable(self._store.last_error or "the store is down")
         try:
-            if await self._limiter.hit(item, key):
+            allowed = self._limiter.hit if count else self._limiter.test
+            if await allowed(item, key):
                 self._store.succeeded()
                 return 0.0
             stats = await self._limiter.get_window_stats(item, key)
@@ -140,7 +144,8 @@ class RedisCounters:
             self._store.failed(getattr(exc, "storage_error", exc))
             raise StoreUnavailable(self._store.last_error or "the store failed") from None
         self._store.succeeded()
-        return max(stats.reset_time - time.time(), 0.0)
+        # At a window's edge limits may report the reset as now: a refusal is never "0".
+        return max(stats.reset_time - time.time(), _MIN_WAIT)
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,22 +196,33 @@ class RateLimiter:
         if policy is None:
             return
         key = route + "/" + sub.replace("%", "%25").replace("/", "%2F")
+        keys = [f"{key}/{index}" for index in range(len(policy.rates))]
         try:
+            if len(keys) > 1:
+                # Every rate first, then count in all: a request one rate refuses must
+                # not spend the others' budgets.
+                for index, rate in enumerate(policy.rates):
+                    wait = await self._counters.hit(keys[index], rate, count=False)
+                    if wait:
+                        self._refuse_over(route, policy, index, wait)
             for index, rate in enumerate(policy.rates):
-                wait = await self._counters.hit(f"{key}/{index}", rate)
+                wait = await self._counters.hit(keys[index], rate)
                 if wait:
-                    self._refused[route].inc()
-                    reset = max(math.ceil(wait), 1)
-                    raise RateLimited(
-                        f"over {rate}",
-                        headers={
-                            "Retry-After": str(reset),
-                            "RateLimit-Policy": policy.header,
-                            "RateLimit": f'"{policy.names[index]}";r=0;t={reset}',
-                        },
-                    )
+                    self._refuse_over(route, policy, index, wait)
         except StoreUnavailable as exc:
             if self._refuse:
                 self._store_refused.inc()
                 raise RateLimitStoreUnavailable(str(exc)) from None
             self._store_allowed.inc()
+
+    def _refuse_over(self, route: str, policy: _Policy, index: int, wait: float) -> None:
+        self._refused[route].inc()
+        reset = max(math.ceil(wait), 1)
+        raise RateLimited(
+            f"over {policy.rates[index]}",
+            headers={
+                "Retry-After": str(reset),
+                "RateLimit-Policy": policy.header,
+                "RateLimit": f'"{policy.names[index]}";r=0;t={reset}',
+            },
+        )

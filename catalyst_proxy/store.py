@@ -102,11 +102,15 @@ class Store:
     def describe(self) -> str:
         """The URL without credentials (for logs and /readyz)."""
         parts = urlsplit(self.url)
-        host = parts.hostname or ""
-        port = f":{parts.port}" if parts.port else ""
-        return f"{parts.scheme}://{host}{port}{parts.path or ''}"
+        where = parts.netloc.rpartition("@")[2]  # host[:port], IPv6 brackets kept
+        return f"{parts.scheme}://{where}{parts.path or ''}"
 
     def report(self) -> dict[str, Any]:
+        """For /readyz; a probe that finds the store down also tries it again (in the
+        background, at most once per RETRY_AFTER), so the state recovers with no traffic."""
+        if self.state != "ok" and not self.down and (self._probe is None or self._probe.done()):
+            with contextlib.suppress(RuntimeError):  # no loop running: nothing to probe with
+                self._probe = asyncio.get_running_loop().create_task(self._first_ping())
         return {"url": self.describe(), "state": self.state, "last_error": self.last_error}
 
     async def start(self) -> None:
@@ -145,6 +149,7 @@ class Store:
         if self.state != "ok":
             self.state = "ok"
             self._down_until = 0.0
+            self.last_error = None
             self._logger.info(log.STORE, state=self.state, url=self.describe())
 
     @property

@@ -39,7 +39,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 ## assurance: run the attack, fault, leak and JWKS suites and print their figures
-ASSURANCE_SUITES := tests/test_attacks_tokens.py tests/test_jwks.py tests/test_faults.py tests/test_logging.py
+ASSURANCE_SUITES := tests/test_attacks_tokens.py tests/test_jwks.py tests/test_faults.py tests/test_logging.py tests/test_fuzz.py
 assurance: $(STAMP)
 	@mkdir -p .cache
 	CATALYST_ASSURANCE_OUT=.cache/assurance.json $(PY) -m pytest -q $(ASSURANCE_SUITES)

@@ -1,8 +1,9 @@
-"""Print the Assurance figures (README.md) from a run of the attack and fault suites.
+"""Print the Assurance figures (README.md): the attack, fault, leak, JWKS and fuzz suites.
 
     make assurance        # runs the suites with CATALYST_ASSURANCE_OUT set, then this
 
-The figures come from the suites themselves (tests/conftest.py ``Assurance``);
+The figures come from the suites themselves (tests/conftest.py ``Assurance``), the
+fuzz suite's as its case count and answers by status per run (tests/test_fuzz.py);
 the soak's from the last ``make soak`` on this machine (``.cache/soak-latest.md``).
 """
 

@@ -24,6 +24,8 @@ from .routes import PLACEHOLDER, Route
 
 ALWAYS = frozenset({"protocol", "session", "bridge", "body", "exchange"})
 _JSON = "application/json"
+# 1-255 visible ASCII characters, bare, or quoted with \" and \\ escapes (idempotency/keys.py).
+_KEY_PATTERN = r'^(?:[!#-~][!-~]{0,254}|"(?:[!#-\[\]-~]|\\["\\]){1,255}")$'
 
 _HEADERS: dict[str, dict[str, Any]] = {
     hdrs.REQUEST_ID: {
@@ -169,7 +171,7 @@ def _operation(route: Route, method: str, mode: str, limited: bool) -> dict[str,
                 "name": "Idempotency-Key",
                 "in": "header",
                 "required": mode == "required",
-                "schema": {"type": "string", "minLength": 1, "maxLength": 257},
+                "schema": {"type": "string", "pattern": _KEY_PATTERN},
                 "description": "1-255 visible ASCII characters, bare or quoted: a repeat with "
                 "the same key and request replays the first answer instead of acting twice. "
                 f"This route: {mode}.",

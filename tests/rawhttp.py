@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
@@ -128,7 +129,14 @@ async def never_answer(
 class HTTPUpstream:
     """A scripted HTTP/1.1 upstream that records every request byte it receives."""
 
-    def __init__(self, respond: Respond, *, cut: Cut | None = None, backlog: int = 100) -> None:
+    def __init__(
+        self,
+        respond: Respond,
+        *,
+        cut: Cut | None = None,
+        backlog: int = 100,
+        sock: socket.socket | None = None,
+    ) -> None:
         self.respond = respond
         self.cut = cut
         self.requests: list[Seen] = []
@@ -136,7 +144,7 @@ class HTTPUpstream:
         self.head_arrived = asyncio.Event()  # set whenever a request head arrives
         self.open_connections = 0  # connections open right now
         self.peak_connections = 0  # the most ever open at once
-        self.raw = RawUpstream(self._script, backlog=backlog)
+        self.raw = RawUpstream(self._script, backlog=backlog, sock=sock)
         self._changed = asyncio.Event()
 
     def _touch(self) -> None:

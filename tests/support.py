@@ -186,6 +186,7 @@ class RawUpstream:
 
     script: ConnectionScript
     backlog: int = 100  # the listen queue (asyncio's default)
+    sock: socket.socket | None = None  # a socket bound (not listening) beforehand; None: a new one
     connections: int = 0
     url: str = ""
     _server: asyncio.Server | None = None
@@ -193,7 +194,7 @@ class RawUpstream:
 
     async def start(self) -> RawUpstream:
         self._server = await asyncio.start_server(
-            self._on_connection, sock=free_socket(), backlog=self.backlog
+            self._on_connection, sock=self.sock or free_socket(), backlog=self.backlog
         )
         port = self._server.sockets[0].getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"

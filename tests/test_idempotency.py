@@ -1,0 +1,1490 @@
+"""Idempotency end to end (CONTRACT "Idempotency (a purchase happens once)"), over real sockets.
+
+Every rule runs against both stores: the process's memory and a real
+redis-server (``store`` is parametrised; ``start(upstream_url, **settings)``
+builds a gateway on the store under test). What reached the SME gateway comes
+from an ``HTTPUpstream`` that records every request byte. Nothing here waits
+by sleeping: in-flight requests are held at the upstream with events, time
+moves with a fake clock (or a real, short Redis TTL), and "the gateway has
+settled" is observed (no request in flight, every record update written).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import itertools
+import json
+import os
+import signal
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from structlog.testing import capture_logs
+
+from catalyst_proxy import log
+from catalyst_proxy.config import Rate
+from catalyst_proxy.idempotency.keys import slot
+from catalyst_proxy.idempotency.memory import MAX_BYTES as MEMORY_MAX_BYTES
+
+from .auth_support import Clock, metric
+from .conftest import BRIDGE_SECRET, RunningGateway
+from .rawhttp import (
+    HTTPUpstream,
+    RawResponse,
+    Respond,
+    Seen,
+    answer,
+    exchange,
+    never_answer,
+    partial_answer,
+    raw_client,
+    read_response,
+    request_bytes,
+    write_then_close,
+)
+from .redis_server import RedisServer
+from .serve_proc import ServeProcess, run_cli
+from .support import RawUpstream, free_socket
+
+PURCHASE = "/api/v1/billing/purchase"
+SME_PURCHASE = "/api/v1/sme/billing/purchase"
+ISSUE = "/api/v1/sme/billing/vouchers/issue"
+LIST = "/api/v1/sme/billing/vouchers/list"
+REVOKE = "/api/v1/sme/billing/vouchers/revoke/"
+ORDER = b'{"sku": "starter"}'
+OTHER_ORDER = b'{"sku": "enterprise"}'
+ORDER_ANSWER = b'{"order_id": "ord-1", "paid_by_credit": true, "session_url": null}'
+IDEM_TOTAL = "catalyst_proxy_idempotency_total"
+STORES = ("memory", "redis")
+PREFIX = "catalyst-idem:"
+
+# Headers that differ between two answers by design: the date, the request's own ID,
+# and the replay marker.
+PER_ANSWER = frozenset({"date", "x-request-id", "idempotent-replayed"})
+
+Start = Callable[..., Awaitable[RunningGateway]]
+
+
+# --- fixtures and helpers --------------------------------------------------------------------
+
+
+@pytest.fixture(params=STORES)
+def store(request: pytest.FixtureRequest) -> str:
+    """The store under test: this process's memory or a real Redis."""
+    return str(request.param)
+
+
+@pytest.fixture
+def start(gateway: Any, store: str, request: pytest.FixtureRequest) -> Start:
+    """``await start(upstream_url, **settings)``: a gateway on the store under test."""
+    redis_url = request.getfixturevalue("redis_url") if store == "redis" else None
+
+    async def make(upstream_url: str, **overrides: Any) -> RunningGateway:
+        if redis_url is not None:
+            overrides.setdefault("redis_url", redis_url)
+        return await gateway(upstream=upstream_url, **overrides)  # type: ignore[no-any-return]
+
+    return make
+
+
+@pytest.fixture
+def redis(store: str, request: pytest.FixtureRequest) -> RedisServer | None:
+    """The session's redis-server when the store under test is Redis, else None."""
+    if store != "redis":
+        return None
+    request.getfixturevalue("redis_url")  # running and flushed
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return server
+
+
+def ok(body: bytes = ORDER_ANSWER, status: int = 200, **kwargs: Any) -> Respond:
+    return answer(status, body, **kwargs)
+
+
+class Gate:
+    """An upstream ``respond`` that holds the requests ``when`` picks until ``open`` is set."""
+
+    def __init__(
+        self, respond: Respond | None = None, when: Callable[[Seen], bool] = lambda seen: True
+    ) -> None:
+        self.open = asyncio.Event()
+        self._respond = respond or ok()
+        self._when = when
+
+    async def __call__(
+        self, seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        if self._when(seen):
+            await self.open.wait()
+        return await self._respond(seen, reader, writer)
+
+
+def in_turn(*responds: Respond) -> Respond:
+    """The n-th request gets the n-th ``respond`` (the last one from then on)."""
+    counter = itertools.count()
+
+    async def respond(
+        seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        step = responds[min(next(counter), len(responds) - 1)]
+        return await step(seen, reader, writer)
+
+    return respond
+
+
+def by_body(default: Respond, **rules: Respond) -> Respond:
+    """``rules`` name a marker: a request whose body holds it gets that ``respond``."""
+
+    async def respond(
+        seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        for marker, step in rules.items():
+            if marker.encode() in seen.body:
+                return await step(seen, reader, writer)
+        return await default(seen, reader, writer)
+
+    return respond
+
+
+def keyed(auth: dict[str, str], key: str | None, **extra: str) -> dict[str, str]:
+    headers = {**auth, "Content-Type": "application/json", **extra}
+    if key is not None:
+        headers["Idempotency-Key"] = key
+    return headers
+
+
+async def post(
+    gw: RunningGateway,
+    auth: dict[str, str],
+    key: str | None,
+    body: bytes = ORDER,
+    path: str = PURCHASE,
+    method: str = "POST",
+    **extra: str,
+) -> tuple[int, Any, bytes]:
+    return await gw.request(method, path, headers=keyed(auth, key, **extra), data=body)
+
+
+def error_of(body: bytes) -> str:
+    return str(json.loads(body)["error"])
+
+
+def keyed_requests(upstream: HTTPUpstream, key: str) -> list[Seen]:
+    """The requests that reached the upstream under ``key`` (its header as sent)."""
+    return [seen for seen in upstream.requests if seen.headers.get("Idempotency-Key") == key]
+
+
+async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    """Wait until ``predicate()`` holds about state this test cannot be told about."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+
+async def settled(gw: RunningGateway, in_flight: int = 0) -> None:
+    """Wait until only ``in_flight`` requests are in flight (those the test holds) and every
+    record update on its way is written."""
+    await eventually(lambda: gw.parts.dispatcher.in_flight == in_flight)
+    async with asyncio.timeout(5):
+        await gw.parts.idempotency.close()
+
+
+def idem_keys(server: RedisServer) -> list[bytes]:
+    return list(server.command("KEYS", PREFIX + "*"))
+
+
+async def records_written(server: RedisServer) -> None:
+    """Wait until no record in Redis is still a reservation: a record is written just after
+    its answer goes out (see ``test_a_retry_right_after_the_answer_is_replayed``)."""
+
+    def written() -> bool:
+        values = [server.command("GET", name) or b"" for name in idem_keys(server)]
+        return not any(b'"state":"reserved"' in value for value in values)
+
+    await eventually(written)
+
+
+async def expire_all(store: str, clock: Clock, server: RedisServer | None, ttl: float) -> None:
+    """Let every record expire: the fake clock moves past the TTL, or Redis expires them."""
+    if store == "memory":
+        clock.now += ttl + 1
+        return
+    assert server is not None
+    for name in idem_keys(server):
+        server.command("PEXPIRE", name, 1)
+    await eventually(lambda: not idem_keys(server))
+
+
+def wire(response: RawResponse) -> tuple[int, list[tuple[str, str]], bytes]:
+    """An answer as the client saw it, minus what differs per answer by design."""
+    headers = sorted(
+        (name.lower(), value) for name, value in response.headers.items()
+        if name.lower() not in PER_ANSWER
+    )  # fmt: skip
+    return response.status, headers, response.body
+
+
+async def raw_post(
+    gw: RunningGateway,
+    auth: dict[str, str],
+    key_lines: list[tuple[str, str]],
+    body: bytes = ORDER,
+    *,
+    settle: bool = True,
+) -> RawResponse:
+    """One POST to the purchase route written as exact bytes (headers as given), on a new
+    connection; then (``settle``) wait until the gateway has written its record."""
+    headers = [*auth.items(), ("Content-Type", "application/json"), *key_lines,
+               ("Content-Length", str(len(body)))]  # fmt: skip
+    responses = await exchange(gw.url, request_bytes("POST", PURCHASE, headers, body))
+    assert len(responses) == 1
+    if settle:
+        await settled(gw)
+    return responses[0]
+
+
+@pytest.fixture
+async def upstreams() -> AsyncIterator[Callable[..., Awaitable[HTTPUpstream]]]:
+    """Factory: ``await upstreams(respond, sock=...)`` (the ``upstream`` fixture, plus ``sock``)."""
+    started: list[HTTPUpstream] = []
+
+    async def make(respond: Respond, **kwargs: Any) -> HTTPUpstream:
+        server = await HTTPUpstream(respond, **kwargs).start()
+        started.append(server)
+        return server
+
+    yield make
+    for server in started:
+        await server.close()
+
+
+# --- replay ------------------------------------------------------------------------------------
+
+
+async def test_a_completed_answer_is_replayed_byte_for_byte_without_a_second_request(
+    start, upstreams, bearer
+):
+    """The same key and request again gets the recorded status, passed-through headers and body,
+    marked replayed and forwarded, with a fresh X-Request-ID and never a Set-Cookie; the SME
+    gateway sees one request, carrying the key."""
+    headers = [("Set-Cookie", "sme_session=abc; HttpOnly"), ("Server", "sme-gateway/1.4"),
+               ("ETag", '"ord-1-v1"'), ("Cache-Control", "no-store"),
+               ("Location", "/api/billing/orders/ord-1"), ("Retry-After", "7"),
+               ("X-Internal-Trace", "node-3")]  # fmt: skip
+    up = await upstreams(answer(201, ORDER_ANSWER, headers, content_type="application/vnd+json"))
+    gw = await start(up.url)
+    auth = bearer()
+    first = await raw_post(gw, auth, [("Idempotency-Key", "order-8e03978e")])
+    second = await raw_post(gw, auth, [("Idempotency-Key", "order-8e03978e")])
+    assert first.status == 201
+    assert first.complete
+    assert second.complete
+    assert first.body == ORDER_ANSWER
+    assert wire(second) == wire(first)
+    assert first.headers["ETag"] == '"ord-1-v1"'
+    assert first.headers["Location"] == "/api/billing/orders/ord-1"
+    assert second.headers["Content-Type"] == "application/vnd+json"
+    assert second.headers["Idempotent-Replayed"] == "true"
+    assert "Idempotent-Replayed" not in first.headers
+    assert first.headers["X-Catalyst-Forwarded"] == second.headers["X-Catalyst-Forwarded"] == "yes"
+    assert second.headers["X-Request-ID"] != first.headers["X-Request-ID"]
+    assert second.headers["Server"] == "catalyst-proxy"
+    assert "Set-Cookie" not in second.headers
+    assert "Set-Cookie" not in first.headers
+    assert "X-Internal-Trace" not in second.headers
+    assert len(up.requests) == 1
+    assert up.requests[0].headers.getall("Idempotency-Key") == ["order-8e03978e"]
+
+
+async def test_a_replay_keeps_the_clients_own_request_id(start, upstreams, bearer):
+    """A replayed answer carries the X-Request-ID of the request it answers."""
+    up = await upstreams(ok())
+    gw = await start(up.url)
+    auth = bearer()
+    await post(gw, auth, "rid-key", **{"X-Request-ID": "first-0001"})
+    status, headers, _ = await post(gw, auth, "rid-key", **{"X-Request-ID": "retry-0002"})
+    assert status == 200
+    assert headers["Idempotent-Replayed"] == "true"
+    assert headers["X-Request-ID"] == "retry-0002"
+    assert len(up.requests) == 1
+
+
+async def test_every_upstream_status_is_recorded_and_replayed(start, upstreams, bearer):
+    """The SME gateway's answer is recorded whatever its status: a 4xx or 5xx of its own is
+    replayed too, never forwarded again."""
+    up = await upstreams(in_turn(ok(b'{"error": "insufficient-credit"}', 402),
+                                 ok(b'{"error": "billing-down"}', 500)))  # fmt: skip
+    gw = await start(up.url)
+    auth = bearer()
+    for key, status in (("k-402", 402), ("k-500", 500)):
+        first = await post(gw, auth, key)
+        again = await post(gw, auth, key)
+        assert first[0] == again[0] == status
+        assert again[2] == first[2]
+        assert again[1]["Idempotent-Replayed"] == "true"
+    assert len(up.requests) == 2
+
+
+async def test_a_chunked_answer_is_recorded_and_replayed(start, upstreams, bearer):
+    """An answer streamed in chunks, over several reads, is recorded whole and replayed."""
+    parts = [b'{"order_id": "ord-', b"2", b'", "paid_by_credit": false}']
+    gate = asyncio.Event()
+
+    async def chunks(
+        seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")  # fmt: skip
+        for index, part in enumerate(parts):
+            writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+            await writer.drain()
+            if index == 0:
+                await gate.wait()  # the gateway is streaming by now
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        return True
+
+    up = await upstreams(chunks)
+    gw = await start(up.url)
+    auth = bearer()
+    async with gw.http.post(gw.url + PURCHASE, headers=keyed(auth, "chunked"), data=ORDER) as resp:
+        gate.set()
+        first = await resp.read()
+    status, headers, body = await post(gw, auth, "chunked")
+    assert first == b"".join(parts)
+    assert (status, body) == (200, first)
+    assert headers["Idempotent-Replayed"] == "true"
+    assert len(up.requests) == 1
+
+
+async def test_bare_and_quoted_key_are_one_key(start, upstreams, bearer):
+    """``abc`` and ``"abc"`` are the same key (the quotes are not part of it); the key goes
+    upstream exactly as the client sent it."""
+    up = await upstreams(ok())
+    gw = await start(up.url)
+    auth = bearer()
+    first = await raw_post(gw, auth, [("Idempotency-Key", "8e03978e")])
+    second = await raw_post(gw, auth, [("Idempotency-Key", '"8e03978e"')])
+    escaped = await raw_post(gw, auth, [("Idempotency-Key", '"a\\"b"')])
+    bare = await raw_post(gw, auth, [("Idempotency-Key", 'a"b')])
+    assert first.status == second.status == 200
+    assert second.headers["Idempotent-Replayed"] == "true"
+    assert escaped.status == 200
+    assert "Idempotent-Replayed" not in escaped.headers
+    assert bare.headers["Idempotent-Replayed"] == "true"  # "a\"b" unquoted is a"b
+    assert [seen.headers["Idempotency-Key"] for seen in up.requests] == ["8e03978e", '"a\\"b"']
+
+
+async def test_the_fingerprint_is_the_body_not_its_framing(start, upstreams, bearer):
+    """The same body sent chunked instead of with a Content-Length is the same request: replayed."""
+    up = await upstreams(ok())
+    gw = await start(up.url)
+    auth = bearer()
+    await raw_post(gw, auth, [("Idempotency-Key", "framing")])
+    lines = [*auth.items(), ("Content-Type", "application/json"),
+             ("Idempotency-Key", "framing"), ("Transfer-Encoding", "chunked")]  # fmt: skip
+    chunked = b"5\r\n" + ORDER[:5] + b"\r\n%x\r\n" % (len(ORDER) - 5) + ORDER[5:] + b"\r\n0\r\n\r\n"
+    [again] = await exchange(gw.url, request_bytes("POST", PURCHASE, lines, chunked))
+    assert again.status == 200
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert len(up.requests) == 1
+
+
+# --- another request under the key ---------------------------------------------------------
+
+
+async def test_another_body_query_or_code_under_the_key_is_422(start, upstreams, bearer):
+    """A completed key sent with another body, another query or another voucher code is refused
+    with 422 idempotency-key-reused, and nothing more reaches the upstream."""
+    up = await upstreams(ok())
+    gw = await start(up.url, idempotency="optional")
+    auth = bearer()
+    assert (await post(gw, auth, "k1"))[0] == 200
+    status, headers, body = await post(gw, auth, "k1", OTHER_ORDER)
+    assert (status, error_of(body)) == (422, "idempotency-key-reused")
+    assert headers["X-Catalyst-Forwarded"] == "no"
+    assert (await post(gw, auth, "k2", path=PURCHASE + "?promo=a"))[0] == 200
+    status, _, body = await post(gw, auth, "k2", path=PURCHASE + "?promo=b")
+    assert (status, error_of(body)) == (422, "idempotency-key-reused")
+    assert (await post(gw, auth, "k3", b"", path=REVOKE + "VCH-1", method="DELETE"))[0] == 200
+    status, _, body = await post(gw, auth, "k3", b"", path=REVOKE + "VCH-2", method="DELETE")
+    assert (status, error_of(body)) == (422, "idempotency-key-reused")
+    assert len(up.requests) == 3
+    assert [seen.target for seen in up.requests] == [
+        "/api/billing/purchase",
+        "/api/billing/purchase?promo=a",
+        "/api/billing/vouchers/revoke/VCH-1",
+    ]
+
+
+# --- in flight -------------------------------------------------------------------------------
+
+
+async def test_a_key_in_flight_is_409_in_use_then_replayed(start, upstreams, bearer):
+    """While the first request is in flight the key answers 409 idempotency-key-in-use with
+    Retry-After: 1 whatever the body; once the first completes, the answer is replayed."""
+    gate = Gate()
+    up = await upstreams(gate)
+    gw = await start(up.url)
+    auth = bearer()
+    first = asyncio.create_task(post(gw, auth, "in-flight"))
+    await up.until(lambda: len(up.complete) == 1)
+    for body in (ORDER, OTHER_ORDER):
+        status, headers, answer_body = await post(gw, auth, "in-flight", body)
+        assert (status, error_of(answer_body)) == (409, "idempotency-key-in-use")
+        assert headers["Retry-After"] == "1"
+        assert headers["X-Catalyst-Forwarded"] == "no"
+    gate.open.set()
+    status, _, body = await first
+    assert (status, body) == (200, ORDER_ANSWER)
+    status, headers, again = await post(gw, auth, "in-flight")
+    assert (status, again) == (200, ORDER_ANSWER)
+    assert headers["Idempotent-Replayed"] == "true"
+    assert len(up.requests) == 1
+
+
+async def test_a_reservation_past_its_lease_is_outcome_unknown(start, upstreams, bearer):
+    """A reservation older than the time budget plus 30 s reads as outcome unknown (its process
+    may have died): 409 idempotency-outcome-unknown, never forwarded again."""
+    clock = Clock()
+    gate = Gate()
+    up = await upstreams(gate)
+    gw = await start(up.url, clock=clock, upstream_timeout_seconds=5.0)
+    auth = bearer()
+    first = asyncio.create_task(post(gw, auth, "lease"))
+    await up.until(lambda: len(up.complete) == 1)
+    clock.now += 5.0 + 29.0
+    status, _, body = await post(gw, auth, "lease")
+    assert (status, error_of(body)) == (409, "idempotency-key-in-use")
+    clock.now += 2.0
+    status, headers, body = await post(gw, auth, "lease")
+    assert (status, error_of(body)) == (409, "idempotency-outcome-unknown")
+    assert headers["X-Catalyst-Forwarded"] == "no"
+    assert len(up.requests) == 1
+    gate.open.set()
+    assert (await first)[0] == 200
+
+
+# --- scope ---------------------------------------------------------------------------------
+
+
+async def test_two_operators_with_one_key_are_independent(start, upstreams, bearer):
+    """Another operator's identical key (another ``sub``, or another ``iss``) is another key:
+    each is forwarded once."""
+    up = await upstreams(ok())
+    gw = await start(up.url)
+    operators = [bearer(sub="op-1"), bearer(sub="op-2"), bearer(sub="op-1", iss="https://kc/b")]
+    for auth in operators:
+        status, headers, _ = await post(gw, auth, "shared-key")
+        assert status == 200
+        assert "Idempotent-Replayed" not in headers
+    for auth in operators:
+        status, headers, _ = await post(gw, auth, "shared-key")
+        assert status == 200
+        assert headers["Idempotent-Replayed"] == "true"
+    assert len(up.requests) == 3
+
+
+async def test_the_scope_is_the_upstream_method_and_path(start, upstreams, bearer):
+    """One key on routes with another upstream method/path is two keys; on two routes with the
+    same upstream (purchase aliases) it is one key."""
+    up = await upstreams(ok(status=201))
+    gw = await start(up.url)
+    auth = bearer()
+    assert (await post(gw, auth, "scope", path=PURCHASE))[0] == 201
+    status, headers, _ = await post(gw, auth, "scope", path=ISSUE)
+    assert status == 201
+    assert "Idempotent-Replayed" not in headers
+    status, headers, _ = await post(gw, auth, "scope", path=SME_PURCHASE)
+    assert status == 201
+    assert headers["Idempotent-Replayed"] == "true"
+    assert [seen.target for seen in up.requests] == [
+        "/api/billing/purchase",
+        "/api/billing/vouchers/issue",
+    ]
+
+
+# --- refused before forwarding: the key is released -----------------------------------------
+
+
+async def test_a_401_leaves_the_key_usable(start, upstreams, bearer):
+    """A request refused 401 leaves its key free: the same key with a valid session is
+    forwarded once."""
+    up = await upstreams(ok())
+    gw = await start(up.url)
+    status, headers, _ = await post(gw, {"Authorization": "Bearer not-a-jwt"}, "after-401")
+    assert status == 401
+    assert headers["X-Catalyst-Forwarded"] == "no"
+    await assert_forwarded_once(gw, up, bearer(), "after-401")
+
+
+async def assert_forwarded_once(
+    gw: RunningGateway, up: HTTPUpstream, auth: dict[str, str], key: str, body: bytes = ORDER
+) -> None:
+    """``key`` is forwarded now (a new attempt), and replayed after that."""
+    status, headers, _ = await post(gw, auth, key, body)
+    assert status == 200, headers
+    assert "Idempotent-Replayed" not in headers
+    status, headers, _ = await post(gw, auth, key, body)
+    assert status == 200
+    assert headers["Idempotent-Replayed"] == "true"
+    assert len([seen for seen in keyed_requests(up, key) if seen.complete]) == 1
+
+
+async def test_a_declared_413_and_a_415_leave_the_key_usable(start, upstreams, bearer):
+    """413 for a declared length over the limit and 415 for an encoded body forward nothing and
+    leave the key free for the retry."""
+    up = await upstreams(ok())
+    gw = await start(up.url, max_body_bytes=64)
+    auth = bearer()
+    status, headers, body = await post(gw, auth, "k-413", b"x" * 65)
+    assert (status, error_of(body)) == (413, "request-body-too-large")
+    status, headers, body = await post(gw, auth, "k-415", **{"Content-Encoding": "gzip"})
+    assert (status, error_of(body)) == (415, "unsupported-content-encoding")
+    assert headers["X-Catalyst-Forwarded"] == "no"
+    assert up.requests == []
+    await assert_forwarded_once(gw, up, auth, "k-413")
+    await assert_forwarded_once(gw, up, auth, "k-415")
+
+
+async def test_a_413_while_streaming_releases_the_key(start, upstreams, bearer):
+    """A chunked body that runs over the limit while it streams (the upstream request already
+    begun) is 413, forwarded no, and releases the key: the retry is forwarded once."""
+    up = await upstreams(ok())
+    gw = await start(up.url, max_body_bytes=64)
+    auth = bearer()
+    lines = [*auth.items(), ("Content-Type", "application/json"),
+             ("Idempotency-Key", "k-stream"), ("Transfer-Encoding", "chunked")]  # fmt: skip
+    reader, writer = await raw_client(gw.url)
+    try:
+        writer.write(request_bytes("POST", PURCHASE, lines) + b"28\r\n" + b"a" * 40 + b"\r\n")
+        await up.until(lambda: len(up.requests) == 1)  # the exchange has begun
+        writer.write(b"28\r\n" + b"b" * 40 + b"\r\n0\r\n\r\n")
+        async with asyncio.timeout(5):
+            response = await read_response(reader)
+    finally:
+        writer.close()
+    assert response is not None
+    assert (response.status, error_of(response.body)) == (413, "request-body-too-large")
+    assert response.headers["X-Catalyst-Forwarded"] == "no"
+    assert not up.requests[0].complete
+    await settled(gw)
+    await assert_forwarded_once(gw, up, auth, "k-stream")
+
+
+async def test_a_429_leaves_the_key_usable(start, upstreams, bearer):
+    """A request refused 429 leaves its key free: the same key (same upstream scope, on the
+    purchase alias with its own budget) is forwarded once."""
+    up = await upstreams(ok())
+    gw = await start(up.url, rate_limit=(Rate(1, "hour"),))
+    auth = bearer()
+    assert (await post(gw, auth, None))[0] == 200  # spends PURCHASE's budget
+    status, headers, body = await post(gw, auth, "k-429")
+    assert (status, error_of(body)) == (429, "rate-limited")
+    assert headers["X-Catalyst-Forwarded"] == "no"
+    status, headers, _ = await post(gw, auth, "k-429", path=SME_PURCHASE)
+    assert status == 200
+    assert "Idempotent-Replayed" not in headers
+    assert len(keyed_requests(up, "k-429")) == 1
+
+
+async def test_a_503_unreachable_releases_the_key(start, upstreams, bearer):
+    """503 sme-gateway-unreachable (nothing sent) releases the key: once the SME gateway is
+    back, the same key is forwarded once."""
+    sock = free_socket()  # bound, not listening yet: connections are refused
+    port = sock.getsockname()[1]
+    gw = await start(f"http://127.0.0.1:{port}")
+    auth = bearer()
+    status, headers, body = await post(gw, auth, "k-503")
+    assert (status, error_of(body)) == (503, "sme-gateway-unreachable")
+    assert headers["X-Catalyst-Forwarded"] == "no"
+    await settled(gw)
+    up = await upstreams(ok(), sock=sock)
+    await assert_forwarded_once(gw, up, auth, "k-503")
+
+
+async def test_a_503_gateway_overloaded_releases_the_key(start, upstreams, bearer):
+    """503 gateway-overloaded (no connection free, no waiting allowed) releases the key: the
+    same key is forwarded once when a connection is free."""
+    gate = Gate()
+    up = await upstreams(gate)
+    gw = await start(up.url, upstream_max_connections=1, upstream_max_pending=0)
+    auth = bearer()
+    holder = asyncio.create_task(post(gw, auth, "k-holder"))
+    await up.until(lambda: len(up.complete) == 1)
+    status, headers, body = await post(gw, auth, "k-overload")
+    assert (status, error_of(body)) == (503, "gateway-overloaded")
+    assert headers["X-Catalyst-Forwarded"] == "no"
+    gate.open.set()
+    assert (await holder)[0] == 200
+    await settled(gw)  # the holder's connection is back in the pool once its record is written
+    await assert_forwarded_once(gw, up, auth, "k-overload")
+
+
+async def test_a_502_before_the_request_was_all_sent_releases_the_key(start, upstreams, bearer):
+    """An upstream that hangs up before the request body was all sent gives a 502 that says
+    forwarded no, and the key stays usable."""
+    up = await upstreams(ok(), cut=lambda seen: 0 if len(up.requests) == 1 else None)
+    gw = await start(up.url)
+    auth = bearer()
+    lines = [*auth.items(), ("Content-Type", "application/json"),
+             ("Idempotency-Key", "k-cut"), ("Content-Length", str(len(ORDER)))]  # fmt: skip
+    reader, writer = await raw_client(gw.url)
+    try:
+        writer.write(request_bytes("POST", PURCHASE, lines) + ORDER[:4])
+        async with asyncio.timeout(5):
+            response = await read_response(reader)
+    finally:
+        writer.close()
+    assert response is not None
+    assert response.status == 502
+    assert response.headers["X-Catalyst-Forwarded"] == "no"
+    await settled(gw)
+    await assert_forwarded_once(gw, up, auth, "k-cut")
+
+
+# --- the outcome is unknown ----------------------------------------------------------------
+
+
+async def test_a_504_makes_the_outcome_unknown(start, upstreams, bearer):
+    """After a 504 (sent, no answer in time) the key answers 409 idempotency-outcome-unknown
+    and is never forwarded again."""
+    up = await upstreams(never_answer)
+    gw = await start(up.url, upstream_timeout_seconds=0.3)
+    auth = bearer()
+    status, headers, body = await post(gw, auth, "k-504")
+    assert (status, error_of(body)) == (504, "sme-gateway-timeout")
+    assert headers["X-Catalyst-Forwarded"] == "unknown"
+    for body in (ORDER, OTHER_ORDER):
+        status, headers, answer_body = await post(gw, auth, "k-504", body)
+        assert (status, error_of(answer_body)) == (409, "idempotency-outcome-unknown")
+        assert headers["X-Catalyst-Forwarded"] == "no"
+    assert len(up.requests) == 1
+
+
+async def test_a_502_after_sending_makes_the_outcome_unknown(start, upstreams, bearer):
+    """A 502 after the whole request was sent (garbage for an answer) makes the key's outcome
+    unknown: 409, no second upstream request."""
+    up = await upstreams(write_then_close(b"NOT HTTP AT ALL\r\n\r\n"))
+    gw = await start(up.url)
+    auth = bearer()
+    status, headers, body = await post(gw, auth, "k-502")
+    assert (status, error_of(body)) == (502, "sme-gateway-bad-response")
+    assert headers["X-Catalyst-Forwarded"] == "unknown"
+    status, _, body = await post(gw, auth, "k-502")
+    assert (status, error_of(body)) == (409, "idempotency-outcome-unknown")
+    assert len(up.requests) == 1
+
+
+async def test_a_client_gone_after_sending_makes_the_outcome_unknown(start, upstreams, bearer):
+    """A client that disconnects once its request reached the SME gateway leaves the outcome
+    unknown: the retry is 409, never a second upstream request."""
+    gate = Gate()
+    up = await upstreams(gate)
+    gw = await start(up.url)
+    auth = bearer()
+    lines = [*auth.items(), ("Content-Type", "application/json"),
+             ("Idempotency-Key", "k-gone"), ("Content-Length", str(len(ORDER)))]  # fmt: skip
+    _reader, writer = await raw_client(gw.url)
+    writer.write(request_bytes("POST", PURCHASE, lines, ORDER))
+    await up.until(lambda: len(up.complete) == 1)
+    writer.close()
+    await settled(gw)  # the gateway saw the client go and cancelled the exchange
+    gate.open.set()
+    status, _, body = await post(gw, auth, "k-gone")
+    assert (status, error_of(body)) == (409, "idempotency-outcome-unknown")
+    assert len(up.requests) == 1
+
+
+async def test_a_client_gone_before_the_request_was_sent_releases_the_key(start, upstreams, bearer):
+    """A client that disconnects while its body is still streaming up (the upstream request
+    aborted unfinished) leaves the key free: the retry is forwarded once."""
+    up = await upstreams(ok())
+    gw = await start(up.url)
+    auth = bearer()
+    lines = [*auth.items(), ("Content-Type", "application/json"),
+             ("Idempotency-Key", "k-left"), ("Content-Length", str(len(ORDER)))]  # fmt: skip
+    _reader, writer = await raw_client(gw.url)
+    writer.write(request_bytes("POST", PURCHASE, lines) + ORDER[:5])
+    await up.until(lambda: len(up.requests) == 1 and len(up.requests[0].body) == 5)
+    writer.close()
+    await up.all_closed()
+    await settled(gw)
+    assert not up.requests[0].complete
+    await assert_forwarded_once(gw, up, auth, "k-left")
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["length", "chunked"])
+async def test_an_answer_broken_off_mid_body_makes_the_outcome_unknown(
+    start, upstreams, bearer, chunked
+):
+    """An upstream answer that breaks off mid-body reaches the client as an aborted transfer,
+    and the key's outcome is unknown: 409, never forwarded again."""
+    up = await upstreams(partial_answer(ORDER_ANSWER, ORDER_ANSWER[:10], chunked=chunked))
+    gw = await start(up.url)
+    auth = bearer()
+    first = await raw_post(gw, auth, [("Idempotency-Key", "k-broken")])
+    assert first.status == 200
+    assert not first.complete
+    await settled(gw)
+    status, _, body = await post(gw, auth, "k-broken")
+    assert (status, error_of(body)) == (409, "idempotency-outcome-unknown")
+    assert len(up.requests) == 1
+
+
+# --- early answers -------------------------------------------------------------------------
+
+
+async def test_an_early_answer_is_replayed_to_the_identical_retry(start, bearer):
+    """An SME gateway answer sent before it read the whole request body is still the answer to
+    that request: the identical retry gets it replayed, not 422 another request."""
+    early = b'{"error": "sku-unknown"}'
+
+    async def answer_after_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        head = b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: %d"
+        writer.write(head % len(early) + b"\r\nConnection: close\r\n\r\n" + early)
+        await writer.drain()
+
+    up = await RawUpstream(answer_after_head).start()
+    try:
+        gw = await start(up.url)
+        auth = bearer()
+        lines = [*auth.items(), ("Content-Type", "application/json"),
+                 ("Idempotency-Key", "k-early"), ("Content-Length", str(len(ORDER)))]  # fmt: skip
+        reader, writer = await raw_client(gw.url)
+        try:
+            writer.write(request_bytes("POST", PURCHASE, lines) + ORDER[:5])
+            async with asyncio.timeout(5):
+                first = await read_response(reader)
+            writer.write(ORDER[5:])  # the client finishes its body after the answer
+            await writer.drain()
+        finally:
+            writer.close()
+        assert first is not None
+        assert (first.status, first.body) == (400, early)
+        await settled(gw)
+        status, headers, body = await post(gw, auth, "k-early")
+        assert (status, body) == (400, early), body
+        assert headers["Idempotent-Replayed"] == "true"
+        assert up.connections == 1
+    finally:
+        await up.close()
+
+
+# --- which routes, which keys ------------------------------------------------------------
+
+
+async def test_required_without_a_key_is_400_missing(start, upstreams, bearer):
+    """On a ``required`` route a request without a key is 400 idempotency-key-missing and
+    reaches nothing."""
+    up = await upstreams(ok())
+    gw = await start(up.url, idempotency="required")
+    auth = bearer()
+    for method, path in (("POST", PURCHASE), ("GET", LIST), ("DELETE", REVOKE + "VCH-1")):
+        status, headers, body = await gw.request(method, path, headers=auth)
+        assert (status, error_of(body)) == (400, "idempotency-key-missing"), path
+        assert headers["X-Catalyst-Forwarded"] == "no"
+    assert up.requests == []
+    status, _, _ = await gw.request("GET", LIST, headers={**auth, "Idempotency-Key": "list-1"})
+    assert status == 200
+    assert len(up.requests) == 1
+
+
+INVALID_KEYS: list[tuple[str, list[tuple[str, str]]]] = [
+    ("empty", [("Idempotency-Key", "")]),
+    ("empty quoted", [("Idempotency-Key", '""')]),
+    ("256 characters", [("Idempotency-Key", "k" * 256)]),
+    ("256 characters quoted", [("Idempotency-Key", '"' + "k" * 256 + '"')]),
+    ("tab", [("Idempotency-Key", "ab\tcd")]),
+    ("non-ASCII", [("Idempotency-Key", "clé-1".encode().decode("latin-1"))]),
+    ("space", [("Idempotency-Key", "ab cd")]),
+    ("space quoted", [("Idempotency-Key", '"ab cd"')]),
+    ("two headers", [("Idempotency-Key", "k1"), ("Idempotency-Key", "k1")]),
+    ("unterminated quote", [("Idempotency-Key", '"abc')]),
+    ("lone quote", [("Idempotency-Key", '"')]),
+    ("quote inside", [("Idempotency-Key", '"a"b"')]),
+    ("bad escape", [("Idempotency-Key", '"a\\qb"')]),
+    ("escaped closing quote", [("Idempotency-Key", '"abc\\"')]),
+]
+
+
+@pytest.mark.parametrize(("case", "key_lines"), INVALID_KEYS, ids=[c for c, _ in INVALID_KEYS])
+async def test_an_invalid_key_is_400_invalid(start, upstreams, bearer, case, key_lines):
+    """A key that is not 1-255 visible ASCII characters (bare or quoted), or two key headers,
+    is 400 idempotency-key-invalid and reaches nothing."""
+    up = await upstreams(ok())
+    gw = await start(up.url)
+    response = await raw_post(gw, bearer(), key_lines)
+    assert response.status == 400, response.body
+    assert error_of(response.body) == "idempotency-key-invalid"
+    assert response.headers["X-Catalyst-Forwarded"] == "no"
+    assert up.requests == []
+
+
+@pytest.mark.parametrize("byte", ["\x01", "\x1f", "\x7f"], ids=["SOH", "US", "DEL"])
+async def test_a_key_with_a_control_byte_reaches_nothing(start, upstreams, bearer, byte):
+    """A key holding a control byte is refused with 400 (the HTTP parser refuses the header
+    line before the key is read) and reaches nothing."""
+    up = await upstreams(ok())
+    gw = await start(up.url)
+    response = await raw_post(gw, bearer(), [("Idempotency-Key", f"ab{byte}cd")])
+    assert response.status == 400
+    assert error_of(response.body) in ("bad-request", "idempotency-key-invalid")
+    assert response.headers["X-Catalyst-Forwarded"] == "no"
+    assert up.requests == []
+
+
+async def test_the_longest_keys_are_accepted(start, upstreams, bearer):
+    """255 characters is a valid key, bare or quoted, and every visible ASCII character may
+    appear in one."""
+    up = await upstreams(ok())
+    gw = await start(up.url)
+    auth = bearer()
+    visible = "".join(chr(c) for c in range(0x21, 0x7F)).replace('"', "").replace("\\", "")
+    for key in ("k" * 255, visible):
+        assert (await raw_post(gw, auth, [("Idempotency-Key", key)])).status == 200
+        again = await raw_post(gw, auth, [("Idempotency-Key", f'"{key}"')])
+        assert again.headers["Idempotent-Replayed"] == "true"
+    assert len(up.requests) == 2
+
+
+async def test_off_means_no_dedupe(start, upstreams, bearer):
+    """With CATALYST_IDEMPOTENCY=off a repeated key is forwarded every time (even a malformed
+    one), and nothing is marked replayed."""
+    up = await upstreams(ok())
+    gw = await start(up.url, idempotency="off")
+    auth = bearer()
+    for key in ("same", "same", "not valid at all"):
+        status, headers, _ = await post(gw, auth, key)
+        assert status == 200
+        assert "Idempotent-Replayed" not in headers
+    assert len(up.requests) == 3
+
+
+async def test_no_key_on_an_optional_route_means_no_dedupe(start, upstreams, bearer):
+    """Without a key an ``optional`` route proxies as usual: two identical requests, two
+    upstream requests."""
+    up = await upstreams(ok())
+    gw = await start(up.url)
+    auth = bearer()
+    for _ in range(2):
+        status, headers, _ = await post(gw, auth, None)
+        assert status == 200
+        assert "Idempotent-Replayed" not in headers
+    assert len(up.requests) == 2
+    assert all("Idempotency-Key" not in seen.headers for seen in up.requests)
+
+
+ROUTES_FILE = {
+    "routes": [
+        {"methods": ["POST"], "path": "/api/v1/org/billing/purchase",
+         "upstream_method": "POST", "upstream_path": "/api/billing/purchase"},
+        {"methods": ["post"], "path": "/api/v1/org/billing/vouchers/issue",
+         "upstream_method": "post", "upstream_path": "/api/billing/vouchers/issue"},
+        {"methods": ["GET"], "path": "/api/v1/org/billing/vouchers/list",
+         "upstream_method": "GET", "upstream_path": "/api/billing/vouchers/list"},
+        {"methods": ["POST"], "path": "/api/v1/legacy/billing/purchase",
+         "upstream_method": "POST", "upstream_path": "/api/billing/purchase",
+         "idempotency": "off"},
+        {"methods": ["POST"], "path": "/api/v1/org/billing/vouchers/revoke/{code}",
+         "upstream_method": "DELETE", "upstream_path": "/api/billing/vouchers/revoke/{code}",
+         "idempotency": "required"},
+    ]
+}  # fmt: skip
+
+# (method, client path, upstream requests for one key sent twice under `auto`)
+AUTO_COVERAGE = [
+    ("POST", PURCHASE, 1),
+    ("POST", SME_PURCHASE, 1),
+    ("POST", ISSUE, 1),
+    ("GET", LIST, 2),
+    ("POST", REVOKE + "VCH-1", 2),
+    ("DELETE", REVOKE + "VCH-1", 2),
+    ("POST", "/api/v1/org/billing/purchase", 1),
+    ("POST", "/api/v1/org/billing/vouchers/issue", 1),
+    ("GET", "/api/v1/org/billing/vouchers/list", 2),
+    ("POST", "/api/v1/legacy/billing/purchase", 2),  # the file's "off" overrides auto
+    ("POST", "/api/v1/org/billing/vouchers/revoke/VCH-1", 1),  # the file's "required"
+]
+
+
+async def test_auto_covers_exactly_purchase_and_voucher_issue(
+    start, upstreams, bearer, tmp_path, store
+):
+    """``auto`` dedupes exactly the routes whose upstream is POST purchase or voucher issue
+    (routes-file aliases included), not vouchers list or revoke; a routes-file entry's own
+    mode overrides it."""
+    routes_file = tmp_path / "routes.json"
+    routes_file.write_text(json.dumps(ROUTES_FILE))
+    up = await upstreams(ok())
+    gw = await start(up.url, routes_file=str(routes_file))
+    auth = bearer()
+    for index, (method, path, expected) in enumerate(AUTO_COVERAGE):
+        key = f"auto-{index}"
+        body = b"{}" if method == "POST" else b""
+        for _ in range(2):
+            status, _, _ = await post(gw, auth, key, body, path=path, method=method)
+            assert status == 200, path
+        assert len(keyed_requests(up, key)) == expected, path
+    status, _, body = await post(gw, auth, None, b"", path="/api/v1/org/billing/vouchers/revoke/V")
+    assert (status, error_of(body)) == (400, "idempotency-key-missing")
+    _, _, ready = await gw.request("GET", "/readyz")
+    report = json.loads(ready)["idempotency"]
+    assert report["routes"] == sorted(
+        {path.replace("VCH-1", "{code}") for _, path, n in AUTO_COVERAGE if n == 1}
+    )
+    assert report["off_reason"] is None
+    assert report["store"] == store
+
+
+# --- the outcomes, counted and logged ------------------------------------------------------
+
+
+async def test_outcomes_are_counted_and_logged_without_the_key(start, upstreams, bearer, redis):
+    """Each keyed request's outcome (new, replayed, in-use, reused, unknown, store-error) is in
+    the access log's ``idempotency`` field and ``catalyst_proxy_idempotency_total``; no log line
+    holds the key."""
+    gate = Gate(when=lambda seen: b"hold" in seen.body)
+    up = await upstreams(by_body(gate, garbage=write_then_close(b"NOT HTTP\r\n\r\n")))
+    gw = await start(up.url)
+    auth = bearer()
+    keys = {name: f"secret-key-{name}-5b0c" for name in ("a", "b", "c", "d")}
+    with capture_logs() as logs:
+        await post(gw, auth, keys["a"])  # new
+        await post(gw, auth, keys["a"])  # replayed
+        await post(gw, auth, keys["a"], OTHER_ORDER)  # reused
+        held = asyncio.create_task(post(gw, auth, keys["b"], b'{"hold": 1}'))  # new
+        await up.until(lambda: len(up.complete) == 2)
+        await post(gw, auth, keys["b"], b'{"hold": 1}')  # in-use
+        gate.open.set()
+        await held
+        await post(gw, auth, keys["c"], b'{"garbage": 1}')  # new, then unknown (502)
+        await post(gw, auth, keys["c"], b'{"garbage": 1}')  # unknown
+        await post(gw, auth, None)  # no key: no outcome
+        if redis is not None:
+            redis.stop()
+            status, _, _ = await post(gw, auth, keys["d"])  # store-error
+            assert status == 503
+            redis.start()
+        await settled(gw)
+    lines = [entry for entry in logs if entry["event"] == log.REQUEST]
+    outcomes = [entry["idempotency"] for entry in lines]
+    expected = ["new", "replayed", "reused", "in-use", "new", "unknown", "unknown", None]
+    if redis is not None:
+        expected.append("store-error")
+    assert outcomes == expected
+    text = await gw.metrics_text()
+    names = ("new", "replayed", "in-use", "reused", "unknown", "store-error")
+    counts = {name: metric(text, IDEM_TOTAL, outcome=name) for name in names}
+    assert counts == {"new": 3, "replayed": 1, "in-use": 1, "reused": 1, "unknown": 2,
+                      "store-error": 1 if redis is not None else 0}  # fmt: skip
+    for entry in logs:
+        for key in keys.values():
+            assert key not in str(entry)
+
+
+# --- bounds ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["length", "chunked"])
+async def test_an_answer_too_large_to_record_is_delivered_then_409(
+    start, upstreams, bearer, chunked
+):
+    """An answer over CATALYST_IDEMPOTENCY_MAX_BODY_BYTES is delivered whole the first time;
+    a retry gets 409 idempotency-replay-unavailable, never a second upstream request. An answer
+    of exactly the limit is replayed."""
+    large = os.urandom(300).hex().encode()  # 600 bytes
+
+    def chunks(body: bytes) -> Respond:
+        async def respond(
+            seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        ) -> bool:
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            for index in range(0, len(body), 64):
+                piece = body[index : index + 64]
+                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                await writer.drain()
+            writer.write(b"0\r\n\r\n")
+            return True
+
+        return respond
+
+    make = chunks if chunked else ok
+    up = await upstreams(by_body(make(large[:100]), large=make(large)))
+    gw = await start(up.url, idempotency_max_body_bytes=100)
+    auth = bearer()
+    status, _, body = await post(gw, auth, "too-large", b'{"large": 1}')
+    assert status == 200
+    assert hashlib.sha256(body).digest() == hashlib.sha256(large).digest()
+    status, headers, body = await post(gw, auth, "too-large", b'{"large": 1}')
+    assert (status, error_of(body)) == (409, "idempotency-replay-unavailable")
+    assert "Idempotent-Replayed" not in headers
+    assert (await post(gw, auth, "at-limit"))[2] == large[:100]
+    status, headers, body = await post(gw, auth, "at-limit")
+    assert (status, body) == (200, large[:100])
+    assert headers["Idempotent-Replayed"] == "true"
+    assert len(up.requests) == 2
+
+
+async def test_the_memory_store_evicts_the_oldest_records_and_counts_them(
+    gateway, upstreams, bearer
+):
+    """Past the memory store's byte bound the oldest records go, counted in
+    ``catalyst_proxy_idempotency_evictions_total``: an evicted key is new again, the latest are
+    still replayed."""
+    largest = b"x" * 65536  # the largest answer recorded
+    up = await upstreams(ok(largest))
+    gw = await gateway(upstream=up.url)
+    auth = bearer()
+    count = MEMORY_MAX_BYTES // len(largest) + 8
+    for index in range(count):
+        assert (await post(gw, auth, f"evict-{index}"))[0] == 200
+    text = await gw.metrics_text()
+    assert metric(text, "catalyst_proxy_idempotency_evictions_total") >= 8
+    status, headers, body = await post(gw, auth, f"evict-{count - 1}")
+    assert (status, body) == (200, largest)
+    assert headers["Idempotent-Replayed"] == "true"
+    status, headers, _ = await post(gw, auth, "evict-0")
+    assert status == 200
+    assert "Idempotent-Replayed" not in headers
+    assert len(keyed_requests(up, "evict-0")) == 2
+
+
+async def test_200_concurrent_duplicates_reach_the_upstream_once(start, upstreams, bearer):
+    """200 concurrent requests with one key: exactly one upstream request; every other answer is
+    409 in-use or an identical replay."""
+    gate = Gate()
+    up = await upstreams(gate)
+    gw = await start(up.url)
+    auth = bearer()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
+
+        async def one() -> tuple[int, Any, bytes]:
+            url = gw.url + PURCHASE
+            async with http.post(url, headers=keyed(auth, "stampede"), data=ORDER) as resp:
+                return resp.status, resp.headers, await resp.read()
+
+        tasks = [asyncio.create_task(one()) for _ in range(200)]
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED, timeout=20)
+        assert done  # a duplicate was refused while the first was held
+        gate.open.set()
+        async with asyncio.timeout(30):
+            results = await asyncio.gather(*tasks)
+    assert len(up.requests) == 1
+    originals = [r for r in results if r[0] == 200 and "Idempotent-Replayed" not in r[1]]
+    replays = [r for r in results if r[0] == 200 and r[1].get("Idempotent-Replayed") == "true"]
+    in_use = [r for r in results if r[0] == 409 and error_of(r[2]) == "idempotency-key-in-use"]
+    assert len(originals) == 1
+    assert len(originals) + len(replays) + len(in_use) == 200
+    assert in_use
+    assert all(r[2] == ORDER_ANSWER for r in originals + replays)
+
+
+# --- time ---------------------------------------------------------------------------------
+
+
+async def test_records_expire_after_the_ttl(start, upstreams, bearer, store, redis):
+    """A record lives CATALYST_IDEMPOTENCY_TTL_SECONDS: replayed within it, and the key is new
+    (forwarded again) after it."""
+    clock = Clock()
+    ttl = 60.0 if store == "memory" else 1.0  # a fake clock for memory; a real TTL for Redis
+    up = await upstreams(ok())
+    gw = await start(up.url, clock=clock, idempotency_ttl_seconds=ttl)
+    auth = bearer()
+    await post(gw, auth, "ttl")
+    if redis is not None:
+        [name] = idem_keys(redis)
+        assert 0 < redis.command("PTTL", name) <= 1000
+    assert (await post(gw, auth, "ttl"))[1]["Idempotent-Replayed"] == "true"
+    if redis is not None:
+        await eventually(lambda: not idem_keys(redis))
+    else:
+        clock.now += ttl - 1
+        assert (await post(gw, auth, "ttl"))[1]["Idempotent-Replayed"] == "true"
+        clock.now += 2
+    status, headers, _ = await post(gw, auth, "ttl")
+    assert status == 200
+    assert "Idempotent-Replayed" not in headers
+    assert len(up.requests) == 2
+
+
+async def test_a_late_completion_never_overwrites_a_newer_reservation(
+    start, upstreams, bearer, store, redis
+):
+    """A first attempt that outlived its record (expired and reserved anew by a retry) cannot
+    overwrite the newer one when it finally completes: the retry's record stands."""
+    clock = Clock()
+    first_gate, second_gate = Gate(ok(b'{"order_id": "late"}')), Gate(ok(b'{"order_id": "new"}'))
+    up = await upstreams(in_turn(first_gate, second_gate))
+    gw = await start(up.url, clock=clock, idempotency_ttl_seconds=10.0)
+    auth = bearer()
+    first = asyncio.create_task(post(gw, auth, "cas"))
+    await up.until(lambda: len(up.complete) == 1)
+    await expire_all(store, clock, redis, 10.0)
+    second = asyncio.create_task(post(gw, auth, "cas"))
+    await up.until(lambda: len(up.complete) == 2)
+    first_gate.open.set()
+    assert (await first)[2] == b'{"order_id": "late"}'
+    await settled(gw, in_flight=1)  # the first is done and its record update tried
+    status, _, body = await post(gw, auth, "cas")
+    assert (status, error_of(body)) == (409, "idempotency-key-in-use")  # the retry's reservation
+    second_gate.open.set()
+    assert (await second)[2] == b'{"order_id": "new"}'
+    status, headers, body = await post(gw, auth, "cas")
+    assert (status, body) == (200, b'{"order_id": "new"}')
+    assert headers["Idempotent-Replayed"] == "true"
+    assert len(up.requests) == 2
+
+
+# --- Redis -------------------------------------------------------------------------------
+
+
+async def test_a_record_is_replayed_by_another_gateway_on_the_same_redis(
+    gateway, upstreams, bearer, redis_url
+):
+    """Two gateway apps sharing one Redis share the records: the second replays what the first
+    recorded, and refuses with 409 in use while the first is in flight."""
+    gate = Gate(when=lambda seen: b"hold" in seen.body)
+    up = await upstreams(gate)
+    one = await gateway(upstream=up.url, redis_url=redis_url)
+    two = await gateway(upstream=up.url, redis_url=redis_url)
+    auth = bearer()
+    assert (await post(one, auth, "shared"))[0] == 200
+    await settled(one)  # the record follows the answer (test_a_retry_right_after_...)
+    status, headers, body = await post(two, auth, "shared")
+    assert (status, body) == (200, ORDER_ANSWER)
+    assert headers["Idempotent-Replayed"] == "true"
+    held = asyncio.create_task(post(one, auth, "held", b'{"hold": 1}'))
+    await up.until(lambda: len(up.complete) == 2)
+    status, _, body = await post(two, auth, "held", b'{"hold": 1}')
+    assert (status, error_of(body)) == (409, "idempotency-key-in-use")
+    gate.open.set()
+    assert (await held)[0] == 200
+    await settled(one)
+    assert (await post(two, auth, "held", b'{"hold": 1}'))[1]["Idempotent-Replayed"] == "true"
+    assert len(up.requests) == 2
+
+
+class ScriptGate:
+    """A TCP proxy in front of the redis-server that holds every script call (EVALSHA) until
+    ``open`` is set: the store's record updates wait, its reservations (SET NX, GET) pass."""
+
+    def __init__(self, server: RedisServer) -> None:
+        self._port = server.port
+        self.open = asyncio.Event()
+        self.held = asyncio.Event()  # a script call is waiting
+        self._server: asyncio.Server | None = None
+        self._writers: list[asyncio.StreamWriter] = []
+        self.url = ""
+
+    async def start(self) -> ScriptGate:
+        self._server = await asyncio.start_server(self._serve, sock=free_socket())
+        self.url = f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/0"
+        return self
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._port)
+        self._writers += [writer, up_writer]
+        await asyncio.gather(self._pipe(reader, up_writer, hold=True),
+                             self._pipe(up_reader, writer, hold=False))  # fmt: skip
+
+    async def _pipe(
+        self, source: asyncio.StreamReader, sink: asyncio.StreamWriter, *, hold: bool
+    ) -> None:
+        try:
+            while data := await source.read(65536):
+                if hold and b"\r\nEVALSHA\r\n" in data.upper():
+                    self.held.set()
+                    await self.open.wait()
+                sink.write(data)
+                await sink.drain()
+        except ConnectionError:
+            pass
+        finally:
+            sink.close()
+
+    async def close(self) -> None:
+        self.open.set()
+        for writer in self._writers:
+            writer.close()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+
+
+async def test_a_retry_right_after_the_answer_is_replayed(
+    gateway, upstreams, bearer, redis_url, redis_server
+):
+    """A retry sent once the client has its answer, while the record is still on its way to
+    Redis, is replayed: the record is complete as soon as the answer is, never 409 in use."""
+    scripts = await ScriptGate(redis_server).start()
+    try:
+        up = await upstreams(ok())
+        gw = await gateway(upstream=up.url, redis_url=scripts.url)
+        auth = bearer()
+        first = await raw_post(gw, auth, [("Idempotency-Key", "right-after")], settle=False)
+        assert (first.status, first.body) == (200, ORDER_ANSWER)
+        await eventually(scripts.held.is_set)  # the answer is out, its record not yet written
+        retry = await raw_post(gw, auth, [("Idempotency-Key", "right-after")], settle=False)
+        scripts.open.set()
+        assert (retry.status, retry.body) == (200, ORDER_ANSWER), retry.body
+        assert retry.headers["Idempotent-Replayed"] == "true"
+        assert len(up.requests) == 1
+    finally:
+        await scripts.close()
+
+
+async def test_redis_never_holds_the_clients_key(
+    gateway, upstreams, bearer, redis_url, redis_server
+):
+    """Redis keys are ``catalyst-idem:`` and a SHA-256 of scope and key, and no stored value
+    holds the client's key."""
+    up = await upstreams(ok())
+    gw = await gateway(upstream=up.url, redis_url=redis_url)
+    await post(gw, bearer(sub="op-7"), "client-key-77f1")
+    [name] = redis_server.command("KEYS", "*")
+    expected = slot(None, "op-7", "POST", "/api/billing/purchase", "client-key-77f1")
+    assert name == (PREFIX + expected).encode()
+    assert b"client-key-77f1" not in redis_server.command("GET", name)
+
+
+async def test_redis_down_is_503_for_a_key_and_plain_proxying_without(
+    gateway, upstreams, bearer, redis_url, redis_server
+):
+    """With Redis unreachable a keyed request is 503 idempotency-store-unavailable (forwarded no,
+    nothing upstream) and an unkeyed one is proxied; once Redis is back the key works."""
+    monotonic = Clock(1000.0)
+    up = await upstreams(ok())
+    gw = await gateway(upstream=up.url, redis_url=redis_url, monotonic=monotonic)
+    auth = bearer()
+    await assert_forwarded_once(gw, up, auth, "before")  # the scripts are loaded
+    redis_server.stop()
+    try:
+        status, headers, body = await post(gw, auth, "k-down")
+        assert (status, error_of(body)) == (503, "idempotency-store-unavailable")
+        assert headers["X-Catalyst-Forwarded"] == "no"
+        assert keyed_requests(up, "k-down") == []
+        status, headers, _ = await post(gw, auth, None)
+        assert status == 200
+        assert headers["X-Catalyst-Forwarded"] == "yes"
+    finally:
+        redis_server.start()  # empty, its script cache too
+    monotonic.now += 2  # past the store's pause after a failure
+    await assert_forwarded_once(gw, up, auth, "k-down")
+
+
+async def test_redis_lost_after_the_reservation_still_delivers_the_answer(
+    gateway, upstreams, bearer, redis_url, redis_server
+):
+    """If Redis goes away while a keyed request is in flight, the client still gets the SME
+    gateway's answer; the failed record update is counted and logged as a store error."""
+    gate = Gate()
+    up = await upstreams(gate)
+    gw = await gateway(upstream=up.url, redis_url=redis_url)
+    auth = bearer()
+    with capture_logs() as logs:
+        held = asyncio.create_task(post(gw, auth, "k-lost"))
+        await up.until(lambda: len(up.complete) == 1)
+        redis_server.stop()
+        try:
+            gate.open.set()
+            status, headers, body = await held
+            await settled(gw)
+        finally:
+            redis_server.start()
+    assert (status, body) == (200, ORDER_ANSWER)
+    assert headers["X-Catalyst-Forwarded"] == "yes"
+    assert [e["event"] for e in logs if e["event"] == log.IDEMPOTENCY_STORE_ERROR] == [
+        log.IDEMPOTENCY_STORE_ERROR
+    ]
+    assert metric(await gw.metrics_text(), IDEM_TOTAL, outcome="store-error") == 1
+
+
+# --- the real server, as a child process ---------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _serve_env(public_key_file: Path, upstream_url: str, **extra: str) -> dict[str, str]:
+    return {
+        "CATALYST_SESSION_PUBLIC_KEY_FILE": str(public_key_file),
+        "CATALYST_SME_JWT_SECRET": BRIDGE_SECRET.decode(),
+        "CATALYST_SME_GATEWAY_URL": upstream_url,
+        "CATALYST_UPSTREAM_TIMEOUT_SECONDS": "0.3",
+        "CATALYST_SHUTDOWN_GRACE_SECONDS": "1",
+        **extra,
+    }
+
+
+@pytest.fixture
+async def children() -> AsyncIterator[Callable[..., Awaitable[ServeProcess]]]:
+    """Factory: ``await children(args, env)`` starts ``catalyst-proxy ARGS`` (killed at the end)."""
+    started: list[ServeProcess] = []
+
+    async def make(args: list[str], env: dict[str, str]) -> ServeProcess:
+        proc = await ServeProcess(args, env).start()
+        started.append(proc)
+        return proc
+
+    yield make
+    for proc in started:
+        await _stop(proc)
+
+
+async def _stop(proc: ServeProcess) -> None:
+    """SIGTERM first (a supervisor passes it to its workers), SIGKILL for what is left: a
+    killed supervisor's workers would keep the output pipes open."""
+    assert proc.proc is not None
+    if proc.proc.returncode is None:
+        pid = proc.proc.pid
+        workers = Path(f"/proc/{pid}/task/{pid}/children")
+        pids = [int(p) for p in workers.read_text().split()] if workers.exists() else []
+        proc.signal(signal.SIGTERM)
+        try:
+            await proc.wait(10)
+        except TimeoutError:
+            for child in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL)
+    await proc.stop()
+
+
+async def _fetch(url: str, method: str = "GET", **kwargs: Any) -> tuple[int, Any, bytes]:
+    """One request on a new connection (so ``--workers`` spread them)."""
+    async with aiohttp.ClientSession() as http, http.request(method, url, **kwargs) as resp:
+        return resp.status, resp.headers, await resp.read()
+
+
+@pytest.mark.slow
+async def test_the_servers_log_never_holds_the_key(
+    children, upstreams, bearer, public_key_file, store, request
+):
+    """The real server's every line (stdout and stderr) names each keyed request's outcome and
+    never the key itself, whatever became of it."""
+    extra = {"CATALYST_REDIS_URL": request.getfixturevalue("redis_url")} if store == "redis" else {}
+    server: RedisServer | None = request.getfixturevalue("redis_server") if extra else None
+    up = await upstreams(by_body(ok(), hang=never_answer))
+    proc = await children(["serve", "--host", "127.0.0.1", "--port", "0"],
+                          _serve_env(public_key_file, up.url, **extra))  # fmt: skip
+    base = await proc.wait_listening()
+    key = "Never-Logged-Key-3f9a2c"
+    auth = bearer()
+    sent = [(key, ORDER), (key, ORDER), (key, OTHER_ORDER), (f'"{key}-q"', b'{"hang": 1}'),
+            (f'"{key}-q"', b'{"hang": 1}'), (f"{key} x", ORDER)]  # fmt: skip
+    statuses = []
+    for value, body in sent:
+        status, _, _ = await _fetch(base + PURCHASE, "POST", data=body,
+                                    headers=keyed(auth, value))  # fmt: skip
+        statuses.append(status)
+        if server is not None:
+            await records_written(server)
+    assert statuses == [200, 200, 422, 504, 409, 400]
+    proc.signal(signal.SIGTERM)
+    assert await proc.wait() == 0
+    outcomes = [line["idempotency"] for line in proc.json_lines() if line["event"] == "request"]
+    assert outcomes == ["new", "replayed", "reused", "unknown", "unknown", None]
+    assert key not in proc.output
+    assert [seen.headers["Idempotency-Key"] for seen in up.requests] == [key, f'"{key}-q"']
+
+
+@pytest.mark.slow
+async def test_two_workers_without_redis_serve_with_idempotency_off(
+    children, upstreams, bearer, public_key_file
+):
+    """``--workers 2`` without Redis under ``auto``: a start-up warning ``idempotency.off``,
+    /readyz says why, and a repeated key is forwarded every time."""
+    up = await upstreams(ok())
+    port = _free_port()
+    proc = await children(["serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
+                          _serve_env(public_key_file, up.url))  # fmt: skip
+    warning = await proc.wait_for_event(log.IDEMPOTENCY_OFF)
+    assert warning["level"] == "warning"
+    assert "--workers 2" in warning["reason"]
+    assert "CATALYST_REDIS_URL" in warning["reason"]
+    base = await proc.wait_listening()
+    status, _, body = await _fetch(base + "/readyz")
+    report = json.loads(body)["idempotency"]
+    assert report["off_reason"] == warning["reason"]
+    assert report["routes"] == []
+    auth = bearer()
+    for _ in range(2):
+        status, headers, _ = await _fetch(base + PURCHASE, "POST", data=ORDER,
+                                          headers=keyed(auth, "workers-off"))  # fmt: skip
+        assert status == 200
+        assert "Idempotent-Replayed" not in headers
+    assert len(keyed_requests(up, "workers-off")) == 2
+    proc.signal(signal.SIGTERM)
+    assert await proc.wait() == 0
+
+
+@pytest.mark.slow
+async def test_two_workers_share_records_through_redis(
+    children, upstreams, bearer, public_key_file, redis_url, redis_server
+):
+    """``--workers 2`` with Redis: a record one worker made is replayed by the other process."""
+    up = await upstreams(ok())
+    port = _free_port()
+    env = _serve_env(public_key_file, up.url, CATALYST_REDIS_URL=redis_url,
+                     CATALYST_IDEMPOTENCY="required")  # fmt: skip
+    proc = await children(["serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
+                          env)  # fmt: skip
+    base = await proc.wait_listening()
+    auth = bearer()
+    served: dict[int, list[str]] = {}  # worker pid -> Idempotent-Replayed of its answers
+    async with asyncio.timeout(30):
+        while len(served) < 2 or not all("true" in marks for marks in served.values()):
+            async with aiohttp.ClientSession() as http:  # one connection: one worker
+                async with http.get(base + "/readyz") as resp:
+                    pid = (await resp.json())["pid"]
+                url = base + PURCHASE
+                async with http.post(url, headers=keyed(auth, "workers"), data=ORDER) as resp:
+                    assert resp.status == 200
+                    served.setdefault(pid, []).append(resp.headers.get("Idempotent-Replayed", ""))
+            await records_written(redis_server)
+    assert len(keyed_requests(up, "workers")) == 1
+    assert sum(marks.count("") for marks in served.values()) == 1
+    proc.signal(signal.SIGTERM)
+    assert await proc.wait() == 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["optional", "required"])
+async def test_an_explicit_mode_with_workers_and_no_redis_exits_2(public_key_file, mode):
+    """CATALYST_IDEMPOTENCY=optional|required with ``--workers 2`` and no Redis stops start-up:
+    exit 2, one line naming the variable."""
+    env = {"CATALYST_SESSION_PUBLIC_KEY_FILE": str(public_key_file), "CATALYST_IDEMPOTENCY": mode}
+    status, _out, err = await run_cli("serve", "--host", "127.0.0.1", "--port", str(_free_port()),
+                                     "--workers", "2", env=env)  # fmt: skip
+    assert status == 2
+    assert len(err.strip().splitlines()) == 1
+    assert "CATALYST_IDEMPOTENCY" in err
+    assert "CATALYST_REDIS_URL" in err
+
+
+@pytest.mark.slow
+async def test_a_routes_file_mode_with_workers_and_no_redis_exits_2(public_key_file, tmp_path):
+    """A routes-file entry with ``idempotency: required`` and ``--workers 2`` without Redis stops
+    start-up: exit 2, one line naming CATALYST_ROUTES_FILE and the entry."""
+    routes_file = tmp_path / "routes.json"
+    entry = {"methods": ["POST"], "path": "/api/v1/org/billing/purchase", "idempotency": "required",
+             "upstream_method": "POST", "upstream_path": "/api/billing/purchase"}  # fmt: skip
+    routes_file.write_text(json.dumps({"routes": [entry]}))
+    env = {"CATALYST_SESSION_PUBLIC_KEY_FILE": str(public_key_file),
+           "CATALYST_ROUTES_FILE": str(routes_file)}  # fmt: skip
+    status, _out, err = await run_cli("serve", "--host", "127.0.0.1", "--port", str(_free_port()),
+                                     "--workers", "2", env=env)  # fmt: skip
+    assert status == 2
+    assert len(err.strip().splitlines()) == 1
+    assert "CATALYST_ROUTES_FILE" in err
+    assert "/api/v1/org/billing/purchase" in err

@@ -1,0 +1,492 @@
+"""Idempotency's parts on their own: the key's syntax, its slot, a record's bytes, and the two
+stores (memory with a fake clock; Redis against the session's real redis-server).
+
+The store rules (reserve atomically, compare-and-set on the owner, expiry) run against both
+stores through one parametrised ``records`` fixture, as the memory store is the shipped fake
+of the Redis one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+from structlog.testing import capture_logs
+
+from catalyst_proxy import log
+from catalyst_proxy.config import Settings
+from catalyst_proxy.errors import IdempotencyKeyInvalid
+from catalyst_proxy.idempotency import MemoryRecords, Record, RedisRecords, parse_key
+from catalyst_proxy.idempotency.keys import fingerprinter, slot
+from catalyst_proxy.idempotency.records import COMPLETED, RESERVED, UNKNOWN, Records
+from catalyst_proxy.idempotency.redis_records import PREFIX
+from catalyst_proxy.ids import hex_id
+from catalyst_proxy.store import Store, StoreUnavailable
+
+from .auth_support import Clock
+from .redis_server import RedisServer
+
+NOW = 1_800_000_000.0
+
+
+def S(name: str) -> str:
+    """A slot for ``name`` (slots are SHA-256 digests in hex, as ``slot()`` makes them)."""
+    return hashlib.sha256(name.encode()).hexdigest()
+
+
+# --- parse_key --------------------------------------------------------------------------------
+
+VALID = [
+    ("8e03978e", "8e03978e"),
+    ('"8e03978e"', "8e03978e"),
+    ('"a\\"b"', 'a"b'),
+    ('"a\\\\b"', "a\\b"),
+    ('a"b', 'a"b'),  # bare: a quote that does not open the value is a character
+    ("k" * 255, "k" * 255),
+    ('"' + "k" * 255 + '"', "k" * 255),
+    ('"' + "\\\\" * 255 + '"', "\\" * 255),  # 255 characters once unescaped
+    ("!#$%&'()*+,-./:;<=>?@[]^_`{|}~", "!#$%&'()*+,-./:;<=>?@[]^_`{|}~"),
+]
+
+
+@pytest.mark.parametrize(("raw", "key"), VALID)
+def test_parse_key_accepts_visible_ascii_bare_or_quoted(raw, key):
+    """1-255 visible ASCII characters, bare or as a quoted string with \\" and \\\\ escapes,
+    give the key without its quotes."""
+    assert parse_key([raw]) == key
+
+
+INVALID = [
+    "",
+    '""',
+    "k" * 256,
+    '"' + "k" * 256 + '"',
+    "a b",
+    '"a b"',
+    "a\tb",
+    "a\x00b",
+    "a\x1fb",
+    "a\x7fb",
+    "clé",
+    "ключ",
+    '"abc',
+    '"',
+    '"a"b"',
+    '"a\\qb"',
+    '"abc\\"',
+    ' "abc"',
+]
+
+
+@pytest.mark.parametrize("raw", INVALID)
+def test_parse_key_refuses_anything_else(raw):
+    """An empty or over-long key, a space, a control or non-ASCII character, or bad quoting is
+    idempotency-key-invalid, and neither its reason nor its answer repeats the key."""
+    with pytest.raises(IdempotencyKeyInvalid) as caught:
+        parse_key([raw])
+    assert caught.value.status == 400
+    assert caught.value.code == "idempotency-key-invalid"
+    told = caught.value.reason + str(caught.value.body())  # the log's reason, the client's body
+    assert raw.strip('" ') == "" or raw.strip('" ') not in told
+
+
+def test_parse_key_refuses_two_headers_and_allows_none():
+    """No header is no key (None); two headers are invalid even when they agree."""
+    assert parse_key([]) is None
+    with pytest.raises(IdempotencyKeyInvalid):
+        parse_key(["k1", "k1"])
+    with pytest.raises(IdempotencyKeyInvalid):
+        parse_key(["k1", '"k1"'])
+
+
+# --- slot and fingerprint ------------------------------------------------------------------
+
+SCOPE = ("https://kc/realms/sovereign", "op-1", "POST", "/api/billing/purchase", "k-1")
+
+
+def test_slot_is_a_digest_of_the_whole_scope():
+    """The slot is a 64-hex-digit SHA-256 that changes with each part of the scope (issuer,
+    subject, upstream method and path, key) and never contains the key."""
+    base = slot(*SCOPE)
+    assert len(base) == 64
+    assert int(base, 16) >= 0
+    assert slot(*SCOPE) == base
+    assert "k-1" not in base
+    for index in range(len(SCOPE)):
+        changed = list(SCOPE)
+        changed[index] = changed[index] + "x"
+        assert slot(*changed) != base, index
+    assert slot(None, *SCOPE[1:]) != base
+    assert slot(None, *SCOPE[1:]) == slot("", *SCOPE[1:])  # no issuer claim is an empty one
+
+
+def test_fingerprint_covers_method_target_and_body_not_its_pieces():
+    """The fingerprint is over method, target and body: the same bytes fed in any pieces give
+    the same digest, and another method, query or body another."""
+
+    def digest(method: bytes, target: bytes, *pieces: bytes) -> str:
+        hasher = fingerprinter(method, target)
+        for piece in pieces:
+            hasher.update(piece)
+        return hasher.hexdigest()
+
+    base = digest(b"POST", b"/api/billing/purchase", b'{"sku": "starter"}')
+    assert digest(b"POST", b"/api/billing/purchase", b'{"sku": ', b'"starter"}') == base
+    assert base == hashlib.sha256(b'POST /api/billing/purchase\n{"sku": "starter"}').hexdigest()
+    assert digest(b"PUT", b"/api/billing/purchase", b'{"sku": "starter"}') != base
+    assert digest(b"POST", b"/api/billing/purchase?a=1", b'{"sku": "starter"}') != base
+    assert digest(b"POST", b"/api/billing/purchase", b'{"sku": "pro"}') != base
+
+
+# --- Record --------------------------------------------------------------------------------
+
+RECORDS = [
+    Record(RESERVED, hex_id(), NOW + 33.0),
+    Record(UNKNOWN, hex_id(), 0.0),
+    Record(
+        COMPLETED,
+        hex_id(),
+        0.0,
+        "f" * 64,
+        201,
+        [
+            ("Content-Type", "application/json"),
+            ("Cache-Control", "no-store"),
+            ("Cache-Control", "private"),
+            ("Location", "/orders/é"),
+        ],
+        b'{"order_id": "ord-1"}\n\x00\xff binary\r\n tail',
+    ),
+    Record(COMPLETED, hex_id(), 0.0, "e" * 64, 204, [], b""),
+    Record(COMPLETED, hex_id(), 0.0, "d" * 64, 200, [("Content-Type", "text/plain")], None),
+]
+
+
+@pytest.mark.parametrize("record", RECORDS, ids=["reserved", "unknown", "completed", "empty",
+                                                 "too-large"])  # fmt: skip
+def test_a_record_decodes_to_what_was_encoded(record):
+    """A record's bytes (owner, a JSON line, the body) decode to the same record: duplicate and
+    non-ASCII headers, any body bytes, an empty body and a body too large to keep (None)."""
+    data = record.encode()
+    assert data.startswith(record.owner.encode())
+    assert Record.decode(data) == record
+
+
+def test_a_records_size_counts_its_body_and_headers():
+    """``size()`` grows with the body and the headers (what the memory store's byte bound
+    counts)."""
+    small = Record(COMPLETED, hex_id(), 0.0, "f" * 64, 200, [], b"x")
+    large = Record(COMPLETED, hex_id(), 0.0, "f" * 64, 200, [("A", "b" * 100)], b"x" * 1000)
+    assert large.size() - small.size() == 999 + 1 + 100
+
+
+# --- both stores ---------------------------------------------------------------------------
+
+
+class Stores:
+    """Builds the store under test; ``expire()`` makes its records expire."""
+
+    def __init__(self, kind: str, redis_server: RedisServer | None, redis_url: str | None):
+        self.kind = kind
+        self.clock = Clock(NOW)
+        self._server = redis_server
+        self._url = redis_url
+        self._stores: list[Store] = []
+
+    async def make(self, ttl: float = 60.0) -> Records:
+        if self.kind == "memory":
+            return MemoryRecords(ttl, clock=self.clock)
+        store = Store(Settings(redis_url=self._url))
+        await store.start()
+        self._stores.append(store)
+        return RedisRecords(store, ttl)
+
+    async def expire(self, ttl: float = 60.0) -> None:
+        """Every record expires now: the fake clock moves past the TTL, or Redis expires it."""
+        if self.kind == "memory":
+            self.clock.now += ttl + 1
+            return
+        assert self._server is not None
+        for name in self._server.command("KEYS", PREFIX + "*"):
+            self._server.command("PEXPIRE", name, 1)
+        await eventually(lambda: not self._server.command("KEYS", PREFIX + "*"))  # type: ignore[union-attr]
+
+    async def close(self) -> None:
+        for store in self._stores:
+            await store.close()
+
+
+async def eventually(predicate: Callable[[], Any], timeout: float = 5.0) -> None:
+    """Wait until ``predicate()`` holds about the real server's state."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.005)
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def stores(request: pytest.FixtureRequest) -> AsyncIterator[Stores]:
+    """The store under test, memory or the session's real Redis (running and flushed)."""
+    if request.param == "redis":
+        url = request.getfixturevalue("redis_url")
+        made = Stores("redis", request.getfixturevalue("redis_server"), url)
+    else:
+        made = Stores("memory", None, None)
+    yield made
+    await made.close()
+
+
+def reservation(clock: Clock, owner: str | None = None) -> Record:
+    return Record(RESERVED, owner or hex_id(), clock() + 33.0)
+
+
+def completed(owner: str, body: bytes = b'{"order_id": "ord-1"}') -> Record:
+    return Record(COMPLETED, owner, 0.0, "f" * 64, 200, [("Content-Type", "application/json")],
+                  body)  # fmt: skip
+
+
+async def test_reserve_stores_once_and_then_returns_the_holder(stores):
+    """The first reserve stores its record (None); the next one gets that record back and
+    stores nothing."""
+    records = await stores.make()
+    mine = reservation(stores.clock)
+    assert await records.reserve(S("s1"), mine) is None
+    found = await records.reserve(S("s1"), reservation(stores.clock))
+    assert found == mine
+    assert await records.reserve(S("s2"), reservation(stores.clock)) is None
+
+
+async def test_concurrent_reserves_have_exactly_one_winner(stores):
+    """Of 50 reserves racing on one slot exactly one stores its record; the others all see it."""
+    records = await stores.make()
+    contenders = [reservation(stores.clock) for _ in range(50)]
+    results = await asyncio.gather(*(records.reserve(S("race"), r) for r in contenders))
+    winners = [r for r, result in zip(contenders, results, strict=True) if result is None]
+    assert len(winners) == 1
+    assert all(result == winners[0] for result in results if result is not None)
+
+
+async def test_replace_and_release_are_compare_and_set_on_the_owner(stores):
+    """Only the reservation's owner may complete or release it; anyone else changes nothing."""
+    records = await stores.make()
+    owner, stranger = hex_id(), hex_id()
+    mine = reservation(stores.clock, owner)
+    await records.reserve(S("s"), mine)
+    assert await records.replace(S("s"), stranger, completed(stranger)) is False
+    assert await records.release(S("s"), stranger) is False
+    assert await records.reserve(S("s"), reservation(stores.clock)) == mine
+    assert await records.replace(S("s"), owner, completed(owner)) is True
+    assert await records.reserve(S("s"), reservation(stores.clock)) == completed(owner)
+    assert await records.release(S("s"), owner) is True
+    assert await records.reserve(S("s"), reservation(stores.clock)) is None
+    assert await records.replace(S("gone"), owner, completed(owner)) is False
+    assert await records.release(S("gone"), owner) is False
+
+
+async def test_a_late_completion_cannot_overwrite_a_newer_reservation(stores):
+    """A first attempt whose record expired and was reserved anew by another cannot complete,
+    mark unknown or release the newer record."""
+    records = await stores.make(ttl=60.0)
+    first, second = hex_id(), hex_id()
+    await records.reserve(S("s"), reservation(stores.clock, first))
+    await stores.expire(60.0)
+    newer = reservation(stores.clock, second)
+    assert await records.reserve(S("s"), newer) is None
+    assert await records.replace(S("s"), first, completed(first)) is False
+    assert await records.replace(S("s"), first, Record(UNKNOWN, first, 0.0)) is False
+    assert await records.release(S("s"), first) is False
+    assert await records.reserve(S("s"), reservation(stores.clock)) == newer
+    assert await records.replace(S("s"), second, completed(second, b"new")) is True
+    found = await records.reserve(S("s"), reservation(stores.clock))
+    assert found is not None
+    assert found.body == b"new"
+
+
+async def test_records_expire_after_the_ttl(stores, redis_server):
+    """A record is gone after the TTL (memory: by the clock; Redis: a real PX expiry), and
+    a completion keeps a full TTL from the moment it is written."""
+    if stores.kind == "memory":
+        records = await stores.make(ttl=60.0)
+        owner = hex_id()
+        await records.reserve(S("s"), reservation(stores.clock, owner))
+        stores.clock.now += 50
+        assert await records.replace(S("s"), owner, completed(owner)) is True
+        stores.clock.now += 50  # 100 s after the reservation, 50 after the completion
+        assert await records.reserve(S("s"), reservation(stores.clock)) == completed(owner)
+        stores.clock.now += 11
+        assert await records.reserve(S("s"), reservation(stores.clock)) is None
+        return
+    records = await stores.make(ttl=0.3)
+    owner = hex_id()
+    await records.reserve(S("s"), reservation(stores.clock, owner))
+    assert 0 < redis_server.command("PTTL", PREFIX + S("s")) <= 300
+    redis_server.command("PEXPIRE", PREFIX + S("s"), 100_000)  # as if much of the TTL were left
+    assert await records.replace(S("s"), owner, completed(owner)) is True
+    assert 0 < redis_server.command("PTTL", PREFIX + S("s")) <= 300  # a fresh TTL, not the old one
+    await eventually(lambda: redis_server.command("EXISTS", PREFIX + S("s")) == 0)
+    assert await records.reserve(S("s"), reservation(stores.clock)) is None
+
+
+# --- memory: bounds --------------------------------------------------------------------------
+
+
+def memory(clock: Clock, **bounds: Any) -> tuple[MemoryRecords, list[int]]:
+    evicted: list[int] = []
+    records = MemoryRecords(60.0, clock=clock, on_evict=lambda: evicted.append(1), **bounds)
+    return records, evicted
+
+
+async def test_memory_drops_the_oldest_record_past_the_count_bound():
+    """Past ``max_records`` the oldest record goes first, counted as an eviction."""
+    clock = Clock(NOW)
+    records, evicted = memory(clock, max_records=2)
+    for name in ("a", "b", "c"):
+        await records.reserve(S(name), completed(hex_id()))
+    assert len(records) == 2
+    assert evicted == [1]
+    assert await records.reserve(S("a"), reservation(clock)) is None  # a was dropped
+    assert await records.reserve(S("c"), reservation(clock)) is not None
+
+
+async def test_memory_never_drops_a_reservation_within_its_lease():
+    """A reservation within its lease is spared by the bounds (dropping it could let a retry
+    through twice); one past its lease is not."""
+    clock = Clock(NOW)
+    records, evicted = memory(clock, max_records=2)
+    held = reservation(clock)
+    await records.reserve(S("held"), held)
+    await records.reserve(S("b"), completed(hex_id()))
+    await records.reserve(S("c"), completed(hex_id()))
+    assert await records.reserve(S("held"), reservation(clock)) == held
+    assert await records.reserve(S("c"), reservation(clock)) is not None
+    assert len(records) == 2
+    assert evicted == [1]
+    clock.now += 34  # past held's lease, within the TTL
+    await records.reserve(S("d"), completed(hex_id()))
+    await records.reserve(S("e"), completed(hex_id()))
+    assert await records.reserve(S("held"), reservation(clock)) is None
+
+
+async def test_memory_keeps_reservations_over_the_bound_rather_than_drop_them():
+    """When every record is a live reservation the set grows past the bound instead."""
+    clock = Clock(NOW)
+    records, evicted = memory(clock, max_records=2)
+    for name in ("a", "b", "c"):
+        assert await records.reserve(S(name), reservation(clock)) is None
+    assert len(records) == 3
+    assert evicted == []
+
+
+async def test_memory_drops_the_oldest_past_the_byte_bound():
+    """Past ``max_bytes`` the oldest records go until the set fits."""
+    clock = Clock(NOW)
+    records, evicted = memory(clock, max_bytes=25_000)
+    for name in ("a", "b", "c"):
+        await records.reserve(S(name), completed(hex_id(), b"x" * 10_000))
+    assert len(records) == 2
+    assert evicted == [1]
+    assert await records.reserve(S("a"), reservation(clock)) is None
+
+
+async def test_memory_expired_records_are_not_counted_as_evictions():
+    """A record past its TTL that makes room is expiry, not an eviction."""
+    clock = Clock(NOW)
+    records, evicted = memory(clock, max_records=1)
+    await records.reserve(S("a"), completed(hex_id()))
+    clock.now += 61
+    await records.reserve(S("b"), completed(hex_id()))
+    assert len(records) == 1
+    assert evicted == []
+
+
+# --- Redis specifics -------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def redis_records(
+    redis_url: str,
+) -> AsyncIterator[Callable[..., Awaitable[RedisRecords]]]:
+    """Factory: ``await redis_records(ttl)`` on the session's real Redis."""
+    made: list[Store] = []
+
+    async def make(ttl: float = 60.0) -> RedisRecords:
+        store = Store(Settings(redis_url=redis_url))
+        await store.start()
+        made.append(store)
+        return RedisRecords(store, ttl)
+
+    yield make
+    for store in made:
+        await store.close()
+
+
+async def test_redis_keys_are_prefixed_slots_and_hold_the_record(redis_records, redis_server):
+    """A record lives under ``catalyst-idem:<slot>`` as the record's own bytes."""
+    records = await redis_records()
+    where = slot(*SCOPE)
+    record = completed(hex_id())
+    await records.reserve(where, record)
+    assert redis_server.command("KEYS", "*") == [(PREFIX + where).encode()]
+    assert Record.decode(redis_server.command("GET", PREFIX + where)) == record
+
+
+async def test_redis_unreachable_raises_store_unavailable(redis_records, redis_server):
+    """With the server down every call raises StoreUnavailable (the proxy's 503), never a
+    redis-py exception."""
+    records = await redis_records()
+    redis_server.stop()
+    try:
+        for call in (
+            records.reserve(S("s"), completed(hex_id())),
+            records.replace(S("s"), hex_id(), completed(hex_id())),
+            records.release(S("s"), hex_id()),
+        ):
+            with pytest.raises(StoreUnavailable):
+                await call
+    finally:
+        redis_server.start()
+
+
+async def test_redis_compare_and_set_survives_a_restart(redis_records, redis_server):
+    """After the server restarts (its script cache empty) completion still works: the scripts
+    are loaded again."""
+    clock = Clock(NOW)
+    monotonic = Clock(0.0)
+    store = Store(Settings(redis_url=redis_server.url), clock=monotonic)
+    await store.start()
+    try:
+        records = RedisRecords(store, 60.0)
+        owner = hex_id()
+        await records.reserve(S("s"), reservation(clock, owner))
+        assert await records.replace(S("s"), owner, completed(owner)) is True
+        redis_server.stop()
+        with pytest.raises(StoreUnavailable):
+            await records.reserve(S("t"), reservation(clock))
+        redis_server.start()
+        monotonic.now += 2  # past the store's pause after a failure
+        owner = hex_id()
+        assert await records.reserve(S("t"), reservation(clock, owner)) is None
+        assert await records.replace(S("t"), owner, completed(owner)) is True
+        assert await records.release(S("t"), owner) is True
+    finally:
+        await store.close()
+
+
+async def test_redis_warns_when_the_server_may_evict_records(redis_records, redis_server):
+    """``check_policy()`` warns at start-up when ``maxmemory-policy`` is not noeviction, and
+    says nothing when it is."""
+    records = await redis_records()
+    with capture_logs() as quiet:
+        await records.check_policy()
+    assert [e for e in quiet if e["event"] == log.IDEMPOTENCY_EVICTION] == []
+    redis_server.command("CONFIG", "SET", "maxmemory-policy", "allkeys-lru")
+    try:
+        with capture_logs() as logs:
+            await records.check_policy()
+    finally:
+        redis_server.command("CONFIG", "SET", "maxmemory-policy", "noeviction")
+    [warning] = [e for e in logs if e["event"] == log.IDEMPOTENCY_EVICTION]
+    assert warning["log_level"] == "warning"
+    assert warning["maxmemory_policy"] == "allkeys-lru"

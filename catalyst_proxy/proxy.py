@@ -19,12 +19,15 @@ the client writes a request on exactly one connection.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import time
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 
 from aiohttp import HttpVersion11, web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict
 
@@ -38,6 +41,7 @@ from .errors import (
     BodyTooLarge,
     BridgeUnwired,
     GatewayOverloaded,
+    IdempotencyStoreUnavailable,
     MintFailed,
     MissingCode,
     ProxyError,
@@ -156,8 +160,13 @@ class Proxy:
             return await self._exchange(request, info, exchange, None)
         assert self._idem is not None
         iss = operator.claims.get("iss")
-        attempt = await self._idem.begin(iss if isinstance(iss, str) else None, operator.sub,
-                                         route, key)  # fmt: skip
+        try:
+            attempt = await self._idem.begin(
+                iss if isinstance(iss, str) else None, operator.sub, route, key
+            )
+        except IdempotencyStoreUnavailable:
+            info.idempotency = "store-error"
+            raise
         try:
             if attempt.existing is None:
                 return await self._exchange(request, info, exchange, attempt)
@@ -210,7 +219,7 @@ class Proxy:
             raise
         info.upstream_status = upstream.status
         try:
-            return await self._relay(request, info, upstream, attempt, hasher)
+            return await self._relay(request, info, exchange, upstream, attempt, hasher, progress)
         finally:
             upstream.release()
 
@@ -281,21 +290,24 @@ class Proxy:
         self,
         request: web.BaseRequest,
         info: RequestInfo,
+        exchange: _Exchange,
         upstream: Response,
         attempt: Attempt | None,
         hasher: hashlib._Hash | None,
+        progress: Progress,
     ) -> web.StreamResponse:
         """Stream the answer back; if the upstream breaks off, so does the client's transfer.
 
-        With an ``attempt``, the answer is recorded as it passes (up to the record's
-        size limit), once the client has it (or once it is complete, if the client left).
+        With an ``attempt``, the answer is kept as it passes (up to the record's size
+        limit) and recorded before the client's transfer ends.
         """
         headers, length = hdrs.client_response_headers(upstream.headers, info.request_id)
         if upstream.complete:  # the whole answer is here already: one write
             data = upstream.body()
             whole = web.Response(status=upstream.status, body=data, headers=headers)
             if attempt is not None and hasher is not None:
-                await self._send_then_record(request, whole, attempt, hasher, headers, data)
+                await self._record(request, exchange, upstream, attempt, hasher, progress,
+                                   headers, data, whole)  # fmt: skip
             return whole
         response = web.StreamResponse(status=upstream.status, headers=headers)
         if length is not None:
@@ -328,36 +340,81 @@ class Proxy:
             raise
         if attempt is not None and hasher is not None:
             body = bytes(kept) if kept is not None else None
-            await self._send_then_record(request, response, attempt, hasher, headers, body)
+            await self._record(request, exchange, upstream, attempt, hasher, progress,
+                               headers, body, response)  # fmt: skip
         return response
 
-    async def _send_then_record(
+    async def _record(
         self,
         request: web.BaseRequest,
-        response: web.StreamResponse,
+        exchange: _Exchange,
+        upstream: Response,
         attempt: Attempt,
         hasher: hashlib._Hash,
+        progress: Progress,
         headers: CIMultiDict[str],
         body: bytes | None,
+        response: web.StreamResponse,
     ) -> None:
-        """Finish the client's answer, then record it: the client is not kept waiting for
-        the store. The answer is complete either way, so a client gone by now changes
-        nothing."""
+        """The SME gateway's answer is complete: record it, then end the client's transfer.
+
+        In that order, a retry can only follow an answer its client has whole, so it
+        always finds the record (the cost: one store write before the last bytes; none
+        with the memory store). The upstream connection is given back first.
+
+        An early answer (the SME gateway answered before the whole body was sent) is
+        the exception: the client may be waiting for it before it sends the rest, so
+        the answer goes first, then the rest of the body is read (never forwarded) for
+        the fingerprint, and the record follows.
+        """
         assert self._idem is not None
         if body is not None and len(body) > self._idem.max_body_bytes:
             body = None
         kept = [(name, value) for name, value in headers.items() if name not in _OURS]
-        record = attempt.complete(hasher.hexdigest(), response.status, kept, body)
+        early = not progress.sent
         try:
-            if not response.prepared:
-                await response.prepare(request)
-            await response.write_eof()
-        except ConnectionError:
-            pass
+            if early:
+                await upstream.stop_sending()
+            upstream.release()
+            if early:
+                await _finish(request, response)
+                try:
+                    await self._hash_rest(request, exchange, hasher)
+                except (TimeoutError, ConnectionError, HttpProcessingError):
+                    await attempt.unknown()  # the rest never came: no whole fingerprint
+                    return
         except BaseException:
-            self._idem.later(record)  # cancelled: the record still gets written
+            attempt.settle_later(sent=True)  # acted on, but it cannot be recorded whole
             raise
-        await record
+        # A task, so that a client leaving now (cancelling us) cannot stop the write.
+        write = self._idem.later(attempt.complete(hasher.hexdigest(), response.status, kept, body))
+        await asyncio.shield(write)
+        if not early:
+            await _finish(request, response)
+
+    async def _hash_rest(
+        self, request: web.BaseRequest, exchange: _Exchange, hasher: hashlib._Hash
+    ) -> None:
+        """Feed ``hasher`` the rest of the client's body (up to the limit), forwarding nothing."""
+        upload = exchange.upload
+        budget = self._settings.upstream_timeout_seconds
+        while True:
+            async with asyncio.timeout(budget):  # a client that stalls: TimeoutError, unknown
+                chunk = await request.content.readany()
+            if not chunk:
+                return
+            upload.sent += len(chunk)
+            if upload.sent > upload.limit:
+                return  # over the limit: a retry of this body gets 413 before any judging
+            hasher.update(chunk)
+
+
+async def _finish(request: web.BaseRequest, response: web.StreamResponse) -> None:
+    """End the client's transfer (a client gone by now changes nothing)."""
+    with contextlib.suppress(ConnectionError):
+        if not response.prepared:
+            await response.prepare(request)
+        await response.write_eof()
 
 
 _OURS = frozenset({hdrs.REQUEST_ID, hdrs.FORWARDED, hdrs.SERVER})

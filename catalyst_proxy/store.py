@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.credentials import CredentialProvider
@@ -40,6 +40,7 @@ from .config import ConfigError, Settings
 
 COMMAND_TIMEOUT = 0.5  # a command takes well under a millisecond on a healthy store
 RETRY_AFTER = 1.0
+MAX_CONNECTIONS = 64
 
 T = TypeVar("T")
 
@@ -91,7 +92,11 @@ class Store:
                 ) from None
             options["credential_provider"] = provider
             self.url = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
-        self.pool = ConnectionPool.from_url(self.url, **options)
+        # Blocking: a burst waits (up to COMMAND_TIMEOUT) for a free connection instead
+        # of failing at once (redis-py's plain pool raises past its 100 connections).
+        self.pool = BlockingConnectionPool.from_url(
+            self.url, max_connections=MAX_CONNECTIONS, timeout=COMMAND_TIMEOUT, **options
+        )
         self.redis = Redis(connection_pool=self.pool)
         self.state = "connecting"
         self.last_error: str | None = None

@@ -1219,21 +1219,29 @@ class ScriptGate:
             await self._server.wait_closed()
 
 
-async def test_a_retry_right_after_the_answer_is_replayed(
+async def test_an_answer_is_never_complete_before_its_record(
     gateway, upstreams, bearer, redis_url, redis_server
 ):
-    """A retry sent once the client has its answer, while the record is still on its way to
-    Redis, is replayed: the record is complete as soon as the answer is, never 409 in use."""
+    """The record is complete as soon as the answer is: while the record's write to Redis is
+    held, the client has not got its whole answer; once written, the answer completes and a
+    retry right after it is replayed, never 409 in use."""
     scripts = await ScriptGate(redis_server).start()
     try:
         up = await upstreams(ok())
         gw = await gateway(upstream=up.url, redis_url=scripts.url)
         auth = bearer()
-        first = await raw_post(gw, auth, [("Idempotency-Key", "right-after")], settle=False)
-        assert (first.status, first.body) == (200, ORDER_ANSWER)
-        await eventually(scripts.held.is_set)  # the answer is out, its record not yet written
-        retry = await raw_post(gw, auth, [("Idempotency-Key", "right-after")], settle=False)
+        first = asyncio.create_task(
+            raw_post(gw, auth, [("Idempotency-Key", "right-after")], settle=False)
+        )
+        await eventually(scripts.held.is_set)  # the record's write is on its way
+        # ... and the client does not get its whole answer meanwhile (a bounded wait for
+        # something that must not happen: an answer sent first arrives in milliseconds).
+        done, _ = await asyncio.wait({first}, timeout=0.3)
+        assert not done
         scripts.open.set()
+        answer = await asyncio.wait_for(first, 5)
+        assert (answer.status, answer.body) == (200, ORDER_ANSWER)
+        retry = await raw_post(gw, auth, [("Idempotency-Key", "right-after")], settle=False)
         assert (retry.status, retry.body) == (200, ORDER_ANSWER), retry.body
         assert retry.headers["Idempotent-Replayed"] == "true"
         assert len(up.requests) == 1

@@ -144,11 +144,12 @@ class Idempotency:
     def count(self, outcome: str) -> None:
         self._outcomes[outcome].inc()
 
-    def later(self, step: Coroutine[Any, Any, None]) -> None:
+    def later(self, step: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run a record update that must not be lost to a cancelled request."""
         task = asyncio.get_running_loop().create_task(step)
         self._pending.add(task)
         task.add_done_callback(self._pending.discard)
+        return task
 
     async def close(self) -> None:
         """Shutdown: wait for the record updates still on their way."""
@@ -204,12 +205,15 @@ class Attempt:
             raise IdempotencyReplayUnavailable("the answer was too large to record")
         return record
 
-    async def complete(
+    def complete(
         self, fingerprint: str, status: int, headers: list[tuple[str, str]], body: bytes | None
-    ) -> None:
-        """The SME gateway's answer is complete: record it (``body`` None: too large)."""
+    ) -> Coroutine[Any, Any, None]:
+        """The SME gateway's answer is complete: the write that records it (``body`` None:
+        too large). The attempt counts as settled from this call on, so that nothing
+        (a cancellation racing the write) can mark it unknown behind it."""
         record = Record(COMPLETED, self._owner, 0.0, fingerprint, status, headers, body)
-        await self._settle(record)
+        self.settled = True
+        return self._guard._settle(self._where, self._owner, record)
 
     async def unknown(self) -> None:
         """It may have been acted on (502/504 after sending, the client gone mid-exchange)."""

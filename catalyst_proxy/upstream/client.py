@@ -20,6 +20,7 @@ once, so a request cut short never completes upstream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections.abc import AsyncIterable
 from urllib.parse import urlsplit
@@ -74,6 +75,15 @@ class Response:
         """The next piece of the body, b"" at its end; raises BodyBroken."""
         assert self._conn is not None
         return await self._conn.read(self._budget)
+
+    async def stop_sending(self) -> None:
+        """An early answer: stop streaming the request body (the connection will not be
+        reused) and wait until the pump has let go of the body's source."""
+        pump = self._pump
+        if pump is not None and not pump.done():
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
 
     def release(self) -> None:
         """Give the connection back (reused only if everything ended cleanly); idempotent."""

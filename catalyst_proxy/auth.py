@@ -35,7 +35,7 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
@@ -61,6 +61,9 @@ class Operator:
     email: str | None
     claims: Mapping[str, Any]
     exp: float
+    # Values derived from the verified claims (the SME role), cached with the session:
+    # a console sends the same session on every click.
+    derived: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,15 +92,28 @@ class Authenticator:
         self._cache_size = cache_size
 
     async def authenticate(self, headers: Mapping[str, str] | Any) -> Operator:
-        token = find_token(headers, self._settings.session_cookie_secret)
-        now = self._clock()
+        token = self.token(headers)
+        return self.remembered(token) or await self.verify(token)
+
+    def token(self, headers: Mapping[str, str] | Any) -> str:
+        """The request's one session token (Unauthenticated if none, or ambiguous)."""
+        return find_token(headers, self._settings.session_cookie_secret)
+
+    def remembered(self, token: str) -> Operator | None:
+        """The operator of a token verified before and still valid (no await: the hot path)."""
         cached = self._cache.get(token)
-        if cached is not None:
-            operator, generation = cached
-            if generation == self._keys.generation and now < operator.exp + self._leeway:
-                self._cache.move_to_end(token)
-                return operator
-            del self._cache[token]
+        if cached is None:
+            return None
+        operator, generation = cached
+        if generation == self._keys.generation and self._clock() < operator.exp + self._leeway:
+            self._cache.move_to_end(token)
+            return operator
+        del self._cache[token]
+        return None
+
+    async def verify(self, token: str) -> Operator:
+        """Verify ``token`` (steps 2-4) and remember it."""
+        now = self._clock()
         unverified = self._precheck(token, now)
         candidates = await self._candidates(unverified)
         operator = self._verify(unverified, candidates)

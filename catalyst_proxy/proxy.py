@@ -125,8 +125,14 @@ class Proxy:
     async def handle(
         self, request: web.BaseRequest, info: RequestInfo, match: Match, query: str
     ) -> web.StreamResponse:
-        operator = await self._auth.authenticate(request.headers)
-        role = map_role(operator.claims, self._settings.operator_email)
+        auth = self._auth
+        token = auth.token(request.headers)
+        operator = auth.remembered(token) or await auth.verify(token)
+        role = operator.derived.get("role")
+        if role is None:  # once per session: the claims do not change
+            role = operator.derived["role"] = map_role(
+                operator.claims, self._settings.operator_email
+            )
         info.sub, info.email, info.role = operator.sub, operator.email, role
         if self._limiter is not None:
             await self._limiter.check(info.route, operator.sub)
@@ -171,7 +177,8 @@ class Proxy:
             if attempt.existing is None:
                 return await self._exchange(request, info, exchange, attempt)
             attempt.check_pending()  # 409 in use / unknown: whatever the body
-            await _invite_body(request)
+            if request.headers.get("Expect"):
+                await _invite_body(request)
             fingerprint = await self._fingerprint(request, exchange)
             return self._replay(info, attempt.judge(fingerprint))
         finally:
@@ -193,7 +200,8 @@ class Proxy:
         progress = Progress()
         hasher: hashlib._Hash | None = None
         try:
-            await _invite_body(request)
+            if request.headers.get("Expect"):
+                await _invite_body(request)
             body, length = self._body(request, exchange.upload)
             if attempt is not None:
                 hasher = fingerprinter(exchange.method, exchange.target)

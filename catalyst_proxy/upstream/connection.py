@@ -35,6 +35,7 @@ import httptools
 
 from .failures import BadResponse, BodyBroken, BodyFailed, ResponseTimeout
 from .flow import ReadBuffer, WriteFlow
+from .watchdog import Watchdog
 
 # Limits on what the upstream may send before its body (aiohttp's client allows 8 KiB
 # lines; Envoy allows 60 KiB of response headers): a bigger head is a bad response.
@@ -55,19 +56,18 @@ class State(enum.Enum):
 CONNECTING, RESERVED, SENDING, SENT, RECEIVING, IDLE, CLOSED = State
 
 
-def _expire(waiter: asyncio.Future[bool]) -> None:
-    if not waiter.done():
-        waiter.set_result(False)
-
-
 class Connection(asyncio.Protocol):
     """The protocol object of one upstream connection (created by the pool)."""
 
     def __init__(
-        self, loop: asyncio.AbstractEventLoop, on_closed: Callable[[Connection], None]
+        self,
+        loop: asyncio.AbstractEventLoop,
+        on_closed: Callable[[Connection], None],
+        watchdog: Watchdog,
     ) -> None:
         self._loop = loop
         self._on_closed = on_closed
+        self._watchdog = watchdog
         self._transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._write = WriteFlow(loop)
@@ -336,12 +336,18 @@ class Connection(asyncio.Protocol):
     async def _wait(self, deadline: float) -> bool:
         """Wait for news (bytes, close, a body failure); False if ``deadline`` passed first."""
         waiter = self._waiter = self._loop.create_future()
-        timer = self._loop.call_at(deadline, _expire, waiter)
+        self._watchdog.watch(self, deadline)
         try:
             return bool(await waiter)
         finally:
-            timer.cancel()
+            self._watchdog.unwatch(self)
             self._waiter = None
+
+    def expire(self) -> None:
+        """The watchdog: the deadline of the current wait passed."""
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(False)
 
     def _wake(self) -> None:
         waiter = self._waiter

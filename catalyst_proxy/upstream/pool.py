@@ -26,6 +26,7 @@ from typing import Final
 from .breaker import CLOSED, OPEN, Breaker
 from .connection import Connection
 from .failures import BreakerOpen, ConnectFailed, PoolOverloaded
+from .watchdog import Watchdog
 
 
 class _Slot:
@@ -62,6 +63,7 @@ class Pool:
         self._idle_seconds = idle_seconds
         self.breaker = breaker
         self.loop = self._loop = asyncio.get_running_loop()
+        self._watchdog = Watchdog(self._loop)
         self._idle: list[Connection] = []  # oldest first; reuse takes the newest
         self._slots = 0  # connections open or being opened, and slots handed to waiters
         self.open = 0  # connections actually open (a gauge)
@@ -104,6 +106,7 @@ class Pool:
     def close(self) -> None:
         """Close every idle connection; busy ones close when their exchange ends."""
         self._closed = True
+        self._watchdog.close()
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None
@@ -183,7 +186,7 @@ class Pool:
         try:
             async with asyncio.timeout_at(deadline):
                 _, conn = await self._loop.create_connection(
-                    lambda: Connection(self._loop, self._closed_connection),
+                    lambda: Connection(self._loop, self._closed_connection, self._watchdog),
                     self._host,
                     self._port,
                     ssl=self._tls,

@@ -43,7 +43,7 @@ class RequestInfo:
     route: str = "none"
     status: int = 0
     upstream_status: int | None = None
-    upstream_ms: float | None = None
+    upstream_seconds: float | None = None  # from the start of the exchange to its head
     sub: str | None = None
     email: str | None = None
     role: str | None = None
@@ -80,6 +80,7 @@ class Dispatcher:
         self._proxy = proxy
         self._metrics = metrics
         self._logger = log.get_logger()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self.in_flight = 0
         metrics.in_flight.set_function(lambda: self.in_flight)
 
@@ -113,25 +114,41 @@ class Dispatcher:
             self.in_flight -= 1
             duration = time.perf_counter() - started
             status = info.status or (response.status if response is not None else 500)
-            self._metrics.request_done(info.route, request.method, status, duration)
-            log.access(
-                {
-                    "request_id": info.request_id,
-                    "method": request.method,
-                    "path": path,  # as sent: no query, nothing decoded
-                    "route": info.route,
-                    "status": status,
-                    "duration_ms": round(duration * 1000, 3),
-                    "upstream_status": info.upstream_status,
-                    "upstream_ms": info.upstream_ms,
-                    "sub": info.sub,
-                    "email": info.email,
-                    "role": info.role,
-                    "error": info.error,
-                    "idempotency": info.idempotency,  # never the key itself
-                }
-            )
+            # Counted and logged right after the answer goes out, not before: the
+            # client does not wait for its own access-log line.
+            loop = self._loop or self._bind_loop()
+            loop.call_soon(self._account, info, request.method, path, status, duration)
         return response
+
+    def _bind_loop(self) -> asyncio.AbstractEventLoop:
+        self._loop = asyncio.get_running_loop()  # once: the call is a getpid() each time
+        return self._loop
+
+    def _account(
+        self, info: RequestInfo, method: str, path: str, status: int, duration: float
+    ) -> None:
+        """The request's metrics and its one access-log line."""
+        self._metrics.request_done(info.route, method, status, duration)
+        upstream = info.upstream_seconds
+        if upstream is not None:
+            self._metrics.upstream_done(info.route, upstream)
+        log.access(
+            {
+                "request_id": info.request_id,
+                "method": method,
+                "path": path,  # as sent: no query, nothing decoded
+                "route": info.route,
+                "status": status,
+                "duration_ms": round(duration * 1000, 3),
+                "upstream_status": info.upstream_status,
+                "upstream_ms": None if upstream is None else round(upstream * 1000, 3),
+                "sub": info.sub,
+                "email": info.email,
+                "role": info.role,
+                "error": info.error,
+                "idempotency": info.idempotency,  # never the key itself
+            }
+        )
 
     def _route(self, path: str, method: str, info: RequestInfo) -> Match:
         match = self._table.match(path)

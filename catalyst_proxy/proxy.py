@@ -214,9 +214,7 @@ class Proxy:
             except UpstreamFailure as exc:
                 raise self._translate(exc, exchange.upload) from None
             finally:
-                elapsed = time.perf_counter() - started
-                info.upstream_ms = round(elapsed * 1000, 3)
-                self._metrics.upstream_done(info.route, elapsed)
+                info.upstream_seconds = time.perf_counter() - started
         except ProxyError as error:
             if attempt is not None:
                 await (attempt.release() if error.forwarded == "no" else attempt.unknown())

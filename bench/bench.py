@@ -87,6 +87,9 @@ ROWS = (
     Row("gateway", "gateway", 0),
     Row("gateway-ratelimit", "gateway", 5, {"CATALYST_RATE_LIMIT": RATE_LIMIT}),
     Row("gateway-ratelimit-redis", "gateway", 6, {"CATALYST_RATE_LIMIT": RATE_LIMIT}, redis=True),
+    # The same load as the idem rows (a new key per request: wrk builds each one) with
+    # idempotency off: the control that separates the feature's cost from the load's.
+    Row("gateway-keys-off", "gateway", 9, {"CATALYST_IDEMPOTENCY": "off"}, keys=True),
     Row("gateway-idem", "gateway", 7, keys=True),
     Row("gateway-idem-redis", "gateway", 8, keys=True, redis=True),
 )

@@ -362,7 +362,8 @@ class Proxy:
         body: bytes | None,
         response: web.StreamResponse,
     ) -> None:
-        """The SME gateway's answer is complete: record it, then end the client's transfer.
+        """The SME gateway's answer is complete: record it before the handler returns,
+        that is before the client's transfer ends (aiohttp writes the rest after).
 
         In that order, a retry can only follow an answer its client has whole, so it
         always finds the record (the cost: one store write before the last bytes; none
@@ -392,11 +393,9 @@ class Proxy:
         except BaseException:
             attempt.settle_later(sent=True)  # acted on, but it cannot be recorded whole
             raise
-        # A task, so that a client leaving now (cancelling us) cannot stop the write.
-        write = self._idem.later(attempt.complete(hasher.hexdigest(), response.status, kept, body))
-        await asyncio.shield(write)
-        if not early:
-            await _finish(request, response)
+        write = attempt.complete(hasher.hexdigest(), response.status, kept, body)
+        if write is not None:  # a shared store: a task, which a leaving client cannot stop
+            await asyncio.shield(self._idem.later(write))
 
     async def _hash_rest(
         self, request: web.BaseRequest, exchange: _Exchange, hasher: hashlib._Hash

@@ -37,6 +37,7 @@ from ..metrics import Metrics
 from ..routes import Route
 from ..store import StoreUnavailable
 from .keys import parse_key, slot
+from .memory import MemoryRecords
 from .records import COMPLETED, RESERVED, UNKNOWN, Record, Records
 
 AUTO_UPSTREAMS = frozenset(
@@ -95,6 +96,8 @@ class Idempotency:
         self._lease = lease_seconds
         self.max_body_bytes = max_body_bytes
         self.shared = shared
+        # The store's calls complete without suspending (memory): no task needed around them.
+        self._memory = records if isinstance(records, MemoryRecords) else None
         self.off_reason = off_reason
         self._clock = clock
         self._outcomes = {
@@ -132,7 +135,10 @@ class Idempotency:
         owner = hex_id()
         mine = Record(RESERVED, owner, self._clock() + self._lease)
         try:
-            existing = await self._records.reserve(where, mine)
+            if self._memory is not None:
+                existing = self._memory.reserve_now(where, mine)
+            else:
+                existing = await self._records.reserve(where, mine)
         except StoreUnavailable as exc:
             self.count("store-error")
             raise IdempotencyStoreUnavailable(str(exc)) from None
@@ -207,12 +213,18 @@ class Attempt:
 
     def complete(
         self, fingerprint: str, status: int, headers: list[tuple[str, str]], body: bytes | None
-    ) -> Coroutine[Any, Any, None]:
-        """The SME gateway's answer is complete: the write that records it (``body`` None:
-        too large). The attempt counts as settled from this call on, so that nothing
+    ) -> Coroutine[Any, Any, None] | None:
+        """The SME gateway's answer is complete: record it (``body`` None: too large).
+
+        The memory store records it at once (None); for a shared store this is the
+        write to await. The attempt counts as settled from this call on, so that nothing
         (a cancellation racing the write) can mark it unknown behind it."""
         record = Record(COMPLETED, self._owner, 0.0, fingerprint, status, headers, body)
         self.settled = True
+        memory = self._guard._memory
+        if memory is not None:
+            memory.replace_now(self._where, self._owner, record)
+            return None
         return self._guard._settle(self._where, self._owner, record)
 
     async def unknown(self) -> None:

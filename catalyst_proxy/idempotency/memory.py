@@ -3,12 +3,9 @@
 Records expire after the TTL and the set is bounded (count and bytes): past a
 bound the oldest records go first, counted in
 ``catalyst_proxy_idempotency_evictions_total``; a reservation still within
-its lease is never dropped (that could let a retry through twice).
-
-Records are kept encoded (one ``bytes`` each, keyed by the slot's digest):
-about 600 bytes for a small answer, and nothing for the garbage collector to
-walk (measured: keeping ``Record`` objects made every request ~40 µs dearer
-as the set grew, from the cyclic collector's passes over it).
+its lease is never dropped (that could let a retry through twice). Records
+are kept as they are (no encoding: measured, encoding and decoding each record
+cost more than it saved), each weighed once, when stored.
 """
 
 from __future__ import annotations
@@ -17,13 +14,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from .records import OWNER_LENGTH, RESERVED, Record
-
-_RESERVED = b'{"state":"' + RESERVED.encode() + b'"'  # how a reserved record starts
+from .records import RESERVED, Record
 
 MAX_RECORDS = 50_000
-MAX_BYTES = 16 * 1024 * 1024  # ~30,000 small answers, or 250 of the largest recorded
-_OVERHEAD = 300  # per record: the key, the entry, the dict's share
+MAX_BYTES = 16 * 1024 * 1024  # ~20,000 small answers, or 250 of the largest recorded
 
 
 class MemoryRecords:
@@ -41,61 +35,59 @@ class MemoryRecords:
         self._max_bytes = max_bytes
         self._clock = clock
         self._on_evict = on_evict
-        # slot digest → (encoded record, expiry); oldest first
-        self._records: OrderedDict[bytes, tuple[bytes, float]] = OrderedDict()
+        # slot → (record, its expiry, its weight); oldest first
+        self._records: OrderedDict[str, tuple[Record, float, int]] = OrderedDict()
         self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._records)
 
     async def reserve(self, slot: str, record: Record) -> Record | None:
-        key = bytes.fromhex(slot)
-        existing = self._live(key)
-        if existing is not None:
-            return Record.decode(existing)
-        self._put(key, record)
-        return None
+        return self.reserve_now(slot, record)
 
     async def replace(self, slot: str, owner: str, record: Record) -> bool:
-        key = bytes.fromhex(slot)
-        if not self._owned(key, owner):
+        return self.replace_now(slot, owner, record)
+
+    # The same, without a coroutine (the guard's fast path: these run on every keyed request).
+
+    def reserve_now(self, slot: str, record: Record) -> Record | None:
+        records = self._records
+        entry = records.get(slot)
+        now = self._clock()
+        if entry is not None:
+            if entry[1] > now:
+                return entry[0]
+            self._drop(slot)  # expired
+        weight = record.size()
+        records[slot] = (record, now + self._ttl, weight)
+        self._bytes += weight
+        if len(records) > self._max_records or self._bytes > self._max_bytes:
+            self._bound()
+        return None
+
+    def replace_now(self, slot: str, owner: str, record: Record) -> bool:
+        records = self._records
+        entry = records.get(slot)
+        now = self._clock()
+        if entry is None or entry[1] <= now or entry[0].owner != owner:
             return False
-        self._put(key, record)
+        del records[slot]  # and back in at the end: the newest
+        weight = record.size()
+        records[slot] = (record, now + self._ttl, weight)
+        self._bytes += weight - entry[2]
+        if self._bytes > self._max_bytes:
+            self._bound()
         return True
 
     async def release(self, slot: str, owner: str) -> bool:
-        key = bytes.fromhex(slot)
-        if not self._owned(key, owner):
+        entry = self._records.get(slot)
+        if entry is None or entry[1] <= self._clock() or entry[0].owner != owner:
             return False
-        self._drop(key)
+        self._drop(slot)
         return True
 
-    def _live(self, key: bytes) -> bytes | None:
-        """The record's bytes, unless there is none or it expired (then it goes)."""
-        entry = self._records.get(key)
-        if entry is None:
-            return None
-        if entry[1] <= self._clock():
-            self._drop(key)
-            return None
-        return entry[0]
-
-    def _owned(self, key: bytes, owner: str) -> bool:
-        data = self._live(key)
-        return data is not None and data[:OWNER_LENGTH] == owner.encode()
-
-    def _put(self, key: bytes, record: Record) -> None:
-        if key in self._records:
-            self._drop(key)
-        data = record.encode()
-        self._records[key] = (data, self._clock() + self._ttl)
-        self._bytes += len(data) + _OVERHEAD
-        if len(self._records) > self._max_records or self._bytes > self._max_bytes:
-            self._bound()
-
-    def _drop(self, key: bytes) -> None:
-        data, _ = self._records.pop(key)
-        self._bytes -= len(data) + _OVERHEAD
+    def _drop(self, slot: str) -> None:
+        self._bytes -= self._records.pop(slot)[2]
 
     def _bound(self) -> None:
         now = self._clock()
@@ -103,15 +95,11 @@ class MemoryRecords:
         while (
             len(self._records) > self._max_records or self._bytes > self._max_bytes
         ) and spared < len(self._records):
-            key, (data, expires) = next(iter(self._records.items()))
-            if (
-                expires > now
-                and data[OWNER_LENGTH:].startswith(_RESERVED)
-                and Record.decode(data).lease_until > now
-            ):
-                self._records.move_to_end(key)
+            slot, (record, expires, weight) = self._records.popitem(last=False)
+            if expires > now and record.state == RESERVED and record.lease_until > now:
+                self._records[slot] = (record, expires, weight)  # to the back
                 spared += 1
                 continue
-            self._drop(key)
+            self._bytes -= weight
             if expires > now and self._on_evict is not None:
                 self._on_evict()

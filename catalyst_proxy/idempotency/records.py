@@ -57,6 +57,7 @@ class Record:
         )
 
     def size(self) -> int:
+        """About what the record weighs in memory (for the memory store's byte bound)."""
         return 256 + len(self.body or b"") + sum(len(n) + len(v) for n, v in self.headers)
 
 

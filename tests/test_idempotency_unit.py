@@ -21,7 +21,7 @@ from catalyst_proxy.config import Settings
 from catalyst_proxy.errors import IdempotencyKeyInvalid
 from catalyst_proxy.idempotency import MemoryRecords, Record, RedisRecords, parse_key
 from catalyst_proxy.idempotency.keys import fingerprinter, slot
-from catalyst_proxy.idempotency.records import COMPLETED, RESERVED, UNKNOWN, Records
+from catalyst_proxy.idempotency.records import COMPLETED, HEADER_WEIGHT, RESERVED, UNKNOWN, Records
 from catalyst_proxy.idempotency.redis_records import PREFIX
 from catalyst_proxy.ids import hex_id
 from catalyst_proxy.store import Store, StoreUnavailable
@@ -180,7 +180,7 @@ def test_a_records_size_counts_its_body_and_headers():
     counts)."""
     small = Record(COMPLETED, hex_id(), 0.0, "f" * 64, 200, [], b"x")
     large = Record(COMPLETED, hex_id(), 0.0, "f" * 64, 200, [("A", "b" * 100)], b"x" * 1000)
-    assert large.size() - small.size() == 999 + 1 + 100
+    assert large.size() - small.size() == 999 + (1 + 100 + HEADER_WEIGHT)
 
 
 # --- both stores ---------------------------------------------------------------------------

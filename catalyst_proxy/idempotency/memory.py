@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 from .records import RESERVED, Record
 
-MAX_RECORDS = 50_000
-MAX_BYTES = 16 * 1024 * 1024  # ~20,000 small answers, or 250 of the largest recorded
+MAX_RECORDS = 20_000
+MAX_BYTES = 8 * 1024 * 1024  # by the weights of records.py: ~6,000 typical answers
 
 
 class MemoryRecords:

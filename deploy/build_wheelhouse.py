@@ -30,6 +30,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON_VERSION = "3.11"  # the image's interpreter (bookworm's python3, python:3.11-*)
+# Wheels a dependency needs on bookworm's python3 (3.11.2) that pip download leaves out,
+# because it judges ``python_full_version`` markers by the host's interpreter, not by
+# --python-version: redis needs async-timeout below 3.11.3.
+IMAGE_EXTRAS = ("async-timeout",)
 GLIBC_MINOR = 36  # Debian bookworm's glibc 2.36
 EXTRAS = "fast"
 WHEEL_NAME = re.compile(r"^(?P<name>[^-]+)-(?P<version>[^-]+)(-\d[^-]*)?-[^-]+-[^-]+-[^-]+\.whl$")
@@ -85,6 +89,7 @@ def build(out: Path) -> Path:
         "--constraint", str(ROOT / "constraints.txt"),
         "--dest", str(out),
         f"{project_wheel}[{EXTRAS}]",
+        *IMAGE_EXTRAS,
     )  # fmt: skip
     return write_requirements(out, project_wheel.name)
 

@@ -372,3 +372,26 @@ async def test_log_level(stand_in, jwks_server, level, shown):
     assert warning["level"] == "warning"
     levels = {line["level"] for line in proc.json_lines()}
     assert levels <= ({"debug", "info", "warning"} if shown else {"warning"})
+
+
+async def test_access_lines_are_written_within_moments_while_the_server_runs(
+    servers, stand_in, jwks_server, token, rsa_key
+):
+    """Lines are batched, not held: a request's line reaches stdout within a second (the
+    flush interval is 100 ms) while the server keeps running, and a burst's lines all do."""
+    _sme, sme_url = stand_in
+    jwks_server.keys = [public_jwk(rsa_key, KID)]
+    proc = await servers(base_env(jwks_server.url, sme_url))
+    base = await proc.wait_listening()
+    good = token(kid=KID)
+    async with aiohttp.ClientSession() as http:
+        for n in range(25):
+            headers = {"Authorization": f"Bearer {good}", "X-Request-ID": f"burst-{n}"}
+            await fetch(http, "POST", base + PURCHASE, data=b"{}", headers=headers)
+    started = time.monotonic()
+    await proc.wait_for_line(lambda text: '"request_id":"burst-24"' in text, timeout=1.0)
+    assert time.monotonic() - started < 1.0
+    ids = {line.get("request_id") for line in proc.json_lines() if line["event"] == "request"}
+    assert {f"burst-{n}" for n in range(25)} <= ids
+    assert proc.proc is not None
+    assert proc.proc.returncode is None  # still serving

@@ -38,7 +38,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check $(LINT_PATHS)
 	$(VENV)/bin/mypy
 
-## assurance: run the attack, fault, leak and JWKS suites and print their figures
+## assurance: run the attack, fault, leak, JWKS and fuzz suites and print their figures
 ASSURANCE_SUITES := tests/test_attacks_tokens.py tests/test_jwks.py tests/test_faults.py tests/test_logging.py tests/test_fuzz.py
 assurance: $(STAMP)
 	@mkdir -p .cache

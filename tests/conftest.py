@@ -130,12 +130,13 @@ async def gateway(
 
 
 @pytest.fixture
-async def upstream() -> AsyncIterator[Callable[[Respond], Awaitable[HTTPUpstream]]]:
-    """Factory: ``await upstream(respond)`` starts a recording HTTP/1.1 upstream."""
+async def upstream() -> AsyncIterator[Callable[..., Awaitable[HTTPUpstream]]]:
+    """Factory: ``await upstream(respond, **options)`` starts a recording HTTP/1.1 upstream
+    (the options are ``HTTPUpstream``'s: ``cut``, ``backlog``, ``sock``...)."""
     started: list[HTTPUpstream] = []
 
-    async def make(respond: Respond) -> HTTPUpstream:
-        server = await HTTPUpstream(respond).start()
+    async def make(respond: Respond, **options: Any) -> HTTPUpstream:
+        server = await HTTPUpstream(respond, **options).start()
         started.append(server)
         return server
 

@@ -249,26 +249,11 @@ async def raw_post(
     return responses[0]
 
 
-@pytest.fixture
-async def upstreams() -> AsyncIterator[Callable[..., Awaitable[HTTPUpstream]]]:
-    """Factory: ``await upstreams(respond, sock=...)`` (the ``upstream`` fixture, plus ``sock``)."""
-    started: list[HTTPUpstream] = []
-
-    async def make(respond: Respond, **kwargs: Any) -> HTTPUpstream:
-        server = await HTTPUpstream(respond, **kwargs).start()
-        started.append(server)
-        return server
-
-    yield make
-    for server in started:
-        await server.close()
-
-
 # --- replay ------------------------------------------------------------------------------------
 
 
 async def test_a_completed_answer_is_replayed_byte_for_byte_without_a_second_request(
-    start, upstreams, bearer
+    start, upstream, bearer
 ):
     """The same key and request again gets the recorded status, passed-through headers and body,
     marked replayed and forwarded, with a fresh X-Request-ID and never a Set-Cookie; the SME
@@ -277,7 +262,7 @@ async def test_a_completed_answer_is_replayed_byte_for_byte_without_a_second_req
                ("ETag", '"ord-1-v1"'), ("Cache-Control", "no-store"),
                ("Location", "/api/billing/orders/ord-1"), ("Retry-After", "7"),
                ("X-Internal-Trace", "node-3")]  # fmt: skip
-    up = await upstreams(answer(201, ORDER_ANSWER, headers, content_type="application/vnd+json"))
+    up = await upstream(answer(201, ORDER_ANSWER, headers, content_type="application/vnd+json"))
     gw = await start(up.url)
     auth = bearer()
     first = await raw_post(gw, auth, [("Idempotency-Key", "order-8e03978e")])
@@ -302,9 +287,9 @@ async def test_a_completed_answer_is_replayed_byte_for_byte_without_a_second_req
     assert up.requests[0].headers.getall("Idempotency-Key") == ["order-8e03978e"]
 
 
-async def test_a_replay_keeps_the_clients_own_request_id(start, upstreams, bearer):
+async def test_a_replay_keeps_the_clients_own_request_id(start, upstream, bearer):
     """A replayed answer carries the X-Request-ID of the request it answers."""
-    up = await upstreams(ok())
+    up = await upstream(ok())
     gw = await start(up.url)
     auth = bearer()
     await post(gw, auth, "rid-key", **{"X-Request-ID": "first-0001"})
@@ -315,10 +300,10 @@ async def test_a_replay_keeps_the_clients_own_request_id(start, upstreams, beare
     assert len(up.requests) == 1
 
 
-async def test_every_upstream_status_is_recorded_and_replayed(start, upstreams, bearer):
+async def test_every_upstream_status_is_recorded_and_replayed(start, upstream, bearer):
     """The SME gateway's answer is recorded whatever its status: a 4xx or 5xx of its own is
     replayed too, never forwarded again."""
-    up = await upstreams(in_turn(ok(b'{"error": "insufficient-credit"}', 402),
+    up = await upstream(in_turn(ok(b'{"error": "insufficient-credit"}', 402),
                                  ok(b'{"error": "billing-down"}', 500)))  # fmt: skip
     gw = await start(up.url)
     auth = bearer()
@@ -331,7 +316,7 @@ async def test_every_upstream_status_is_recorded_and_replayed(start, upstreams, 
     assert len(up.requests) == 2
 
 
-async def test_a_chunked_answer_is_recorded_and_replayed(start, upstreams, bearer):
+async def test_a_chunked_answer_is_recorded_and_replayed(start, upstream, bearer):
     """An answer streamed in chunks, over several reads, is recorded whole and replayed."""
     parts = [b'{"order_id": "ord-', b"2", b'", "paid_by_credit": false}']
     gate = asyncio.Event()
@@ -350,7 +335,7 @@ async def test_a_chunked_answer_is_recorded_and_replayed(start, upstreams, beare
         await writer.drain()
         return True
 
-    up = await upstreams(chunks)
+    up = await upstream(chunks)
     gw = await start(up.url)
     auth = bearer()
     async with gw.http.post(gw.url + PURCHASE, headers=keyed(auth, "chunked"), data=ORDER) as resp:
@@ -363,10 +348,10 @@ async def test_a_chunked_answer_is_recorded_and_replayed(start, upstreams, beare
     assert len(up.requests) == 1
 
 
-async def test_bare_and_quoted_key_are_one_key(start, upstreams, bearer):
+async def test_bare_and_quoted_key_are_one_key(start, upstream, bearer):
     """``abc`` and ``"abc"`` are the same key (the quotes are not part of it); the key goes
     upstream exactly as the client sent it."""
-    up = await upstreams(ok())
+    up = await upstream(ok())
     gw = await start(up.url)
     auth = bearer()
     first = await raw_post(gw, auth, [("Idempotency-Key", "8e03978e")])
@@ -381,9 +366,9 @@ async def test_bare_and_quoted_key_are_one_key(start, upstreams, bearer):
     assert [seen.headers["Idempotency-Key"] for seen in up.requests] == ["8e03978e", '"a\\"b"']
 
 
-async def test_the_fingerprint_is_the_body_not_its_framing(start, upstreams, bearer):
+async def test_the_fingerprint_is_the_body_not_its_framing(start, upstream, bearer):
     """The same body sent chunked instead of with a Content-Length is the same request: replayed."""
-    up = await upstreams(ok())
+    up = await upstream(ok())
     gw = await start(up.url)
     auth = bearer()
     await raw_post(gw, auth, [("Idempotency-Key", "framing")])
@@ -399,10 +384,10 @@ async def test_the_fingerprint_is_the_body_not_its_framing(start, upstreams, bea
 # --- another request under the key ---------------------------------------------------------
 
 
-async def test_another_body_query_or_code_under_the_key_is_422(start, upstreams, bearer):
+async def test_another_body_query_or_code_under_the_key_is_422(start, upstream, bearer):
     """A completed key sent with another body, another query or another voucher code is refused
     with 422 idempotency-key-reused, and nothing more reaches the upstream."""
-    up = await upstreams(ok())
+    up = await upstream(ok())
     gw = await start(up.url, idempotency="optional")
     auth = bearer()
     assert (await post(gw, auth, "k1"))[0] == 200
@@ -426,11 +411,11 @@ async def test_another_body_query_or_code_under_the_key_is_422(start, upstreams,
 # --- in flight -------------------------------------------------------------------------------
 
 
-async def test_a_key_in_flight_is_409_in_use_then_replayed(start, upstreams, bearer):
+async def test_a_key_in_flight_is_409_in_use_then_replayed(start, upstream, bearer):
     """While the first request is in flight the key answers 409 idempotency-key-in-use with
     Retry-After: 1 whatever the body; once the first completes, the answer is replayed."""
     gate = Gate()
-    up = await upstreams(gate)
+    up = await upstream(gate)
     gw = await start(up.url)
     auth = bearer()
     first = asyncio.create_task(post(gw, auth, "in-flight"))
@@ -449,12 +434,12 @@ async def test_a_key_in_flight_is_409_in_use_then_replayed(start, upstreams, bea
     assert len(up.requests) == 1
 
 
-async def test_a_reservation_past_its_lease_is_outcome_unknown(start, upstreams, bearer):
+async def test_a_reservation_past_its_lease_is_outcome_unknown(start, upstream, bearer):
     """A reservation older than the time budget plus 30 s reads as outcome unknown (its process
     may have died): 409 idempotency-outcome-unknown, never forwarded again."""
     clock = Clock()
     gate = Gate()
-    up = await upstreams(gate)
+    up = await upstream(gate)
     gw = await start(up.url, clock=clock, upstream_timeout_seconds=5.0)
     auth = bearer()
     first = asyncio.create_task(post(gw, auth, "lease"))
@@ -474,10 +459,10 @@ async def test_a_reservation_past_its_lease_is_outcome_unknown(start, upstreams,
 # --- scope ---------------------------------------------------------------------------------
 
 
-async def test_two_operators_with_one_key_are_independent(start, upstreams, bearer):
+async def test_two_operators_with_one_key_are_independent(start, upstream, bearer):
     """Another operator's identical key (another ``sub``, or another ``iss``) is another key:
     each is forwarded once."""
-    up = await upstreams(ok())
+    up = await upstream(ok())
     gw = await start(up.url)
     operators = [bearer(sub="op-1"), bearer(sub="op-2"), bearer(sub="op-1", iss="https://kc/b")]
     for auth in operators:
@@ -491,10 +476,10 @@ async def test_two_operators_with_one_key_are_independent(start, upstreams, bear
     assert len(up.requests) == 3
 
 
-async def test_the_scope_is_the_upstream_method_and_path(start, upstreams, bearer):
+async def test_the_scope_is_the_upstream_method_and_path(start, upstream, bearer):
     """One key on routes with another upstream method/path is two keys; on two routes with the
     same upstream (purchase aliases) it is one key."""
-    up = await upstreams(ok(status=201))
+    up = await upstream(ok(status=201))
     gw = await start(up.url)
     auth = bearer()
     assert (await post(gw, auth, "scope", path=PURCHASE))[0] == 201
@@ -513,10 +498,10 @@ async def test_the_scope_is_the_upstream_method_and_path(start, upstreams, beare
 # --- refused before forwarding: the key is released -----------------------------------------
 
 
-async def test_a_401_leaves_the_key_usable(start, upstreams, bearer):
+async def test_a_401_leaves_the_key_usable(start, upstream, bearer):
     """A request refused 401 leaves its key free: the same key with a valid session is
     forwarded once."""
-    up = await upstreams(ok())
+    up = await upstream(ok())
     gw = await start(up.url)
     status, headers, _ = await post(gw, {"Authorization": "Bearer not-a-jwt"}, "after-401")
     assert status == 401
@@ -537,10 +522,10 @@ async def assert_forwarded_once(
     assert len([seen for seen in keyed_requests(up, key) if seen.complete]) == 1
 
 
-async def test_a_declared_413_and_a_415_leave_the_key_usable(start, upstreams, bearer):
+async def test_a_declared_413_and_a_415_leave_the_key_usable(start, upstream, bearer):
     """413 for a declared length over the limit and 415 for an encoded body forward nothing and
     leave the key free for the retry."""
-    up = await upstreams(ok())
+    up = await upstream(ok())
     gw = await start(up.url, max_body_bytes=64)
     auth = bearer()
     status, headers, body = await post(gw, auth, "k-413", b"x" * 65)
@@ -553,10 +538,10 @@ async def test_a_declared_413_and_a_415_leave_the_key_usable(start, upstreams, b
     await assert_forwarded_once(gw, up, auth, "k-415")
 
 
-async def test_a_413_while_streaming_releases_the_key(start, upstreams, bearer):
+async def test_a_413_while_streaming_releases_the_key(start, upstream, bearer):
     """A chunked body that runs over the limit while it streams (the upstream request already
     begun) is 413, forwarded no, and releases the key: the retry is forwarded once."""
-    up = await upstreams(ok())
+    up = await upstream(ok())
     gw = await start(up.url, max_body_bytes=64)
     auth = bearer()
     lines = [*auth.items(), ("Content-Type", "application/json"),
@@ -578,10 +563,10 @@ async def test_a_413_while_streaming_releases_the_key(start, upstreams, bearer):
     await assert_forwarded_once(gw, up, auth, "k-stream")
 
 
-async def test_a_429_leaves_the_key_usable(start, upstreams, bearer):
+async def test_a_429_leaves_the_key_usable(start, upstream, bearer):
     """A request refused 429 leaves its key free: the same key (same upstream scope, on the
     purchase alias with its own budget) is forwarded once."""
-    up = await upstreams(ok())
+    up = await upstream(ok())
     gw = await start(up.url, rate_limit=(Rate(1, "hour"),))
     auth = bearer()
     assert (await post(gw, auth, None))[0] == 200  # spends PURCHASE's budget
@@ -594,7 +579,7 @@ async def test_a_429_leaves_the_key_usable(start, upstreams, bearer):
     assert len(keyed_requests(up, "k-429")) == 1
 
 
-async def test_a_503_unreachable_releases_the_key(start, upstreams, bearer):
+async def test_a_503_unreachable_releases_the_key(start, upstream, bearer):
     """503 sme-gateway-unreachable (nothing sent) releases the key: once the SME gateway is
     back, the same key is forwarded once."""
     sock = free_socket()  # bound, not listening yet: connections are refused
@@ -605,15 +590,15 @@ async def test_a_503_unreachable_releases_the_key(start, upstreams, bearer):
     assert (status, error_of(body)) == (503, "sme-gateway-unreachable")
     assert headers["X-Catalyst-Forwarded"] == "no"
     await settled(gw)
-    up = await upstreams(ok(), sock=sock)
+    up = await upstream(ok(), sock=sock)
     await assert_forwarded_once(gw, up, auth, "k-503")
 
 
-async def test_a_503_gateway_overloaded_releases_the_key(start, upstreams, bearer):
+async def test_a_503_gateway_overloaded_releases_the_key(start, upstream, bearer):
     """503 gateway-overloaded (no connection free, no waiting allowed) releases the key: the
     same key is forwarded once when a connection is free."""
     gate = Gate()
-    up = await upstreams(gate)
+    up = await upstream(gate)
     gw = await start(up.url, upstream_max_connections=1, upstream_max_pending=0)
     auth = bearer()
     holder = asyncio.create_task(post(gw, auth, "k-holder"))
@@ -627,10 +612,10 @@ async def test_a_503_gateway_overloaded_releases_the_key(start, upstreams, beare
     await assert_forwarded_once(gw, up, auth, "k-overload")
 
 
-async def test_a_502_before_the_request_was_all_sent_releases_the_key(start, upstreams, bearer):
+async def test_a_502_before_the_request_was_all_sent_releases_the_key(start, upstream, bearer):
     """An upstream that hangs up before the request body was all sent gives a 502 that says
     forwarded no, and the key stays usable."""
-    up = await upstreams(ok(), cut=lambda seen: 0 if len(up.requests) == 1 else None)
+    up = await upstream(ok(), cut=lambda seen: 0 if len(up.requests) == 1 else None)
     gw = await start(up.url)
     auth = bearer()
     lines = [*auth.items(), ("Content-Type", "application/json"),
@@ -652,10 +637,10 @@ async def test_a_502_before_the_request_was_all_sent_releases_the_key(start, ups
 # --- the outcome is unknown ----------------------------------------------------------------
 
 
-async def test_a_504_makes_the_outcome_unknown(start, upstreams, bearer):
+async def test_a_504_makes_the_outcome_unknown(start, upstream, bearer):
     """After a 504 (sent, no answer in time) the key answers 409 idempotency-outcome-unknown
     and is never forwarded again."""
-    up = await upstreams(never_answer)
+    up = await upstream(never_answer)
     gw = await start(up.url, upstream_timeout_seconds=0.3)
     auth = bearer()
     status, headers, body = await post(gw, auth, "k-504")
@@ -668,10 +653,10 @@ async def test_a_504_makes_the_outcome_unknown(start, upstreams, bearer):
     assert len(up.requests) == 1
 
 
-async def test_a_502_after_sending_makes_the_outcome_unknown(start, upstreams, bearer):
+async def test_a_502_after_sending_makes_the_outcome_unknown(start, upstream, bearer):
     """A 502 after the whole request was sent (garbage for an answer) makes the key's outcome
     unknown: 409, no second upstream request."""
-    up = await upstreams(write_then_close(b"NOT HTTP AT ALL\r\n\r\n"))
+    up = await upstream(write_then_close(b"NOT HTTP AT ALL\r\n\r\n"))
     gw = await start(up.url)
     auth = bearer()
     status, headers, body = await post(gw, auth, "k-502")
@@ -682,11 +667,11 @@ async def test_a_502_after_sending_makes_the_outcome_unknown(start, upstreams, b
     assert len(up.requests) == 1
 
 
-async def test_a_client_gone_after_sending_makes_the_outcome_unknown(start, upstreams, bearer):
+async def test_a_client_gone_after_sending_makes_the_outcome_unknown(start, upstream, bearer):
     """A client that disconnects once its request reached the SME gateway leaves the outcome
     unknown: the retry is 409, never a second upstream request."""
     gate = Gate()
-    up = await upstreams(gate)
+    up = await upstream(gate)
     gw = await start(up.url)
     auth = bearer()
     lines = [*auth.items(), ("Content-Type", "application/json"),
@@ -702,10 +687,10 @@ async def test_a_client_gone_after_sending_makes_the_outcome_unknown(start, upst
     assert len(up.requests) == 1
 
 
-async def test_a_client_gone_before_the_request_was_sent_releases_the_key(start, upstreams, bearer):
+async def test_a_client_gone_before_the_request_was_sent_releases_the_key(start, upstream, bearer):
     """A client that disconnects while its body is still streaming up (the upstream request
     aborted unfinished) leaves the key free: the retry is forwarded once."""
-    up = await upstreams(ok())
+    up = await upstream(ok())
     gw = await start(up.url)
     auth = bearer()
     lines = [*auth.items(), ("Content-Type", "application/json"),
@@ -722,11 +707,11 @@ async def test_a_client_gone_before_the_request_was_sent_releases_the_key(start,
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["length", "chunked"])
 async def test_an_answer_broken_off_mid_body_makes_the_outcome_unknown(
-    start, upstreams, bearer, chunked
+    start, upstream, bearer, chunked
 ):
     """An upstream answer that breaks off mid-body reaches the client as an aborted transfer,
     and the key's outcome is unknown: 409, never forwarded again."""
-    up = await upstreams(partial_answer(ORDER_ANSWER, ORDER_ANSWER[:10], chunked=chunked))
+    up = await upstream(partial_answer(ORDER_ANSWER, ORDER_ANSWER[:10], chunked=chunked))
     gw = await start(up.url)
     auth = bearer()
     first = await raw_post(gw, auth, [("Idempotency-Key", "k-broken")])
@@ -781,10 +766,10 @@ async def test_an_early_answer_is_replayed_to_the_identical_retry(start, bearer)
 # --- which routes, which keys ------------------------------------------------------------
 
 
-async def test_required_without_a_key_is_400_missing(start, upstreams, bearer):
+async def test_required_without_a_key_is_400_missing(start, upstream, bearer):
     """On a ``required`` route a request without a key is 400 idempotency-key-missing and
     reaches nothing."""
-    up = await upstreams(ok())
+    up = await upstream(ok())
     gw = await start(up.url, idempotency="required")
     auth = bearer()
     for method, path in (("POST", PURCHASE), ("GET", LIST), ("DELETE", REVOKE + "VCH-1")):
@@ -816,10 +801,10 @@ INVALID_KEYS: list[tuple[str, list[tuple[str, str]]]] = [
 
 
 @pytest.mark.parametrize(("case", "key_lines"), INVALID_KEYS, ids=[c for c, _ in INVALID_KEYS])
-async def test_an_invalid_key_is_400_invalid(start, upstreams, bearer, case, key_lines):
+async def test_an_invalid_key_is_400_invalid(start, upstream, bearer, case, key_lines):
     """A key that is not 1-255 visible ASCII characters (bare or quoted), or two key headers,
     is 400 idempotency-key-invalid and reaches nothing."""
-    up = await upstreams(ok())
+    up = await upstream(ok())
     gw = await start(up.url)
     response = await raw_post(gw, bearer(), key_lines)
     assert response.status == 400, response.body
@@ -829,10 +814,10 @@ async def test_an_invalid_key_is_400_invalid(start, upstreams, bearer, case, key
 
 
 @pytest.mark.parametrize("byte", ["\x01", "\x1f", "\x7f"], ids=["SOH", "US", "DEL"])
-async def test_a_key_with_a_control_byte_reaches_nothing(start, upstreams, bearer, byte):
+async def test_a_key_with_a_control_byte_reaches_nothing(start, upstream, bearer, byte):
     """A key holding a control byte is refused with 400 (the HTTP parser refuses the header
     line before the key is read) and reaches nothing."""
-    up = await upstreams(ok())
+    up = await upstream(ok())
     gw = await start(up.url)
     response = await raw_post(gw, bearer(), [("Idempotency-Key", f"ab{byte}cd")])
     assert response.status == 400
@@ -841,10 +826,10 @@ async def test_a_key_with_a_control_byte_reaches_nothing(start, upstreams, beare
     assert up.requests == []
 
 
-async def test_the_longest_keys_are_accepted(start, upstreams, bearer):
+async def test_the_longest_keys_are_accepted(start, upstream, bearer):
     """255 characters is a valid key, bare or quoted, and every visible ASCII character may
     appear in one."""
-    up = await upstreams(ok())
+    up = await upstream(ok())
     gw = await start(up.url)
     auth = bearer()
     visible = "".join(chr(c) for c in range(0x21, 0x7F)).replace('"', "").replace("\\", "")
@@ -855,10 +840,10 @@ async def test_the_longest_keys_are_accepted(start, upstreams, bearer):
     assert len(up.requests) == 2
 
 
-async def test_off_means_no_dedupe(start, upstreams, bearer):
+async def test_off_means_no_dedupe(start, upstream, bearer):
     """With CATALYST_IDEMPOTENCY=off a repeated key is forwarded every time (even a malformed
     one), and nothing is marked replayed."""
-    up = await upstreams(ok())
+    up = await upstream(ok())
     gw = await start(up.url, idempotency="off")
     auth = bearer()
     for key in ("same", "same", "not valid at all"):
@@ -868,10 +853,10 @@ async def test_off_means_no_dedupe(start, upstreams, bearer):
     assert len(up.requests) == 3
 
 
-async def test_no_key_on_an_optional_route_means_no_dedupe(start, upstreams, bearer):
+async def test_no_key_on_an_optional_route_means_no_dedupe(start, upstream, bearer):
     """Without a key an ``optional`` route proxies as usual: two identical requests, two
     upstream requests."""
-    up = await upstreams(ok())
+    up = await upstream(ok())
     gw = await start(up.url)
     auth = bearer()
     for _ in range(2):
@@ -916,14 +901,14 @@ AUTO_COVERAGE = [
 
 
 async def test_auto_covers_exactly_purchase_and_voucher_issue(
-    start, upstreams, bearer, tmp_path, store
+    start, upstream, bearer, tmp_path, store
 ):
     """``auto`` dedupes exactly the routes whose upstream is POST purchase or voucher issue
     (routes-file aliases included), not vouchers list or revoke; a routes-file entry's own
     mode overrides it."""
     routes_file = tmp_path / "routes.json"
     routes_file.write_text(json.dumps(ROUTES_FILE))
-    up = await upstreams(ok())
+    up = await upstream(ok())
     gw = await start(up.url, routes_file=str(routes_file))
     auth = bearer()
     for index, (method, path, expected) in enumerate(AUTO_COVERAGE):
@@ -947,12 +932,12 @@ async def test_auto_covers_exactly_purchase_and_voucher_issue(
 # --- the outcomes, counted and logged ------------------------------------------------------
 
 
-async def test_outcomes_are_counted_and_logged_without_the_key(start, upstreams, bearer, redis):
+async def test_outcomes_are_counted_and_logged_without_the_key(start, upstream, bearer, redis):
     """Each keyed request's outcome (new, replayed, in-use, reused, unknown, store-error) is in
     the access log's ``idempotency`` field and ``catalyst_proxy_idempotency_total``; no log line
     holds the key."""
     gate = Gate(when=lambda seen: b"hold" in seen.body)
-    up = await upstreams(by_body(gate, garbage=write_then_close(b"NOT HTTP\r\n\r\n")))
+    up = await upstream(by_body(gate, garbage=write_then_close(b"NOT HTTP\r\n\r\n")))
     gw = await start(up.url)
     auth = bearer()
     keys = {name: f"secret-key-{name}-5b0c" for name in ("a", "b", "c", "d")}
@@ -995,7 +980,7 @@ async def test_outcomes_are_counted_and_logged_without_the_key(start, upstreams,
 
 @pytest.mark.parametrize("chunked", [False, True], ids=["length", "chunked"])
 async def test_an_answer_too_large_to_record_is_delivered_then_409(
-    start, upstreams, bearer, chunked
+    start, upstream, bearer, chunked
 ):
     """An answer over CATALYST_IDEMPOTENCY_MAX_BODY_BYTES is delivered whole the first time;
     a retry gets 409 idempotency-replay-unavailable, never a second upstream request. An answer
@@ -1017,7 +1002,7 @@ async def test_an_answer_too_large_to_record_is_delivered_then_409(
         return respond
 
     make = chunks if chunked else ok
-    up = await upstreams(by_body(make(large[:100]), large=make(large)))
+    up = await upstream(by_body(make(large[:100]), large=make(large)))
     gw = await start(up.url, idempotency_max_body_bytes=100)
     auth = bearer()
     status, _, body = await post(gw, auth, "too-large", b'{"large": 1}')
@@ -1034,13 +1019,13 @@ async def test_an_answer_too_large_to_record_is_delivered_then_409(
 
 
 async def test_the_memory_store_evicts_the_oldest_records_and_counts_them(
-    gateway, upstreams, bearer
+    gateway, upstream, bearer
 ):
     """Past the memory store's byte bound the oldest records go, counted in
     ``catalyst_proxy_idempotency_evictions_total``: an evicted key is new again, the latest are
     still replayed."""
     largest = b"x" * 65536  # the largest answer recorded
-    up = await upstreams(ok(largest))
+    up = await upstream(ok(largest))
     gw = await gateway(upstream=up.url)
     auth = bearer()
     count = MEMORY_MAX_BYTES // len(largest) + 8
@@ -1057,11 +1042,11 @@ async def test_the_memory_store_evicts_the_oldest_records_and_counts_them(
     assert len(keyed_requests(up, "evict-0")) == 2
 
 
-async def test_200_concurrent_duplicates_reach_the_upstream_once(start, upstreams, bearer):
+async def test_200_concurrent_duplicates_reach_the_upstream_once(start, upstream, bearer):
     """200 concurrent requests with one key: exactly one upstream request; every other answer is
     409 in-use or an identical replay."""
     gate = Gate()
-    up = await upstreams(gate)
+    up = await upstream(gate)
     gw = await start(up.url)
     auth = bearer()
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as http:
@@ -1090,12 +1075,12 @@ async def test_200_concurrent_duplicates_reach_the_upstream_once(start, upstream
 # --- time ---------------------------------------------------------------------------------
 
 
-async def test_records_expire_after_the_ttl(start, upstreams, bearer, store, redis):
+async def test_records_expire_after_the_ttl(start, upstream, bearer, store, redis):
     """A record lives CATALYST_IDEMPOTENCY_TTL_SECONDS: replayed within it, and the key is new
     (forwarded again) after it."""
     clock = Clock()
     ttl = 60.0 if store == "memory" else 1.0  # a fake clock for memory; a real TTL for Redis
-    up = await upstreams(ok())
+    up = await upstream(ok())
     gw = await start(up.url, clock=clock, idempotency_ttl_seconds=ttl)
     auth = bearer()
     await post(gw, auth, "ttl")
@@ -1116,13 +1101,13 @@ async def test_records_expire_after_the_ttl(start, upstreams, bearer, store, red
 
 
 async def test_a_late_completion_never_overwrites_a_newer_reservation(
-    start, upstreams, bearer, store, redis
+    start, upstream, bearer, store, redis
 ):
     """A first attempt that outlived its record (expired and reserved anew by a retry) cannot
     overwrite the newer one when it finally completes: the retry's record stands."""
     clock = Clock()
     first_gate, second_gate = Gate(ok(b'{"order_id": "late"}')), Gate(ok(b'{"order_id": "new"}'))
-    up = await upstreams(in_turn(first_gate, second_gate))
+    up = await upstream(in_turn(first_gate, second_gate))
     gw = await start(up.url, clock=clock, idempotency_ttl_seconds=10.0)
     auth = bearer()
     first = asyncio.create_task(post(gw, auth, "cas"))
@@ -1147,12 +1132,12 @@ async def test_a_late_completion_never_overwrites_a_newer_reservation(
 
 
 async def test_a_record_is_replayed_by_another_gateway_on_the_same_redis(
-    gateway, upstreams, bearer, redis_url
+    gateway, upstream, bearer, redis_url
 ):
     """Two gateway apps sharing one Redis share the records: the second replays what the first
     recorded, and refuses with 409 in use while the first is in flight."""
     gate = Gate(when=lambda seen: b"hold" in seen.body)
-    up = await upstreams(gate)
+    up = await upstream(gate)
     one = await gateway(upstream=up.url, redis_url=redis_url)
     two = await gateway(upstream=up.url, redis_url=redis_url)
     auth = bearer()
@@ -1220,14 +1205,14 @@ class ScriptGate:
 
 
 async def test_an_answer_is_never_complete_before_its_record(
-    gateway, upstreams, bearer, redis_url, redis_server
+    gateway, upstream, bearer, redis_url, redis_server
 ):
     """The record is complete as soon as the answer is: while the record's write to Redis is
     held, the client has not got its whole answer; once written, the answer completes and a
     retry right after it is replayed, never 409 in use."""
     scripts = await ScriptGate(redis_server).start()
     try:
-        up = await upstreams(ok())
+        up = await upstream(ok())
         gw = await gateway(upstream=up.url, redis_url=scripts.url)
         auth = bearer()
         first = asyncio.create_task(
@@ -1250,11 +1235,11 @@ async def test_an_answer_is_never_complete_before_its_record(
 
 
 async def test_redis_never_holds_the_clients_key(
-    gateway, upstreams, bearer, redis_url, redis_server
+    gateway, upstream, bearer, redis_url, redis_server
 ):
     """Redis keys are ``catalyst-idem:`` and a SHA-256 of scope and key, and no stored value
     holds the client's key."""
-    up = await upstreams(ok())
+    up = await upstream(ok())
     gw = await gateway(upstream=up.url, redis_url=redis_url)
     await post(gw, bearer(sub="op-7"), "client-key-77f1")
     [name] = redis_server.command("KEYS", "*")
@@ -1264,12 +1249,12 @@ async def test_redis_never_holds_the_clients_key(
 
 
 async def test_redis_down_is_503_for_a_key_and_plain_proxying_without(
-    gateway, upstreams, bearer, redis_url, redis_server
+    gateway, upstream, bearer, redis_url, redis_server
 ):
     """With Redis unreachable a keyed request is 503 idempotency-store-unavailable (forwarded no,
     nothing upstream) and an unkeyed one is proxied; once Redis is back the key works."""
     monotonic = Clock(1000.0)
-    up = await upstreams(ok())
+    up = await upstream(ok())
     gw = await gateway(upstream=up.url, redis_url=redis_url, monotonic=monotonic)
     auth = bearer()
     await assert_forwarded_once(gw, up, auth, "before")  # the scripts are loaded
@@ -1289,12 +1274,12 @@ async def test_redis_down_is_503_for_a_key_and_plain_proxying_without(
 
 
 async def test_redis_lost_after_the_reservation_still_delivers_the_answer(
-    gateway, upstreams, bearer, redis_url, redis_server
+    gateway, upstream, bearer, redis_url, redis_server
 ):
     """If Redis goes away while a keyed request is in flight, the client still gets the SME
     gateway's answer; the failed record update is counted and logged as a store error."""
     gate = Gate()
-    up = await upstreams(gate)
+    up = await upstream(gate)
     gw = await gateway(upstream=up.url, redis_url=redis_url)
     auth = bearer()
     with capture_logs() as logs:
@@ -1376,13 +1361,13 @@ async def _fetch(url: str, method: str = "GET", **kwargs: Any) -> tuple[int, Any
 
 @pytest.mark.slow
 async def test_the_servers_log_never_holds_the_key(
-    children, upstreams, bearer, public_key_file, store, request
+    children, upstream, bearer, public_key_file, store, request
 ):
     """The real server's every line (stdout and stderr) names each keyed request's outcome and
     never the key itself, whatever became of it."""
     extra = {"CATALYST_REDIS_URL": request.getfixturevalue("redis_url")} if store == "redis" else {}
     server: RedisServer | None = request.getfixturevalue("redis_server") if extra else None
-    up = await upstreams(by_body(ok(), hang=never_answer))
+    up = await upstream(by_body(ok(), hang=never_answer))
     proc = await children(["serve", "--host", "127.0.0.1", "--port", "0"],
                           _serve_env(public_key_file, up.url, **extra))  # fmt: skip
     base = await proc.wait_listening()
@@ -1408,11 +1393,11 @@ async def test_the_servers_log_never_holds_the_key(
 
 @pytest.mark.slow
 async def test_two_workers_without_redis_serve_with_idempotency_off(
-    children, upstreams, bearer, public_key_file
+    children, upstream, bearer, public_key_file
 ):
     """``--workers 2`` without Redis under ``auto``: a start-up warning ``idempotency.off``,
     /readyz says why, and a repeated key is forwarded every time."""
-    up = await upstreams(ok())
+    up = await upstream(ok())
     port = _free_port()
     proc = await children(["serve", "--host", "127.0.0.1", "--port", str(port), "--workers", "2"],
                           _serve_env(public_key_file, up.url))  # fmt: skip
@@ -1438,10 +1423,10 @@ async def test_two_workers_without_redis_serve_with_idempotency_off(
 
 @pytest.mark.slow
 async def test_two_workers_share_records_through_redis(
-    children, upstreams, bearer, public_key_file, redis_url, redis_server
+    children, upstream, bearer, public_key_file, redis_url, redis_server
 ):
     """``--workers 2`` with Redis: a record one worker made is replayed by the other process."""
-    up = await upstreams(ok())
+    up = await upstream(ok())
     port = _free_port()
     env = _serve_env(public_key_file, up.url, CATALYST_REDIS_URL=redis_url,
                      CATALYST_IDEMPOTENCY="required")  # fmt: skip

@@ -36,7 +36,6 @@ from catalyst_proxy.devtools.keys import operator_token
 
 from .conftest import BRIDGE_SECRET, RunningGateway
 from .rawhttp import (
-    HTTPUpstream,
     RawResponse,
     Respond,
     Seen,
@@ -227,21 +226,6 @@ def closed_port_url() -> str:
     return f"http://127.0.0.1:{port}"
 
 
-@pytest.fixture
-async def upstream_with() -> AsyncIterator[Callable[..., Awaitable[HTTPUpstream]]]:
-    """Factory: ``await upstream_with(respond, cut=..., backlog=...)``, an ``HTTPUpstream``."""
-    started: list[HTTPUpstream] = []
-
-    async def make(respond: Respond, **options: Any) -> HTTPUpstream:
-        server = await HTTPUpstream(respond, **options).start()
-        started.append(server)
-        return server
-
-    yield make
-    for server in started:
-        await server.close()
-
-
 # --- the pool: stale connections, hang-ups, misbehaviour ---------------------------------------
 
 
@@ -286,15 +270,13 @@ HANG_UPS = {
 @pytest.mark.parametrize("connection", ["new", "reused"])
 @pytest.mark.parametrize("moment", HANG_UPS)
 async def test_upstream_hanging_up_as_the_request_is_written_is_502_and_never_resent(
-    gateway, bearer, upstream_with, moment, connection
+    gateway, bearer, upstream, moment, connection
 ):
     """An upstream that hangs up while the request is being written (after its head, or after
     some of its body), on a new or a reused connection, is 502 sme-gateway-bad-response: the
     upstream saw the request once, and it was never resent on another connection."""
     body, read = HANG_UPS[moment]
-    up = await upstream_with(
-        scripted(), cut=lambda seen: read if rid_of(seen) == "victim" else None
-    )
+    up = await upstream(scripted(), cut=lambda seen: read if rid_of(seen) == "victim" else None)
     gw = await gateway(upstream=up.url)
     if connection == "reused":
         warm = await only_answer(gw.url, purchase(bearer(), "warm"))
@@ -600,12 +582,12 @@ def order_of(response: RawResponse) -> str:
 
 @pytest.mark.slow
 async def test_1000_concurrent_purchases_all_succeed_within_the_connection_bound(
-    gateway, upstream_with, operators
+    gateway, upstream, operators
 ):
     """1,000 concurrent purchases against an upstream with a 128-deep listen queue all get their
     own 200, each reaching the upstream once, which never has more than
     upstream_max_connections connections open at once."""
-    up = await upstream_with(answer_orders(think=0.002), backlog=128)
+    up = await upstream(answer_orders(think=0.002), backlog=128)
     gw = await gateway(
         upstream=up.url, upstream_max_connections=MAX_CONNECTIONS, upstream_timeout_seconds=20
     )
@@ -634,13 +616,13 @@ async def test_1000_concurrent_purchases_all_succeed_within_the_connection_bound
 @pytest.mark.slow
 @pytest.mark.parametrize(("connections", "pending"), [(20, 50), (1, 0)])
 async def test_requests_beyond_the_waiting_room_are_503_overloaded_and_never_sent(
-    gateway, upstream_with, operators, connections, pending
+    gateway, upstream, operators, connections, pending
 ):
     """With every connection busy and upstream_max_pending requests waiting (0: none), each of
     1,000 concurrent purchases beyond them gets 503 gateway-overloaded at once, with Retry-After:
     1 and X-Catalyst-Forwarded: no, and never reaches the upstream; the others all succeed."""
     release = asyncio.Event()
-    up = await upstream_with(answer_orders(release=release), backlog=128)
+    up = await upstream(answer_orders(release=release), backlog=128)
     gw = await gateway(
         upstream=up.url,
         upstream_max_connections=connections,

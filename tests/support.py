@@ -215,6 +215,11 @@ class RawUpstream:
             self._tasks.discard(task)  # type: ignore[arg-type]
             writer.close()
 
+    def stop_listening(self) -> None:
+        """Close the listening socket only: the port refuses, open connections stay open."""
+        assert self._server is not None
+        self._server.close()
+
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()

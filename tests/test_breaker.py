@@ -10,7 +10,7 @@ really dead, really slow or really there:
   connection attempt the gateway has under way, observed from outside it;
 - a **dead port** (``dead_port``): bound but not listening, so a connection is
   refused at once; later a real ``HTTPUpstream`` can listen on that very port
-  (``upstream_on``) and count what connects to it, or the port can become a
+  (the ``upstream`` fixture's ``sock=``) and count what connects to it, or the port can become a
   black hole (``BlackHole(sock)``).
 
 The breaker's clock is the fake ``monotonic`` given to ``create_app``: a test
@@ -27,7 +27,7 @@ import signal
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +39,6 @@ from structlog.testing import capture_logs
 
 from .conftest import BRIDGE_SECRET
 from .rawhttp import (
-    HTTPUpstream,
     Respond,
     Seen,
     answer,
@@ -49,7 +48,7 @@ from .rawhttp import (
     write_then_close,
 )
 from .serve_proc import ServeProcess
-from .support import RawUpstream, free_socket
+from .support import free_socket
 
 PURCHASE = "/api/v1/billing/purchase"
 ORDER = b'{"order_id": "ord_1", "paid_by_credit": false, "session_url": null}'
@@ -138,50 +137,6 @@ def dead_port() -> Iterator[socket.socket]:
 
 def url_of(sock: socket.socket) -> str:
     return f"http://127.0.0.1:{sock.getsockname()[1]}"
-
-
-@dataclass
-class _RawUpstreamOn(RawUpstream):
-    """A ``RawUpstream`` listening on a socket the test bound beforehand (a known port)."""
-
-    sock: socket.socket | None = None
-
-    async def start(self) -> _RawUpstreamOn:
-        assert self.sock is not None
-        self._server = await asyncio.start_server(self._on_connection, sock=self.sock)
-        self.url = url_of(self.sock)
-        return self
-
-    def stop_listening(self) -> None:
-        """Close the listening socket only: the port refuses, open connections stay open."""
-        assert self._server is not None
-        self._server.close()
-
-
-StartOn = Callable[[socket.socket, Respond], Awaitable[HTTPUpstream]]
-
-
-@pytest.fixture
-async def upstream_on() -> AsyncIterator[StartOn]:
-    """Factory: ``await upstream_on(sock, respond)``: a recording HTTPUpstream on that port."""
-    started: list[HTTPUpstream] = []
-
-    async def make(sock: socket.socket, respond: Respond) -> HTTPUpstream:
-        up = HTTPUpstream(respond)
-        up.raw = _RawUpstreamOn(up.raw.script, sock=sock)
-        await up.start()
-        started.append(up)
-        return up
-
-    yield make
-    for up in started:
-        await up.close()
-
-
-def stop_listening(up: HTTPUpstream) -> None:
-    raw = up.raw
-    assert isinstance(raw, _RawUpstreamOn)
-    raw.stop_listening()
 
 
 def held_until(release: asyncio.Event, *, keep_alive: bool) -> Respond:
@@ -331,7 +286,7 @@ async def test_three_slow_failures_open_it_then_answers_come_at_once_and_nothing
 
 
 async def test_failures_in_a_row_only_a_connection_in_between_starts_the_count_over(
-    gateway, bearer, dead_port, upstream_on
+    gateway, bearer, dead_port, upstream
 ):
     """A connection made between two refused ones (whatever its answer, here a 500) resets the
     count: the breaker opens only on the threshold of failures in a row."""
@@ -340,7 +295,7 @@ async def test_failures_in_a_row_only_a_connection_in_between_starts_the_count_o
     assert_unreachable(await purchase(gw, headers), retry_after=None)
     assert (await breaker_view(gw))["failures_in_a_row"] == 1
 
-    up = await upstream_on(dead_port, answer(500, b'{"error": "boom"}', keep_alive=False))
+    up = await upstream(answer(500, b'{"error": "boom"}', keep_alive=False), sock=dead_port)
     got = await purchase(gw, headers)
     assert (got.status, got.body, got.forwarded) == (500, b'{"error": "boom"}', "yes")
     assert (await breaker_view(gw))["failures_in_a_row"] == 0
@@ -503,8 +458,8 @@ async def test_after_the_cooldown_one_trial_goes_out_others_are_refused_and_its_
     }
 
 
-async def test_a_real_upstream_on_the_dead_port_is_found_by_the_trial_and_closes_it(
-    gateway, bearer, dead_port, upstream_on
+async def test_a_real_upstream_the_dead_port_is_found_by_the_trial_and_closes_it(
+    gateway, bearer, dead_port, upstream
 ):
     """When a real upstream appears on the dead port, nothing connects to it while the breaker
     is open; after the cooldown the trial connects, the breaker closes (count reset), requests
@@ -525,7 +480,7 @@ async def test_a_real_upstream_on_the_dead_port_is_found_by_the_trial_and_closes
             assert got.seconds < BUDGET / 2  # refused: no need to wait for the budget
         assert (await breaker_view(gw))["state"] == "open"
 
-        up = await upstream_on(dead_port, answer(200, ORDER))
+        up = await upstream(answer(200, ORDER), sock=dead_port)
         for _ in range(5):
             assert_unreachable(await purchase(gw, headers), retry_after="5")
         assert up.connections == 0  # reachable now, but nobody tried
@@ -602,12 +557,12 @@ async def test_a_trial_whose_client_goes_away_lets_the_next_request_be_the_trial
 
 
 async def test_requests_waiting_for_a_connection_are_answered_at_once_when_it_opens(
-    gateway, bearer, dead_port, upstream_on
+    gateway, bearer, dead_port, upstream
 ):
     """Requests waiting in line for a connection when the breaker opens are answered at once
     (503 with Retry-After), not left to wait out their budget."""
     release = asyncio.Event()
-    up = await upstream_on(dead_port, held_until(release, keep_alive=False))
+    up = await upstream(held_until(release, keep_alive=False), sock=dead_port)
     gw = await gateway(
         upstream=up.url,
         upstream_timeout_seconds=3.0,
@@ -626,7 +581,7 @@ async def test_requests_waiting_for_a_connection_are_answered_at_once_when_it_op
         return sample(text, "catalyst_proxy_upstream_waiting") == 5
 
     await until(five_waiting)
-    stop_listening(up)  # from now on the port refuses
+    up.raw.stop_listening()  # from now on the port refuses
     release.set()  # the answer closes the connection: its place goes to the first in line
     started = time.monotonic()
     assert (await first).status == 200
@@ -644,11 +599,11 @@ async def test_requests_waiting_for_a_connection_are_answered_at_once_when_it_op
     assert sample(text, "catalyst_proxy_upstream_waiting") == 0
 
 
-async def test_idle_connections_are_closed_when_it_opens(gateway, bearer, dead_port, upstream_on):
+async def test_idle_connections_are_closed_when_it_opens(gateway, bearer, dead_port, upstream):
     """When the breaker opens, idle keep-alive connections to the upstream are closed at once
     rather than kept for later requests."""
     release = asyncio.Event()
-    up = await upstream_on(dead_port, held_until(release, keep_alive=True))
+    up = await upstream(held_until(release, keep_alive=True), sock=dead_port)
     port = dead_port.getsockname()[1]
     gw = await gateway(
         upstream=up.url,
@@ -661,7 +616,7 @@ async def test_idle_connections_are_closed_when_it_opens(gateway, bearer, dead_p
     headers = bearer()
     first = asyncio.create_task(purchase(gw, headers))
     await up.until(lambda: len(up.complete) == 1)
-    stop_listening(up)
+    up.raw.stop_listening()
     hole_socket = socket.socket()
     hole_socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     hole_socket.bind(("127.0.0.1", port))
@@ -688,14 +643,14 @@ async def test_idle_connections_are_closed_when_it_opens(gateway, bearer, dead_p
 
 
 async def test_a_connection_released_while_open_does_not_keep_it_half_open(
-    gateway, bearer, dead_port, upstream_on
+    gateway, bearer, dead_port, upstream
 ):
     """After the cooldown the request let through is the one trial: once it has its answer the
     breaker is closed or open again, never left half-open, even when a connection that was busy
     when it opened has come back to the pool since."""
     clock = FakeClock()
     release = asyncio.Event()
-    up = await upstream_on(dead_port, held_until(release, keep_alive=True))
+    up = await upstream(held_until(release, keep_alive=True), sock=dead_port)
     gw = await gateway(
         upstream=up.url,
         upstream_timeout_seconds=BUDGET,
@@ -708,7 +663,7 @@ async def test_a_connection_released_while_open_does_not_keep_it_half_open(
     headers = bearer()
     first = asyncio.create_task(purchase(gw, headers))  # busy on the first connection
     await up.until(lambda: len(up.complete) == 1)
-    stop_listening(up)
+    up.raw.stop_listening()
     assert_unreachable(await purchase(gw, headers), retry_after=None)  # refused: open
     release.set()
     assert (await first).status == 200  # its connection is back in the pool, idle

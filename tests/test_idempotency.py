@@ -304,7 +304,7 @@ async def test_every_upstream_status_is_recorded_and_replayed(start, upstream, b
     """The SME gateway's answer is recorded whatever its status: a 4xx or 5xx of its own is
     replayed too, never forwarded again."""
     up = await upstream(in_turn(ok(b'{"error": "insufficient-credit"}', 402),
-                                 ok(b'{"error": "billing-down"}', 500)))  # fmt: skip
+                                ok(b'{"error": "billing-down"}', 500)))  # fmt: skip
     gw = await start(up.url)
     auth = bearer()
     for key, status in (("k-402", 402), ("k-500", 500)):

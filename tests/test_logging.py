@@ -388,9 +388,8 @@ async def test_access_lines_are_written_within_moments_while_the_server_runs(
         for n in range(25):
             headers = {"Authorization": f"Bearer {good}", "X-Request-ID": f"burst-{n}"}
             await fetch(http, "POST", base + PURCHASE, data=b"{}", headers=headers)
-    started = time.monotonic()
+    # within a second of the last answer, or the wait fails
     await proc.wait_for_line(lambda text: '"request_id":"burst-24"' in text, timeout=1.0)
-    assert time.monotonic() - started < 1.0
     ids = {line.get("request_id") for line in proc.json_lines() if line["event"] == "request"}
     assert {f"burst-{n}" for n in range(25)} <= ids
     assert proc.proc is not None

@@ -129,7 +129,7 @@ def create_app(
         else MemoryRecords(
             settings.idempotency_ttl_seconds,
             clock=clock,
-            on_evict=metrics.idempotency_evictions.inc,
+            on_evict=lambda count: metrics.idempotency_evictions.add(amount=count),
         )
     )
     idempotency = Idempotency(

@@ -23,13 +23,12 @@ import asyncio
 import contextlib
 import hashlib
 import time
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable
 from dataclasses import dataclass
 
 from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import StreamReader
-from multidict import CIMultiDict
 
 from . import headers as hdrs
 from .auth import Authenticator
@@ -165,11 +164,12 @@ class Proxy:
         if key is None:
             return await self._exchange(request, info, exchange, None)
         assert self._idem is not None
-        iss = operator.claims.get("iss")
-        try:
-            attempt = await self._idem.begin(
-                iss if isinstance(iss, str) else None, operator.sub, route, key
-            )
+        idem, claimed, sub = self._idem, operator.claims.get("iss"), operator.sub
+        iss = claimed if isinstance(claimed, str) else None
+        try:  # the memory store answers at once; a shared one is awaited
+            attempt = idem.begin_local(iss, sub, route, key)
+            if attempt is None:
+                attempt = await idem.begin(iss, sub, route, key)
         except IdempotencyStoreUnavailable:
             info.idempotency = "store-error"
             raise
@@ -205,7 +205,10 @@ class Proxy:
             body, length = self._body(request, exchange.upload)
             if attempt is not None:
                 hasher = fingerprinter(exchange.method, exchange.target)
-                body = _hashed(body, hasher)
+                if isinstance(body, bytes):
+                    hasher.update(body)
+                elif body is not None:
+                    body = _hashing(body, hasher)
             started = time.perf_counter()
             try:
                 upstream = await self._client.request(
@@ -244,12 +247,13 @@ class Proxy:
         return hasher.hexdigest()
 
     def _replay(self, info: RequestInfo, record: Record) -> web.Response:
-        """The recorded answer again: same status, headers and body, a new X-Request-ID."""
-        headers: CIMultiDict[str] = CIMultiDict(record.headers)
-        headers[hdrs.REQUEST_ID] = info.request_id
-        headers[hdrs.FORWARDED] = "yes"  # it is the SME gateway's answer, from the first time
+        """The recorded answer again: same status, headers and body, a new X-Request-ID.
+
+        The record holds the SME gateway's header fields as received; they cross the
+        same allow-list as the first time (``X-Catalyst-Forwarded: yes``: it is the SME
+        gateway's answer, from the first time)."""
+        headers, _ = hdrs.client_response_headers(record.headers, info.request_id)
         headers[hdrs.REPLAYED] = "true"
-        headers[hdrs.SERVER] = hdrs.SERVER_NAME
         return web.Response(status=record.status, body=record.body, headers=headers)
 
     def check_body(self, request: web.BaseRequest) -> None:
@@ -312,8 +316,10 @@ class Proxy:
             data = upstream.body()
             whole = web.Response(status=upstream.status, body=data, headers=headers)
             if attempt is not None and hasher is not None:
-                await self._record(request, exchange, upstream, attempt, hasher, progress,
-                                   headers, data, whole)  # fmt: skip
+                pending = self._record(request, exchange, upstream, attempt, hasher, progress,
+                                       data, whole)  # fmt: skip
+                if pending is not None:
+                    await pending
             return whole
         response = web.StreamResponse(status=upstream.status, headers=headers)
         if length is not None:
@@ -346,11 +352,13 @@ class Proxy:
             raise
         if attempt is not None and hasher is not None:
             body = bytes(kept) if kept is not None else None
-            await self._record(request, exchange, upstream, attempt, hasher, progress,
-                               headers, body, response)  # fmt: skip
+            pending = self._record(request, exchange, upstream, attempt, hasher, progress,
+                                   body, response)  # fmt: skip
+            if pending is not None:
+                await pending
         return response
 
-    async def _record(
+    def _record(
         self,
         request: web.BaseRequest,
         exchange: _Exchange,
@@ -358,12 +366,13 @@ class Proxy:
         attempt: Attempt,
         hasher: hashlib._Hash,
         progress: Progress,
-        headers: CIMultiDict[str],
         body: bytes | None,
         response: web.StreamResponse,
-    ) -> None:
+    ) -> Awaitable[None] | None:
         """The SME gateway's answer is complete: record it before the handler returns,
         that is before the client's transfer ends (aiohttp writes the rest after).
+        Returns what is left to wait for (None: recorded, as the memory store does at
+        once, without a coroutine on the way).
 
         In that order, a retry can only follow an answer its client has whole, so it
         always finds the record (the cost: one store write before the last bytes; none
@@ -377,25 +386,47 @@ class Proxy:
         assert self._idem is not None
         if body is not None and len(body) > self._idem.max_body_bytes:
             body = None
-        kept = [(name, value) for name, value in headers.items() if name not in _OURS]
-        early = not progress.sent
+        if not progress.sent:
+            return self._record_early(request, exchange, upstream, attempt, hasher, body,
+                                      response)  # fmt: skip
+        upstream.release()
+        return self._complete(attempt, hasher, upstream, body)
+
+    async def _record_early(
+        self,
+        request: web.BaseRequest,
+        exchange: _Exchange,
+        upstream: Response,
+        attempt: Attempt,
+        hasher: hashlib._Hash,
+        body: bytes | None,
+        response: web.StreamResponse,
+    ) -> None:
         try:
-            if early:
-                await upstream.stop_sending()
+            await upstream.stop_sending()
             upstream.release()
-            if early:
-                await _finish(request, response)
-                try:
-                    await self._hash_rest(request, exchange, hasher)
-                except (TimeoutError, ConnectionError, HttpProcessingError):
-                    await attempt.unknown()  # the rest never came: no whole fingerprint
-                    return
+            await _finish(request, response)
+            try:
+                await self._hash_rest(request, exchange, hasher)
+            except (TimeoutError, ConnectionError, HttpProcessingError):
+                await attempt.unknown()  # the rest never came: no whole fingerprint
+                return
         except BaseException:
             attempt.settle_later(sent=True)  # acted on, but it cannot be recorded whole
             raise
-        write = attempt.complete(hasher.hexdigest(), response.status, kept, body)
-        if write is not None:  # a shared store: a task, which a leaving client cannot stop
-            await asyncio.shield(self._idem.later(write))
+        pending = self._complete(attempt, hasher, upstream, body)
+        if pending is not None:
+            await pending
+
+    def _complete(
+        self, attempt: Attempt, hasher: hashlib._Hash, upstream: Response, body: bytes | None
+    ) -> Awaitable[None] | None:
+        write = attempt.complete(hasher.hexdigest(), upstream.status, upstream.headers, body)
+        if write is None:
+            return None
+        assert self._idem is not None
+        # A shared store: a task, which a leaving client cannot stop.
+        return asyncio.shield(self._idem.later(write))
 
     async def _hash_rest(
         self, request: web.BaseRequest, exchange: _Exchange, hasher: hashlib._Hash
@@ -420,19 +451,6 @@ async def _finish(request: web.BaseRequest, response: web.StreamResponse) -> Non
         if not response.prepared:
             await response.prepare(request)
         await response.write_eof()
-
-
-_OURS = frozenset({hdrs.REQUEST_ID, hdrs.FORWARDED, hdrs.SERVER})
-
-
-def _hashed(body: Body, hasher: hashlib._Hash) -> Body:
-    """``body`` as it is, feeding ``hasher`` on the way."""
-    if body is None:
-        return None
-    if isinstance(body, bytes):
-        hasher.update(body)
-        return body
-    return _hashing(body, hasher)
 
 
 async def _hashing(body: AsyncIterable[bytes], hasher: hashlib._Hash) -> AsyncIterator[bytes]:

@@ -875,6 +875,8 @@ ROUTES_FILE = {
          "upstream_method": "post", "upstream_path": "/api/billing/vouchers/issue"},
         {"methods": ["GET"], "path": "/api/v1/org/billing/vouchers/list",
          "upstream_method": "GET", "upstream_path": "/api/billing/vouchers/list"},
+        {"methods": ["POST"], "path": "/api/v1/org/billing/checkout",
+         "upstream_method": "POST", "upstream_path": "/api/billing/checkout"},
         {"methods": ["POST"], "path": "/api/v1/legacy/billing/purchase",
          "upstream_method": "POST", "upstream_path": "/api/billing/purchase",
          "idempotency": "off"},
@@ -894,6 +896,7 @@ AUTO_COVERAGE = [
     ("DELETE", REVOKE + "VCH-1", 2),
     ("POST", "/api/v1/org/billing/purchase", 1),
     ("POST", "/api/v1/org/billing/vouchers/issue", 1),
+    ("POST", "/api/v1/org/billing/checkout", 1),  # purchase's canonical name on the SME side
     ("GET", "/api/v1/org/billing/vouchers/list", 2),
     ("POST", "/api/v1/legacy/billing/purchase", 2),  # the file's "off" overrides auto
     ("POST", "/api/v1/org/billing/vouchers/revoke/VCH-1", 1),  # the file's "required"
@@ -903,9 +906,9 @@ AUTO_COVERAGE = [
 async def test_auto_covers_exactly_purchase_and_voucher_issue(
     start, upstream, bearer, tmp_path, store
 ):
-    """``auto`` dedupes exactly the routes whose upstream is POST purchase or voucher issue
-    (routes-file aliases included), not vouchers list or revoke; a routes-file entry's own
-    mode overrides it."""
+    """``auto`` dedupes exactly the routes whose upstream is POST purchase (or checkout, its
+    canonical name) or voucher issue (routes-file aliases included), not vouchers list or
+    revoke; a routes-file entry's own mode overrides it."""
     routes_file = tmp_path / "routes.json"
     routes_file.write_text(json.dumps(ROUTES_FILE))
     up = await upstream(ok())

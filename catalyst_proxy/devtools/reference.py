@@ -32,7 +32,7 @@ from prometheus_client.metrics import MetricWrapperBase
 
 from ..config import VARIABLES
 from ..errors import every_error
-from ..metrics import Metrics
+from ..metrics import Metrics, Tally
 from ..routes import DEFAULT_ROUTES
 
 DOCUMENTS = ("README.md", "docs/reference.md")
@@ -99,6 +99,9 @@ def metrics_table() -> str:
             labels = ", ".join(f"`{label}`" for label in metric._labelnames)
             name = f"`{metric._name}{suffix.get(kind, '')}`"
             rows.append((name, kind, labels, metric._documentation))
+        elif isinstance(metric, Tally):
+            labels = ", ".join(f"`{label}`" for label in metric.labels)
+            rows.append((f"`{metric.name}_total`", "counter", labels, metric.documentation))
     return _table(("metric", "type", "labels", "meaning"), rows)
 
 

@@ -2,11 +2,11 @@
 
 Modes per route: the routes file's ``idempotency`` if the entry has one, else
 ``CATALYST_IDEMPOTENCY``: ``auto`` (optional where the upstream is ``POST
-/api/billing/purchase`` or ``POST /api/billing/vouchers/issue``, off
-elsewhere), ``off``, ``optional`` or ``required``. With ``--workers`` above 1
-and no shared store, ``auto`` is off everywhere (each worker's memory would
-miss the retries that reach another) and an explicit mode is a configuration
-error.
+/api/billing/purchase``, its canonical name ``/api/billing/checkout``, or
+``POST /api/billing/vouchers/issue``, off elsewhere), ``off``, ``optional`` or
+``required``. With ``--workers`` above 1 and no shared store, ``auto`` is off
+everywhere (each worker's memory would miss the retries that reach another)
+and an explicit mode is a configuration error.
 
 An ``Attempt`` is the life of one keyed request (see ``records.py``):
 ``begin()`` reserves the key or finds its record; a found record is judged
@@ -40,8 +40,14 @@ from .keys import parse_key, slot
 from .memory import MemoryRecords
 from .records import COMPLETED, RESERVED, UNKNOWN, Record, Records
 
+# The SME side's /api/billing/purchase is an alias of its canonical /api/billing/checkout:
+# a route to either is a purchase.
 AUTO_UPSTREAMS = frozenset(
-    {("POST", "/api/billing/purchase"), ("POST", "/api/billing/vouchers/issue")}
+    {
+        ("POST", "/api/billing/purchase"),
+        ("POST", "/api/billing/checkout"),
+        ("POST", "/api/billing/vouchers/issue"),
+    }
 )
 LEASE_MARGIN = 30.0  # a reservation older than the budget plus this, unfinished, is unknown
 HEADER = "Idempotency-Key"
@@ -100,10 +106,7 @@ class Idempotency:
         self._memory = records if isinstance(records, MemoryRecords) else None
         self.off_reason = off_reason
         self._clock = clock
-        self._outcomes = {
-            name: metrics.idempotency.labels(name)
-            for name in ("new", "replayed", "in-use", "reused", "unknown", "store-error")
-        }
+        self._outcomes = metrics.idempotency
         self._pending: set[asyncio.Task[None]] = set()
         self._logger = log.get_logger()
 
@@ -129,26 +132,37 @@ class Idempotency:
             raise IdempotencyKeyMissing()
         return key
 
+    def begin_local(self, iss: str | None, sub: str, route: Route, key: str) -> Attempt | None:
+        """``begin()`` for the memory store, which answers at once: no coroutine on the
+        way (this runs on every keyed request). None with a shared store."""
+        memory = self._memory
+        if memory is None:
+            return None
+        where = slot(iss, sub, route.upstream_method, route.upstream_path, key)
+        owner = hex_id()
+        existing = memory.reserve_now(where, Record(RESERVED, owner, self._clock() + self._lease))
+        return self._attempt(where, owner, existing)
+
     async def begin(self, iss: str | None, sub: str, route: Route, key: str) -> Attempt:
         """Reserve the key, or find what it already holds (503 if the store is down)."""
         where = slot(iss, sub, route.upstream_method, route.upstream_path, key)
         owner = hex_id()
-        mine = Record(RESERVED, owner, self._clock() + self._lease)
         try:
-            if self._memory is not None:
-                existing = self._memory.reserve_now(where, mine)
-            else:
-                existing = await self._records.reserve(where, mine)
+            existing = await self._records.reserve(
+                where, Record(RESERVED, owner, self._clock() + self._lease)
+            )
         except StoreUnavailable as exc:
             self.count("store-error")
             raise IdempotencyStoreUnavailable(str(exc)) from None
-        attempt = Attempt(self, where, owner, existing)
+        return self._attempt(where, owner, existing)
+
+    def _attempt(self, where: str, owner: str, existing: Record | None) -> Attempt:
         if existing is None:
-            self.count("new")
-        return attempt
+            self._outcomes.add("new")
+        return Attempt(self, where, owner, existing)
 
     def count(self, outcome: str) -> None:
-        self._outcomes[outcome].inc()
+        self._outcomes.add(outcome)
 
     def later(self, step: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         """Run a record update that must not be lost to a cancelled request."""
@@ -212,14 +226,18 @@ class Attempt:
         return record
 
     def complete(
-        self, fingerprint: str, status: int, headers: list[tuple[str, str]], body: bytes | None
+        self,
+        fingerprint: str,
+        status: int,
+        headers: Iterable[tuple[bytes, bytes]],
+        body: bytes | None,
     ) -> Coroutine[Any, Any, None] | None:
         """The SME gateway's answer is complete: record it (``body`` None: too large).
 
         The memory store records it at once (None); for a shared store this is the
         write to await. The attempt counts as settled from this call on, so that nothing
         (a cancellation racing the write) can mark it unknown behind it."""
-        record = Record(COMPLETED, self._owner, 0.0, fingerprint, status, headers, body)
+        record = Record(COMPLETED, self._owner, 0.0, fingerprint, status, tuple(headers), body)
         self.settled = True
         memory = self._guard._memory
         if memory is not None:

@@ -3,9 +3,11 @@
 Records expire after the TTL and the set is bounded (count and bytes): past a
 bound the oldest records go first, counted in
 ``catalyst_proxy_idempotency_evictions_total``; a reservation still within
-its lease is never dropped (that could let a retry through twice). Records
-are kept as they are (no encoding: measured, encoding and decoding each record
-cost more than it saved), each weighed once, when stored.
+its lease is never dropped (that could let a retry through twice). Eviction
+works in batches, down to 1/32 below the bound, so that a full store does not
+pay an eviction pass on every request. Records are kept as they are (no
+encoding: measured, encoding and decoding each record cost more than it
+saved), each weighed once, when stored.
 """
 
 from __future__ import annotations
@@ -13,11 +15,16 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 
-from .records import RESERVED, Record
+from .records import RECORD_WEIGHT, RESERVED, Record
 
 MAX_RECORDS = 20_000
 MAX_BYTES = 8 * 1024 * 1024  # by the weights of records.py: ~6,000 typical answers
+RESERVATION_WEIGHT = RECORD_WEIGHT  # no headers, no body
+_STATE, _OWNER, _LEASE_UNTIL = (
+    Record._fields.index(name) for name in ("state", "owner", "lease_until")
+)
 
 
 class MemoryRecords:
@@ -28,15 +35,20 @@ class MemoryRecords:
         max_records: int = MAX_RECORDS,
         max_bytes: int = MAX_BYTES,
         clock: Callable[[], float] = time.time,
-        on_evict: Callable[[], None] | None = None,
+        on_evict: Callable[[int], None] | None = None,
     ) -> None:
         self._ttl = ttl
         self._max_records = max_records
         self._max_bytes = max_bytes
+        # Where an eviction pass stops: a little below the bounds.
+        self._low_records = max_records - max_records // 32
+        self._low_bytes = max_bytes - max_bytes // 32
         self._clock = clock
         self._on_evict = on_evict
-        # slot → (record, its expiry, its weight); oldest first
-        self._records: OrderedDict[str, tuple[Record, float, int]] = OrderedDict()
+        # slot → (the record's fields, its expiry, its weight); oldest first. Plain tuples
+        # of plain values, which the garbage collector stops tracking (a Record, a tuple
+        # subclass, it would traverse on every full pass).
+        self._records: OrderedDict[str, tuple[tuple[Any, ...], float, int]] = OrderedDict()
         self._bytes = 0
 
     def __len__(self) -> int:
@@ -56,10 +68,10 @@ class MemoryRecords:
         now = self._clock()
         if entry is not None:
             if entry[1] > now:
-                return entry[0]
+                return Record._make(entry[0])
             self._drop(slot)  # expired
-        weight = record.size()
-        records[slot] = (record, now + self._ttl, weight)
+        weight = record.size() if record.headers or record.body else RESERVATION_WEIGHT
+        records[slot] = (tuple(record), now + self._ttl, weight)
         self._bytes += weight
         if len(records) > self._max_records or self._bytes > self._max_bytes:
             self._bound()
@@ -69,11 +81,11 @@ class MemoryRecords:
         records = self._records
         entry = records.get(slot)
         now = self._clock()
-        if entry is None or entry[1] <= now or entry[0].owner != owner:
+        if entry is None or entry[1] <= now or entry[0][_OWNER] != owner:
             return False
-        del records[slot]  # and back in at the end: the newest
         weight = record.size()
-        records[slot] = (record, now + self._ttl, weight)
+        records[slot] = (tuple(record), now + self._ttl, weight)
+        records.move_to_end(slot)  # the newest
         self._bytes += weight - entry[2]
         if self._bytes > self._max_bytes:
             self._bound()
@@ -81,7 +93,7 @@ class MemoryRecords:
 
     async def release(self, slot: str, owner: str) -> bool:
         entry = self._records.get(slot)
-        if entry is None or entry[1] <= self._clock() or entry[0].owner != owner:
+        if entry is None or entry[1] <= self._clock() or entry[0][_OWNER] != owner:
             return False
         self._drop(slot)
         return True
@@ -90,16 +102,19 @@ class MemoryRecords:
         self._bytes -= self._records.pop(slot)[2]
 
     def _bound(self) -> None:
+        """Drop the oldest records until the set is back under both bounds, with a margin."""
+        records = self._records
         now = self._clock()
-        spared = 0  # reservations within their lease, moved to the back
-        while (
-            len(self._records) > self._max_records or self._bytes > self._max_bytes
-        ) and spared < len(self._records):
-            slot, (record, expires, weight) = self._records.popitem(last=False)
-            if expires > now and record.state == RESERVED and record.lease_until > now:
-                self._records[slot] = (record, expires, weight)  # to the back
+        spared = evicted = 0  # spared: reservations within their lease, moved to the back
+        while spared < len(records) and (
+            len(records) > self._low_records or self._bytes > self._low_bytes
+        ):
+            slot, (fields, expires, weight) = records.popitem(last=False)
+            if expires > now and fields[_STATE] == RESERVED and fields[_LEASE_UNTIL] > now:
+                records[slot] = (fields, expires, weight)  # to the back
                 spared += 1
                 continue
             self._bytes -= weight
-            if expires > now and self._on_evict is not None:
-                self._on_evict()
+            evicted += expires > now
+        if evicted and self._on_evict is not None:
+            self._on_evict(evicted)

@@ -10,37 +10,44 @@
 
 Every change after the reservation is a compare-and-set on the ``owner``
 token the reservation drew: a first attempt whose record expired and was
-replaced by a newer one can never overwrite it. A stored record is the owner
-(32 hex digits), a JSON line with the rest, and the answer's body bytes.
+replaced by a newer one can never overwrite it. A completed record keeps the
+answer as the SME gateway sent it (status, header fields, body): a replay
+renders it through the same allow-list as the first answer. A stored record is
+the owner (32 hex digits), a JSON line with the rest, and the answer's body
+bytes.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Protocol
+from itertools import chain
+from typing import NamedTuple, Protocol
 
 import orjson
 
 RESERVED, COMPLETED, UNKNOWN = "reserved", "completed", "unknown"
 OWNER_LENGTH = 32
 RECORD_WEIGHT = 480  # the record, its strings and its entry in the memory store
-HEADER_WEIGHT = 130  # a header's tuple and two strings
+HEADER_WEIGHT = 130  # a header's tuple and its two bytes objects
 
 
-@dataclass(slots=True)
-class Record:
+class Record(NamedTuple):
+    """A tuple of plain values (no list, no object of ours): the collector stops tracking
+    it, so a store of thousands of records adds nothing to the garbage collector's passes."""
+
     state: str
     owner: str
     lease_until: float  # wall-clock seconds: a reservation past it is read as unknown
     fingerprint: str = ""
     status: int = 0
-    headers: list[tuple[str, str]] = field(default_factory=list)
+    headers: tuple[tuple[bytes, bytes], ...] = ()  # as received, raw
     body: bytes | None = b""  # None: the answer was too large to record
 
     def encode(self) -> bytes:
+        headers = [(name.decode("latin-1"), value.decode("latin-1"))
+                   for name, value in self.headers]  # fmt: skip
         meta = {"state": self.state, "lease_until": self.lease_until,
                 "fingerprint": self.fingerprint, "status": self.status,
-                "headers": self.headers, "stored": self.body is not None}  # fmt: skip
+                "headers": headers, "stored": self.body is not None}  # fmt: skip
         return self.owner.encode() + orjson.dumps(meta) + b"\n" + (self.body or b"")
 
     @classmethod
@@ -54,15 +61,20 @@ class Record:
             float(meta["lease_until"]),
             meta["fingerprint"],
             int(meta["status"]),
-            [(str(name), str(value)) for name, value in meta["headers"]],
+            tuple(
+                (name.encode("latin-1"), value.encode("latin-1")) for name, value in meta["headers"]
+            ),
             body if meta["stored"] else None,
         )
 
     def size(self) -> int:
         """About what the record weighs in memory (for the memory store's byte bound;
         measured with tracemalloc: the objects around the text and the body)."""
-        headers = sum(len(n) + len(v) + HEADER_WEIGHT for n, v in self.headers)
-        return RECORD_WEIGHT + len(self.body or b"") + headers
+        weight = RECORD_WEIGHT + len(self.body or b"")
+        if self.headers:
+            weight += HEADER_WEIGHT * len(self.headers)
+            weight += sum(map(len, chain.from_iterable(self.headers)))
+        return weight
 
 
 class Records(Protocol):

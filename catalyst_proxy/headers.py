@@ -119,6 +119,12 @@ def upstream_request_head(
     return b"".join(lines)
 
 
+def replayable(upstream: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """The answer's header fields a replay may send (the allow-list), as received: what a
+    shared store keeps of them (never a ``Set-Cookie`` or anything else off the list)."""
+    return [(name, value) for name, value in upstream if name.lower() in _FORWARD_DOWN]
+
+
 def client_response_headers(
     upstream: Iterable[tuple[bytes, bytes]], request_id: str
 ) -> tuple[CIMultiDict[str], int | None]:

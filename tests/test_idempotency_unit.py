@@ -158,7 +158,7 @@ RECORDS = [
             (b"Cache-Control", b"no-store"),
             (b"cache-control", b"private"),
             (b"Location", "/orders/é".encode()),
-            (b"X-Opaque", b"\xff\x80 not UTF-8"),
+            (b"ETag", b"\xff\x80 not UTF-8"),
         ),
         b'{"order_id": "ord-1"}\n\x00\xff binary\r\n tail',
     ),
@@ -176,6 +176,18 @@ def test_a_record_decodes_to_what_was_encoded(record):
     data = record.encode()
     assert data.startswith(record.owner.encode())
     assert Record.decode(data) == record
+
+
+def test_a_stored_record_keeps_only_the_header_fields_a_replay_may_send():
+    """What leaves the process (the shared store's bytes) holds the allow-listed fields only:
+    never the SME gateway's Set-Cookie, its Date or anything else a replay would not send."""
+    fields = ((b"Content-Type", b"application/json"), (b"Set-Cookie", b"sme_session=s3cr3t"),
+              (b"Date", b"Wed, 02 Dec 2026 21:00:00 GMT"), (b"Location", b"/orders/1"))  # fmt: skip
+    record = Record(COMPLETED, hex_id(), 0.0, "f" * 64, 201, fields, b"{}")
+    data = record.encode()
+    for absent in (b"s3cr3t", b"Set-Cookie", b"Date"):
+        assert absent not in data
+    assert Record.decode(data).headers == (fields[0], fields[3])
 
 
 def test_a_records_size_counts_its_body_and_headers():

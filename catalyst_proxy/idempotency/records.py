@@ -24,6 +24,8 @@ from typing import NamedTuple, Protocol
 
 import orjson
 
+from ..headers import replayable
+
 RESERVED, COMPLETED, UNKNOWN = "reserved", "completed", "unknown"
 OWNER_LENGTH = 32
 RECORD_WEIGHT = 480  # the record, its strings and its entry in the memory store
@@ -43,8 +45,10 @@ class Record(NamedTuple):
     body: bytes | None = b""  # None: the answer was too large to record
 
     def encode(self) -> bytes:
+        # Only what a replay may send leaves the process (the memory store keeps the list
+        # as the client parsed it, the cheaper way: a replay filters it the same way).
         headers = [(name.decode("latin-1"), value.decode("latin-1"))
-                   for name, value in self.headers]  # fmt: skip
+                   for name, value in replayable(self.headers)]  # fmt: skip
         meta = {"state": self.state, "lease_until": self.lease_until,
                 "fingerprint": self.fingerprint, "status": self.status,
                 "headers": headers, "stored": self.body is not None}  # fmt: skip

@@ -74,9 +74,6 @@ class Tally:
     def add(self, value: str = "", amount: int = 1) -> None:
         self.counts[value] += amount
 
-    def value(self, value: str = "") -> int:
-        return self.counts[value]
-
     def describe(self) -> list[Metric]:
         return [self._family()]
 

@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import hashlib
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 
 from aiohttp import HttpVersion11, web
@@ -164,12 +164,11 @@ class Proxy:
         if key is None:
             return await self._exchange(request, info, exchange, None)
         assert self._idem is not None
-        idem, claimed, sub = self._idem, operator.claims.get("iss"), operator.sub
-        iss = claimed if isinstance(claimed, str) else None
-        try:  # the memory store answers at once; a shared one is awaited
-            attempt = idem.begin_local(iss, sub, route, key)
-            if attempt is None:
-                attempt = await idem.begin(iss, sub, route, key)
+        iss = operator.claims.get("iss")
+        try:
+            attempt = await self._idem.begin(
+                iss if isinstance(iss, str) else None, operator.sub, route, key
+            )
         except IdempotencyStoreUnavailable:
             info.idempotency = "store-error"
             raise
@@ -205,10 +204,7 @@ class Proxy:
             body, length = self._body(request, exchange.upload)
             if attempt is not None:
                 hasher = fingerprinter(exchange.method, exchange.target)
-                if isinstance(body, bytes):
-                    hasher.update(body)
-                elif body is not None:
-                    body = _hashing(body, hasher)
+                body = _hashed(body, hasher)
             started = time.perf_counter()
             try:
                 upstream = await self._client.request(
@@ -316,10 +312,8 @@ class Proxy:
             data = upstream.body()
             whole = web.Response(status=upstream.status, body=data, headers=headers)
             if attempt is not None and hasher is not None:
-                pending = self._record(request, exchange, upstream, attempt, hasher, progress,
-                                       data, whole)  # fmt: skip
-                if pending is not None:
-                    await pending
+                await self._record(request, exchange, upstream, attempt, hasher, progress,
+                                   data, whole)  # fmt: skip
             return whole
         response = web.StreamResponse(status=upstream.status, headers=headers)
         if length is not None:
@@ -352,13 +346,11 @@ class Proxy:
             raise
         if attempt is not None and hasher is not None:
             body = bytes(kept) if kept is not None else None
-            pending = self._record(request, exchange, upstream, attempt, hasher, progress,
-                                   body, response)  # fmt: skip
-            if pending is not None:
-                await pending
+            await self._record(request, exchange, upstream, attempt, hasher, progress,
+                               body, response)  # fmt: skip
         return response
 
-    def _record(
+    async def _record(
         self,
         request: web.BaseRequest,
         exchange: _Exchange,
@@ -368,11 +360,9 @@ class Proxy:
         progress: Progress,
         body: bytes | None,
         response: web.StreamResponse,
-    ) -> Awaitable[None] | None:
+    ) -> None:
         """The SME gateway's answer is complete: record it before the handler returns,
         that is before the client's transfer ends (aiohttp writes the rest after).
-        Returns what is left to wait for (None: recorded, as the memory store does at
-        once, without a coroutine on the way).
 
         In that order, a retry can only follow an answer its client has whole, so it
         always finds the record (the cost: one store write before the last bytes; none
@@ -386,47 +376,24 @@ class Proxy:
         assert self._idem is not None
         if body is not None and len(body) > self._idem.max_body_bytes:
             body = None
-        if not progress.sent:
-            return self._record_early(request, exchange, upstream, attempt, hasher, body,
-                                      response)  # fmt: skip
-        upstream.release()
-        return self._complete(attempt, hasher, upstream, body)
-
-    async def _record_early(
-        self,
-        request: web.BaseRequest,
-        exchange: _Exchange,
-        upstream: Response,
-        attempt: Attempt,
-        hasher: hashlib._Hash,
-        body: bytes | None,
-        response: web.StreamResponse,
-    ) -> None:
+        early = not progress.sent
         try:
-            await upstream.stop_sending()
+            if early:
+                await upstream.stop_sending()
             upstream.release()
-            await _finish(request, response)
-            try:
-                await self._hash_rest(request, exchange, hasher)
-            except (TimeoutError, ConnectionError, HttpProcessingError):
-                await attempt.unknown()  # the rest never came: no whole fingerprint
-                return
+            if early:
+                await _finish(request, response)
+                try:
+                    await self._hash_rest(request, exchange, hasher)
+                except (TimeoutError, ConnectionError, HttpProcessingError):
+                    await attempt.unknown()  # the rest never came: no whole fingerprint
+                    return
         except BaseException:
             attempt.settle_later(sent=True)  # acted on, but it cannot be recorded whole
             raise
-        pending = self._complete(attempt, hasher, upstream, body)
-        if pending is not None:
-            await pending
-
-    def _complete(
-        self, attempt: Attempt, hasher: hashlib._Hash, upstream: Response, body: bytes | None
-    ) -> Awaitable[None] | None:
         write = attempt.complete(hasher.hexdigest(), upstream.status, upstream.headers, body)
-        if write is None:
-            return None
-        assert self._idem is not None
-        # A shared store: a task, which a leaving client cannot stop.
-        return asyncio.shield(self._idem.later(write))
+        if write is not None:  # a shared store: a task, which a leaving client cannot stop
+            await asyncio.shield(self._idem.later(write))
 
     async def _hash_rest(
         self, request: web.BaseRequest, exchange: _Exchange, hasher: hashlib._Hash
@@ -451,6 +418,16 @@ async def _finish(request: web.BaseRequest, response: web.StreamResponse) -> Non
         if not response.prepared:
             await response.prepare(request)
         await response.write_eof()
+
+
+def _hashed(body: Body, hasher: hashlib._Hash) -> Body:
+    """``body`` as it is, feeding ``hasher`` on the way."""
+    if body is None:
+        return None
+    if isinstance(body, bytes):
+        hasher.update(body)
+        return body
+    return _hashing(body, hasher)
 
 
 async def _hashing(body: AsyncIterable[bytes], hasher: hashlib._Hash) -> AsyncIterator[bytes]:

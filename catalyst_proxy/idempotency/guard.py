@@ -132,34 +132,23 @@ class Idempotency:
             raise IdempotencyKeyMissing()
         return key
 
-    def begin_local(self, iss: str | None, sub: str, route: Route, key: str) -> Attempt | None:
-        """``begin()`` for the memory store, which answers at once: no coroutine on the
-        way (this runs on every keyed request). None with a shared store."""
-        memory = self._memory
-        if memory is None:
-            return None
-        where = slot(iss, sub, route.upstream_method, route.upstream_path, key)
-        owner = hex_id()
-        existing = memory.reserve_now(where, Record(RESERVED, owner, self._clock() + self._lease))
-        return self._attempt(where, owner, existing)
-
     async def begin(self, iss: str | None, sub: str, route: Route, key: str) -> Attempt:
         """Reserve the key, or find what it already holds (503 if the store is down)."""
         where = slot(iss, sub, route.upstream_method, route.upstream_path, key)
         owner = hex_id()
+        mine = Record(RESERVED, owner, self._clock() + self._lease)
         try:
-            existing = await self._records.reserve(
-                where, Record(RESERVED, owner, self._clock() + self._lease)
-            )
+            if self._memory is not None:
+                existing = self._memory.reserve_now(where, mine)
+            else:
+                existing = await self._records.reserve(where, mine)
         except StoreUnavailable as exc:
             self.count("store-error")
             raise IdempotencyStoreUnavailable(str(exc)) from None
-        return self._attempt(where, owner, existing)
-
-    def _attempt(self, where: str, owner: str, existing: Record | None) -> Attempt:
+        attempt = Attempt(self, where, owner, existing)
         if existing is None:
-            self._outcomes.add("new")
-        return Attempt(self, where, owner, existing)
+            self.count("new")
+        return attempt
 
     def count(self, outcome: str) -> None:
         self._outcomes.add(outcome)

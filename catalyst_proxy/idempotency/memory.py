@@ -17,11 +17,10 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from .records import RECORD_WEIGHT, RESERVED, Record
+from .records import RESERVED, Record
 
 MAX_RECORDS = 20_000
 MAX_BYTES = 8 * 1024 * 1024  # by the weights of records.py: ~6,000 typical answers
-RESERVATION_WEIGHT = RECORD_WEIGHT  # no headers, no body
 _STATE, _OWNER, _LEASE_UNTIL = (
     Record._fields.index(name) for name in ("state", "owner", "lease_until")
 )
@@ -70,7 +69,7 @@ class MemoryRecords:
             if entry[1] > now:
                 return Record._make(entry[0])
             self._drop(slot)  # expired
-        weight = record.size() if record.headers or record.body else RESERVATION_WEIGHT
+        weight = record.size()
         records[slot] = (tuple(record), now + self._ttl, weight)
         self._bytes += weight
         if len(records) > self._max_records or self._bytes > self._max_bytes:

@@ -267,20 +267,10 @@ class Bench:
         return targets
 
     def start_upstream(self) -> subprocess.Popen[bytes]:
-        conf = (HERE / "upstream.nginx.conf").read_text()
-        conf = conf.replace("@DIR@", str(self.work)).replace("@PORT@", str(self.up_port))
-        (self.work / "ngx").mkdir(exist_ok=True)
-        (self.work / "upstream.conf").write_text(conf)
         self.bridge_log.touch()
-        nginx = shutil.which("nginx") or "/usr/sbin/nginx"
-        upstream = common.start(
-            [nginx, "-e", str(self.work / "upstream.error.log"), "-p", str(self.work), "-c",
-             str(self.work / "upstream.conf")],
-            self.work / "upstream.out",
-        )  # fmt: skip
+        upstream = common.start_upstream(self.work, self.up_port)
         self.procs.append(upstream)
         self.upstream_proc = upstream
-        common.wait_http(f"http://127.0.0.1:{self.up_port}/__stats", upstream, 10)
         return upstream
 
     def start_redis(self) -> subprocess.Popen[bytes]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -154,6 +155,22 @@ def start(
         out.close()
         if err:
             errf.close()  # type: ignore[union-attr]
+
+
+def start_upstream(work: Path, port: int) -> subprocess.Popen[bytes]:
+    """nginx as the fast upstream stand-in (``bench/upstream.nginx.conf``) on ``port``."""
+    conf = (ROOT / "bench" / "upstream.nginx.conf").read_text()
+    conf = conf.replace("@DIR@", str(work)).replace("@PORT@", str(port))
+    (work / "ngx").mkdir(exist_ok=True)
+    (work / "upstream.conf").write_text(conf)
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    upstream = start(
+        [nginx, "-e", str(work / "upstream.error.log"), "-p", str(work), "-c",
+         str(work / "upstream.conf")],
+        work / "upstream.out",
+    )  # fmt: skip
+    wait_http(f"http://127.0.0.1:{port}/__stats", upstream, 10)
+    return upstream
 
 
 def stop(proc: subprocess.Popen[bytes], timeout: float = 15) -> int | None:

@@ -2,8 +2,9 @@
 # Install what `make bench` needs and the venv does not hold, from Debian/Ubuntu
 # packages: wrk (load generator), nginx (the upstream stand-in), golang-go and
 # golang-github-golang-jwt-jwt-dev (to build the go-reference row,
-# bench/goref/main.go, in GOPATH mode: no module download), and redis-server
-# (the shared store of the *-redis rows). Needs root (or sudo). Installs only
+# bench/goref/main.go, in GOPATH mode: no module download), redis-server (the
+# shared store of the *-redis rows) and valgrind (`make bench-instructions`
+# counts instructions with its callgrind). Needs root (or sudo). Installs only
 # what is missing; does nothing when everything is there.
 set -eu
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ]; }
@@ -15,6 +16,7 @@ have nginx || missing="$missing nginx"
 have go || missing="$missing golang-go"
 [ -f "$JWT_DIR/go.mod" ] || missing="$missing golang-github-golang-jwt-jwt-dev"
 have redis-server || missing="$missing redis-server"
+have valgrind || missing="$missing valgrind"
 [ -z "$missing" ] && exit 0
 SUDO=
 if [ "$(id -u)" != 0 ]; then

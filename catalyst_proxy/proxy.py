@@ -204,7 +204,10 @@ class Proxy:
             body, length = self._body(request, exchange.upload)
             if attempt is not None:
                 hasher = fingerprinter(exchange.method, exchange.target)
-                body = _hashed(body, hasher)
+                if isinstance(body, bytes):
+                    hasher.update(body)
+                elif body is not None:
+                    body = _hashing(body, hasher)  # fed as the body streams
             started = time.perf_counter()
             try:
                 upstream = await self._client.request(
@@ -418,16 +421,6 @@ async def _finish(request: web.BaseRequest, response: web.StreamResponse) -> Non
         if not response.prepared:
             await response.prepare(request)
         await response.write_eof()
-
-
-def _hashed(body: Body, hasher: hashlib._Hash) -> Body:
-    """``body`` as it is, feeding ``hasher`` on the way."""
-    if body is None:
-        return None
-    if isinstance(body, bytes):
-        hasher.update(body)
-        return body
-    return _hashing(body, hasher)
 
 
 async def _hashing(body: AsyncIterable[bytes], hasher: hashlib._Hash) -> AsyncIterator[bytes]:

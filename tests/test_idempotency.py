@@ -29,7 +29,7 @@ from structlog.testing import capture_logs
 
 from catalyst_proxy import log
 from catalyst_proxy.config import Rate
-from catalyst_proxy.idempotency.keys import slot
+from catalyst_proxy.idempotency.keys import scope, slot
 from catalyst_proxy.idempotency.memory import MAX_BYTES as MEMORY_MAX_BYTES
 
 from .auth_support import Clock, metric
@@ -1246,7 +1246,7 @@ async def test_redis_never_holds_the_clients_key(
     gw = await gateway(upstream=up.url, redis_url=redis_url)
     await post(gw, bearer(sub="op-7"), "client-key-77f1")
     [name] = redis_server.command("KEYS", "*")
-    expected = slot(None, "op-7", "POST", "/api/billing/purchase", "client-key-77f1")
+    expected = slot(scope(None, "op-7", "POST", "/api/billing/purchase", "client-key-77f1"))
     assert name == (PREFIX + expected).encode()
     assert b"client-key-77f1" not in redis_server.command("GET", name)
 

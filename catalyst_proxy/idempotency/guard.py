@@ -32,11 +32,10 @@ from ..errors import (
     IdempotencyReplayUnavailable,
     IdempotencyStoreUnavailable,
 )
-from ..ids import hex_id
 from ..metrics import Metrics
 from ..routes import Route
 from ..store import StoreUnavailable
-from .keys import parse_key, slot
+from .keys import parse_key, scope
 from .memory import MemoryRecords
 from .records import COMPLETED, RESERVED, UNKNOWN, Record, Records
 
@@ -134,21 +133,22 @@ class Idempotency:
 
     async def begin(self, iss: str | None, sub: str, route: Route, key: str) -> Attempt:
         """Reserve the key, or find what it already holds (503 if the store is down)."""
-        where = slot(iss, sub, route.upstream_method, route.upstream_path, key)
-        owner = hex_id()
-        mine = Record(RESERVED, owner, self._clock() + self._lease)
+        records = self._records
+        where = scope(iss, sub, route.upstream_method, route.upstream_path, key)
+        owner = records.new_owner()
+        lease_until = self._clock() + self._lease
         try:
-            if self._memory is not None:
-                existing = self._memory.reserve_now(where, mine)
+            if self._memory is not None:  # its slot is the scope itself
+                existing = self._memory.reserve_now(where, owner, lease_until)
             else:
-                existing = await self._records.reserve(where, mine)
+                where = records.slot(where)
+                existing = await records.reserve(where, Record(RESERVED, owner, lease_until))
         except StoreUnavailable as exc:
             self.count("store-error")
             raise IdempotencyStoreUnavailable(str(exc)) from None
-        attempt = Attempt(self, where, owner, existing)
         if existing is None:
-            self.count("new")
-        return attempt
+            self._outcomes.add("new")
+        return Attempt(self, where, owner, existing)
 
     def count(self, outcome: str) -> None:
         self._outcomes.add(outcome)
@@ -226,12 +226,12 @@ class Attempt:
         The memory store records it at once (None); for a shared store this is the
         write to await. The attempt counts as settled from this call on, so that nothing
         (a cancellation racing the write) can mark it unknown behind it."""
-        record = Record(COMPLETED, self._owner, 0.0, fingerprint, status, tuple(headers), body)
         self.settled = True
         memory = self._guard._memory
         if memory is not None:
-            memory.replace_now(self._where, self._owner, record)
+            memory.complete_now(self._where, self._owner, fingerprint, status, headers, body)
             return None
+        record = Record(COMPLETED, self._owner, 0.0, fingerprint, status, tuple(headers), body)
         return self._guard._settle(self._where, self._owner, record)
 
     async def unknown(self) -> None:

@@ -7,8 +7,9 @@
   empty or over-long key, any other byte, or two headers → ``400
   idempotency-key-invalid``.
 - Scope: the operator (token ``iss`` and ``sub``) and the route's upstream
-  method and path. The store sees only a SHA-256 of scope and key
-  (``slot()``), never the client's key.
+  method and path, with the key (``scope()``). A shared store sees only a
+  SHA-256 of it (``slot()``), never the client's key; the memory store files
+  records under the scope itself (they never leave the process).
 - Fingerprint: SHA-256 over the upstream method, the upstream target (path and
   query) and the body, fed while the body streams.
 """
@@ -55,9 +56,15 @@ def _unquote(raw: str) -> str:
     return "".join(out)
 
 
-def slot(iss: str | None, sub: str, method: str, upstream_path: str, key: str) -> str:
-    """Where the key's record lives: a digest of the scope and the key (hex)."""
-    scope = "\0".join((iss or "", sub, method, upstream_path, key))
+def scope(iss: str | None, sub: str, method: str, upstream_path: str, key: str) -> str:
+    """The key and what it is scoped to, as one string, NUL-separated (a key never holds a
+    NUL; the method and path are the routes file's; issuer and subject are from a verified
+    token, signed by the one realm)."""
+    return "\0".join((iss or "", sub, method, upstream_path, key))
+
+
+def slot(scope: str) -> str:
+    """Where a shared store files a scope's record: its SHA-256 (hex)."""
     return hashlib.sha256(scope.encode()).hexdigest()
 
 

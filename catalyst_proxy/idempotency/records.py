@@ -19,7 +19,6 @@ bytes.
 
 from __future__ import annotations
 
-from itertools import chain
 from typing import NamedTuple, Protocol
 
 import orjson
@@ -27,14 +26,11 @@ import orjson
 from ..headers import replayable
 
 RESERVED, COMPLETED, UNKNOWN = "reserved", "completed", "unknown"
-OWNER_LENGTH = 32
-RECORD_WEIGHT = 480  # the record, its strings and its entry in the memory store
-HEADER_WEIGHT = 130  # a header's tuple and its two bytes objects
+OWNER_LENGTH = 32  # a shared store's owner tokens: 32 hex digits, first in a stored record
 
 
 class Record(NamedTuple):
-    """A tuple of plain values (no list, no object of ours): the collector stops tracking
-    it, so a store of thousands of records adds nothing to the garbage collector's passes."""
+    """What a store hands back and takes: plain values (a store keeps it its own way)."""
 
     state: str
     owner: str
@@ -71,18 +67,17 @@ class Record(NamedTuple):
             body if meta["stored"] else None,
         )
 
-    def size(self) -> int:
-        """About what the record weighs in memory (for the memory store's byte bound;
-        measured with tracemalloc: the objects around the text and the body)."""
-        weight = RECORD_WEIGHT + len(self.body or b"")
-        if self.headers:
-            weight += HEADER_WEIGHT * len(self.headers)
-            weight += sum(map(len, chain.from_iterable(self.headers)))
-        return weight
-
 
 class Records(Protocol):
     """Where records live: this process's memory, or Redis/Valkey. Each call is atomic."""
+
+    def slot(self, scope: str) -> str:
+        """Where this store files the record of ``scope`` (``keys.scope()``)."""
+        ...
+
+    def new_owner(self) -> str:
+        """An owner token no other reservation in this store's reach has drawn."""
+        ...
 
     async def reserve(self, slot: str, record: Record) -> Record | None:
         """Store ``record`` unless the slot holds one; return that one, or None if stored."""

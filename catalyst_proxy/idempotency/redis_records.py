@@ -19,7 +19,9 @@ from __future__ import annotations
 from typing import Any
 
 from .. import log
+from ..ids import hex_id
 from ..store import Store, StoreUnavailable
+from .keys import slot
 from .records import OWNER_LENGTH, Record
 
 PREFIX = "catalyst-idem:"
@@ -49,6 +51,12 @@ class RedisRecords:
         self._ttl_ms = max(int(ttl * 1000), 1)
         self._replace = self._redis.register_script(_REPLACE)
         self._release = self._redis.register_script(_RELEASE)
+
+    def slot(self, scope: str) -> str:
+        return slot(scope)  # never the client's key: a digest of it
+
+    def new_owner(self) -> str:
+        return hex_id()  # 128 random bits: unique across workers and replicas
 
     async def reserve(self, slot: str, record: Record) -> Record | None:
         key = PREFIX + slot

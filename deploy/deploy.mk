@@ -10,7 +10,8 @@
 #                          assertions on the rendered manifests
 #   make container-check   deploy/container_check.py: build the image with a
 #                          private dockerd and run it for real (needs root and
-#                          the Debian packages in deploy/ci-packages.txt)
+#                          the Debian packages in deploy/ci-packages.txt, which
+#                          it installs first when they are missing)
 
 VENV ?= .venv
 PY ?= $(VENV)/bin/python
@@ -32,4 +33,5 @@ chart-check: deploy-tools
 	$(PY) -m pytest tests/test_deploy.py
 
 container-check:
+	bash deploy/install-ci-packages.sh
 	$(PY) deploy/container_check.py

@@ -288,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--workdir", help="keep dumps and logs here [a temp dir]")
     args = parser.parse_args(argv)
+    args.requests -= args.requests % args.connections  # each connection sends as many
     if not shutil.which("valgrind") or not shutil.which("callgrind_control"):
         raise SystemExit("bench-instructions: valgrind is missing (sh bench/install-tools.sh)")
     ports = [args.port_base + n for n in range(len(VARIANTS) + 1)]

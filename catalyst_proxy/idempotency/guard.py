@@ -134,20 +134,19 @@ class Idempotency:
     async def begin(self, iss: str | None, sub: str, route: Route, key: str) -> Attempt:
         """Reserve the key, or find what it already holds (503 if the store is down)."""
         records = self._records
-        where = scope(iss, sub, route.upstream_method, route.upstream_path, key)
+        where = records.slot(scope(iss, sub, route.upstream_method, route.upstream_path, key))
         owner = records.new_owner()
         lease_until = self._clock() + self._lease
         try:
-            if self._memory is not None:  # its slot is the scope itself
+            if self._memory is not None:
                 existing = self._memory.reserve_now(where, owner, lease_until)
             else:
-                where = records.slot(where)
                 existing = await records.reserve(where, Record(RESERVED, owner, lease_until))
         except StoreUnavailable as exc:
             self.count("store-error")
             raise IdempotencyStoreUnavailable(str(exc)) from None
         if existing is None:
-            self._outcomes.add("new")
+            self.count("new")
         return Attempt(self, where, owner, existing)
 
     def count(self, outcome: str) -> None:

@@ -66,7 +66,8 @@ UPSTREAM_PATH = "/api/billing/purchase"
 # Checked on every request, never reached: 64 operators share ~10,000 requests/s at most.
 RATE_LIMIT = "1000000/second"
 UPSTREAM_OFFSET = 1  # +2 and +3 are `make soak`'s
-REDIS_OFFSET = 10  # the first free port from here up
+REDIS_OFFSET = 10  # the first free port from here up that no row has
+BURN_US = 15.0  # the calibration row's known cost, µs of CPU per request
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ class Row:
     env: Mapping[str, str] = field(default_factory=dict)  # the gateway's extra variables
     keys: bool = False  # every request carries an Idempotency-Key never used before
     redis: bool = False  # CATALYST_REDIS_URL is the bench's redis-server
+    launcher: tuple[str, ...] = ("-m", "catalyst_proxy")  # what the gateway's python runs
 
 
 ROWS = (
@@ -90,6 +92,16 @@ ROWS = (
     # The same load as the idem rows (a new key per request: wrk builds each one) with
     # idempotency off: the control that separates the feature's cost from the load's.
     Row("gateway-keys-off", "gateway", 9, {"CATALYST_IDEMPOTENCY": "off"}, keys=True),
+    # The control plus a known cost (bench/burn.py): what +BURN_US µs of CPU per request
+    # reads as in this run, next to what the feature reads as.
+    Row(
+        "gateway-keys-off-burn",
+        "gateway",
+        11,
+        {"CATALYST_IDEMPOTENCY": "off", "CATALYST_BENCH_BURN_US": f"{BURN_US:g}"},
+        keys=True,
+        launcher=(str(HERE / "burn.py"),),
+    ),
     Row("gateway-idem", "gateway", 7, keys=True),
     Row("gateway-idem-redis", "gateway", 8, keys=True, redis=True),
 )
@@ -276,7 +288,8 @@ class Bench:
     def start_redis(self) -> subprocess.Popen[bytes]:
         """redis-server on the first free port from --port-base + 10, persistence off."""
         first = self.args.port_base + REDIS_OFFSET
-        port = next((p for p in range(first, first + 100) if port_free(p)), 0)
+        rows = {self.args.port_base + row.offset for row in ROWS}
+        port = next((p for p in range(first, first + 100) if p not in rows and port_free(p)), 0)
         if not port:
             raise SystemExit(f"bench: no free port for redis-server in {first}..{first + 99}")
         self.redis_port = port
@@ -309,7 +322,7 @@ class Bench:
             extra["CATALYST_REDIS_URL"] = f"redis://127.0.0.1:{self.redis_port}/0"
         env = common.gateway_env(self.material, f"http://127.0.0.1:{self.up_port}", **extra)
         proc = common.start(
-            [sys.executable, "-m", "catalyst_proxy", "serve", "--host", "127.0.0.1",
+            [sys.executable, *row.launcher, "serve", "--host", "127.0.0.1",
              "--port", str(self.args.port_base + row.offset), "--workers", str(self.args.workers)],
             self.work / f"{row.name}.log",
             env,
@@ -598,6 +611,51 @@ def within_rounds(
     return out
 
 
+def against(
+    ms: list[Measurement], ref: Mapping[int, Measurement], value: Callable[[Measurement], float]
+) -> str:
+    """``+delta / times`` of ``value`` over the reference row, per round, then the medians."""
+    ms = [m for m in ms if value(m)]
+    ref = {r: m for r, m in ref.items() if value(m)}
+    delta = med(within_rounds(ms, ref, lambda m, c: value(m) - value(c)))
+    times = med(within_rounds(ms, ref, lambda m, c: value(m) / value(c)))
+    return f"{num(delta, '+.1f')} / {num(times, '.3f')}"
+
+
+def cost_lines(bench: Bench, by: Mapping[str, list[Measurement]]) -> list[str]:
+    """The keyed rows against their control, at saturation and at the fixed rate, and what the
+    calibration row's known cost reads as in the same run."""
+    control = {m.round: m for m in by.get("gateway-keys-off", [])}
+    keyed = [name for name, ms in by.items() if ms and name.startswith("gateway-idem")]
+    burn = by.get("gateway-keys-off-burn", [])
+    if not control or not (keyed or burn):
+        return []
+    rate = f"{bench.args.rate:g} req/s" if bench.args.rate else "not run"
+    lines = [
+        "",
+        "Against `gateway-keys-off` (the same load, idempotency off), inside each round, then "
+        "the median (+Δ µs / ×):",
+        "",
+        f"| target | CPU µs/req at saturation (wrk -c{bench.args.conns}) "
+        f"| CPU µs/req at the fixed rate ({rate}) |",
+        "|---|---|---|",
+    ]
+    for name in [*keyed, *(["gateway-keys-off-burn"] if burn else [])]:
+        ms = by[name]
+        lines.append(
+            f"| {name} | {against(ms, control, lambda m: m.cpu_us_per_req)} "
+            f"| {against(ms, control, lambda m: m.rate_cpu_us_per_req)} |"
+        )
+    if burn:
+        lines += [
+            "",
+            f"`gateway-keys-off-burn` is the control plus a known {BURN_US:g} µs of CPU per "
+            "request (bench/burn.py): what its row reads above that is how this run's "
+            "measure scales a cost added to each request.",
+        ]
+    return lines
+
+
 def table(bench: Bench, results: list[Measurement], targets: list[Target]) -> tuple[str, bool]:
     args = bench.args
     by: dict[str, list[Measurement]] = {t.name: [] for t in targets}
@@ -687,6 +745,7 @@ def table(bench: Bench, results: list[Measurement], targets: list[Target]) -> tu
     for t in targets:
         cells = {m.round: f"{m.rps:,.0f} / {m.cpu_us_per_req:.1f}" for m in by[t.name] if m.rps}
         lines.append(f"| {t.name} | " + " | ".join(cells.get(r, "–") for r in rounds) + " |")
+    lines += cost_lines(bench, by)
     lines.append("")
     store = [
         f"{t.name} {num(med([m.store_us_per_req for m in by[t.name] if m.rps]), '.1f')}"
@@ -767,7 +826,7 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=int(os.environ.get("BENCH_PORT_BASE", "19080")),
         help="gateway on this port, upstream +1, go-reference +4, the other gateway rows "
-        "+5..+8, redis-server the first free port from +10 [$BENCH_PORT_BASE or 19080]",
+        "+5..+9 and +11, redis-server the first free port from +10 [$BENCH_PORT_BASE or 19080]",
     )
     parser.add_argument("--workdir", help="keep keys, logs and configs here [a temp dir]")
     parser.add_argument("--json", help="also write every measurement to this file")

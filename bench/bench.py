@@ -692,12 +692,9 @@ def table(bench: Bench, results: list[Measurement], targets: list[Target]) -> tu
         x_direct = within_rounds(ms, direct, lambda m, d: m.rps / d.rps)
         x_go_rps = within_rounds(ms, goref, lambda m, g: m.rps / g.rps)
         x_go_cpu = within_rounds(ms, goref, lambda m, g: m.cpu_us_per_req / g.cpu_us_per_req)
-        if t.name.startswith("gateway"):
-            over = within_rounds(ms, plain, lambda m, g: m.cpu_us_per_req - g.cpu_us_per_req)
-            times = within_rounds(ms, plain, lambda m, g: m.cpu_us_per_req / g.cpu_us_per_req)
-            over_text = f"{num(med(over), '+.1f')} / {num(med(times), '.3f')}"
-        else:
-            over_text = "–"
+        over_text = (
+            against(ms, plain, lambda m: m.cpu_us_per_req) if t.name.startswith("gateway") else "–"
+        )
         rate_ok = [m for m in ms if m.rate]
         rate_direct = {r: d for r, d in direct.items() if d.rate}
         p = {q: med([m.rate[f"p{q}_us"] / 1000 for m in rate_ok]) for q in ("50", "99", "999")}

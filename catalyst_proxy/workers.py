@@ -9,12 +9,17 @@ Signals: SIGTERM/SIGINT to the parent are passed to every worker, each of
 which drains as a single-process server does (readiness 503, stop accepting,
 finish in-flight requests within the grace); the parent exits 0 when all have
 exited cleanly. A worker that dies on its own is replaced, at most once a
-second, so a crash loop does not spin.
+second, so a crash loop does not spin. A parent that dies without passing a
+signal on (SIGKILL, a crash) takes its workers with it: on Linux each asks
+the kernel for a SIGTERM when its parent goes (``PR_SET_PDEATHSIG``) and
+drains as above, so no orphan keeps the port or serves a configuration that
+nothing supervises any more.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import signal
 import socket
@@ -24,6 +29,7 @@ from collections.abc import Callable
 from . import log
 
 RESTART_INTERVAL = 1.0
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def listen_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:
@@ -50,6 +56,8 @@ def supervise(count: int, worker: Callable[[int], int]) -> int:
     children: dict[int, int] = {}  # pid -> worker index
     stopping = False
 
+    parent = os.getpid()
+
     def spawn(index: int) -> None:
         pid = os.fork()
         if pid == 0:  # the worker
@@ -57,6 +65,7 @@ def supervise(count: int, worker: Callable[[int], int]) -> int:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             status = 1
             try:
+                _end_with(parent)
                 status = worker(index)
             finally:
                 log.flush()  # os._exit skips atexit: a worker's last lines go out first
@@ -97,3 +106,14 @@ def supervise(count: int, worker: Callable[[int], int]) -> int:
         if not stopping:
             spawn(index)
     return status
+
+
+def _end_with(parent: int) -> None:
+    """Have the kernel send this process SIGTERM when ``parent`` exits (Linux only)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # pragma: no cover - not Linux
+        return
+    if os.getppid() != parent:  # it went between fork() and prctl(): no signal will come
+        os.kill(os.getpid(), signal.SIGTERM)

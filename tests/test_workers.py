@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import socket
@@ -125,6 +126,40 @@ async def test_a_crashed_worker_is_replaced(public_key_file: Path, sme_url: str)
     await _wait_serving(port, proc)
     os.kill(proc.pid, signal.SIGTERM)
     assert await _exit_code(proc, 10) == 0
+
+
+async def test_workers_drain_and_exit_when_the_parent_is_killed(
+    public_key_file: Path, sme_url: str
+) -> None:
+    """A SIGKILLed parent leaves no orphan: each worker gets SIGTERM, exits, and frees the port."""
+    port = _free_port()
+    proc = await _start(port, public_key_file, sme_url, "2")
+    workers = _children(proc.pid)
+    assert len(workers) == 2
+    os.kill(proc.pid, signal.SIGKILL)
+    await _exit_code(proc, 10)
+    try:
+        for _ in range(200):
+            alive = {pid for pid in workers if _running(pid)}
+            if not alive:
+                break
+            await asyncio.sleep(0.05)  # polling processes we no longer parent
+        assert not alive, f"orphaned workers still running: {alive}"
+    finally:
+        for pid in workers:  # never leave an orphan behind the suite, pass or fail
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    with socket.socket() as probe, pytest.raises(ConnectionRefusedError):
+        probe.connect(("127.0.0.1", port))
+
+
+def _running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (reaped or not, a zombie serves nothing)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
 PURCHASES = (

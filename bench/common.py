@@ -7,6 +7,7 @@ from the project's venv with nothing else installed.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import secrets
@@ -260,7 +261,7 @@ def wait_http(url: str, proc: subprocess.Popen[bytes] | None, seconds: float = 3
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise SystemExit(f"{proc.args} exited with {proc.returncode} before {url} answered")
+            raise SystemExit(f"{proc.args!r} exited with {proc.returncode} before {url} answered")
         try:
             if http_get(url, 1)[0] == 200:
                 return
@@ -297,10 +298,8 @@ def versions() -> dict[str, str]:
 
     out = {"python": sys.version.split()[0], "aiohttp": aiohttp.__version__}
     try:
-        import uvloop
-
-        out["uvloop"] = uvloop.__version__
-    except ImportError:
+        out["uvloop"] = importlib.metadata.version("uvloop")
+    except importlib.metadata.PackageNotFoundError:
         out["uvloop"] = "absent"
     return out
 

@@ -47,7 +47,10 @@ Entry = tuple[str, str, float, str, int, bytes, bytes | None, float, int]
 _STATE: Final = 0
 _OWNER: Final = 1
 _LEASE_UNTIL: Final = 2
+_FINGERPRINT: Final = 3
+_STATUS: Final = 4
 _HEAD: Final = 5
+_BODY: Final = 6
 _EXPIRES: Final = 7
 _WEIGHT: Final = 8
 
@@ -190,4 +193,5 @@ def _record(entry: Entry) -> Record:
     head = entry[_HEAD]
     parts = head.split(_SEPARATOR) if head else []
     headers = tuple(zip(parts[0::2], parts[1::2], strict=True))
-    return Record(entry[0], entry[1], entry[2], entry[3], entry[4], headers, entry[6])
+    return Record(entry[_STATE], entry[_OWNER], entry[_LEASE_UNTIL], entry[_FINGERPRINT],
+                  entry[_STATUS], headers, entry[_BODY])  # fmt: skip

@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 PORT   ?= 8080
 
-.PHONY: dev test lint fmt bench bench-instructions soak assurance clean docs
+.PHONY: dev test lint fmt bench bench-instructions bench-interleave soak assurance clean docs
 
 include deploy/deploy.mk
 
@@ -69,6 +69,12 @@ bench: $(STAMP)
 bench-instructions: $(STAMP)
 	sh bench/install-tools.sh
 	$(PY) bench/instructions.py $(BENCH_ARGS)
+
+## bench-interleave: a few make bench rows in short slices, interleaved, CPU per request against
+## the first (default: keys off, the known-cost row, keys on, keys on with a 64 KiB store; ~4 min)
+bench-interleave: $(STAMP)
+	sh bench/install-tools.sh
+	$(PY) bench/interleave.py $(BENCH_ARGS)
 
 ## soak: mixed good/bad/faulty load under python -X dev; e.g. make soak SOAK_SECONDS=60
 SOAK_SECONDS ?= 600

@@ -68,6 +68,7 @@ RATE_LIMIT = "1000000/second"
 UPSTREAM_OFFSET = 1  # +2 and +3 are `make soak`'s
 REDIS_OFFSET = 10  # the first free port from here up that no row has
 BURN_US = 15.0  # the calibration row's known cost, µs of CPU per request
+SMALL_STORE_BYTES = 64 * 1024  # gateway-idem-64k's memory store bound
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,17 @@ ROWS = (
         launcher=(str(HERE / "burn.py"),),
     ),
     Row("gateway-idem", "gateway", 7, keys=True),
+    # The same with a 64 KiB memory store (bench/store_bound.py): its records are freed while
+    # still in the caches, so the difference to gateway-idem is what the default store's
+    # footprint costs, and the rest is the keyed path's code.
+    Row(
+        "gateway-idem-64k",
+        "gateway",
+        12,
+        {"CATALYST_BENCH_STORE_BYTES": str(SMALL_STORE_BYTES)},
+        keys=True,
+        launcher=(str(HERE / "store_bound.py"),),
+    ),
     Row("gateway-idem-redis", "gateway", 8, keys=True, redis=True),
 )
 ROW_NAMES = tuple(row.name for row in ROWS)
@@ -823,7 +835,8 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=int(os.environ.get("BENCH_PORT_BASE", "19080")),
         help="gateway on this port, upstream +1, go-reference +4, the other gateway rows "
-        "+5..+9 and +11, redis-server the first free port from +10 [$BENCH_PORT_BASE or 19080]",
+        "+5..+9, +11 and +12, redis-server the first free port from +10 "
+        "[$BENCH_PORT_BASE or 19080]",
     )
     parser.add_argument("--workdir", help="keep keys, logs and configs here [a temp dir]")
     parser.add_argument("--json", help="also write every measurement to this file")

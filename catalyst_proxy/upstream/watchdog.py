@@ -13,6 +13,11 @@
   runs. One spinner per pool, however many wait. Measured at 500 requests/s
   (2 workers): the hop's added median latency 0.42 → 0.36 ms, p99 0.53 →
   0.51 ms, CPU per request no higher (the wake-ups it saves cost as much).
+- The spin adapts, as an adaptive mutex does: a spin that ends without any
+  wait having been answered is a miss. After ``SPIN_MISSES`` of them in a row
+  (an SME gateway a network hop away, answering in milliseconds) the spin is
+  off and would only burn ``SPIN`` of CPU per request; every ``PROBE_EVERY``
+  th wait still spins, and one answered spin turns it back on.
 """
 
 from __future__ import annotations
@@ -23,6 +28,8 @@ from typing import Protocol
 
 TICK = 0.01
 SPIN = 0.0002
+SPIN_MISSES = 4  # fruitless spins in a row before spinning stops
+PROBE_EVERY = 32  # with spinning stopped, every 32nd wait spins anyway
 
 
 class Waiter(Protocol):
@@ -40,26 +47,45 @@ class Watchdog:
         self._waiting: dict[Waiter, float] = {}
         self._timer: asyncio.TimerHandle | None = None
         self._spin_until = 0.0  # 0: not spinning
+        self._credit = SPIN_MISSES  # misses left before spinning stops
+        self._skipped = 0  # waits not spun for since spinning stopped
+        self._answered = False  # a wait ended during the current spin
+
+    @property
+    def spinning(self) -> bool:
+        return bool(self._spin_until)
 
     def watch(self, waiter: Waiter, deadline: float) -> None:
         self._waiting[waiter] = deadline
         if self._timer is None:
             self._timer = self._loop.call_later(self._tick, self._check)
-        if not self._spin_until and self._spin:
+        if not self._spin_until and self._spin and self._worth_spinning():
             self._spin_until = self._loop.time() + self._spin
+            self._answered = False
             self._loop.call_soon(self._spin_once)
 
     def unwatch(self, waiter: Waiter) -> None:
-        self._waiting.pop(waiter, None)
+        if self._waiting.pop(waiter, None) is not None and self._spin_until:
+            self._answered = True
 
     def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
+    def _worth_spinning(self) -> bool:
+        if self._credit > 0:
+            return True
+        self._skipped += 1
+        if self._skipped < PROBE_EVERY:
+            return False
+        self._skipped = 0
+        return True  # a probe: has the SME gateway become quick again?
+
     def _spin_once(self) -> None:
         if not self._waiting or self._loop.time() >= self._spin_until:
             self._spin_until = 0.0
+            self._credit = SPIN_MISSES if self._answered else max(self._credit - 1, 0)
             return
         os.sched_yield()  # let whoever we wait for run on this CPU
         self._loop.call_soon(self._spin_once)

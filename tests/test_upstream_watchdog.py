@@ -1,0 +1,102 @@
+"""The upstream watchdog's spin: on while it catches answers, off while it only burns CPU."""
+
+from __future__ import annotations
+
+import asyncio
+
+from catalyst_proxy.upstream.watchdog import PROBE_EVERY, SPIN_MISSES, Watchdog
+
+SPIN = 0.002  # long enough for a loop turn or two to fall inside it on a loaded machine
+
+
+class Wait:
+    """A wait on the SME gateway as the watchdog sees it; records its expiry."""
+
+    expired = False
+
+    def expire(self) -> None:
+        self.expired = True
+
+
+async def _until_the_spin_ends(watchdog: Watchdog) -> None:
+    while watchdog.spinning:
+        await asyncio.sleep(0)  # one loop turn: the spin is a chain of loop callbacks
+
+
+async def _answered_during_the_spin(watchdog: Watchdog) -> None:
+    wait = Wait()
+    watchdog.watch(wait, deadline=asyncio.get_running_loop().time() + 10)
+    assert watchdog.spinning
+    await asyncio.sleep(0)  # the answer comes in on the next loop turn, inside the spin
+    watchdog.unwatch(wait)
+    await _until_the_spin_ends(watchdog)
+
+
+async def _outlasting_the_spin(watchdog: Watchdog) -> bool:
+    """A wait still unanswered when the spin ends; whether it was spun for at all."""
+    wait = Wait()
+    watchdog.watch(wait, deadline=asyncio.get_running_loop().time() + 10)
+    spun = watchdog.spinning
+    await _until_the_spin_ends(watchdog)
+    watchdog.unwatch(wait)
+    return spun
+
+
+async def _spun_for(watchdog: Watchdog, waits: int) -> list[bool]:
+    return [await _outlasting_the_spin(watchdog) for _ in range(waits)]
+
+
+async def test_spinning_stops_after_fruitless_spins_and_only_probes_then() -> None:
+    """An upstream slower than the spin: SPIN_MISSES spins, then one every PROBE_EVERY waits."""
+    watchdog = Watchdog(asyncio.get_running_loop(), spin=SPIN)
+    try:
+        assert await _spun_for(watchdog, SPIN_MISSES) == [True] * SPIN_MISSES
+        spun = await _spun_for(watchdog, 3 * PROBE_EVERY)
+        assert sum(spun) == 3  # the probes, ...
+        assert [i for i, s in enumerate(spun) if s] == [PROBE_EVERY - 1, 2 * PROBE_EVERY - 1,
+                                                        3 * PROBE_EVERY - 1]  # fmt: skip
+    finally:
+        watchdog.close()
+
+
+async def test_one_answered_probe_turns_spinning_back_on() -> None:
+    """The upstream became quick again: the probe that catches an answer restores the spin."""
+    watchdog = Watchdog(asyncio.get_running_loop(), spin=SPIN)
+    try:
+        for _ in range(SPIN_MISSES):
+            await _outlasting_the_spin(watchdog)
+        for _ in range(PROBE_EVERY - 1):  # not spun for
+            assert not await _outlasting_the_spin(watchdog)
+        await _answered_during_the_spin(watchdog)  # the probe, and it catches the answer
+        assert await _spun_for(watchdog, SPIN_MISSES) == [True] * SPIN_MISSES
+    finally:
+        watchdog.close()
+
+
+async def test_answers_caught_by_the_spin_keep_it_on() -> None:
+    """Misses short of SPIN_MISSES, each followed by an answered spin, never stop the spin."""
+    watchdog = Watchdog(asyncio.get_running_loop(), spin=SPIN)
+    try:
+        for _ in range(10):
+            for _ in range(SPIN_MISSES - 1):
+                assert await _outlasting_the_spin(watchdog)
+            await _answered_during_the_spin(watchdog)
+    finally:
+        watchdog.close()
+
+
+async def test_a_wait_past_its_deadline_expires_and_is_no_answer() -> None:
+    """The deadline tick expires an overdue wait; an expiry does not count as a caught answer."""
+    loop = asyncio.get_running_loop()
+    watchdog = Watchdog(loop, tick=0.001, spin=SPIN)
+    try:
+        for _ in range(SPIN_MISSES):
+            wait = Wait()
+            watchdog.watch(wait, deadline=loop.time())  # due at once
+            while not wait.expired:
+                await asyncio.sleep(0.001)  # the tick's own period: the event under test
+            await _until_the_spin_ends(watchdog)
+            watchdog.unwatch(wait)
+        assert not await _outlasting_the_spin(watchdog)
+    finally:
+        watchdog.close()

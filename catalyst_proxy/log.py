@@ -43,6 +43,7 @@ STORE = "store.state"
 IDEMPOTENCY_OFF = "idempotency.off"
 IDEMPOTENCY_EVICTION = "idempotency.eviction_policy"
 IDEMPOTENCY_STORE_ERROR = "idempotency.store_error"
+WORKER_UNTETHERED = "worker.untethered"  # PR_SET_PDEATHSIG refused
 
 FLUSH_INTERVAL = 0.1
 _FLUSH_BYTES = 64 * 1024

@@ -112,8 +112,10 @@ def _end_with(parent: int) -> None:
     """Have the kernel send this process SIGTERM when ``parent`` exits (Linux only)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        refused = libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0
     except (OSError, AttributeError):  # pragma: no cover - not Linux
         return
+    if refused:  # say so: this worker would outlive a parent killed outright
+        log.get_logger().warning(log.WORKER_UNTETHERED, errno=ctypes.get_errno())
     if os.getppid() != parent:  # it went between fork() and prctl(): no signal will come
         os.kill(os.getpid(), signal.SIGTERM)

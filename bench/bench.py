@@ -809,12 +809,13 @@ def target_list(text: str) -> list[str]:
     return names
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
+def parser() -> argparse.ArgumentParser:
+    """``make bench``'s options (also how ``interleave.py`` gets a ``Bench`` of its own)."""
+    options = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    options.add_argument(
         "--workers", type=int, default=1, help="worker processes of every gateway row [1]"
     )
-    parser.add_argument(
+    options.add_argument(
         "--targets",
         type=target_list,
         default=list(ROW_NAMES),
@@ -822,15 +823,15 @@ def main(argv: list[str] | None = None) -> int:
         + ",".join(ROW_NAMES)
         + "]; the x direct, x go-ref and over-gateway columns need those rows",
     )
-    parser.add_argument("--duration", type=float, default=10, help="wrk run, seconds [10]")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds; medians are reported [3]")
-    parser.add_argument("--tokens", type=int, default=64, help="distinct operator tokens [64]")
-    parser.add_argument("--conns", type=int, default=50, help="wrk connections [50]")
-    parser.add_argument("--threads", type=int, default=2, help="wrk threads [2]")
-    parser.add_argument("--warmup", type=float, default=2, help="unrecorded wrk warm-up [2]")
-    parser.add_argument("--rate", type=float, default=500, help="fixed rate, req/s (0: skip)")
-    parser.add_argument("--rate-duration", type=float, default=10, help="fixed-rate run [10]")
-    parser.add_argument(
+    options.add_argument("--duration", type=float, default=10, help="wrk run, seconds [10]")
+    options.add_argument("--rounds", type=int, default=3, help="rounds; medians are reported [3]")
+    options.add_argument("--tokens", type=int, default=64, help="distinct operator tokens [64]")
+    options.add_argument("--conns", type=int, default=50, help="wrk connections [50]")
+    options.add_argument("--threads", type=int, default=2, help="wrk threads [2]")
+    options.add_argument("--warmup", type=float, default=2, help="unrecorded wrk warm-up [2]")
+    options.add_argument("--rate", type=float, default=500, help="fixed rate, req/s (0: skip)")
+    options.add_argument("--rate-duration", type=float, default=10, help="fixed-rate run [10]")
+    options.add_argument(
         "--port-base",
         type=int,
         default=int(os.environ.get("BENCH_PORT_BASE", "19080")),
@@ -838,9 +839,13 @@ def main(argv: list[str] | None = None) -> int:
         "+5..+9, +11 and +12, redis-server the first free port from +10 "
         "[$BENCH_PORT_BASE or 19080]",
     )
-    parser.add_argument("--workdir", help="keep keys, logs and configs here [a temp dir]")
-    parser.add_argument("--json", help="also write every measurement to this file")
-    args = parser.parse_args(argv)
+    options.add_argument("--workdir", help="keep keys, logs and configs here [a temp dir]")
+    options.add_argument("--json", help="also write every measurement to this file")
+    return options
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     ensure_tools([row for row in ROWS if row.name in args.targets])
     bench = Bench(args)
     results: list[Measurement] = []

@@ -47,12 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if any(not name.startswith("gateway") for name in args.targets):
         parser.error("only gateway rows: CPU per request is read from the gateway's processes")
-    run = bench.Bench(
-        argparse.Namespace(
-            targets=args.targets, workdir=None, port_base=args.port_base, tokens=64,
-            workers=1, threads=2, conns=args.conns, warmup=0, duration=args.slice, rate=0,
-        )
-    )  # fmt: skip
+    # make bench's own options, so that every setting this tool does not name is its default
+    run = bench.Bench(bench.parser().parse_args([
+        "--targets", ",".join(args.targets), "--port-base", str(args.port_base),
+        "--conns", str(args.conns), "--duration", str(args.slice), "--warmup", "0",
+        "--rate", "0",
+    ]))  # fmt: skip
     targets = sorted(run.start(), key=lambda t: args.targets.index(t.name))
     try:
         for target in targets:  # every memory store full before the first slice

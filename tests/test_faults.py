@@ -302,8 +302,8 @@ class Fault:
     respond: Respond
     status: int
     error: str | None  # None: the upstream's own status; "aborted": a broken-off 200
-    # The budget only the faults that wait on it get: for the others a generous one, so
-    # that a starved CI machine cannot turn their 502 or abort into a 504.
+    # The upstream budget: BUDGET (0.3 s) for the faults that wait it out, 5 s for the
+    # others, so that a starved CI machine cannot turn their 502 or abort into a 504.
     budget: float = 5.0
 
 

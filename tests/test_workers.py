@@ -18,6 +18,7 @@ import aiohttp
 import pytest
 
 from catalyst_proxy.devtools.sme import SME
+from catalyst_proxy.workers import _PR_SET_PDEATHSIG
 
 from .conftest import BRIDGE_SECRET
 from .support import start_app
@@ -184,7 +185,7 @@ def test_workers_needs_a_fixed_port() -> None:
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize(("option", "refused"), [(1, False), (0x7FFF, True)],
+@pytest.mark.parametrize(("option", "refused"), [(_PR_SET_PDEATHSIG, False), (0x7FFF, True)],
                          ids=["PR_SET_PDEATHSIG", "an-option-the-kernel-refuses"])  # fmt: skip
 def test_a_worker_says_so_when_the_kernel_refuses_the_parent_death_signal(
     option: int, refused: bool

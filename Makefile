@@ -6,7 +6,7 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.installed
 PORT   ?= 8080
 
-.PHONY: dev test lint fmt bench bench-instructions bench-interleave soak assurance clean docs
+.PHONY: dev test lint fmt bench bench-instructions bench-interleave bench-floor soak assurance clean docs
 
 include deploy/deploy.mk
 
@@ -75,6 +75,12 @@ bench-instructions: $(STAMP)
 bench-interleave: $(STAMP)
 	sh bench/install-tools.sh
 	$(PY) bench/interleave.py $(BENCH_ARGS)
+
+## bench-floor: latency at 500 requests/s of two servers that only answer (httptools, aiohttp's
+## low-level server) next to the direct hit, go-reference and the gateway (~4 min)
+bench-floor: $(STAMP)
+	sh bench/install-tools.sh
+	$(PY) bench/floor.py $(BENCH_ARGS)
 
 ## soak: mixed good/bad/faulty load under python -X dev; e.g. make soak SOAK_SECONDS=60
 SOAK_SECONDS ?= 600

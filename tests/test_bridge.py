@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import os
 import time
@@ -14,7 +16,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from catalyst_proxy.app import create_app
-from catalyst_proxy.bridge import BRIDGE_TTL_SECONDS, BridgeSecret, map_role, mint
+from catalyst_proxy.bridge import BRIDGE_TTL_SECONDS, BridgeSecret, hmac_sha256, map_role, mint
 from catalyst_proxy.config import Settings
 
 from .conftest import BRIDGE_SECRET
@@ -197,6 +199,18 @@ async def test_every_bridge_claim(gateway, token):
         assert bridge not in body.decode()
         assert bridge not in str(dict(response_headers))
     assert len(jtis) == 3
+
+
+@pytest.mark.parametrize("size", [1, 31, 32, 63, 64, 65, 128, 1000])
+def test_hmac_is_rfc_2104_for_keys_of_every_size(size):
+    """hmac_sha256() equals the standard library's HMAC-SHA256 for keys shorter than,
+    equal to and longer than SHA-256's 64-byte block (hashed first), on messages of
+    several lengths, and prepared states are never changed by a call."""
+    secret = bytes(range(256))[:size] if size <= 256 else b"\xa5" * size
+    for message in (b"", b"x", b"m" * 55, b"m" * 64, b"m" * 1000):
+        expected = hmac.new(secret, message, hashlib.sha256).digest()
+        assert hmac_sha256(secret, message) == expected
+        assert hmac_sha256(secret, message) == expected  # the same again: states untouched
 
 
 def claims_seen_token(bridge: str) -> dict[str, Any]:

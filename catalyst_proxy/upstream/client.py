@@ -156,7 +156,7 @@ class Client:
         pool = self.pool
         loop = pool.loop  # not get_running_loop(): that is a getpid() system call each time
         deadline = loop.time() + self._timeout
-        conn = await pool.acquire(deadline)
+        conn = pool.acquire_idle() or await pool.acquire(deadline)
         if progress is not None:
             progress._conn = conn
         head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%s" % (method, target, self._host_header, headers)

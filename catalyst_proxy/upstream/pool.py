@@ -79,6 +79,12 @@ class Pool:
     def idle(self) -> int:
         return len(self._idle)
 
+    def acquire_idle(self) -> Connection | None:
+        """An idle connection reserved for one request, when one is there (no await: the
+        common case); None otherwise. BreakerOpen while the breaker is open."""
+        self.breaker.check()
+        return self._take_idle()
+
     async def acquire(self, deadline: float) -> Connection:
         """A connection reserved for one request; PoolOverloaded, BreakerOpen or ConnectFailed."""
         while True:

@@ -61,7 +61,7 @@ SERVER_NAME = "catalyst-proxy"  # no version banner (aiohttp would send its own)
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._~:@+=/-]{1,128}")
 
 _FORWARD_UP = {name.lower().encode(): name.encode() for name in FORWARDED_REQUEST_HEADERS}
-_FORWARD_DOWN = {name.lower().encode(): name for name in FORWARDED_RESPONSE_HEADERS}
+_FORWARD_DOWN = {name.lower().encode(): name.encode() for name in FORWARDED_RESPONSE_HEADERS}
 
 
 def request_id(headers: Any) -> str:
@@ -79,7 +79,6 @@ def upstream_request_head(
     request_id: str,
     peer: str | None,
     scheme: str,
-    host: str | None,
 ) -> bytes:
     """The exact header lines sent to the SME gateway (the client adds Host and the framing).
 
@@ -113,7 +112,8 @@ def upstream_request_head(
     if forwarded_for:
         lines.append(b"X-Forwarded-For: %s\r\n" % b", ".join(forwarded_for))
     lines.append(b"X-Forwarded-Proto: %s\r\n" % (forwarded_proto or scheme.encode()))
-    forwarded_host = forwarded_host or client_host or (host.encode() if host else None)
+    # No Host at all (HTTP/1.0 allows that): no X-Forwarded-Host, rather than a guess.
+    forwarded_host = forwarded_host or client_host
     if forwarded_host:
         lines.append(b"X-Forwarded-Host: %s\r\n" % forwarded_host)
     return b"".join(lines)
@@ -125,32 +125,55 @@ def replayable(upstream: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, byt
     return [(name, value) for name, value in upstream if name.lower() in _FORWARD_DOWN]
 
 
-def client_response_headers(
+def answer_fields(
     upstream: Iterable[tuple[bytes, bytes]], request_id: str
-) -> tuple[CIMultiDict[str], int | None]:
-    """The answer's headers (the allow-list, a default Content-Type, X-Request-ID and the
-    forwarding marker) and the upstream's Content-Length when it framed the body by length.
+) -> tuple[list[tuple[bytes, bytes]], int | None]:
+    """The client's answer's header fields (the allow-list, a default Content-Type,
+    X-Request-ID and the forwarding marker), and the upstream's Content-Length when it
+    framed the body by length.
 
-    A value that is not UTF-8 is dropped rather than altered (the server writes UTF-8).
+    Values cross as the bytes received. One that is not UTF-8 is dropped rather than
+    altered (aiohttp's writer, which streamed answers go through, could only send it
+    altered), and so is one holding CR, LF or NUL: the upstream's parser refuses those
+    already, but a replayed record's fields come from a store, and must not be able to
+    start a header line of their own.
     """
-    out: CIMultiDict[str] = CIMultiDict()
+    fields: list[tuple[bytes, bytes]] = []
     length: int | None = None
-    chunked = False
+    chunked = typed = False
     for name, value in upstream:
         lowered = name.lower()
         canonical = _FORWARD_DOWN.get(lowered)
         if canonical is not None:
-            try:
-                out.add(canonical, value.decode())
-            except UnicodeDecodeError:
+            if not _passable(value):
                 continue
+            fields.append((canonical, value))
+            typed = typed or lowered == b"content-type"
         elif lowered == b"content-length" and value.strip().isdigit():
             length = int(value)
         elif lowered == b"transfer-encoding":
             chunked = True
-    if "Content-Type" not in out:
-        out["Content-Type"] = "application/json"
-    out[REQUEST_ID] = request_id
-    out[FORWARDED] = "yes"
+    if not typed:
+        fields.append((b"Content-Type", b"application/json"))
+    fields += ((b"X-Request-ID", request_id.encode()), (b"X-Catalyst-Forwarded", b"yes"))
+    return fields, None if chunked else length
+
+
+def _passable(value: bytes) -> bool:
+    if b"\r" in value or b"\n" in value or b"\0" in value:
+        return False
+    try:
+        value.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def client_response_headers(
+    upstream: Iterable[tuple[bytes, bytes]], request_id: str
+) -> tuple[CIMultiDict[str], int | None]:
+    """``answer_fields()`` as aiohttp's response headers (for an answer streamed back)."""
+    fields, length = answer_fields(upstream, request_id)
+    out: CIMultiDict[str] = CIMultiDict((name.decode(), value.decode()) for name, value in fields)
     out[SERVER] = SERVER_NAME
-    return out, None if chunked else length
+    return out, length

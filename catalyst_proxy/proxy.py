@@ -31,6 +31,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import StreamReader
 
 from . import headers as hdrs
+from .answer import Answer
 from .auth import Authenticator
 from .bridge import BridgeSecret, map_role, mint
 from .config import Settings
@@ -101,6 +102,9 @@ class _TooLarge(Exception):
     pass
 
 
+_REPLAYED = (hdrs.REPLAYED.encode(), b"true")
+
+
 class Proxy:
     def __init__(
         self,
@@ -157,7 +161,6 @@ class Proxy:
                 request_id=info.request_id,
                 peer=request.remote,
                 scheme=request.scheme,
-                host=request.host,
             ),
             _Upload(self._limit),
         )
@@ -245,15 +248,15 @@ class Proxy:
                 raise BodyTooLarge(self._limit) from None
         return hasher.hexdigest()
 
-    def _replay(self, info: RequestInfo, record: Record) -> web.Response:
+    def _replay(self, info: RequestInfo, record: Record) -> Answer:
         """The recorded answer again: same status, headers and body, a new X-Request-ID.
 
         The record holds the SME gateway's header fields as received; they cross the
         same allow-list as the first time (``X-Catalyst-Forwarded: yes``: it is the SME
         gateway's answer, from the first time)."""
-        headers, _ = hdrs.client_response_headers(record.headers, info.request_id)
-        headers[hdrs.REPLAYED] = "true"
-        return web.Response(status=record.status, body=record.body, headers=headers)
+        fields, _ = hdrs.answer_fields(record.headers, info.request_id)
+        fields.append(_REPLAYED)
+        return Answer(record.status, fields, record.body or b"")
 
     def check_body(self, request: web.BaseRequest) -> None:
         """415 for an encoded body, 413 for a declared length over the limit."""
@@ -310,14 +313,16 @@ class Proxy:
         With an ``attempt``, the answer is kept as it passes (up to the record's size
         limit) and recorded before the client's transfer ends.
         """
-        headers, length = hdrs.client_response_headers(upstream.headers, info.request_id)
-        if upstream.complete:  # the whole answer is here already: one write
-            data = upstream.body()
-            whole = web.Response(status=upstream.status, body=data, headers=headers)
+        if upstream.complete:  # the whole answer is here already: one write, at once
+            fields, length = hdrs.answer_fields(upstream.headers, info.request_id)
+            head_length = length if request.method == "HEAD" else None
+            whole = Answer(upstream.status, fields, upstream.body(), head_length=head_length)
             if attempt is not None and hasher is not None:
                 await self._record(request, exchange, upstream, attempt, hasher, progress,
-                                   data, whole)  # fmt: skip
+                                   whole.body, whole)  # fmt: skip
+            whole.send(request)
             return whole
+        headers, length = hdrs.client_response_headers(upstream.headers, info.request_id)
         response = web.StreamResponse(status=upstream.status, headers=headers)
         if length is not None:
             response.content_length = length

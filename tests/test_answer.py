@@ -1,0 +1,175 @@
+"""Whole answers written by the gateway itself (``answer.py``): framing, connection handling
+and back-pressure, as a client sees them on the wire."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+from pathlib import Path
+
+from .rawhttp import answer, raw_client, read_response, request_bytes
+
+PURCHASE = "/api/v1/billing/purchase"
+
+
+def http10(method: str, path: str, headers: list[tuple[str, str]], body: bytes = b"") -> bytes:
+    """An HTTP/1.0 request as exact bytes, with no Host (HTTP/1.0 does not require one)."""
+    lines = [f"{method} {path} HTTP/1.0", *[f"{name}: {value}" for name, value in headers]]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+async def test_answer_head_has_each_framing_field_once(gateway, bearer, upstream):
+    """A proxied answer carries exactly one Content-Length (the body's), Date and Server
+    (the gateway's name, never a version), and the upstream's allowed fields as sent."""
+    up = await upstream(answer(201, b'{"order_id": "o-1"}', {"ETag": '"v1"', "Server": "sme/9"}))
+    gw = await gateway(upstream=up.url)
+    reader, writer = await raw_client(gw.url)
+    try:
+        writer.write(request_bytes("POST", PURCHASE, [*bearer().items(), ("Content-Length", "2")]))
+        writer.write(b"{}")
+        response = await asyncio.wait_for(read_response(reader), 5)
+    finally:
+        writer.close()
+    assert response is not None
+    assert response.status == 201
+    assert response.body == b'{"order_id": "o-1"}'
+    for name in ("Content-Length", "Date", "Server", "ETag", "X-Request-ID"):
+        assert len(response.headers.getall(name)) == 1, name
+    assert response.headers["Content-Length"] == str(len(response.body))
+    assert response.headers["Server"] == "catalyst-proxy"
+    assert response.headers["ETag"] == '"v1"'
+    assert response.headers["X-Catalyst-Forwarded"] == "yes"
+    assert "Connection" not in response.headers  # HTTP/1.1: keep-alive goes without saying
+
+
+async def test_http10_client_gets_an_http10_answer_and_a_closed_connection(
+    gateway, bearer, upstream
+):
+    """An HTTP/1.0 request without keep-alive gets an HTTP/1.0 answer framed by its length,
+    and the connection closes after it; with no Host, no X-Forwarded-Host goes upstream."""
+    up = await upstream(answer(200, b'{"ok": true}'))
+    gw = await gateway(upstream=up.url)
+    reader, writer = await raw_client(gw.url)
+    try:
+        headers = [*bearer().items(), ("Content-Length", "2")]
+        writer.write(http10("POST", PURCHASE, headers, b"{}"))
+        response = await asyncio.wait_for(read_response(reader), 5)
+        assert response is not None
+        assert await asyncio.wait_for(reader.read(), 5) == b""  # the gateway closed it
+    finally:
+        writer.close()
+    assert response.status == 200
+    assert response.complete
+    assert response.body == b'{"ok": true}'
+    assert response.headers["Content-Length"] == "12"
+    [seen] = up.complete
+    assert "X-Forwarded-Host" not in seen.headers
+
+
+async def test_http10_keep_alive_and_http11_close_are_honoured(gateway, bearer, upstream):
+    """HTTP/1.0 with ``Connection: keep-alive`` is answered with it and served again on the
+    same connection; HTTP/1.1 with ``Connection: close`` is answered with it, then closed."""
+    up = await upstream(answer(200, b'{"ok": true}'))
+    gw = await gateway(upstream=up.url)
+    headers = [*bearer().items(), ("Content-Length", "2")]
+    reader, writer = await raw_client(gw.url)
+    try:
+        for _ in range(2):
+            writer.write(http10("POST", PURCHASE, [*headers, ("Connection", "keep-alive")], b"{}"))
+            kept = await asyncio.wait_for(read_response(reader), 5)
+            assert kept is not None
+            assert kept.status == 200
+            assert kept.headers["Connection"].lower() == "keep-alive"
+        writer.write(request_bytes("POST", PURCHASE, [*headers, ("Connection", "close")], b"{}"))
+        closing = await asyncio.wait_for(read_response(reader), 5)
+        assert closing is not None
+        assert closing.status == 200
+        assert closing.headers["Connection"].lower() == "close"
+        assert await asyncio.wait_for(reader.read(), 5) == b""
+    finally:
+        writer.close()
+    assert len(up.complete) == 3
+
+
+async def test_head_answer_states_the_upstream_length_and_has_no_body(
+    gateway, bearer, upstream, tmp_path: Path
+):
+    """A route that forwards HEAD answers with the SME gateway's Content-Length and no body,
+    and the connection serves a next request (no stray body bytes in between)."""
+    routes = tmp_path / "routes.json"
+    routes.write_text(
+        json.dumps(
+            {
+                "routes": [
+                    {
+                        "methods": ["HEAD"],
+                        "path": "/api/v1/org/billing/vouchers/list",
+                        "upstream_method": "HEAD",
+                        "upstream_path": "/api/billing/vouchers/list",
+                    }
+                ]
+            }
+        )
+    )
+
+    async def head_answer(seen, reader, writer) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 4096\r\n\r\n")  # fmt: skip
+        await writer.drain()
+        return True
+
+    up = await upstream(head_answer)
+    gw = await gateway(upstream=up.url, routes_file=str(routes))
+    reader, writer = await raw_client(gw.url)
+    try:
+        for _ in range(2):
+            request = request_bytes(
+                "HEAD", "/api/v1/org/billing/vouchers/list", [*bearer().items()]
+            )
+            writer.write(request)
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200 ")
+            assert b"\r\nContent-Length: 4096\r\n" in head
+    finally:
+        writer.close()
+    assert [seen.method for seen in up.complete] == ["HEAD", "HEAD"]
+
+
+async def test_a_client_that_does_not_read_holds_back_its_pipelined_requests(
+    gateway, bearer, upstream
+):
+    """Whole answers wait for a client that reads nothing (as aiohttp's writer does):
+    of 200 pipelined purchases whose answers are 60 KiB each, far fewer than all reach the
+    upstream while the client reads nothing (the gateway buffers a few answers, not 12 MB),
+    and all 200 are answered, in order and complete, once it reads."""
+    body = b"x" * (60 * 1024)
+    up = await upstream(answer(200, body))
+    gw = await gateway(upstream=up.url)
+    count = 200
+    client = socket.socket()
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)  # a small window
+    client.setblocking(False)
+    host, port = gw.url.removeprefix("http://").split(":")
+    await asyncio.get_running_loop().sock_connect(client, (host, int(port)))
+    reader, writer = await asyncio.open_connection(sock=client, limit=1 << 20)
+    try:
+        request = request_bytes("POST", PURCHASE, [*bearer().items(), ("Content-Length", "2")])
+        writer.write((request + b"{}") * count)
+        await writer.drain()
+        # Nothing is read for a while: the gateway has 3 s to forward all 200 if it does not
+        # wait for this client, and the upstream answers each at once.
+        with contextlib.suppress(TimeoutError):
+            await up.until(lambda: len(up.complete) >= count, timeout=3)
+        held_back = len(up.complete)
+        assert held_back < count // 2
+        for _ in range(count):
+            response = await asyncio.wait_for(read_response(reader), 10)
+            assert response is not None
+            assert response.status == 200
+            assert response.complete
+            assert len(response.body) == len(body)
+    finally:
+        writer.close()
+    assert len(up.complete) == count

@@ -77,7 +77,8 @@ bench-interleave: $(STAMP)
 	$(PY) bench/interleave.py $(BENCH_ARGS)
 
 ## bench-floor: latency at 500 requests/s of two servers that only answer (httptools, aiohttp's
-## low-level server) next to the direct hit, go-reference and the gateway (~4 min)
+## low-level server) and of the gateway's hot path behind httptools (bench/lean.py), next to
+## the direct hit, go-reference and the gateway (~5 min)
 bench-floor: $(STAMP)
 	sh bench/install-tools.sh
 	$(PY) bench/floor.py $(BENCH_ARGS)

@@ -13,7 +13,13 @@ do nothing else, on uvloop:
   ``write()`` per answer (what a server costs when it does nothing but parse);
 * ``floor-aiohttp``: aiohttp's low-level ``web.Server`` (the gateway's server:
   its protocol, request, per-request task, response and writer), the handler
-  reading the body and returning a ``web.Response``.
+  reading the body and returning a ``web.Response``;
+
+and, with the gateway's ``--workers``, ``lean-proxy`` (``bench/lean.py``): the
+gateway's own work for a good purchase (session cache, role, mint, upstream
+head, our upstream client, the answer's fields, the deferred access line and
+metrics) behind the bare httptools protocol instead of aiohttp's server, the
+floor of a server built for this one job (it is not one: see its docstring).
 
 Each round measures every row in turn with ``bench/loadgen.py`` (open loop, 32
 keep-alive connections), and the table gives the medians over the rounds of
@@ -40,8 +46,9 @@ import loadgen  # noqa: E402
 import bench  # noqa: E402
 
 FLOORS = ("floor-raw", "floor-aiohttp")
-FLOOR_OFFSETS = {"floor-raw": 20, "floor-aiohttp": 21}  # past every make bench row's port
-ROWS = ("direct", "floor-raw", "floor-aiohttp", "go-reference", "gateway")
+# past every make bench row's port
+OFFSETS = {"floor-raw": 20, "floor-aiohttp": 21, "lean-proxy": 22}
+ROWS = ("direct", "floor-raw", "floor-aiohttp", "lean-proxy", "go-reference", "gateway")
 _ANSWER = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
 ANSWER = _ANSWER % (len(bench.UPSTREAM_BODY), bench.UPSTREAM_BODY)  # the raw floor's, whole
 
@@ -123,18 +130,22 @@ def main(argv: list[str] | None = None) -> int:
     ]))  # fmt: skip
     try:
         targets = {t.name: t for t in run.start()}
-        for name in FLOORS:
-            port = args.port_base + FLOOR_OFFSETS[name]
+        for name in (*FLOORS, "lean-proxy"):
+            port = args.port_base + OFFSETS[name]
             if not bench.port_free(port):
                 raise SystemExit(f"floor: port {port} in use: choose another --port-base")
-            proc = common.start(
-                [sys.executable, str(HERE / "floor.py"), "serve", name.split("-")[1], str(port)],
-                run.work / f"{name}.log",
-            )
+            if name == "lean-proxy":  # the gateway's environment, workers and path
+                argv = [str(HERE / "lean.py"), "--port", str(port), "--workers", str(args.workers)]
+                env = common.gateway_env(run.material, f"http://127.0.0.1:{run.up_port}")
+                path = bench.GATEWAY_PATH
+            else:
+                argv = [str(HERE / "floor.py"), "serve", name.split("-")[1], str(port)]
+                env, path = None, bench.UPSTREAM_PATH
+            proc = common.start([sys.executable, *argv], run.work / f"{name}.log", env)
             run.procs.append(proc)
             common.wait_http(f"http://127.0.0.1:{port}/", proc, 10)
-            targets[name] = bench.Target(name, "127.0.0.1", port, bench.UPSTREAM_PATH, proc.pid,
-                                         jwt=False)  # fmt: skip
+            targets[name] = bench.Target(name, "127.0.0.1", port, path, proc.pid,
+                                         jwt=name == "lean-proxy")  # fmt: skip
         tokens = [op.token for op in run.material.operators]
         p50: dict[str, list[float]] = {name: [] for name in ROWS}
         p99: dict[str, list[float]] = {name: [] for name in ROWS}

@@ -99,7 +99,7 @@ class Answer(web.StreamResponse):
         data = b"HTTP/%d.%d %d %s\r\n%s%sDate: %s\r\n%s\r\n%s" % (
             version.major, version.minor, status, self._reason.encode(),
             b"".join([b"%s: %s\r\n" % field for field in self._fields]),
-            _SERVER_FIELD, _date(), framing, body,
+            _SERVER_FIELD, http_date(), framing, body,
         )  # fmt: skip
         transport.write(data)
         request.writer.output_size += len(data)
@@ -120,7 +120,7 @@ class Answer(web.StreamResponse):
 _date_cache: tuple[int, bytes] = (0, b"")
 
 
-def _date() -> bytes:
+def http_date() -> bytes:
     """The ``Date`` field's value (RFC 9110 §6.6.1), formatted once a second."""
     global _date_cache
     now = int(time.time())

@@ -148,7 +148,7 @@ def _warn_if_short(secret: bytes, *, source: str) -> None:
         )
 
 
-def _state_copier() -> Callable[[bytes], Any]:
+def _sha256_factory() -> Callable[[bytes], Any]:
     """CPython's own SHA-256 (``_sha2`` from 3.12, ``_sha256`` before), else hashlib's.
 
     Why not OpenSSL's (hashlib's): a copy of a prepared state is a plain copy of a
@@ -161,7 +161,7 @@ def _state_copier() -> Callable[[bytes], Any]:
     return hashlib.sha256  # pragma: no cover - every CPython has one of the two
 
 
-_SHA256 = _state_copier()
+_SHA256 = _sha256_factory()
 _BLOCK = 64  # SHA-256's block size, in bytes
 _IPAD = bytes(x ^ 0x36 for x in range(256))
 _OPAD = bytes(x ^ 0x5C for x in range(256))

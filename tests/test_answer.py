@@ -9,6 +9,8 @@ import json
 import socket
 from pathlib import Path
 
+from catalyst_proxy.headers import answer_fields
+
 from .rawhttp import answer, raw_client, read_response, request_bytes
 
 PURCHASE = "/api/v1/billing/purchase"
@@ -173,3 +175,28 @@ async def test_a_client_that_does_not_read_holds_back_its_pipelined_requests(
     finally:
         writer.close()
     assert len(up.complete) == count
+
+
+def test_answer_fields_cross_as_sent_and_never_start_a_line_of_their_own():
+    """The allow-listed fields cross as the bytes received, under their canonical names; a
+    value with CR, LF or NUL (a tampered record in a shared store) or one that is not UTF-8
+    is dropped, never sent; a missing Content-Type gets the default, and the answer's own
+    fields follow."""
+    upstream = [
+        (b"content-type", b"application/problem+json"),
+        (b"ETag", b'"v1"\r\nSet-Cookie: session=stolen'),
+        (b"Location", b"/orders/1\x00"),
+        (b"Cache-Control", b"no-store\n"),
+        (b"Retry-After", b"\xff\xfe"),
+        (b"Set-Cookie", b"a=b"),
+        (b"Content-Length", b"42"),
+    ]
+    fields, length = answer_fields(upstream, "req-1")
+    assert fields == [
+        (b"Content-Type", b"application/problem+json"),
+        (b"X-Request-ID", b"req-1"),
+        (b"X-Catalyst-Forwarded", b"yes"),
+    ]
+    assert length == 42
+    defaulted, _ = answer_fields([(b"ETag", b'"v2"')], "req-2")
+    assert (b"Content-Type", b"application/json") in defaulted

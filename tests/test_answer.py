@@ -142,39 +142,49 @@ async def test_head_answer_states_the_upstream_length_and_has_no_body(
 async def test_a_client_that_does_not_read_holds_back_its_pipelined_requests(
     gateway, bearer, upstream
 ):
-    """Whole answers wait for a client that reads nothing (as aiohttp's writer does):
-    of 200 pipelined purchases whose answers are 60 KiB each, far fewer than all reach the
-    upstream while the client reads nothing (the gateway buffers a few answers, not 12 MB),
-    and all 200 are answered, in order and complete, once it reads."""
+    """Whole answers wait for a client that reads nothing (as aiohttp's writer does): of
+    pipelined purchases whose 60 KiB answers add up to three times what the kernel can hold
+    for the connection, those reaching the upstream while the client reads nothing stay
+    within the kernel's buffers plus a few answers; once it reads, all are answered, in
+    order and complete."""
     body = b"x" * (60 * 1024)
+    kernel_bytes = _send_buffer_max() + (1 << 20)  # its send buffer, the client's, a few answers
+    count = max(200, 3 * kernel_bytes // len(body))
     up = await upstream(answer(200, body))
     gw = await gateway(upstream=up.url)
-    count = 200
+    loop = asyncio.get_running_loop()
     client = socket.socket()
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)  # a small window
     client.setblocking(False)
     host, port = gw.url.removeprefix("http://").split(":")
-    await asyncio.get_running_loop().sock_connect(client, (host, int(port)))
-    reader, writer = await asyncio.open_connection(sock=client, limit=1 << 20)
+    await loop.sock_connect(client, (host, int(port)))
+    request = request_bytes("POST", PURCHASE, [*bearer().items(), ("Content-Length", "2")])
     try:
-        request = request_bytes("POST", PURCHASE, [*bearer().items(), ("Content-Length", "2")])
-        writer.write((request + b"{}") * count)
-        await writer.drain()
-        # Nothing is read for a while: the gateway has 3 s to forward all 200 if it does not
-        # wait for this client, and the upstream answers each at once.
+        # Written with the loop's socket calls, which never read: nothing is read until the
+        # gateway has had 3 s to forward every request, were it not waiting for this client.
+        await loop.sock_sendall(client, (request + b"{}") * count)
         with contextlib.suppress(TimeoutError):
             await up.until(lambda: len(up.complete) >= count, timeout=3)
         held_back = len(up.complete)
-        assert held_back < count // 2
-        for _ in range(count):
-            response = await asyncio.wait_for(read_response(reader), 10)
-            assert response is not None
-            assert response.status == 200
-            assert response.complete
-            assert len(response.body) == len(body)
+        assert held_back * len(body) < kernel_bytes, (held_back, count)
+        reader, writer = await asyncio.open_connection(sock=client, limit=1 << 20)
+        try:
+            for _ in range(count):
+                response = await asyncio.wait_for(read_response(reader), 10)
+                assert response is not None
+                assert response.status == 200
+                assert response.complete
+                assert len(response.body) == len(body)
+        finally:
+            writer.close()
     finally:
-        writer.close()
+        client.close()
     assert len(up.complete) == count
+
+
+def _send_buffer_max() -> int:
+    """The most a TCP socket's send buffer grows to on this host (tcp_wmem's maximum)."""
+    return int(Path("/proc/sys/net/ipv4/tcp_wmem").read_text().split()[2])
 
 
 def test_answer_fields_cross_as_sent_and_never_start_a_line_of_their_own():

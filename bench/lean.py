@@ -136,10 +136,14 @@ class _Lean(asyncio.Protocol):
             transport.write(_REFUSED % (502, b"Bad Gateway", 2, b"{}"))
             return
         upstream_seconds = time.perf_counter() - sent
-        while not upstream.complete:  # the bench's answers are small: they arrive whole
-            await upstream.read()
+        if upstream.complete:  # the bench's answers are small: they arrive whole
+            data = upstream.body()
+        else:
+            pieces = []
+            while piece := await upstream.read():
+                pieces.append(piece)
+            data = b"".join(pieces)
         fields, _ = hdrs.answer_fields(upstream.headers, request_id)
-        data = upstream.body()
         lines = b"".join([b"%s: %s\r\n" % field for field in fields])
         transport.write(_ANSWER % (upstream.status, lines, http_date(), len(data), data))
         status = upstream.status

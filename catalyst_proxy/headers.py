@@ -62,6 +62,8 @@ _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._~:@+=/-]{1,128}")
 
 _FORWARD_UP = {name.lower().encode(): name.encode() for name in FORWARDED_REQUEST_HEADERS}
 _FORWARD_DOWN = {name.lower().encode(): name.encode() for name in FORWARDED_RESPONSE_HEADERS}
+_DEFAULT_TYPE = (b"Content-Type", b"application/json")
+_REQUEST_ID_NAME, _FORWARDED_YES = REQUEST_ID.encode(), (FORWARDED.encode(), b"yes")
 
 
 def request_id(headers: Any) -> str:
@@ -154,8 +156,8 @@ def answer_fields(
         elif lowered == b"transfer-encoding":
             chunked = True
     if not typed:
-        fields.append((b"Content-Type", b"application/json"))
-    fields += ((b"X-Request-ID", request_id.encode()), (b"X-Catalyst-Forwarded", b"yes"))
+        fields.append(_DEFAULT_TYPE)
+    fields += ((_REQUEST_ID_NAME, request_id.encode()), _FORWARDED_YES)
     return fields, None if chunked else length
 
 

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import socket
+import struct
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -427,6 +428,50 @@ async def test_unsolicited_second_answer_never_reaches_the_next_request(
         pytest.fail("the connection that spoke out of turn was left open")
 
 
+@pytest.mark.parametrize("arrival", ["unsolicited-answer", "close"])
+async def test_what_reached_an_idle_connection_unread_drops_it_before_a_byte_is_written(
+    gateway, bearer, upstream, arrival
+):
+    """An unsolicited answer or a close that reached a pooled connection's socket while the
+    gateway was busy (the event loop has not read it yet) drops the connection before the
+    next request is written on it: that request goes out once, on a new connection, and gets
+    its own answer, never the stray one.
+
+    The moment is set up exactly: the upstream's bytes (or FIN) are written straight into
+    the kernel and the pool is asked for a connection in the same step, before the loop
+    turns (the race the test above cannot pin down from outside)."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def respond(
+        seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        writers.append(writer)
+        writer.write(ok_for(rid_of(seen)))
+        await writer.drain()
+        return True
+
+    up = await upstream(respond)
+    gw = await gateway(upstream=up.url)
+    first = await only_answer(gw.url, purchase(bearer(), "first"))
+    assert (first.status, first.body) == (200, body_for("first"))
+    pool = gw.parts.client.pool
+    assert pool.idle == 1
+    transport = writers[0].transport
+    if arrival == "unsolicited-answer":
+        transport.write(UNSOLICITED)  # an idle transport sends at once: no loop turn needed
+        assert transport.get_write_buffer_size() == 0  # in the gateway's socket already
+    else:
+        transport.get_extra_info("socket").shutdown(socket.SHUT_WR)  # the FIN, likewise
+    assert pool.acquire_idle() is None  # dropped, not reserved
+    assert pool.idle == 0
+    second = await only_answer(gw.url, purchase(bearer(), "second"))
+    assert (second.status, second.body, second.complete) == (200, body_for("second"), True)
+    assert [(seen.connection, rid_of(seen)) for seen in up.requests] == [
+        (0, "first"),
+        (1, "second"),
+    ]
+
+
 # --- framing the upstream may use --------------------------------------------------------------
 
 
@@ -493,6 +538,144 @@ async def test_answer_delimited_by_close_arrives_whole_and_its_connection_is_not
         (0, "delimited"),
         (1, "next"),
     ]
+
+
+async def test_answer_delimited_by_close_but_ended_by_a_reset_is_aborted_not_complete(
+    gateway, bearer, upstream
+):
+    """An answer with no length whose connection the upstream resets (RST) instead of closing
+    is cut short, not complete: the client's transfer is aborted after the bytes that came."""
+    sent = b'{"order_id": "o-1", "paid_by'
+
+    async def respond(
+        seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n" + sent)
+        await writer.drain()
+        sock = writer.transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # with linger 0: a reset
+        return False
+
+    up = await upstream(respond)
+    gw = await gateway(upstream=up.url)
+    response = await only_answer(gw.url, purchase(bearer(), "reset"))
+    assert response.status == 200
+    assert not response.complete
+    assert sent.startswith(response.body)
+
+
+TRAILERS = b'Location: https://elsewhere.example/\r\nETag: "trailer"\r\nX-Request-ID: t\r\n'
+
+
+async def test_trailer_fields_never_become_the_answers_header_fields(gateway, bearer, upstream):
+    """Trailer fields after a chunked body are read and dropped: the client gets the body and
+    the head's fields only, and the connection serves the next request."""
+    chunked = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked"
+    reply = chunked + b"\r\n\r\n2\r\nok\r\n0\r\n" + TRAILERS + b"\r\n"
+    up = await upstream(scripted({"first": reply}))
+    gw = await gateway(upstream=up.url)
+    response = await only_answer(gw.url, purchase(bearer(), "first"))
+    assert (response.status, response.body, response.complete) == (200, b"ok", True)
+    assert "Location" not in response.headers
+    assert "ETag" not in response.headers
+    assert response.headers.getall("X-Request-ID") == ["first"]
+    nxt = await only_answer(gw.url, purchase(bearer(), "next"))
+    assert (nxt.status, nxt.body) == (200, body_for("next"))
+    assert [(seen.connection, rid_of(seen)) for seen in up.requests] == [(0, "first"), (0, "next")]
+
+
+async def test_trailers_without_end_abort_the_transfer_and_are_never_all_read(
+    gateway, bearer, upstream
+):
+    """An upstream that sends trailer fields without end (past the head's limit) has the
+    client's transfer aborted at that limit and its connection closed: the gateway stops
+    reading long before the upstream has written its ~100 MB of trailers (it never
+    collects them)."""
+    pad = b"X-Pad: " + b"p" * 1000 + b"\r\n"
+    lines = 100 * 1024
+    written = 0
+    chunked = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked"
+
+    async def respond(
+        seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        nonlocal written
+        writer.write(chunked + b"\r\n\r\n2\r\nok\r\n0\r\n")
+        for _ in range(lines):
+            writer.write(pad)
+            await writer.drain()
+            written += 1
+        return False
+
+    up = await upstream(respond)
+    gw = await gateway(upstream=up.url, upstream_timeout_seconds=FRAMING_BUDGET)
+    response = await answer_through_reset(gw.url, purchase(bearer(), "flood"), timeout=10)
+    assert response.status == 200
+    assert not response.complete
+    assert response.body in (b"", b"ok")
+    await up.all_closed()
+    assert written < lines // 10  # what the kernel's buffers held, not the whole flood
+
+
+NOT_PASSED_ON = {
+    # case: what the upstream answers; the gateway can pass none of them on unchanged
+    "status-099": b"HTTP/1.1 099 Odd\r\nContent-Length: 2\r\n\r\nok",
+    "status-000": b"HTTP/1.1 000 Odd\r\nContent-Length: 2\r\n\r\nok",
+    "gzip-then-chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+    b"2\r\nok\r\n0\r\n\r\n",
+    "gzip-only": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nConnection: close\r\n\r\nok",
+}
+
+
+@pytest.mark.parametrize("case", NOT_PASSED_ON)
+async def test_a_status_under_100_or_a_transfer_coding_besides_chunked_is_502(
+    gateway, bearer, upstream, case
+):
+    """A status code under 100, or a transfer coding other than chunked (which the gateway
+    would have to decode, or else pass coded bytes off as the body), is a bad response: 502
+    ``sme-gateway-bad-response``, and the next request goes out on a new connection."""
+    up = await upstream(scripted({"odd": NOT_PASSED_ON[case]}))
+    gw = await gateway(upstream=up.url)
+    response = await only_answer(gw.url, purchase(bearer(), "odd"))
+    assert (response.status, error_of(response)) == (502, "sme-gateway-bad-response")
+    assert response.headers[FORWARDED] == "unknown"
+    nxt = await only_answer(gw.url, purchase(bearer(), "next"))
+    assert (nxt.status, nxt.body) == (200, body_for("next"))
+    assert [(seen.connection, rid_of(seen)) for seen in up.requests] == [(0, "odd"), (1, "next")]
+
+
+async def test_http10_client_sees_a_reset_when_an_answer_framed_by_the_close_breaks_off(
+    gateway, bearer, upstream
+):
+    """To an HTTP/1.0 client an answer of unknown length is framed by the connection's end;
+    when the upstream breaks off mid-body, that end is a reset, so the client cannot take
+    the cut answer for a whole one (a FIN would say "complete")."""
+    up = await upstream(partial_answer(b"x" * 1000, b"x" * 400, chunked=True))
+    gw = await gateway(upstream=up.url, upstream_timeout_seconds=FRAMING_BUDGET)
+    request = purchase(bearer(), "old").replace(b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1)
+    reader, writer = await raw_client(gw.url)
+    try:
+        writer.write(request)
+        received, ending = await read_to_the_end(reader, timeout=FRAMING_BUDGET + 3)
+    finally:
+        writer.close()
+    assert ending == "reset"
+    assert received.startswith(b"HTTP/1.0 200 ")
+    assert b"\r\nContent-Length:" not in received  # framed by the connection's end
+    assert b"chunked" not in received
+
+
+async def read_to_the_end(reader: asyncio.StreamReader, *, timeout: float) -> tuple[bytes, str]:
+    """Every byte until the connection ends, and how it ended: ``eof`` (FIN) or ``reset``."""
+    received = bytearray()
+    async with asyncio.timeout(timeout):
+        try:
+            while piece := await reader.read(64 * KiB):
+                received += piece
+        except ConnectionResetError:
+            return bytes(received), "reset"
+    return bytes(received), "eof"
 
 
 # --- the pool's bounds -------------------------------------------------------------------------

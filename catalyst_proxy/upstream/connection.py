@@ -17,17 +17,25 @@ was written" is the state SENDING, not a flag found out later)::
 - IDLE again only when both messages were complete, the upstream keeps the
   connection alive, and not one byte arrived after the response (an
   unsolicited second answer closes the connection, so answers never desync).
+  Reserving an IDLE connection asks the socket itself (``poll``) whether
+  anything arrived that the event loop has not delivered yet: bytes, a close
+  or a reset found then drop the connection while that is still safe.
 
 The parser is httptools (llhttp). Its callbacks run inside ``feed_data()``;
 they only record, and every decision is taken after ``feed_data()`` returns.
 Framing is the parser's: Content-Length, chunked, or (for a response with
-neither) the connection's end; interim 1xx answers are skipped.
+neither) the connection's end, and only a clean end (the upstream's FIN, not a
+reset); interim 1xx answers are skipped. Trailer fields are read and dropped
+(bounded like the head): they never become the answer's header fields. A
+transfer coding other than ``chunked`` is a bad response (the gateway never
+decodes one, and dropping the header would pass coded bytes off as the body).
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import select
 from collections.abc import Callable
 from typing import cast
 
@@ -41,6 +49,11 @@ from .watchdog import Watchdog
 # lines; Envoy allows 60 KiB of response headers): a bigger head is a bad response.
 MAX_HEAD_BYTES = 32 * 1024
 MAX_HEADER_FIELDS = 128
+MAX_TRAILER_BYTES = MAX_HEAD_BYTES  # trailer fields are dropped, but not read without end
+_TRANSFER_ENCODING = b"transfer-encoding"
+# Anything to read on an idle connection (bytes, or the peer's FIN); errors and hang-ups
+# are always reported.
+_READABLE = select.POLLIN | select.POLLRDHUP
 
 
 class State(enum.Enum):
@@ -69,6 +82,8 @@ class Connection(asyncio.Protocol):
         self._on_closed = on_closed
         self._watchdog = watchdog
         self._transport: asyncio.Transport | None = None
+        self._poll: select.poll | None = None  # the socket, asked directly before a reuse
+        self._eof = False  # the upstream's clean end of the stream (FIN)
         self._parser = httptools.HttpResponseParser(self)
         self._write = WriteFlow(loop)
         self._body = ReadBuffer()
@@ -91,6 +106,8 @@ class Connection(asyncio.Protocol):
         self._body_error: BaseException | None = None
         self._head_received = 0
         self._head_size = 0
+        self._trailer_size = 0
+        self._codings: list[bytes] = []  # Transfer-Encoding values
         self._skip_body = False
         self.request_complete = False
         self._body.clear()
@@ -101,6 +118,10 @@ class Connection(asyncio.Protocol):
         # uvloop's transports are not asyncio.Transport subclasses, but have its methods.
         self._transport = cast(asyncio.Transport, transport)
         self._body.attach(self._transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self._poll = select.poll()
+            self._poll.register(sock.fileno(), _READABLE)
 
     def data_received(self, data: bytes) -> None:
         if self.state is not SENDING and self.state is not SENT and self.state is not RECEIVING:
@@ -126,12 +147,15 @@ class Connection(asyncio.Protocol):
         self._wake()
 
     def eof_received(self) -> bool:
+        self._eof = True
         return False  # close the transport; connection_lost() does the rest
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._head_done and not self._complete and self._failure is None:
-            if self._delimited_by_close():
-                self._complete = True
+            if self._eof and exc is None and self._delimited_by_close():
+                self._complete = True  # the upstream's FIN ends a body framed by the close
+            elif exc is not None and not self._eof:
+                self._failure = "the upstream reset the connection mid-body"
             else:
                 self._failure = "the upstream closed the connection mid-body"
         elif not self._head_done and self._failure is None:
@@ -159,9 +183,17 @@ class Connection(asyncio.Protocol):
         self._head_size += len(reason) + 16  # the reason phrase, and the rest of the line
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self._extra:
-            self.headers.append((name, value))
-            self._head_size += len(name) + len(value) + 4
+        if self._extra:
+            return
+        if self._head_done:  # a trailer field: dropped, and bounded
+            self._trailer_size += len(name) + len(value) + 4
+            if self._trailer_size > MAX_TRAILER_BYTES:
+                self._failure = self._failure or "response trailers over the size limit"
+            return
+        self.headers.append((name, value))
+        self._head_size += len(name) + len(value) + 4
+        if len(name) == 17 and name.lower() == _TRANSFER_ENCODING:
+            self._codings.append(value)
 
     def on_headers_complete(self) -> None:
         if self._extra:
@@ -171,10 +203,13 @@ class Connection(asyncio.Protocol):
             self._interim = True  # 100 Continue, 103 Early Hints: skipped
             self.headers = []
             self._head_size = 0
-        elif status == 101 or status > 599:
+            self._codings = []
+        elif status < 100 or status == 101 or status > 599:
             self._failure = f"unacceptable status {status}"
         elif self._head_size > MAX_HEAD_BYTES or len(self.headers) > MAX_HEADER_FIELDS:
             self._failure = "response head over the size limit"
+        elif self._codings and not _only_chunked(self._codings):
+            self._failure = "a transfer coding other than chunked"
         else:
             self.status = status
             self._head_done = True
@@ -190,7 +225,7 @@ class Connection(asyncio.Protocol):
             return
         if self._interim:
             self._interim = False
-        else:
+        elif self._failure is None:  # (trailers over the limit: never a clean end)
             self._complete = True
             # Only valid now: llhttp clears the message's flags once this callback returns.
             self._keep_alive = self._parser.should_keep_alive()
@@ -206,9 +241,15 @@ class Connection(asyncio.Protocol):
         return self.state is IDLE
 
     def reserve(self) -> bool:
-        """Take this connection for one request; False if it turned out to be closed."""
+        """Take this connection for one request; False if it turned out to be closed, or
+        anything arrived on it while idle (delivered or still in the socket)."""
         transport = self._transport
-        if self.state is not IDLE or transport is None or transport.is_closing():
+        if (
+            self.state is not IDLE
+            or transport is None
+            or transport.is_closing()
+            or (self._poll is not None and self._poll.poll(0))
+        ):
             if self.state is not CLOSED:
                 self.close()
             return False
@@ -322,16 +363,9 @@ class Connection(asyncio.Protocol):
 
     def _delimited_by_close(self) -> bool:
         """RFC 9112 §6.3: a response with neither a chunked coding nor a length ends at close."""
-        transfer_encoding = content_length = None
-        for name, value in self.headers:
-            lowered = name.lower()
-            if lowered == b"transfer-encoding":
-                transfer_encoding = value
-            elif lowered == b"content-length":
-                content_length = value
-        if transfer_encoding is not None:
-            return not transfer_encoding.strip().lower().endswith(b"chunked")
-        return content_length is None
+        if self._codings:
+            return False  # chunked (any other coding was refused with the head)
+        return not any(name.lower() == b"content-length" for name, _ in self.headers)
 
     async def _wait(self, deadline: float) -> bool:
         """Wait for news (bytes, close, a body failure); False if ``deadline`` passed first."""
@@ -353,3 +387,9 @@ class Connection(asyncio.Protocol):
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(True)
+
+
+def _only_chunked(values: list[bytes]) -> bool:
+    """Whether the Transfer-Encoding fields name exactly one coding, ``chunked``."""
+    codings = [coding.strip().lower() for value in values for coding in value.split(b",")]
+    return codings == [b"chunked"]

@@ -22,6 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import socket
+import struct
 import time
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
@@ -69,6 +71,8 @@ from .upstream import (
     ResponseTimeout,
     UpstreamFailure,
 )
+
+_LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 
 # The client's failures, as the contract's answers (CONTRACT: "The upstream exchange").
 _FAILURES: tuple[tuple[type[UpstreamFailure], type[ProxyError]], ...] = (
@@ -327,6 +331,9 @@ class Proxy:
         if length is not None:
             response.content_length = length
         await response.prepare(request)
+        # A HEAD request on a route whose upstream request is a GET: the body is read (the
+        # connection stays usable, a record stays whole) but never written to the client.
+        head_only = request.method == "HEAD"
         kept: bytearray | None = bytearray() if attempt is not None else None
         limit = self._idem.max_body_bytes if self._idem is not None else 0
         try:
@@ -336,15 +343,16 @@ class Proxy:
                         kept += chunk
                     else:
                         kept = None  # too large to record: replays will say so
-                await response.write(chunk)
+                if not head_only:
+                    await response.write(chunk)
         except BodyBroken as exc:
             # The upstream stalled or broke off mid-body: close the client's connection
             # before the declared length / final chunk, so the client sees an aborted
             # transfer, never a clean short answer.
             self._metrics.failures[exc.kind].inc()
             info.error = "sme-gateway-aborted"
-            if request.transport is not None:
-                request.transport.abort()
+            framed_by_close = not response.chunked and response.content_length is None
+            _abort(request.transport, reset=framed_by_close)
             if attempt is not None:
                 await attempt.unknown()  # it was acted on, but its answer is lost
             return response
@@ -418,6 +426,22 @@ class Proxy:
             if upload.sent > upload.limit:
                 return  # over the limit: a retry of this body gets 413 before any judging
             hasher.update(chunk)
+
+
+def _abort(transport: asyncio.Transport | None, *, reset: bool) -> None:
+    """Close the client's connection at once; with ``reset`` by a reset (RST), not a FIN.
+
+    An answer framed by its length or by chunks is seen to be cut short whichever way
+    the connection ends (and a FIN lets the client keep what it was sent). An answer
+    framed by the connection's end (to an HTTP/1.0 client) would look complete after a
+    FIN: it ends with a reset."""
+    if transport is None:
+        return
+    sock = transport.get_extra_info("socket") if reset else None
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    transport.abort()
 
 
 async def _finish(request: web.BaseRequest, response: web.StreamResponse) -> None:

@@ -9,6 +9,8 @@ import json
 import socket
 from pathlib import Path
 
+import pytest
+
 from catalyst_proxy.headers import answer_fields
 
 from .rawhttp import answer, raw_client, read_response, request_bytes
@@ -137,6 +139,65 @@ async def test_head_answer_states_the_upstream_length_and_has_no_body(
     finally:
         writer.close()
     assert [seen.method for seen in up.complete] == ["HEAD", "HEAD"]
+
+
+HEAD_TO_GET = {
+    "routes": [
+        {
+            "methods": ["HEAD", "GET"],
+            "path": "/api/v1/org/billing/vouchers/list",
+            "upstream_method": "GET",
+            "upstream_path": "/api/billing/vouchers/list",
+        }
+    ]
+}
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+async def test_head_on_a_route_to_an_upstream_get_never_sends_the_streamed_body(
+    gateway, bearer, upstream, tmp_path: Path, framing: str
+):
+    """A HEAD request on a route whose upstream request is a GET, answered by a body that
+    arrives in pieces (streamed, not whole): the client gets the head and not one byte of
+    the body, so the next answer on its connection starts where it should."""
+    routes = tmp_path / "routes.json"
+    routes.write_text(json.dumps(HEAD_TO_GET))
+    piece = b"x" * 64 * 1024
+    head_seen = asyncio.Event()
+
+    async def get_answer(seen, reader, writer) -> bool:
+        if seen.method == "GET" and seen.headers.get("X-Request-ID") == "second":
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
+        elif framing == "length":
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % (4 * len(piece)))
+            await writer.drain()
+            await head_seen.wait()  # the client has the head: the body is being streamed
+            writer.write(piece * 4)
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            await writer.drain()
+            await head_seen.wait()
+            writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(piece), piece))
+        await writer.drain()
+        return True
+
+    up = await upstream(get_answer)
+    gw = await gateway(upstream=up.url, routes_file=str(routes))
+    path = "/api/v1/org/billing/vouchers/list"
+    reader, writer = await raw_client(gw.url)
+    try:
+        writer.write(request_bytes("HEAD", path, [*bearer().items()]))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200 ")
+        head_seen.set()
+        writer.write(request_bytes("GET", path, [*bearer().items(), ("X-Request-ID", "second")]))
+        next_head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        rest = await asyncio.wait_for(reader.readexactly(6), 5)
+    finally:
+        writer.close()
+    # The bytes right after the HEAD answer's head are the next answer's, not a body's.
+    assert next_head.startswith(b"HTTP/1.1 200 "), next_head[:40]
+    assert rest == b"second"
 
 
 async def test_a_client_that_does_not_read_holds_back_its_pipelined_requests(

@@ -3,8 +3,9 @@
 - At most ``max_connections`` connections exist at once (open, or being
   opened). A request that finds none free waits in line, at most
   ``max_pending`` of them at a time (``0``: nobody waits); the next one, and
-  any request whose time budget runs out while it waits, is refused with
-  ``PoolOverloaded``: nothing was sent, so it is safe to retry.
+  any request whose time budget runs out while it waits (or is all but spent
+  when its turn comes), is refused with ``PoolOverloaded``: nothing was sent,
+  so it is safe to retry.
 - Idle connections are reused most recently used first (warm ones stay warm,
   surplus ones age out) and closed after ``idle_seconds``. One that closed or
   aged while idle is dropped before use, never after: a request is written on
@@ -34,6 +35,10 @@ class _Slot:
 
 
 SLOT: Final = _Slot()
+# Less budget than this left when a waiter is given the right to connect: its budget ran
+# out while it waited (503 overloaded); a connect that could not succeed in time must not
+# read as the SME gateway unreachable, nor count against it in the breaker.
+CONNECT_FLOOR: Final = 0.001
 _TIMEOUT: Final = object()  # the waiter's budget ran out
 _RECHECK: Final = object()  # the breaker opened: look again (and be refused)
 
@@ -97,6 +102,11 @@ class Pool:
                 return await self._connect(deadline)
             granted = await self._wait(deadline)
             if granted is SLOT:
+                if deadline - self._loop.time() < CONNECT_FLOOR:  # handed over too late
+                    self._free_slot()
+                    raise PoolOverloaded(
+                        "the time budget ran out waiting for an upstream connection"
+                    )
                 return await self._connect(deadline)
             if isinstance(granted, Connection) and granted.reserve():
                 return granted

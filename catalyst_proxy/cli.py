@@ -127,7 +127,11 @@ def _serve(host: str, port: int, workers: int = 1) -> None:
     except ConfigError as exc:
         _fail(str(exc))
     if workers == 1:
-        _run(serve(app, host, port))
+        try:  # bound here, so that a taken port is a usage error (exit 2), not a traceback
+            sock = listen_socket(host, port, reuse_port=False)
+        except OSError as exc:
+            _fail(f"--port {port}: {exc.strerror}")
+        _run(serve(app, host, port, sock=sock))
         return
     if port == 0:
         _fail("--workers needs a fixed --port (each worker binds it with SO_REUSEPORT)")

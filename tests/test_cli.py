@@ -9,6 +9,7 @@ import json
 import shlex
 import shutil
 import signal
+import socket
 import stat
 import time
 from pathlib import Path
@@ -212,6 +213,25 @@ async def test_usage_error_exits_2_with_one_line(keys_dir, args):
     assert stdout == ""
     assert len(stderr.splitlines()) == 1, stderr
     assert "error" in stderr
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_a_taken_port_exits_2_with_one_line(public_key_file, workers):
+    """``serve`` on a port another socket holds exits 2 with one line naming the port, with
+    one worker as with several (never a traceback)."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = str(holder.getsockname()[1])
+        status, stdout, stderr = await run_cli(
+            "serve", "--host", "127.0.0.1", "--port", port, "--workers", workers,
+            env={"CATALYST_SESSION_PUBLIC_KEY_FILE": str(public_key_file)},
+        )  # fmt: skip
+    assert status == 2
+    assert stdout == ""
+    assert len(stderr.splitlines()) == 1, stderr
+    assert f"--port {port}" in stderr
+    assert "Traceback" not in stderr
 
 
 async def test_version_and_help():

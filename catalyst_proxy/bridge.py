@@ -94,6 +94,8 @@ class BridgeSecret:
         self.last_error: str | None = None
         if value is not None:
             _warn_if_short(value, source="environment")
+        elif path is not None:
+            self.get()  # read now: a short (or unreadable) secret is said at start-up
 
     @property
     def configured(self) -> bool:

@@ -402,12 +402,25 @@ def test_short_secret_file_warns_when_read(tmp_path):
     path = tmp_path / "JWT_SECRET"
     path.write_bytes(b"short-file-secret")
     clock = Clock()
-    secret = BridgeSecret(path=str(path), clock=clock)
     with capture_logs() as logs:
+        secret = BridgeSecret(path=str(path), clock=clock)
         assert secret.get() == b"short-file-secret"
         clock.now += 5
         assert secret.get() == b"short-file-secret"
     assert [entry["event"] for entry in logs] == ["bridge_secret.short"]
+    assert "short-file-secret" not in repr(logs)
+
+
+def test_short_secret_file_warns_at_start_up(tmp_path):
+    """A short secret in CATALYST_SME_JWT_SECRET_FILE is said at start-up too (the file is read
+    when the app is made), not only once the first request or probe reads it."""
+    path = tmp_path / "JWT_SECRET"
+    path.write_bytes(b"short-file-secret")
+    with capture_logs() as logs:
+        create_app(Settings(jwks_url="http://k/j", bridge_secret_file=str(path)))
+    warnings = [entry for entry in logs if entry["event"] == "bridge_secret.short"]
+    assert len(warnings) == 1
+    assert warnings[0]["source"] == "file"
     assert "short-file-secret" not in repr(logs)
 
 

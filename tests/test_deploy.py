@@ -258,6 +258,7 @@ def test_invalid_values_file_is_refused_by_the_schema(helm: Helm) -> None:
         ({"auth": {"algorithms": ["HS256"]}}, "/auth/algorithms/0"),
         ({"upstream": {"maxBodyBytes": -1}}, "/upstream/maxBodyBytes"),
         ({"upstream": {"timeoutSeconds": 0}}, "/upstream/timeoutSeconds"),
+        ({"auth": {"jwksCacheSeconds": 0}}, "/auth/jwksCacheSeconds"),  # the gateway exits 2
         ({"upstream": {"smeGatewayUrl": "gateway:8080"}}, "/upstream/smeGatewayUrl"),
         ({"bridge": {"mode": "inline"}}, "/bridge/mode"),
         ({"replicaCount": "two"}, "/replicaCount"),

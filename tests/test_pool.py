@@ -20,14 +20,9 @@ async def test_a_turn_that_comes_as_the_budget_runs_out_is_overloaded_not_unreac
     """The only connection is busy; a request waits with its budget all but spent; the busy
     exchange ends and hands the request the right to connect before its timer fires: it is
     refused with PoolOverloaded, the breaker counts nothing, and the next request connects."""
-
-    async def keep_open(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()
-        writer.close()
-
-    server = await asyncio.start_server(keep_open, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
     loop = asyncio.get_running_loop()
+    server = await loop.create_server(asyncio.Protocol, "127.0.0.1", 0)  # accepts, says nothing
+    port = server.sockets[0].getsockname()[1]
     breaker = Breaker(1, 60.0)  # one connection failure would open it
     pool = Pool("127.0.0.1", port, tls=None, max_connections=1, max_pending=10,
                 idle_seconds=15, breaker=breaker)  # fmt: skip

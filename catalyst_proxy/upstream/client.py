@@ -173,7 +173,7 @@ class Client:
                     b"Transfer-Encoding: chunked\r\n" if chunked else b"Content-Length: %d\r\n"
                 )
                 conn.send(head + (framing if chunked else framing % length) + b"\r\n")
-                pump = loop.create_task(_pump(conn, body, chunked))
+                pump = loop.create_task(_pump(conn, body, length))
             await conn.response_head(deadline)
         except BaseException:
             if pump is not None:
@@ -184,13 +184,21 @@ class Client:
         return Response(conn, pool, pump, self._timeout)
 
 
-async def _pump(conn: Connection, body: AsyncIterable[bytes], chunked: bool) -> None:
-    """Stream the request body; the upstream's pace sets ours (drain after every write).
+async def _pump(conn: Connection, body: AsyncIterable[bytes], length: int | None) -> None:
+    """Stream the request body (``length``: its declared length; None: sent chunked); the
+    upstream's pace sets ours (drain after every write).
+
+    The request counts as sent as soon as its last byte is handed to the connection (the
+    declared length reached, or the final chunk written), not once the source says it has
+    ended: a client that leaves in between must find its request sent (its outcome
+    unknown), never merely started (its key released).
 
     A failure of the body's source (over the limit, the client gone) aborts the
     upstream request and is reported through ``conn``; an upstream that goes away
     is on record in ``conn`` already.
     """
+    chunked = length is None
+    left = length
     pieces = aiter(body)
     while True:
         try:
@@ -204,6 +212,10 @@ async def _pump(conn: Connection, body: AsyncIterable[bytes], chunked: bool) -> 
             return
         if piece:
             conn.send(b"%x\r\n%s\r\n" % (len(piece), piece) if chunked else piece)
+            if left is not None:
+                left -= len(piece)
+                if left <= 0:
+                    break  # the declared length is all there: nothing more is read
             try:
                 await conn.drain()
             except ConnectionError:

@@ -123,8 +123,9 @@ def create_app(
         metrics=metrics,
     )
     modes, off_reason = route_modes(settings, table.routes, workers=workers)
+    lease = settings.upstream_timeout_seconds + LEASE_MARGIN
     records = (
-        RedisRecords(store, settings.idempotency_ttl_seconds)
+        RedisRecords(store, settings.idempotency_ttl_seconds, lease=lease)
         if store is not None
         else MemoryRecords(
             settings.idempotency_ttl_seconds,
@@ -136,7 +137,7 @@ def create_app(
         modes,
         records,
         metrics,
-        lease_seconds=settings.upstream_timeout_seconds + LEASE_MARGIN,
+        lease_seconds=lease,
         max_body_bytes=settings.idempotency_max_body_bytes,
         shared=store is not None,
         off_reason=off_reason,

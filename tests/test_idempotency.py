@@ -28,7 +28,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from catalyst_proxy import log
-from catalyst_proxy.config import Rate
+from catalyst_proxy.config import Rate, Settings
+from catalyst_proxy.idempotency.guard import LEASE_MARGIN
 from catalyst_proxy.idempotency.keys import scope, slot
 from catalyst_proxy.idempotency.memory import MAX_BYTES as MEMORY_MAX_BYTES
 
@@ -62,6 +63,7 @@ OTHER_ORDER = b'{"sku": "enterprise"}'
 ORDER_ANSWER = b'{"order_id": "ord-1", "paid_by_credit": true, "session_url": null}'
 IDEM_TOTAL = "catalyst_proxy_idempotency_total"
 STORES = ("memory", "redis")
+LEASE = Settings().upstream_timeout_seconds + LEASE_MARGIN  # a reservation's, by default
 PREFIX = "catalyst-idem:"
 
 # Headers that differ between two answers by design: the date, the request's own ID,
@@ -211,9 +213,10 @@ async def records_written(server: RedisServer) -> None:
 
 
 async def expire_all(store: str, clock: Clock, server: RedisServer | None, ttl: float) -> None:
-    """Let every record expire: the fake clock moves past the TTL, or Redis expires them."""
+    """Let every record expire: the fake clock moves past the TTL (and a reservation's lease,
+    which it outlives by the TTL), or Redis expires them."""
     if store == "memory":
-        clock.now += ttl + 1
+        clock.now += LEASE + ttl + 1
         return
     assert server is not None
     for name in idem_keys(server):
@@ -1129,6 +1132,70 @@ async def test_a_late_completion_never_overwrites_a_newer_reservation(
     assert (status, body) == (200, b'{"order_id": "new"}')
     assert headers["Idempotent-Replayed"] == "true"
     assert len(up.requests) == 2
+
+
+async def test_a_ttl_shorter_than_the_exchange_never_lets_a_retry_through(
+    gateway, upstream, bearer
+):
+    """With a TTL shorter than the exchange takes, the reservation still holds for the whole
+    exchange (it outlives its lease by the TTL): a retry while the first is in flight is
+    409 in use, and the SME gateway sees the purchase once. (Redis: the reservation's PTTL,
+    in tests/test_idempotency_unit.py.)"""
+    clock = Clock()
+    gate = Gate()
+    up = await upstream(gate)
+    gw = await gateway(upstream=up.url, clock=clock, idempotency_ttl_seconds=1.0)
+    auth = bearer()
+    first = asyncio.create_task(post(gw, auth, "short-ttl"))
+    await up.until(lambda: len(up.complete) == 1)
+    clock.now += 2.0  # the SME gateway is slow to answer: past the TTL, within the budget
+    status, _, body = await post(gw, auth, "short-ttl")
+    assert (status, error_of(body)) == (409, "idempotency-key-in-use")
+    gate.open.set()
+    assert (await first)[0] == 200
+    assert len(keyed_requests(up, "short-ttl")) == 1
+
+
+async def test_an_answer_streaming_past_the_lease_keeps_its_key_however_full_the_store(
+    gateway, upstream, bearer
+):
+    """An answer still streaming when its reservation's lease is over: a retry is 409 outcome
+    unknown, and stays so when other purchases fill the store past its bound (a reservation
+    of this process is never evicted for room): the SME gateway sees the purchase once."""
+    clock = Clock()
+    rest = asyncio.Event()
+    large = b"x" * 65536  # recorded whole (the record's limit): ~130 fill the store
+
+    async def respond(
+        seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        if seen.headers.get("Idempotency-Key") != "slow":
+            return await ok(large)(seen, reader, writer)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n5\r\n{\"ord\r\n")  # fmt: skip
+        await writer.drain()
+        await rest.wait()
+        writer.write(b'9\r\ner_id":1}\r\n0\r\n\r\n')
+        await writer.drain()
+        return True
+
+    up = await upstream(respond)
+    budget = 30.0  # real seconds per piece: the test's clock jumps, the stream does not stall
+    gw = await gateway(upstream=up.url, clock=clock, upstream_timeout_seconds=budget)
+    auth = bearer()
+    first = asyncio.create_task(post(gw, auth, "slow"))
+    await up.until(lambda: len(keyed_requests(up, "slow")) == 1)
+    clock.now += budget + LEASE_MARGIN + 1  # the answer has streamed past the lease
+    status, _, body = await post(gw, auth, "slow")
+    assert (status, error_of(body)) == (409, "idempotency-outcome-unknown")
+    for index in range(MEMORY_MAX_BYTES // len(large) + 10):
+        assert (await post(gw, auth, f"other-{index}"))[0] == 200
+    assert metric(await gw.metrics_text(), "catalyst_proxy_idempotency_evictions_total") > 0
+    status, _, body = await post(gw, auth, "slow")
+    assert (status, error_of(body)) == (409, "idempotency-outcome-unknown")
+    rest.set()
+    assert (await first)[0] == 200
+    assert len(keyed_requests(up, "slow")) == 1
 
 
 # --- Redis -------------------------------------------------------------------------------

@@ -224,12 +224,13 @@ class Stores:
         store = Store(Settings(redis_url=self._url))
         await store.start()
         self._stores.append(store)
-        return RedisRecords(store, ttl)
+        return RedisRecords(store, ttl, lease=LEASE)
 
     async def expire(self, ttl: float = 60.0) -> None:
-        """Every record expires now: the fake clock moves past the TTL, or Redis expires it."""
+        """Every record expires now: the fake clock moves past the TTL (and a reservation's
+        lease, which it outlives by the TTL), or Redis expires it."""
         if self.kind == "memory":
-            self.clock.now += ttl + 1
+            self.clock.now += LEASE + ttl + 1
             return
         assert self._server is not None
         for name in self._server.command("KEYS", PREFIX + "*"):
@@ -260,8 +261,11 @@ async def stores(request: pytest.FixtureRequest) -> AsyncIterator[Stores]:
     await made.close()
 
 
+LEASE = 33.0  # a reservation's lease here: the default budget (3 s) plus the margin (30 s)
+
+
 def reservation(clock: Clock, owner: str | None = None) -> Record:
-    return Record(RESERVED, owner or hex_id(), clock() + 33.0)
+    return Record(RESERVED, owner or hex_id(), clock() + LEASE)
 
 
 def completed(owner: str, body: bytes = b'{"order_id": "ord-1"}') -> Record:
@@ -379,7 +383,7 @@ async def test_records_expire_after_the_ttl(stores, redis_server):
     records = await stores.make(ttl=0.3)
     owner = hex_id()
     await records.reserve(S("s"), reservation(stores.clock, owner))
-    assert 0 < redis_server.command("PTTL", PREFIX + S("s")) <= 300
+    assert 32_000 < redis_server.command("PTTL", PREFIX + S("s")) <= 33_300  # lease, then TTL
     redis_server.command("PEXPIRE", PREFIX + S("s"), 100_000)  # as if much of the TTL were left
     assert await records.replace(S("s"), owner, completed(owner)) is True
     assert 0 < redis_server.command("PTTL", PREFIX + S("s")) <= 300  # a fresh TTL, not the old one
@@ -432,9 +436,10 @@ async def test_memory_records_are_left_out_of_the_garbage_collectors_passes():
     assert all(not gc.is_tracked(value) for value in entry)
 
 
-async def test_memory_never_drops_a_reservation_within_its_lease():
-    """A reservation within its lease is spared by the bounds (dropping it could let a retry
-    through twice); one past its lease is not."""
+async def test_memory_never_drops_a_reservation_for_room():
+    """A reservation is spared by the bounds, within its lease and past it: in this store it is
+    a request of this process still in flight (an answer may stream past the lease), and
+    dropping it could let a retry through twice."""
     clock = Clock(NOW)
     records, evicted = memory(clock, max_records=2)
     held = reservation(clock)
@@ -445,10 +450,27 @@ async def test_memory_never_drops_a_reservation_within_its_lease():
     assert await records.reserve(S("c"), reservation(clock)) is not None
     assert len(records) == 2
     assert evicted == [1]
-    clock.now += 34  # past held's lease, within the TTL
+    clock.now += LEASE + 1  # past held's lease, within the TTL
     await records.reserve(S("d"), completed(hex_id()))
     await records.reserve(S("e"), completed(hex_id()))
-    assert await records.reserve(S("held"), reservation(clock)) is None
+    assert await records.reserve(S("held"), reservation(clock)) == held
+
+
+async def test_a_reservation_outlives_its_lease_by_the_ttl_however_short(stores, redis_server):
+    """A reservation is kept for its lease and then the TTL, even when the TTL is shorter than
+    the lease: it never expires while its request may still be in flight, which would let a
+    retry reserve the key afresh and be forwarded a second time."""
+    records = await stores.make(ttl=1.0)
+    held = reservation(stores.clock)
+    await records.reserve(S("s"), held)
+    if stores.kind == "redis":
+        pttl = redis_server.command("PTTL", PREFIX + S("s"))
+        assert LEASE * 1000 < pttl <= (LEASE + 1.0) * 1000
+        return
+    stores.clock.now += LEASE  # long past the TTL, at the end of the lease
+    assert await records.reserve(S("s"), reservation(stores.clock)) == held
+    stores.clock.now += 1.5  # the lease and then the TTL are over
+    assert await records.reserve(S("s"), reservation(stores.clock)) is None
 
 
 async def test_memory_keeps_reservations_over_the_bound_rather_than_drop_them():
@@ -511,7 +533,7 @@ async def redis_records(
         store = Store(Settings(redis_url=redis_url))
         await store.start()
         made.append(store)
-        return RedisRecords(store, ttl)
+        return RedisRecords(store, ttl, lease=LEASE)
 
     yield make
     for store in made:
@@ -554,7 +576,7 @@ async def test_redis_compare_and_set_survives_a_restart(redis_records, redis_ser
     store = Store(Settings(redis_url=redis_server.url), clock=monotonic)
     await store.start()
     try:
-        records = RedisRecords(store, 60.0)
+        records = RedisRecords(store, 60.0, lease=LEASE)
         owner = hex_id()
         await records.reserve(S("s"), reservation(clock, owner))
         assert await records.replace(S("s"), owner, completed(owner)) is True

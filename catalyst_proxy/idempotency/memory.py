@@ -1,11 +1,13 @@
 """Idempotency records in this process's memory: the default store, for one process.
 
-Records expire after the TTL and the set is bounded (count and bytes): past a
-bound the oldest records (by reservation) go first, counted in
-``catalyst_proxy_idempotency_evictions_total``; a reservation still within
-its lease is never dropped (that could let a retry through twice). Eviction
-works in batches, down to 1/32 below the bound, so that a full store does not
-pay an eviction pass on every request.
+Records expire after the TTL (a reservation after its lease and then the TTL:
+it never expires while its request may be in flight) and the set is bounded
+(count and bytes): past a bound the oldest records (by reservation) go first,
+counted in ``catalyst_proxy_idempotency_evictions_total``. A reservation is
+never dropped for room: in this store it belongs to a request of this process,
+still in flight however long its answer streams (dropping it would let a retry
+through twice). Eviction works in batches, down to 1/32 below the bound, so
+that a full store does not pay an eviction pass on every request.
 
 A record is kept as one flat tuple of plain values: its fields, the answer's
 header fields joined into one bytes object (NUL-separated: the upstream
@@ -114,7 +116,8 @@ class MemoryRecords:
                 return _record(entry)
             self._drop(slot)  # expired
         weight = ENTRY_WEIGHT + len(slot)
-        records[slot] = (RESERVED, owner, lease_until, "", 0, b"", b"", now + self._ttl, weight)
+        expires = max(now, lease_until) + self._ttl  # its lease, then the TTL
+        records[slot] = (RESERVED, owner, lease_until, "", 0, b"", b"", expires, weight)
         self._bytes += weight
         if len(records) > self._max_records or self._bytes > self._max_bytes:
             self._bound()
@@ -174,13 +177,13 @@ class MemoryRecords:
         count, size = len(records), self._bytes
         low_records, low_bytes = self._low_records, self._low_bytes
         victims: list[str] = []
-        spared: list[str] = []  # reservations within their lease: moved to the back
+        spared: list[str] = []  # reservations (requests in flight): moved to the back
         evicted = 0
         for slot, entry in records.items():
             if count <= low_records and size <= low_bytes:
                 break
             expires = entry[_EXPIRES]
-            if expires > now and entry[_STATE] == RESERVED and entry[_LEASE_UNTIL] > now:
+            if expires > now and entry[_STATE] == RESERVED:
                 spared.append(slot)
                 continue
             victims.append(slot)

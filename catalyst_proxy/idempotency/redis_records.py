@@ -1,12 +1,14 @@
 """Idempotency records in Redis/Valkey, shared by every worker and replica.
 
-- Reservation: ``SET slot record NX PX ttl``, atomic: of two gateways racing
-  on one key exactly one reserves it.
+- Reservation: ``SET slot record NX PX lease+ttl``, atomic: of two gateways
+  racing on one key exactly one reserves it. A reservation outlives its lease
+  by the TTL, whatever the TTL: it must never expire while its request may
+  still be in flight (a retry would be forwarded again).
 - Completion, "unknown" and release: compare-and-set on the record's owner
   token in a Lua script, never a plain ``SET``: a first attempt that outlived
   its record can never overwrite a newer one.
 - Keys are ``catalyst-idem:`` + a SHA-256 of scope and key: the client's key
-  is never stored. Records expire after the TTL.
+  is never stored. Completed and unknown records expire after the TTL.
 
 Redis must not evict them (``maxmemory-policy noeviction``: an evicted
 reservation would let a retry through twice); ``check_policy()`` warns at
@@ -22,7 +24,7 @@ from .. import log
 from ..ids import hex_id
 from ..store import Store, StoreUnavailable
 from .keys import slot
-from .records import OWNER_LENGTH, Record
+from .records import OWNER_LENGTH, RESERVED, Record
 
 PREFIX = "catalyst-idem:"
 
@@ -45,10 +47,12 @@ return 0
 
 
 class RedisRecords:
-    def __init__(self, store: Store, ttl: float) -> None:
+    def __init__(self, store: Store, ttl: float, *, lease: float) -> None:
+        """``lease``: how long a reservation may be in flight (the guard's lease)."""
         self._store = store
         self._redis = store.redis
         self._ttl_ms = max(int(ttl * 1000), 1)
+        self._hold_ms = self._ttl_ms + int(lease * 1000)  # a reservation: its lease, then TTL
         self._replace = self._redis.register_script(_REPLACE)
         self._release = self._redis.register_script(_RELEASE)
 
@@ -61,10 +65,9 @@ class RedisRecords:
     async def reserve(self, slot: str, record: Record) -> Record | None:
         key = PREFIX + slot
         data = record.encode()
+        hold_ms = self._hold_ms if record.state == RESERVED else self._ttl_ms
         for _ in range(2):  # the record met may expire between SET and GET: try once more
-            stored = await self._store.run(
-                lambda: self._redis.set(key, data, nx=True, px=self._ttl_ms)
-            )
+            stored = await self._store.run(lambda: self._redis.set(key, data, nx=True, px=hold_ms))
             if stored:
                 return None
             found: Any = await self._store.run(lambda: self._redis.get(key))

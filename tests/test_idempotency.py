@@ -51,7 +51,7 @@ from .rawhttp import (
 )
 from .redis_server import RedisServer
 from .serve_proc import ServeProcess, run_cli
-from .support import RawUpstream, free_socket
+from .support import RawUpstream, SlowLink, free_socket
 
 PURCHASE = "/api/v1/billing/purchase"
 SME_PURCHASE = "/api/v1/sme/billing/purchase"
@@ -1368,6 +1368,93 @@ async def test_redis_lost_after_the_reservation_still_delivers_the_answer(
         log.IDEMPOTENCY_STORE_ERROR
     ]
     assert metric(await gw.metrics_text(), IDEM_TOTAL, outcome="store-error") == 1
+
+
+def reserved_now(server: RedisServer) -> list[bytes]:
+    """The reservations in Redis (records whose state is reserved)."""
+    return [name for name in idem_keys(server)
+            if b'"state":"reserved"' in (server.command("GET", name) or b"")]  # fmt: skip
+
+
+@pytest.fixture
+async def slow_redis(redis_url: str, redis_server: RedisServer) -> AsyncIterator[SlowLink]:
+    """The session's Redis behind a link whose replies a test can hold back."""
+    link = await SlowLink(redis_server.port).start()
+    yield link
+    await link.close()
+
+
+async def test_a_reservation_whose_reply_is_lost_is_taken_back(
+    gateway, upstream, bearer, redis_server, slow_redis
+):
+    """The reservation reaches Redis but its reply comes too late (past the command timeout):
+    the client gets 503 idempotency-store-unavailable, forwarded no, and the reservation it
+    cannot know about is released in the background once the store answers again: the key
+    is then forwarded once, as the contract says of a 503 with nothing forwarded."""
+    monotonic = Clock(1000.0)
+    up = await upstream(ok())
+    gw = await gateway(upstream=up.url, redis_url=slow_redis.url, monotonic=monotonic)
+    auth = bearer()
+    await assert_forwarded_once(gw, up, auth, "before")  # the scripts are loaded
+    slow_redis.reply_delay = 0.7  # past the 0.5 s command timeout
+    status, headers, body = await post(gw, auth, "lost-reply")
+    assert (status, error_of(body)) == (503, "idempotency-store-unavailable")
+    assert headers["X-Catalyst-Forwarded"] == "no"
+    slow_redis.reply_delay = 0.0
+    await eventually(lambda: bool(reserved_now(redis_server)))  # the late SET did land
+    monotonic.now += 2  # past the store's pause after a failure: the release goes through
+    await eventually(lambda: not reserved_now(redis_server))
+    await assert_forwarded_once(gw, up, auth, "lost-reply")
+
+
+async def test_a_client_gone_while_its_reservation_is_on_its_way_leaves_no_reservation(
+    gateway, upstream, bearer, redis_server, slow_redis
+):
+    """The client leaves while its reservation is on its way to Redis (the handler is
+    cancelled before any reply): the reservation is released in the background, and the key
+    is forwarded once on the next try."""
+    up = await upstream(ok())
+    gw = await gateway(upstream=up.url, redis_url=slow_redis.url)
+    auth = bearer()
+    await assert_forwarded_once(gw, up, auth, "before")
+    slow_redis.reply_delay = 0.3  # slow, within the command timeout
+    headers = [*keyed(auth, "gone").items(), ("Content-Length", str(len(ORDER)))]
+    _, writer = await raw_client(gw.url)
+    writer.write(request_bytes("POST", PURCHASE, headers, ORDER))
+    await eventually(lambda: bool(reserved_now(redis_server)))  # the SET is there, its reply not
+    writer.close()  # the client goes away
+    await eventually(lambda: not reserved_now(redis_server))
+    slow_redis.reply_delay = 0.0
+    await assert_forwarded_once(gw, up, auth, "gone")
+
+
+async def test_a_release_refused_while_the_store_pauses_is_retried(
+    gateway, upstream, bearer, redis_url, redis_server
+):
+    """A keyed request refused before anything was forwarded (503 gateway-overloaded) while
+    the store pauses after another failure: its release is refused too, then retried in the
+    background once the pause is over, and the key is forwarded once on the next try."""
+    monotonic = Clock(1000.0)
+    gate = Gate(when=lambda seen: "Idempotency-Key" not in seen.headers)
+    up = await upstream(gate)
+    gw = await gateway(upstream=up.url, redis_url=redis_url, monotonic=monotonic,
+                       upstream_max_connections=1, upstream_timeout_seconds=1.0)  # fmt: skip
+    auth = bearer()
+    holder = asyncio.create_task(post(gw, auth, None))  # holds the only connection
+    await up.until(lambda: len(up.complete) == 1)
+    waiting = asyncio.create_task(post(gw, auth, "paused"))  # reserves, waits in line
+    await eventually(lambda: bool(reserved_now(redis_server)))
+    assert gw.parts.store is not None
+    gw.parts.store.failed(OSError("another request's failure"))  # the store pauses (1 s)
+    status, headers, body = await waiting
+    assert (status, error_of(body)) == (503, "gateway-overloaded")
+    assert headers["X-Catalyst-Forwarded"] == "no"
+    assert reserved_now(redis_server)  # the release was refused
+    gate.open.set()
+    await holder
+    monotonic.now += 2  # the pause is over
+    await eventually(lambda: not reserved_now(redis_server))
+    await assert_forwarded_once(gw, up, auth, "paused")
 
 
 # --- the real server, as a child process ---------------------------------------------------

@@ -13,11 +13,20 @@ An ``Attempt`` is the life of one keyed request (see ``records.py``):
 (409 in use, 409 outcome unknown, 422 another request, 409 replay
 unavailable, or the answer to replay); a new one ends ``complete()``,
 ``unknown()`` or ``release()``d.
+
+With a shared store every update of a reservation runs as a task of its own
+(a client that leaves cannot cut it off), and one the store refuses is tried
+again in the background, backing off, until the reservation's lease is over:
+a key must not stay reserved (and then read as "outcome unknown" for the
+whole TTL) because the store blinked. A reservation whose reply never came
+back (a lost reply, the client gone while it was on its way) is taken back
+the same way: its owner token is known before it is sent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from typing import Any
@@ -49,6 +58,8 @@ AUTO_UPSTREAMS = frozenset(
     }
 )
 LEASE_MARGIN = 30.0  # a reservation older than the budget plus this, unfinished, is unknown
+RETRY_FIRST = 0.5  # s before a failed record update is tried again (then doubled, up to:)
+RETRY_MOST = 5.0
 HEADER = "Idempotency-Key"
 
 
@@ -107,6 +118,7 @@ class Idempotency:
         self._clock = clock
         self._outcomes = metrics.idempotency
         self._pending: set[asyncio.Task[None]] = set()
+        self._closing = asyncio.Event()  # set by close(): retries stop
         self._logger = log.get_logger()
 
     @property
@@ -144,7 +156,11 @@ class Idempotency:
                 existing = await records.reserve(where, Record(RESERVED, owner, lease_until))
         except StoreUnavailable as exc:
             self.count("store-error")
+            self._take_back(where, owner)  # the reply may be what was lost
             raise IdempotencyStoreUnavailable(str(exc)) from None
+        except asyncio.CancelledError:
+            self._take_back(where, owner)  # the client left while it was on its way
+            raise
         if existing is None:
             self.count("new")
         return Attempt(self, where, owner, existing)
@@ -160,22 +176,69 @@ class Idempotency:
         return task
 
     async def close(self) -> None:
-        """Shutdown: wait for the record updates still on their way."""
+        """Shutdown: wait for the record updates on their way; retries stop trying."""
+        self._closing.set()
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
+        self._closing = asyncio.Event()
 
     async def _settle(self, where: str, owner: str, record: Record | None) -> None:
-        """Replace (record) or release (None) a reservation of ours; a failure is logged."""
+        """Replace (record) or release (None) a reservation of ours (see the module's text)."""
+        if self._memory is not None:
+            await self._update(where, owner, record)  # in memory: at once, never fails
+        else:
+            await asyncio.shield(self.later(self._update_or_retry(where, owner, record)))
+
+    def _take_back(self, where: str, owner: str) -> None:
+        """Release a reservation that may have been stored though no reply said so."""
+        if self._memory is None:
+            self.later(self._update_or_retry(where, owner, None, report=False))
+
+    async def _update(self, where: str, owner: str, record: Record | None) -> None:
+        if record is None:
+            await self._records.release(where, owner)
+        else:
+            await self._records.replace(where, owner, record)
+
+    async def _update_or_retry(
+        self, where: str, owner: str, record: Record | None, *, report: bool = True
+    ) -> None:
+        """One try now; if the store refuses, counted and logged, and retried in the
+        background (the caller does not wait for the retries)."""
         try:
-            if record is None:
-                await self._records.release(where, owner)
-            else:
-                await self._records.replace(where, owner, record)
+            await self._update(where, owner, record)
+            return
         except StoreUnavailable as exc:
-            # The reservation stays; past its lease it reads as unknown (never a resend).
-            self.count("store-error")
-            self._logger.warning(log.IDEMPOTENCY_STORE_ERROR, reason=str(exc),
-                                 outcome=record.state if record else "release")  # fmt: skip
+            if report:
+                self.count("store-error")
+                self._logger.warning(log.IDEMPOTENCY_STORE_ERROR, reason=str(exc),
+                                     outcome=_change(record))  # fmt: skip
+        self.later(self._retry(where, owner, record))
+
+    async def _retry(self, where: str, owner: str, record: Record | None) -> None:
+        """Try a refused update again, backing off, until the lease is over or shutdown. (Until
+        it lands, the reservation reads as in use, then as unknown: never a resend.)"""
+        give_up_at = self._clock() + self._lease
+        delay = RETRY_FIRST
+        closing = self._closing
+        while not closing.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(closing.wait(), delay)
+            if closing.is_set():
+                return
+            try:
+                await self._update(where, owner, record)
+                return
+            except StoreUnavailable as exc:
+                if self._clock() >= give_up_at:
+                    self._logger.warning(log.IDEMPOTENCY_STORE_ERROR, reason=str(exc),
+                                         outcome=_change(record), gave_up=True)  # fmt: skip
+                    return
+            delay = min(delay * 2, RETRY_MOST)
+
+
+def _change(record: Record | None) -> str:
+    return record.state if record is not None else "release"
 
 
 class Attempt:
@@ -231,7 +294,7 @@ class Attempt:
             memory.complete_now(self._where, self._owner, fingerprint, status, headers, body)
             return None
         record = Record(COMPLETED, self._owner, 0.0, fingerprint, status, tuple(headers), body)
-        return self._guard._settle(self._where, self._owner, record)
+        return self._guard._update_or_retry(self._where, self._owner, record)
 
     async def unknown(self) -> None:
         """It may have been acted on (502/504 after sending, the client gone mid-exchange)."""

@@ -336,6 +336,9 @@ class Proxy:
         head_only = request.method == "HEAD"
         kept: bytearray | None = bytearray() if attempt is not None else None
         limit = self._idem.max_body_bytes if self._idem is not None else 0
+        # With an attempt each piece goes out once the next one is here: the last waits
+        # for the record, so that no client holds a whole answer not yet recorded.
+        held = b""
         try:
             while chunk := await upstream.read():
                 if kept is not None:
@@ -343,8 +346,14 @@ class Proxy:
                         kept += chunk
                     else:
                         kept = None  # too large to record: replays will say so
-                if not head_only:
+                if head_only:
+                    continue
+                if attempt is None:
                     await response.write(chunk)
+                    continue
+                if held:
+                    await response.write(held)
+                held = chunk
         except BodyBroken as exc:
             # The upstream stalled or broke off mid-body: close the client's connection
             # before the declared length / final chunk, so the client sees an aborted
@@ -362,8 +371,13 @@ class Proxy:
             raise
         if attempt is not None and hasher is not None:
             body = bytes(kept) if kept is not None else None
+            if held and not progress.sent:  # an early answer goes first (see _record)
+                await response.write(held)
+                held = b""
             await self._record(request, exchange, upstream, attempt, hasher, progress,
                                body, response)  # fmt: skip
+        if held:
+            await response.write(held)
         return response
 
     async def _record(

@@ -1304,6 +1304,52 @@ async def test_an_answer_is_never_complete_before_its_record(
         await scripts.close()
 
 
+async def test_a_streamed_answer_is_never_complete_before_its_record(
+    gateway, upstream, bearer, redis_url, redis_server
+):
+    """The same for an answer that streams (its head forwarded before its body came) with a
+    declared length: the last of its body waits for the record's write, so the client never
+    holds a whole answer whose retry would be 409 in use."""
+    scripts = await ScriptGate(redis_server).start()
+    body_may_come = asyncio.Event()
+
+    async def head_then_body(
+        seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(ORDER_ANSWER))  # fmt: skip
+        await writer.drain()
+        await body_may_come.wait()
+        writer.write(ORDER_ANSWER)
+        await writer.drain()
+        return True
+
+    try:
+        up = await upstream(head_then_body)
+        gw = await gateway(upstream=up.url, redis_url=scripts.url)
+        auth = bearer()
+        headers = [*keyed(auth, "streamed").items(), ("Content-Length", str(len(ORDER)))]
+        reader, writer = await raw_client(gw.url)
+        try:
+            writer.write(request_bytes("POST", PURCHASE, headers, ORDER))
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200 ")  # streamed: the head came before the body
+            body_may_come.set()
+            await eventually(scripts.held.is_set)  # the record's write is on its way
+            with pytest.raises(TimeoutError):  # a bounded wait for what must not happen
+                await asyncio.wait_for(reader.readexactly(len(ORDER_ANSWER)), 0.3)
+            scripts.open.set()
+            assert await asyncio.wait_for(reader.readexactly(len(ORDER_ANSWER)), 5) == ORDER_ANSWER
+        finally:
+            writer.close()
+        status, headers_back, body = await post(gw, auth, "streamed")
+        assert (status, body) == (200, ORDER_ANSWER)
+        assert headers_back["Idempotent-Replayed"] == "true"
+        assert len(up.requests) == 1
+    finally:
+        await scripts.close()
+
+
 async def test_redis_never_holds_the_clients_key(
     gateway, upstream, bearer, redis_url, redis_server
 ):

@@ -262,7 +262,8 @@ class MintFailed(ProxyError):
 
 class UpstreamBadResponse(ProxyError):
     """The SME gateway closed the connection or sent something that is not HTTP
-    before a complete status line and headers.
+    before a complete status line and headers, or an answer the gateway cannot
+    pass on unchanged (a status under 100, a transfer coding other than chunked).
     """
 
     status, code = 502, "sme-gateway-bad-response"

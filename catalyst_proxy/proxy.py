@@ -360,7 +360,8 @@ class Proxy:
             # transfer, never a clean short answer.
             self._metrics.failures[exc.kind].inc()
             info.error = "sme-gateway-aborted"
-            framed_by_close = not response.chunked and response.content_length is None
+            # aiohttp chunks an HTTP/1.1 answer of unknown length; to HTTP/1.0 it cannot.
+            framed_by_close = request.version < HttpVersion11 and response.content_length is None
             _abort(request.transport, reset=framed_by_close)
             if attempt is not None:
                 await attempt.unknown()  # it was acted on, but its answer is lost
@@ -372,7 +373,11 @@ class Proxy:
         if attempt is not None and hasher is not None:
             body = bytes(kept) if kept is not None else None
             if held and not progress.sent:  # an early answer goes first (see _record)
-                await response.write(held)
+                try:
+                    await response.write(held)
+                except BaseException:
+                    attempt.settle_later(sent=True)  # the client left: acted on, unrecorded
+                    raise
                 held = b""
             await self._record(request, exchange, upstream, attempt, hasher, progress,
                                body, response)  # fmt: skip

@@ -25,6 +25,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from structlog.testing import capture_logs
 
 from catalyst_proxy import log
@@ -1348,6 +1349,53 @@ async def test_a_streamed_answer_is_never_complete_before_its_record(
         assert len(up.requests) == 1
     finally:
         await scripts.close()
+
+
+async def test_a_client_leaving_as_the_last_piece_of_an_early_answer_waits_is_unknown(
+    gateway, bearer, monkeypatch
+):
+    """An early answer (the SME gateway answers before the whole body is in) that streams,
+    and a client that stops reading just as its last piece is written, then leaves: the
+    attempt is settled as unknown (it was acted on), never left reserved (409 in use)."""
+    head_seen, last_blocked = asyncio.Event(), asyncio.Event()
+
+    async def early_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")  # the head only: the body is not all there
+        writer.write(b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")  # fmt: skip
+        await writer.drain()
+        await head_seen.wait()
+        writer.write(b"4\r\nlast\r\n0\r\n\r\n")
+        await writer.drain()
+        await reader.read()
+
+    real_write = web.StreamResponse.write
+
+    async def write(self: web.StreamResponse, data: bytes | bytearray | memoryview) -> None:
+        if bytes(data) == b"last":  # the client has stopped reading: this write waits
+            last_blocked.set()
+            await asyncio.Event().wait()
+        await real_write(self, data)
+
+    monkeypatch.setattr(web.StreamResponse, "write", write)
+    up = await RawUpstream(early_answer).start()
+    try:
+        gw = await gateway(upstream=up.url)
+        auth = bearer()
+        headers = [*keyed(auth, "early").items(), ("Content-Length", str(len(ORDER)))]
+        reader, writer = await raw_client(gw.url)
+        writer.write(request_bytes("POST", PURCHASE, headers, ORDER[:5]))
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 400 ")
+        head_seen.set()
+        await asyncio.wait_for(last_blocked.wait(), 5)
+        writer.transport.abort()  # the client leaves
+        await settled(gw)
+        assert metric(await gw.metrics_text(), IDEM_TOTAL, outcome="unknown") == 1
+        status, _, body = await post(gw, auth, "early")
+        assert (status, error_of(body)) == (409, "idempotency-outcome-unknown")
+    finally:
+        await up.close()
 
 
 async def test_redis_never_holds_the_clients_key(

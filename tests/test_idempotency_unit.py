@@ -456,6 +456,27 @@ async def test_memory_never_drops_a_reservation_for_room():
     assert await records.reserve(S("held"), reservation(clock)) == held
 
 
+async def test_memory_spares_past_lease_reservations_only_up_to_what_can_be_in_flight():
+    """Past their lease, reservations are spared for room only up to ``max_in_flight`` (as many
+    requests as the process can have in flight); more can only be leaked by a fault, and go
+    oldest first rather than pin the store: new answers are still kept."""
+    clock = Clock(NOW)
+    records, _ = memory(clock, max_records=8, max_in_flight=2)
+    leaked = [hex_id() for _ in range(6)]
+    for index, owner in enumerate(leaked):
+        await records.reserve(S(f"leaked-{index}"), reservation(clock, owner))
+    clock.now += LEASE + 1
+    for index in range(8):
+        owner = hex_id()
+        assert await records.reserve(S(f"new-{index}"), reservation(clock, owner)) is None
+        assert await records.replace(S(f"new-{index}"), owner, completed(owner)) is True
+    found = await records.reserve(S("new-7"), reservation(clock))
+    assert found is not None
+    assert found.state == COMPLETED
+    still_there = [await records.release(S(f"leaked-{i}"), owner) for i, owner in enumerate(leaked)]
+    assert 0 < sum(still_there) <= 2
+
+
 async def test_a_reservation_outlives_its_lease_by_the_ttl_however_short(stores, redis_server):
     """A reservation is kept for its lease and then the TTL, even when the TTL is shorter than
     the lease: it never expires while its request may still be in flight, which would let a

@@ -4,10 +4,14 @@ Records expire after the TTL (a reservation after its lease and then the TTL:
 it never expires while its request may be in flight) and the set is bounded
 (count and bytes): past a bound the oldest records (by reservation) go first,
 counted in ``catalyst_proxy_idempotency_evictions_total``. A reservation is
-never dropped for room: in this store it belongs to a request of this process,
+not dropped for room: in this store it belongs to a request of this process,
 still in flight however long its answer streams (dropping it would let a retry
-through twice). Eviction works in batches, down to 1/32 below the bound, so
-that a full store does not pay an eviction pass on every request.
+through twice). Within its lease that holds without exception; past it, for at
+most ``max_in_flight`` of them (as many requests as the process can have in
+flight: upstream connections plus waiters). More than that can only be
+reservations a fault left unsettled; they go, oldest first, rather than pin the
+store. Eviction works in batches, down to 1/32 below the bound, so that a full
+store does not pay an eviction pass on every request.
 
 A record is kept as one flat tuple of plain values: its fields, the answer's
 header fields joined into one bytes object (NUL-separated: the upstream
@@ -32,6 +36,7 @@ from typing import Final
 from .records import COMPLETED, RESERVED, Record
 
 MAX_RECORDS = 20_000
+MAX_IN_FLIGHT = 1_100  # the contract's defaults: 100 upstream connections, 1,000 waiting
 MAX_BYTES = 8 * 1024 * 1024  # ~9,600 answers of 120 bytes with 5 header fields
 # An entry's bytes besides its slot's characters, its header bytes and its body, which are
 # added to it: the tuple, the objects it holds and its place in the dict (measured with
@@ -66,8 +71,10 @@ class MemoryRecords:
         max_bytes: int = MAX_BYTES,
         clock: Callable[[], float] = time.time,
         on_evict: Callable[[int], None] | None = None,
+        max_in_flight: int = MAX_IN_FLIGHT,
     ) -> None:
         self._ttl = ttl
+        self._max_in_flight = max_in_flight
         self._max_records = max_records
         self._max_bytes = max_bytes
         # Where an eviction pass stops: a little below the bounds.
@@ -177,15 +184,20 @@ class MemoryRecords:
         count, size = len(records), self._bytes
         low_records, low_bytes = self._low_records, self._low_bytes
         victims: list[str] = []
-        spared: list[str] = []  # reservations (requests in flight): moved to the back
+        spared: list[str] = []  # reservations within their lease: moved to the back
+        past_lease = 0  # reservations past it, spared (up to max_in_flight)
         evicted = 0
         for slot, entry in records.items():
             if count <= low_records and size <= low_bytes:
                 break
             expires = entry[_EXPIRES]
             if expires > now and entry[_STATE] == RESERVED:
-                spared.append(slot)
-                continue
+                if entry[_LEASE_UNTIL] > now:
+                    spared.append(slot)
+                    continue
+                if past_lease < self._max_in_flight:
+                    past_lease += 1  # left in place: every pass counts it against the cap
+                    continue
             victims.append(slot)
             count -= 1
             size -= entry[_WEIGHT]

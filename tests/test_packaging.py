@@ -41,3 +41,15 @@ def test_the_wheel_builds_without_warnings_and_holds_the_package_only(tmp_path: 
         for path in (ROOT / "catalyst_proxy").rglob("__init__.py")
     }
     assert packages == expected
+
+
+def test_the_package_imports_where_poll_is_not_linuxs() -> None:
+    """The upstream client imports where ``select`` has no POLLRDHUP (macOS) or no ``poll``
+    at all (Windows): it checks idle connections with what there is."""
+    code = (
+        "import select; del select.POLLRDHUP; import catalyst_proxy.cli\n"
+        "del select.poll; import importlib, catalyst_proxy.upstream.connection as c; "
+        "importlib.reload(c)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

@@ -52,8 +52,10 @@ MAX_HEADER_FIELDS = 128
 MAX_TRAILER_BYTES = MAX_HEAD_BYTES  # trailer fields are dropped, but not read without end
 _TRANSFER_ENCODING = b"transfer-encoding"
 # Anything to read on an idle connection (bytes, or the peer's FIN); errors and hang-ups
-# are always reported.
-_READABLE = select.POLLIN | select.POLLRDHUP
+# are always reported. (POLLRDHUP is Linux's; select.poll is missing on Windows, where
+# reuse goes unchecked, as before.)
+_READABLE = select.POLLIN | getattr(select, "POLLRDHUP", 0)
+_HAS_POLL = hasattr(select, "poll")
 
 
 class State(enum.Enum):
@@ -119,7 +121,7 @@ class Connection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
         self._body.attach(self._transport)
         sock = transport.get_extra_info("socket")
-        if sock is not None:
+        if sock is not None and _HAS_POLL:
             self._poll = select.poll()
             self._poll.register(sock.fileno(), _READABLE)
 

@@ -154,6 +154,7 @@ def _openapi() -> None:
     environ = dict(os.environ)
     if not any(environ.get(name) for name in _KEY_SOURCES):
         environ["CATALYST_JWKS_URL"] = "http://unused.invalid/"  # the document needs no keys
+    log.configure(fmt="console", stream=sys.stderr)  # stdout is the document: warnings elsewhere
     try:
         app = create_app(Settings.from_env(environ))
     except ConfigError as exc:

@@ -187,6 +187,18 @@ async def test_served_document_equals_the_cli_output(environ):
     assert json.loads(served) == build(env)
 
 
+async def test_the_printed_document_is_all_of_stdout_whatever_is_logged(environ, tmp_path):
+    """`catalyst-proxy openapi` prints the document alone on stdout: a warning made while the
+    app is built (here a bridge secret file that is too short) goes to stderr."""
+    secret = tmp_path / "JWT_SECRET"
+    secret.write_bytes(b"short")
+    env = {**environ["defaults"], "CATALYST_SME_JWT_SECRET_FILE": str(secret)}
+    status, printed, stderr = await run_cli("openapi", env=env)
+    assert status == 0
+    assert json.loads(printed) == build(environ["defaults"])
+    assert "bridge_secret.short" in stderr
+
+
 @pytest.mark.parametrize("name", ["defaults", "strict"])
 def test_every_route_appears_with_exactly_its_methods(environ, name):
     """Every route of the table and every alias of the routes file is a path with exactly its

@@ -116,7 +116,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def _serve(host: str, port: int, workers: int = 1) -> None:
     from .app import create_app
-    from .server import serve
+    from .server import ListenError, serve
     from .workers import listen_socket, supervise
 
     try:
@@ -127,11 +127,10 @@ def _serve(host: str, port: int, workers: int = 1) -> None:
     except ConfigError as exc:
         _fail(str(exc))
     if workers == 1:
-        try:  # bound here, so that a taken port is a usage error (exit 2), not a traceback
-            sock = listen_socket(host, port, reuse_port=False)
-        except OSError as exc:
-            _fail(f"--port {port}: {exc.strerror}")
-        _run(serve(app, host, port, sock=sock))
+        try:
+            _run(serve(app, host, port))
+        except ListenError as exc:  # a taken port: a usage error (exit 2), not a traceback
+            _fail(f"--port {port}: {exc.reason}")
         return
     if port == 0:
         _fail("--workers needs a fixed --port (each worker binds it with SO_REUSEPORT)")

@@ -13,6 +13,15 @@ from . import log, native
 from .app import PARTS
 from .runner import Runner
 
+
+class ListenError(Exception):
+    """The address could not be listened on (taken, not this host's): a usage error."""
+
+    def __init__(self, exc: OSError) -> None:
+        super().__init__(exc.strerror or str(exc))
+        self.reason = exc.strerror or str(exc)
+
+
 _DRAIN_POLL = 0.05  # how often the drain looks for connections still open
 _CANCEL_WAIT = 0.1  # after the grace: how long a cancelled request may take to unwind
 
@@ -39,7 +48,11 @@ async def serve(
         if sock is not None
         else web.TCPSite(runner, host, port, backlog=1024)
     )
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ListenError(exc) from None
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)

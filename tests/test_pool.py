@@ -12,6 +12,7 @@ import asyncio
 import pytest
 
 from catalyst_proxy.upstream import Breaker
+from catalyst_proxy.upstream.client import Client
 from catalyst_proxy.upstream.failures import PoolOverloaded
 from catalyst_proxy.upstream.pool import Pool
 
@@ -39,5 +40,50 @@ async def test_a_turn_that_comes_as_the_budget_runs_out_is_overloaded_not_unreac
         fresh.abort()
     finally:
         pool.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_connection_handed_over_as_the_budget_runs_out_is_passed_on_unused() -> None:
+    """The only connection is busy; a request waits with its budget all but spent; the busy
+    exchange ends and the connection is handed to it: it is refused with PoolOverloaded
+    before a byte is written, and the connection, unused, serves the next request."""
+    requests: list[bytes] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                requests.append(head)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    loop = asyncio.get_running_loop()
+    client = Client(f"http://127.0.0.1:{port}", timeout=5.0, max_connections=1, max_pending=10,
+                    idle_seconds=15, breaker=Breaker(5, 5.0))  # fmt: skip
+    await client.start()
+    try:
+        busy = await client.request(b"GET", b"/first", b"", None, None)
+        assert busy.complete
+        assert busy.body() == b"ok"
+        waiting = asyncio.create_task(client.pool.acquire(loop.time()))  # no budget left
+        await asyncio.sleep(0)  # it runs up to its wait in line (this turn, before us)
+        assert client.pool.waiting == 1
+        busy.release()  # the connection goes to the one in line
+        with pytest.raises(PoolOverloaded):
+            await waiting
+        assert client.pool.idle == 1  # passed on unused
+        nxt = await client.request(b"GET", b"/next", b"", None, None)
+        assert nxt.body() == b"ok"
+        nxt.release()
+        assert [head.split(b" ")[1] for head in requests] == [b"/first", b"/next"]
+        assert client.pool.open == 1
+    finally:
+        await client.close()
         server.close()
         await server.wait_closed()

@@ -35,9 +35,10 @@ class _Slot:
 
 
 SLOT: Final = _Slot()
-# Less budget than this left when a waiter is given the right to connect: its budget ran
-# out while it waited (503 overloaded); a connect that could not succeed in time must not
-# read as the SME gateway unreachable, nor count against it in the breaker.
+# Less budget than this left when a waiter's turn comes (a connection, or the right to open
+# one): its budget ran out while it waited (503 overloaded, nothing sent). A connect that
+# could not succeed in time must not read as the SME gateway unreachable, nor count against
+# it in the breaker; a request written with no time left for the answer would be a 504.
 CONNECT_FLOOR: Final = 0.001
 _TIMEOUT: Final = object()  # the waiter's budget ran out
 _RECHECK: Final = object()  # the breaker opened: look again (and be refused)
@@ -101,12 +102,10 @@ class Pool:
                 self._slots += 1
                 return await self._connect(deadline)
             granted = await self._wait(deadline)
+            if deadline - self._loop.time() < CONNECT_FLOOR:  # handed over too late to use
+                self._pass_on(granted)
+                raise PoolOverloaded("the time budget ran out waiting for an upstream connection")
             if granted is SLOT:
-                if deadline - self._loop.time() < CONNECT_FLOOR:  # handed over too late
-                    self._free_slot()
-                    raise PoolOverloaded(
-                        "the time budget ran out waiting for an upstream connection"
-                    )
                 return await self._connect(deadline)
             if isinstance(granted, Connection) and granted.reserve():
                 return granted

@@ -49,6 +49,10 @@ class StoreUnavailable(Exception):
     """The store could not be reached (or answered with an error); the reason is for logs."""
 
 
+class StorePaused(StoreUnavailable):
+    """Refused without being sent: the store pauses after a failure (nothing reached it)."""
+
+
 class _PasswordFile(CredentialProvider):
     """The password from a file, read for each new connection (rotation without restart)."""
 
@@ -131,7 +135,7 @@ class Store:
     async def run(self, command: Callable[[], Awaitable[T]]) -> T:
         """Run one store command; StoreUnavailable if the store is down or fails."""
         if self._down_until and self._clock() < self._down_until:
-            raise StoreUnavailable(self.last_error or "the store is down")
+            raise StorePaused(self.last_error or "the store is down")
         try:
             result = await command()
         except (RedisError, OSError, TimeoutError) as exc:

@@ -1522,6 +1522,27 @@ async def test_a_client_gone_while_its_reservation_is_on_its_way_leaves_no_reser
     await assert_forwarded_once(gw, up, auth, "gone")
 
 
+async def test_a_key_refused_while_the_store_pauses_leaves_nothing_to_take_back(
+    gateway, upstream, bearer, redis_url, redis_server
+):
+    """While the store pauses after a failure, a keyed request is 503 store-unavailable without
+    its reservation ever being sent: nothing can have been stored, so no release is started
+    in the background (only a reservation that was sent and unanswered is taken back)."""
+    monotonic = Clock(1000.0)
+    up = await upstream(ok())
+    gw = await gateway(upstream=up.url, redis_url=redis_url, monotonic=monotonic)
+    auth = bearer()
+    await assert_forwarded_once(gw, up, auth, "before")
+    assert gw.parts.store is not None
+    gw.parts.store.failed(OSError("another request's failure"))  # the store pauses (1 s)
+    status, _, body = await post(gw, auth, "paused-key")
+    assert (status, error_of(body)) == (503, "idempotency-store-unavailable")
+    assert not gw.parts.idempotency._pending  # no take-back on its way
+    assert not reserved_now(redis_server)
+    monotonic.now += 2
+    await assert_forwarded_once(gw, up, auth, "paused-key")
+
+
 async def test_a_release_refused_while_the_store_pauses_is_retried(
     gateway, upstream, bearer, redis_url, redis_server
 ):

@@ -43,7 +43,7 @@ from ..errors import (
 )
 from ..metrics import Metrics
 from ..routes import Route
-from ..store import StoreUnavailable
+from ..store import StorePaused, StoreUnavailable
 from .keys import parse_key, scope
 from .memory import MemoryRecords
 from .records import COMPLETED, RESERVED, UNKNOWN, Record, Records
@@ -156,7 +156,8 @@ class Idempotency:
                 existing = await records.reserve(where, Record(RESERVED, owner, lease_until))
         except StoreUnavailable as exc:
             self.count("store-error")
-            self._take_back(where, owner)  # the reply may be what was lost
+            if not isinstance(exc, StorePaused):  # it was sent: the reply may be what was lost
+                self._take_back(where, owner)
             raise IdempotencyStoreUnavailable(str(exc)) from None
         except asyncio.CancelledError:
             self._take_back(where, owner)  # the client left while it was on its way

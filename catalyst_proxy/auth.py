@@ -250,10 +250,12 @@ def find_token(headers: Any, cookie_secret: bytes | None) -> str:
     if cookie_secret is None:
         return str(cookies[0])
     token, _, signature = cookies[0].rpartition(".")
+    if not token or not cookies[0].isascii():  # a JWS and base64url are ASCII: a forgery
+        raise _invalid("bad_cookie_signature", "session cookie signature does not verify")
     expected = base64.urlsafe_b64encode(
         hmac.new(cookie_secret, token.encode(), hashlib.sha256).digest()
     ).rstrip(b"=")
-    if not token or not hmac.compare_digest(signature.encode(), expected):
+    if not hmac.compare_digest(signature.encode(), expected):
         raise _invalid("bad_cookie_signature", "session cookie signature does not verify")
     return token
 

@@ -15,6 +15,7 @@ import pytest
 from multidict import CIMultiDict
 
 from .auth_support import ORDER, PURCHASE, Clock, call, claims, present
+from .rawhttp import exchange, request_bytes
 from .support import b64, cookie_signature, sign
 
 CHALLENGE = 'Bearer realm="catalyst-proxy"'
@@ -116,6 +117,18 @@ async def test_hmac_cookie_without_the_right_signature_is_refused(gateway, rsa_k
     token = rs256(claims(), rsa_key)
     cookie = _hmac_cookie_variants(token)[variant]
     assert_refused(gw, await purchase(gw, {"Cookie": f"catalyst_session={cookie}"}))
+
+
+async def test_a_cookie_with_a_byte_outside_ascii_is_refused_not_an_error(gateway, rsa_key):
+    """With a cookie secret, a session cookie holding a byte outside ASCII (which no JWS or
+    base64url signature holds) is 401, like any bad signature: never a 500."""
+    gw = await gateway(session_cookie_secret=COOKIE_SECRET)
+    token = rs256(claims(), rsa_key)
+    cookie = f"catalyst_session={token}\xff.{cookie_signature(token, COOKIE_SECRET)}"
+    request = request_bytes("POST", PURCHASE, [("Cookie", cookie), ("Content-Length", "2")], b"{}")
+    [response] = await exchange(gw.url, request)
+    assert (response.status, json.loads(response.body)) == (401, {"error": "unauthenticated"})
+    assert gw.sme.received == []
 
 
 async def test_bearer_needs_no_cookie_signature(gateway, rsa_key):

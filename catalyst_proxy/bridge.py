@@ -62,7 +62,7 @@ def _is_operator(claims: Mapping[str, Any], operator_email: str) -> bool:
     email = claims.get("email")
     if not isinstance(email, str) or claims.get("email_verified") is False:
         return False
-    return _ascii_fold(email.strip()) == _ascii_fold(operator_email.strip())
+    return _ascii_fold(email.strip(_ASCII_SPACE)) == _ascii_fold(operator_email.strip(_ASCII_SPACE))
 
 
 def _ascii_fold(text: str) -> str:
@@ -71,6 +71,9 @@ def _ascii_fold(text: str) -> str:
 
 
 _ASCII_LOWER = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}
+# What "trimmed" removes: ASCII white space only (str.strip() would also take a no-break
+# space, U+3000, U+2028, U+0085 and the C0 separators: look-alike addresses).
+_ASCII_SPACE = " \t\r\n\f\v"
 
 
 class BridgeSecret:

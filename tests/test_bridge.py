@@ -130,6 +130,12 @@ OWNER = "owner@example.test"
         ("owner@exampl\u0435.test", {}, False),  # Cyrillic ie, not e
         ("owner@example.\u0130est".lower(), {}, False),
         ("owner@example.test,other@example.test", {}, False),
+        ("\towner@example.test\r\n", {}, True),  # ASCII white space is trimmed
+        ("owner@example.test\u00a0", {}, False),  # other white space is not
+        ("\u3000owner@example.test", {}, False),
+        ("owner@example.test\u2028", {}, False),
+        ("owner@example.test\x1f", {}, False),
+        ("owner@example.test\x85", {}, False),
     ],
 )
 def test_operator_email_stamping(email, extra, stamped):

@@ -22,7 +22,7 @@ import os
 import re
 import sys
 import time
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from typing import Any, TextIO
 
 import orjson
@@ -140,7 +140,7 @@ def configure(*, fmt: str = "json", level: str = "info", stream: TextIO | None =
     atexit.register(sink.flush)
     renderer: Any
     if fmt == "console":
-        renderer = structlog.dev.ConsoleRenderer(colors=False)
+        renderer = console_renderer()
     else:
         renderer = structlog.processors.JSONRenderer(serializer=_dumps)
     threshold = logging.getLevelNamesMapping()[level.upper()]
@@ -216,6 +216,22 @@ _CREDENTIAL = re.compile(
 def redact_text(text: str) -> str:
     """``text`` with every credential-looking run replaced by ``[redacted]``."""
     return _CREDENTIAL.sub("[redacted]", text)
+
+
+def console_renderer() -> Callable[[Any, str, MutableMapping[str, Any]], str]:
+    """structlog's console lines, with plain tracebacks and credentials redacted.
+
+    Its default traceback formatter (rich's, when rich is installed) prints every
+    frame's local variables: the cookie secret, a token, the bridge secret. A plain
+    traceback has none; what a message may still quote is redacted as free text."""
+    render = structlog.dev.ConsoleRenderer(
+        colors=False, exception_formatter=structlog.dev.plain_traceback
+    )
+
+    def redacting(logger: Any, name: str, event: MutableMapping[str, Any]) -> str:
+        return redact_text(str(render(logger, name, event)))
+
+    return redacting
 
 
 class _RedactingFormatter(logging.Formatter):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -13,6 +15,7 @@ import aiohttp
 import pytest
 from yarl import URL
 
+from catalyst_proxy import log
 from catalyst_proxy.devtools.keys import public_jwk
 from catalyst_proxy.devtools.sme import SME
 
@@ -394,3 +397,24 @@ async def test_access_lines_are_written_within_moments_while_the_server_runs(
     assert {f"burst-{n}" for n in range(25)} <= ids
     assert proc.proc is not None
     assert proc.proc.returncode is None  # still serving
+
+
+def test_console_tracebacks_show_no_local_variables_and_no_tokens() -> None:
+    """A console line for an exception (CATALYST_LOG_FORMAT=console) carries a plain traceback:
+    never the frames' local variables (a secret, a token in scope), and a token quoted in
+    the exception's message is redacted."""
+    render = log.console_renderer()
+    jws = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJvcC0xIn0.c2lnbmF0dXJl"
+
+    def fails(cookie_secret: bytes, token: str) -> None:
+        raise ValueError(f"could not verify {token}")
+
+    secret = os.urandom(16).hex().encode()  # in scope as a value, never in the source
+    try:
+        fails(secret, jws)
+    except ValueError:
+        line = render(None, "error", {"event": "handler.error", "exc_info": sys.exc_info()})
+    assert "Traceback" in line
+    assert "ValueError" in line
+    assert secret.decode() not in line
+    assert "eyJ" not in line

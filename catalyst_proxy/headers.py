@@ -18,7 +18,7 @@ client can send any value it likes.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from multidict import CIMultiDict
@@ -63,6 +63,11 @@ _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._~:@+=/-]{1,128}")
 _FORWARD_UP = {name.lower().encode(): name.encode() for name in FORWARDED_REQUEST_HEADERS}
 _FORWARD_DOWN = {name.lower().encode(): name.encode() for name in FORWARDED_RESPONSE_HEADERS}
 _DEFAULT_TYPE = (b"Content-Type", b"application/json")
+# Fields of the client's that reach the upstream request, or feed it: the ones its
+# Connection header can take away.
+_CONNECTION_MAY_NAME = frozenset(
+    [*_FORWARD_UP, b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"host"]
+)
 _REQUEST_ID_NAME, _FORWARDED_YES = REQUEST_ID.encode(), (FORWARDED.encode(), b"yes")
 
 
@@ -75,7 +80,7 @@ def request_id(headers: Any) -> str:
 
 
 def upstream_request_head(
-    raw_headers: Iterable[tuple[bytes, bytes]],
+    raw_headers: Sequence[tuple[bytes, bytes]],
     *,
     bridge_token: str,
     request_id: str,
@@ -85,7 +90,9 @@ def upstream_request_head(
     """The exact header lines sent to the SME gateway (the client adds Host and the framing).
 
     One pass over the client's raw headers: values cross as the bytes the client sent
-    (the server's parser has refused any CR, LF or NUL in them already).
+    (the server's parser has refused any CR, LF or NUL in them already). A field the
+    client's ``Connection`` header names is hop-by-hop (RFC 9110 §7.6.1): never sent, and
+    never the source of an ``X-Forwarded-*`` value.
     """
     lines = [
         b"Authorization: Bearer %s\r\nAccept: application/json\r\nX-Request-ID: %s\r\n"
@@ -94,6 +101,7 @@ def upstream_request_head(
     seen: set[bytes] = set()
     forwarded_for: list[bytes] = []
     forwarded_proto = forwarded_host = client_host = None
+    connection: list[bytes] = []
     for name, value in raw_headers:
         lowered = name.lower()
         canonical = _FORWARD_UP.get(lowered)
@@ -109,6 +117,18 @@ def upstream_request_head(
             forwarded_host = forwarded_host or value
         elif lowered == b"host":
             client_host = client_host or value
+        elif lowered == b"connection":
+            connection.append(value)
+    if connection:
+        named = _CONNECTION_MAY_NAME.intersection(
+            token.strip().lower() for value in connection for token in value.split(b",")
+        )
+        if named:  # rare: the client made end-to-end fields hop-by-hop; without them, again
+            dropped = named | {b"connection"}
+            kept = [(n, v) for n, v in raw_headers if n.lower() not in dropped]
+            return upstream_request_head(
+                kept, bridge_token=bridge_token, request_id=request_id, peer=peer, scheme=scheme
+            )
     if peer:
         forwarded_for.append(peer.encode())
     if forwarded_for:

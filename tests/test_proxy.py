@@ -139,6 +139,29 @@ async def test_gateway_states_its_own_forwarding_view_when_the_client_gives_none
     assert seen.headers["X-Forwarded-Host"] == gw.url.removeprefix("http://")
 
 
+async def test_fields_the_clients_connection_header_names_are_never_forwarded(gateway, bearer):
+    """A field the client's Connection header names is hop-by-hop (RFC 9110 §7.6.1), even one
+    the gateway would pass on (traceparent) or draw on (X-Forwarded-For, -Host): it is not
+    sent, and the gateway states its own view instead; the fields not named still go."""
+    gw = await gateway()
+    headers = {
+        **bearer(),
+        "Connection": "keep-alive, traceparent, X-Forwarded-For,x-forwarded-host",
+        "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        "tracestate": "congo=t61rcWkgMzE",
+        "X-Forwarded-For": "203.0.113.7",
+        "X-Forwarded-Host": "spoofed.example",
+    }
+    async with gw.http.post(gw.url + PURCHASE, headers=headers, data=b"{}") as resp:
+        assert resp.status == 200
+    seen = gw.sme.received[0]
+    assert "traceparent" not in seen.headers
+    assert seen.headers["tracestate"] == "congo=t61rcWkgMzE"
+    assert seen.headers["X-Forwarded-For"] == "127.0.0.1"
+    assert seen.headers["X-Forwarded-Host"] == gw.url.removeprefix("http://")
+    assert seen.headers["Authorization"].startswith("Bearer ")
+
+
 @pytest.mark.parametrize(
     ("method", "path", "body"),
     [

@@ -94,14 +94,14 @@ async def serve(
         # Shutdown, in order:
         # 1. readiness fails at once, so the load balancer stops sending us work;
         parts.ops.draining = True
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
+        # (The signal handlers stay: a second SIGTERM, e.g. one sent to the whole process
+        # group and forwarded by the supervisor too, must not cut the drain short.)
         # 2. the listener closes: no new connections (before the log line, so that a
         #    reader of shutdown.begin may rely on it);
         for site in list(runner.sites):
             await site.stop()
         logger.info(log.SHUTDOWN_BEGIN, grace_seconds=settings.shutdown_grace_seconds)
-        # 3. idle keep-alive connections close now, busy ones right after their answer;
+        # 3. idle keep-alive connections close now (_drain), busy ones right after their answer;
         #    in-flight requests get up to the grace period to finish;
         left = await _drain(runner, settings.shutdown_grace_seconds)
         if left:
@@ -120,6 +120,12 @@ async def _drain(runner: web.AppRunner, grace: float) -> int:
     if server is None:
         return 0
     server.pre_shutdown()
+    # pre_shutdown() only cancels an idle connection's wait for its next request, which
+    # ends that connection's task and leaves the connection open (aiohttp 3.14): nothing
+    # would read from it again, and the drain would wait out the grace for it. Closed now.
+    for handler in list(server.connections):
+        if not handler._request_in_progress:
+            handler.force_close()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace
     # aiohttp has no "last connection closed" event to await, so look every _DRAIN_POLL.

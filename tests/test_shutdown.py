@@ -195,3 +195,50 @@ async def test_upstream_hanging_past_the_grace(public_key_file, bearer):
     events = [line["event"] for line in server.json_lines()]
     assert events[-1] == "shutdown.done"
     assert "Traceback" not in server.output
+
+
+async def test_an_idle_keep_alive_connection_does_not_hold_the_drain(public_key_file, bearer):
+    """A client connection left open and idle after its answer (an ingress's keep-alive pool)
+    is closed when the drain begins: the gateway exits at once, not at the end of the grace,
+    and says nothing about the grace being exceeded."""
+    grace = 30.0
+    server = await start_server("http://127.0.0.1:9", public_key_file, grace)
+    try:
+        base = await server.wait_listening()
+        host, port = base.removeprefix("http://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+        assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
+        server.signal(signal.SIGTERM)  # the connection is idle, and kept open by the client
+        assert await server.wait(timeout=grace / 3) == 0
+        writer.close()
+    finally:
+        await server.stop()
+    events = [line.get("event") for line in server.json_lines()]
+    assert "shutdown.done" in events
+    assert "shutdown.grace_exceeded" not in events
+
+
+async def test_a_second_signal_during_the_drain_does_not_cut_it_short(
+    slow, public_key_file, bearer
+):
+    """SIGTERM, then SIGTERM and SIGINT again while a purchase is in flight (a signal to the
+    whole process group reaches a worker twice): the purchase still completes, and the
+    process exits 0 once the drain is over."""
+    server = await start_server(slow.url, public_key_file, 30.0)
+    try:
+        base = await server.wait_listening()
+        slow.expected = 1
+        async with aiohttp.ClientSession() as http:
+            call = asyncio.create_task(purchase(http, base, bearer(), 7))
+            await slow.all_arrived.wait()
+            server.signal(signal.SIGTERM)
+            await server.wait_for_event("shutdown.begin")
+            server.signal(signal.SIGTERM)
+            server.signal(signal.SIGINT)
+            slow.release.set()
+            result = await call
+        assert await server.wait(timeout=10) == 0
+    finally:
+        await server.stop()
+    assert result == (200, {"order_id": "ord_7", "paid_by_credit": False, "session_url": None})

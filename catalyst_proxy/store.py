@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -98,9 +99,15 @@ class Store:
             self.url = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
         # Blocking: a burst waits (up to COMMAND_TIMEOUT) for a free connection instead
         # of failing at once (redis-py's plain pool raises past its 100 connections).
-        self.pool = BlockingConnectionPool.from_url(
-            self.url, max_connections=MAX_CONNECTIONS, timeout=COMMAND_TIMEOUT, **options
-        )
+        try:
+            self.pool = BlockingConnectionPool.from_url(
+                self.url, max_connections=MAX_CONNECTIONS, timeout=COMMAND_TIMEOUT, **options
+            )
+            # An option redis-py does not know only fails when a connection is made: make
+            # one here (it does not connect), so that it is a start-up error, not a 500.
+            self.pool.connection_class(**self.pool.connection_kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError("CATALYST_REDIS_URL", _bad_option(exc)) from None
         self.redis = Redis(connection_pool=self.pool)
         self.state = "connecting"
         self.last_error: str | None = None
@@ -177,3 +184,12 @@ def _reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.strerror:
         text += f": {exc.strerror}"
     return text
+
+
+def _bad_option(exc: Exception) -> str:
+    """What is wrong with the URL's query, naming the option, never repeating the URL."""
+    named = re.search(r"(?:keyword argument|value for) '(\w+)'", str(exc))
+    if named is None:
+        return "an option in its query is not valid"
+    what = "is not an option" if isinstance(exc, TypeError) else "has an invalid value"
+    return f"the query's {named.group(1)!r} {what}"

@@ -208,7 +208,7 @@ def _timestamp() -> str:
 # What a credential looks like in free text: a JWS (even cut short), or the value after
 # "Bearer " / "Basic " / "catalyst_session=".
 _CREDENTIAL = re.compile(
-    r"eyJ[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_.-]*)?"
+    r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_.-]*)?"
     r"|(?i:(?<=bearer )|(?<=basic )|(?<=catalyst_session=))[^\s'\";,]+"
 )
 
@@ -223,13 +223,17 @@ def console_renderer() -> Callable[[Any, str, MutableMapping[str, Any]], str]:
 
     Its default traceback formatter (rich's, when rich is installed) prints every
     frame's local variables: the cookie secret, a token, the bridge secret. A plain
-    traceback has none; what a message may still quote is redacted as free text."""
+    traceback has none; what its messages may still quote is redacted as free text
+    (the fields were redacted already, by ``redact``)."""
     render = structlog.dev.ConsoleRenderer(
         colors=False, exception_formatter=structlog.dev.plain_traceback
     )
 
     def redacting(logger: Any, name: str, event: MutableMapping[str, Any]) -> str:
-        return redact_text(str(render(logger, name, event)))
+        event = structlog.processors.format_exc_info(logger, name, event)
+        if isinstance(event.get("exception"), str):
+            event["exception"] = redact_text(event["exception"])
+        return str(render(logger, name, event))
 
     return redacting
 

@@ -119,13 +119,16 @@ async def _drain(runner: web.AppRunner, grace: float) -> int:
     server = runner.server
     if server is None:
         return 0
-    server.pre_shutdown()
     # pre_shutdown() only cancels an idle connection's wait for its next request, which
     # ends that connection's task and leaves the connection open (aiohttp 3.14): nothing
-    # would read from it again, and the drain would wait out the grace for it. Closed now.
-    for handler in list(server.connections):
-        if not handler._request_in_progress:
-            handler.force_close()
+    # would read from it again, and the drain would wait out the grace for it. So those
+    # waiting for a request (aiohttp's own keep-alive test: a pending wait) close now; one
+    # whose request is already read, or that is still reading a refused body, is left to
+    # answer and close as before.
+    idle = [h for h in server.connections if h._waiter is not None and not h._waiter.done()]
+    server.pre_shutdown()
+    for handler in idle:
+        handler.force_close()
     loop = asyncio.get_running_loop()
     deadline = loop.time() + grace
     # aiohttp has no "last connection closed" event to await, so look every _DRAIN_POLL.

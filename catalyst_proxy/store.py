@@ -106,7 +106,7 @@ class Store:
             # An option redis-py does not know only fails when a connection is made: make
             # one here (it does not connect), so that it is a start-up error, not a 500.
             self.pool.connection_class(**self.pool.connection_kwargs)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RedisError) as exc:
             raise ConfigError("CATALYST_REDIS_URL", _bad_option(exc)) from None
         self.redis = Redis(connection_pool=self.pool)
         self.state = "connecting"

@@ -418,3 +418,15 @@ def test_console_tracebacks_show_no_local_variables_and_no_tokens() -> None:
     assert "ValueError" in line
     assert secret.decode() not in line
     assert "eyJ" not in line
+
+
+def test_console_lines_leave_ordinary_words_alone() -> None:
+    """The console format redacts what a traceback may quote, not ordinary fields: a word
+    holding "eyJ" or following "Bearer " stays as it is (fields are redacted by key and by
+    the shape of a JWS before they are rendered)."""
+    render = log.console_renderer()
+    line = render(None, "warning", {"event": "auth.refused", "detail": "empty Bearer credentials",
+                                    "sub": "monkeyJump", "path": "/heyJude"})  # fmt: skip
+    assert "empty Bearer credentials" in line
+    assert "monkeyJump" in line
+    assert "/heyJude" in line

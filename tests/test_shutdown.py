@@ -12,7 +12,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
+from catalyst_proxy.app import create_app
+from catalyst_proxy.config import Settings
+from catalyst_proxy.server import serve
+
+from .rawhttp import read_response, request_bytes
 from .serve_proc import ServeProcess
 from .support import start_app
 
@@ -242,3 +248,84 @@ async def test_a_second_signal_during_the_drain_does_not_cut_it_short(
     finally:
         await server.stop()
     assert result == (200, {"order_id": "ord_7", "paid_by_credit": False, "session_url": None})
+
+
+async def test_a_request_read_as_the_drain_begins_is_answered(public_key_file, bearer):
+    """A purchase whose bytes arrive on a kept-alive connection in the same loop turn as the
+    stop (its request read, its handler not started yet) is answered and forwarded, not cut
+    off with the idle connections the drain closes."""
+    received: list[bytes] = []
+
+    async def upstream_handler(request: web.Request) -> web.Response:
+        received.append(await request.read())
+        return web.json_response({"order_id": "ord_9", "paid_by_credit": False,
+                                  "session_url": None})  # fmt: skip
+
+    upstream = web.Application()
+    upstream.router.add_route("*", "/{tail:.*}", upstream_handler)
+    up_runner, up_url = await start_app(upstream, access_log=None)
+    settings = Settings(gateway_url=up_url, public_key_file=str(public_key_file),
+                        bridge_secret=BRIDGE.encode(), shutdown_grace_seconds=10)  # fmt: skip
+    stop = asyncio.Event()
+    ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    real_data_received = RequestHandler.data_received
+
+    def data_received(handler: RequestHandler, data: bytes) -> None:  # type: ignore[type-arg]
+        real_data_received(handler, data)
+        if b"X-Stop-Now" in data:
+            stop.set()  # the stop is seen in the very turn the request was read
+
+    body = b'{"n": 9}'
+    headers = [*bearer().items(), ("X-Stop-Now", "1"), ("Content-Length", str(len(body)))]
+    serving = asyncio.create_task(
+        serve(create_app(settings), "127.0.0.1", 0, on_ready=ready.set_result, stop=stop)
+    )
+    try:
+        port = await asyncio.wait_for(ready, 10)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
+        first = await asyncio.wait_for(read_response(reader), 5)
+        assert first is not None
+        assert first.status == 200
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(RequestHandler, "data_received", data_received)
+            writer.write(request_bytes("POST", PURCHASE, headers, body))
+            answer = await asyncio.wait_for(read_response(reader), 10)
+        writer.close()
+        await asyncio.wait_for(serving, 15)
+    finally:
+        serving.cancel()
+        await up_runner.cleanup()
+    assert answer is not None
+    assert (answer.status, answer.complete) == (200, True)
+    assert received == [body]
+
+
+async def test_a_client_still_uploading_a_refused_body_finishes_its_upload(public_key_file):
+    """A purchase refused early (401, no token) while its client still uploads a large body:
+    aiohttp reads the rest and drops it. A SIGTERM then does not cut that read off (a client
+    that sends the whole body before reading would get a reset): the upload completes and
+    the process exits 0 once it has."""
+    server = await start_server("http://127.0.0.1:9", public_key_file, 30.0)
+    total, piece = 4_000_000, b"x" * 65536
+    try:
+        base = await server.wait_listening()
+        host, port = base.removeprefix("http://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            b"POST %s HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n" % (PURCHASE.encode(), total) + piece
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 401 ")  # answered early; the body is still coming
+        server.signal(signal.SIGTERM)
+        await server.wait_for_event("shutdown.begin")
+        sent = len(piece)
+        while sent < total:
+            writer.write(piece[: total - sent])
+            await writer.drain()  # a reset would raise here
+            sent += min(len(piece), total - sent)
+        assert await server.wait(timeout=20) == 0
+        writer.close()
+    finally:
+        await server.stop()

@@ -487,6 +487,8 @@ def test_redis_credentials_arrive_by_secret_reference_only(helm: Helm) -> None:
         "redis://:hunter2@cache.test:6379/0",
         "rediss://app:hunter2@cache.test",
         "redis://cache.test:6379?password=hunter2",
+        "redis://:hunter2/with/slashes@cache.test:6379/0",  # base64 passwords hold / and +
+        "redis://:hunter2?and#more@cache.test:6379/0",
     ],
 )
 def test_a_password_in_the_plain_redis_url_is_refused_without_repeating_it(
@@ -499,6 +501,75 @@ def test_a_password_in_the_plain_redis_url_is_refused_without_repeating_it(
     assert "redis.urlSecret" in message
     assert "redis.passwordSecret" in message
     assert "hunter2" not in message
+
+
+@pytest.mark.parametrize(
+    ("value", "url"),
+    [
+        ("upstream.smeGatewayUrl", "http://svc:hunter2@gw.test:8080"),
+        ("upstream.orgGatewayUrl", "http://svc:hunter2@gw.test:8080"),
+        ("auth.jwksUrl", "https://client:hunter2@kc.test/certs"),
+        ("auth.keycloak.addr", "https://client:hunter2@kc.test"),
+    ],
+)
+def test_credentials_in_an_http_url_are_refused_without_repeating_them(
+    helm: Helm, value: str, url: str
+) -> None:
+    """user:password@ in the SME gateway's or Keycloak's URL would sit in the pod's plain
+    environment and in NOTES, and the gateway refuses it at start-up (a crash loop): the chart
+    refuses it first, naming the value and never repeating the password."""
+    section, _, name = value.rpartition(".")
+    extra: dict[str, Any] = {}
+    node = extra
+    for part in section.split("."):
+        node = node.setdefault(part, {})
+    node[name] = url
+    message = helm.refuse(extra=extra)
+    assert f"{value} must not hold credentials" in message, message
+    assert "hunter2" not in message
+
+
+def test_a_file_bridge_secret_with_an_org_secret_is_refused(helm: Helm) -> None:
+    """In file mode the gateway would take CATALYST_ORG_JWT_SECRET before the mounted file, so
+    the file and its rotations would never be used: the chart refuses the pair."""
+    message = helm.refuse(
+        extra={"bridge": {"mode": "file", "orgSecret": {"secretName": "org-secrets"}}}
+    )
+    assert "bridge.orgSecret with bridge.mode file" in message, message
+
+
+@pytest.mark.parametrize("budget", [0, "0%"])
+def test_a_disruption_budget_that_allows_no_eviction_is_refused(helm: Helm, budget: Any) -> None:
+    """maxUnavailable 0 (or 0 %) would block every node drain: the schema refuses it."""
+    message = helm.refuse(extra={"podDisruptionBudget": {"enabled": True,
+                                                         "maxUnavailable": budget}})  # fmt: skip
+    assert "/podDisruptionBudget/maxUnavailable" in message, message
+
+
+def test_unready_pods_never_block_a_node_drain(helm: Helm) -> None:
+    """Every pod is unready while Keycloak is unreachable (/readyz waits for the operator
+    keys): the budget lets unhealthy pods be evicted, so a node drain is never stuck."""
+    pdb = helm.render().one("PodDisruptionBudget")
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+
+
+def test_notes_warn_when_the_network_policy_admits_no_scraper(helm: Helm) -> None:
+    """A ServiceMonitor behind the chart's NetworkPolicy with no metricsFrom peer is never
+    scraped (and its alerts never fire): NOTES says so; with a peer it does not."""
+    monitored = {"metrics": {"serviceMonitor": {"enabled": True}}}
+    assert "admits no scraper" in helm.notes(extra=monitored)
+    peer = [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]
+    allowed = {**monitored, "networkPolicy": {"metricsFrom": peer}}
+    assert "admits no scraper" not in helm.notes(extra=allowed)
+
+
+def test_notes_name_per_route_rate_limits(helm: Helm) -> None:
+    """With no default rate limit but an alias that has its own, NOTES says so, not "none"."""
+    alias = {"methods": ["POST"], "path": "/api/v1/org/billing/purchase",
+             "upstream_method": "POST", "upstream_path": "/api/billing/purchase",
+             "rate_limit": "5/minute"}  # fmt: skip
+    notes = helm.notes(extra={"routes": {"aliases": [alias]}})
+    assert "Rate limit: only the routes.aliases entries' own rate_limit" in notes, notes
 
 
 # Every variable the gateway reads, as it declares them itself.
@@ -547,7 +618,7 @@ def test_every_declared_variable_is_settable_from_values(helm: Helm) -> None:
     assert {"CATALYST_REDIS_URL", "CATALYST_IDEMPOTENCY"} <= DECLARED, "VARIABLES looks empty"
     variants = [
         EVERYTHING,
-        {**EVERYTHING, "bridge": {**EVERYTHING["bridge"], "mode": "file"}},
+        {**EVERYTHING, "bridge": {"mode": "file"}},  # (the org secret is env mode's only)
         {**EVERYTHING, "redis": {**EVERYTHING["redis"], "url": "", "urlSecret": REDIS_URL_SECRET}},
     ]
     rendered: set[str] = set()

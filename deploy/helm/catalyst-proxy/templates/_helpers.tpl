@@ -103,7 +103,7 @@ there by catalyst-proxy.validate).
 
 {{/* A Redis URL with a password in it (user:password@ or ?password=). */}}
 {{- define "catalyst-proxy.urlPassword" -}}
-^[^/]*//[^/?#@]*:[^/?#@]*@|[?&][Pp][Aa][Ss][Ss][Ww][Oo][Rr][Dd]=
+^[^/]*//[^@]*:[^@]*@|[?&][Pp][Aa][Ss][Ss][Ww][Oo][Rr][Dd]=
 {{- end }}
 
 {{/* Does the release render a routes ConfigMap / mount one? */}}
@@ -251,6 +251,15 @@ CATALYST_SME_JWT_SECRET,CATALYST_ORG_JWT_SECRET,CATALYST_SESSION_COOKIE_SECRET,C
 {{- /* The message must not repeat the URL: it holds the password. */}}
 {{- if regexMatch (include "catalyst-proxy.urlPassword" .) $v.redis.url }}
 {{- fail "redis.url holds a password, which would sit in the pod's plain environment: put the whole URL in a Secret (redis.urlSecret) or only the password (redis.passwordSecret, mounted as CATALYST_REDIS_PASSWORD_FILE)" }}
+{{- end }}
+{{- /* Nor these: a user:password@ would sit in the plain environment and in NOTES. */}}
+{{- range $name, $url := dict "upstream.smeGatewayUrl" $v.upstream.smeGatewayUrl "upstream.orgGatewayUrl" $v.upstream.orgGatewayUrl "auth.jwksUrl" $v.auth.jwksUrl "auth.keycloak.addr" $v.auth.keycloak.addr }}
+{{- if contains "@" (toString $url) }}
+{{- fail (printf "%s must not hold credentials (user:password@): the gateway refuses them, and a chart value is not a secret" $name) }}
+{{- end }}
+{{- end }}
+{{- if and (eq $v.bridge.mode "file") $v.bridge.secretName $v.bridge.orgSecret.secretName }}
+{{- fail "bridge.orgSecret with bridge.mode file: the gateway takes CATALYST_ORG_JWT_SECRET before the mounted file, so the file (and its rotations) would never be used; set one of them" }}
 {{- end }}
 {{- if and $v.redis.passwordSecret.secretName (not (include "catalyst-proxy.redis" .)) }}
 {{- fail "redis.passwordSecret is set but no Redis is: set redis.url or redis.urlSecret.secretName too" }}

@@ -21,6 +21,7 @@ DEFAULT_REALM = "sovereign"
 _REALM = re.compile(r"[A-Za-z0-9._~-]+")
 # The JWKS is re-fetched every cache period: below a second that is hammering the IdP.
 MIN_JWKS_CACHE_SECONDS = 1.0
+MAX_SECONDS = 10 * 365 * 86400.0  # any duration: ten years
 ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )
@@ -312,6 +313,8 @@ class _Env:
                 else ("greater than 0" if positive else "0 or more")
             )
             raise ConfigError(name, f"must be a number of seconds {bound}, got {raw!r}")
+        if value > MAX_SECONDS:  # Redis and the event loop take milliseconds: they must fit
+            raise ConfigError(name, f"must be at most {MAX_SECONDS:g} s (ten years), got {raw!r}")
         return value
 
     def integer(self, name: str, default: int, *, unit: str, minimum: int = 0) -> int:
@@ -353,6 +356,8 @@ def _url_problem(raw: str, base: bool) -> str | None:
         return "must not hold credentials"  # and the value is not repeated
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return f"must be an http:// or https:// URL with a host, got {raw!r}"
+    if parts.port == 0:
+        return f"must not name port 0, got {raw!r}"
     if parts.fragment or raw.endswith("#") or (base and (parts.query or raw.endswith("?"))):
         return f"must not have a {'query or ' if base else ''}fragment, got {raw!r}"
     return None

@@ -208,6 +208,9 @@ BAD_VALUES = [
     ("CATALYST_SME_GATEWAY_URL", "http://sme.test:port"),
     ("CATALYST_SME_GATEWAY_URL", "http://sme.test/?x=1"),
     ("CATALYST_SME_GATEWAY_URL", "http://sme.test/#top"),
+    ("CATALYST_SME_GATEWAY_URL", "http://sme.test:0"),  # would have been port 80
+    ("CATALYST_IDEMPOTENCY_TTL_SECONDS", "1e16"),  # Redis refuses such an expiry: every key 503
+    ("CATALYST_UPSTREAM_TIMEOUT_SECONDS", "1e12"),
     ("CATALYST_ORG_GATEWAY_URL", "gateway"),
     ("CATALYST_JWKS_URL", "keycloak/certs"),
     ("CATALYST_JWKS_URL", "http://:80/certs"),

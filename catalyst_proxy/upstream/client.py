@@ -110,9 +110,12 @@ class Client:
         assert parts.hostname is not None
         secure = parts.scheme == "https"
         self._host = parts.hostname
-        self._port = parts.port or (443 if secure else 80)
+        self._port = parts.port if parts.port is not None else (443 if secure else 80)
         self._tls = ssl.create_default_context() if secure else None
         self._host_header = parts.netloc.encode("idna")
+        # A base URL's path (an SME gateway behind a path-routed ingress) comes before every
+        # request's target; the settings trimmed its trailing '/'.
+        self._prefix = parts.path.rstrip("/").encode()
         self._timeout = timeout
         self._options = (max_connections, max_pending, idle_seconds)
         self.breaker = breaker
@@ -159,7 +162,13 @@ class Client:
         conn = pool.acquire_idle() or await pool.acquire(deadline)
         if progress is not None:
             progress._conn = conn
-        head = b"%s %s HTTP/1.1\r\nHost: %s\r\n%s" % (method, target, self._host_header, headers)
+        head = b"%s %s%s HTTP/1.1\r\nHost: %s\r\n%s" % (
+            method,
+            self._prefix,
+            target,
+            self._host_header,
+            headers,
+        )
         pump: asyncio.Task[None] | None = None
         try:
             if body is None or isinstance(body, bytes):

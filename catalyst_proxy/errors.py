@@ -209,7 +209,8 @@ class BodyTooLarge(ProxyError):
 
 
 class UnsupportedContentEncoding(ProxyError):
-    """The request body has a ``Content-Encoding`` other than ``identity``."""
+    """The request body has a ``Content-Encoding`` other than ``identity`` (or a
+    ``Transfer-Encoding`` other than ``chunked``)."""
 
     status, code = 415, "unsupported-content-encoding"
     step = "body"

@@ -207,6 +207,10 @@ class Proxy:
         hasher: hashlib._Hash | None = None
         try:
             if request.headers.get("Expect"):
+                try:  # an open breaker refuses now, before the client sends its body
+                    self._client.breaker.check()
+                except UpstreamFailure as exc:
+                    raise self._translate(exc, exchange.upload) from None
                 await _invite_body(request)
             body, length = self._body(request, exchange.upload)
             if attempt is not None:
@@ -263,7 +267,9 @@ class Proxy:
         return Answer(record.status, fields, record.body or b"")
 
     def check_body(self, request: web.BaseRequest) -> None:
-        """415 for an encoded body, 413 for a declared length over the limit."""
+        """415 for an encoded body (a content coding, or a transfer coding besides chunked:
+        the gateway decodes neither, so it would pass on bytes that mean something else and
+        measure the limit on them), 413 for a declared length over the limit."""
         for value in request.headers.getall("Content-Encoding", ()):
             for coding in value.split(","):
                 if coding.strip().lower() not in ("identity", ""):
@@ -271,6 +277,12 @@ class Proxy:
         length = request.content_length
         if length is not None and length > self._limit:
             raise BodyTooLarge(self._limit)
+        if length is None and request.body_exists:  # a body framed by chunks
+            codings = [coding.strip().lower()
+                       for value in request.headers.getall("Transfer-Encoding", ())
+                       for coding in value.split(",")]  # fmt: skip
+            if codings != ["chunked"]:
+                raise UnsupportedContentEncoding()
 
     def _body(self, request: web.BaseRequest, upload: _Upload) -> tuple[Body, int | None]:
         """The body as bytes when it has all arrived already (one write upstream), else a stream."""

@@ -124,10 +124,15 @@ class RoutesFileError(Exception):
     """The routes file is unreadable or an entry is wrong; the message names both."""
 
 
+# The gateway's own endpoints (ops.py): answered before any route, so never a route's path.
+OPERATIONS_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
+
+
 def load_routes(path: str, existing: Iterable[Route] = ()) -> tuple[Route, ...]:
     """Parse ``CATALYST_ROUTES_FILE`` (``.json`` or ``.toml``) into routes.
 
-    A path that ``existing`` (or an earlier entry) already routes is an error.
+    A path that ``existing`` (or an earlier entry) already routes, or one of the
+    gateway's own endpoints (it could never be reached), is an error.
     """
     file = Path(path)
     try:
@@ -151,6 +156,10 @@ def load_routes(path: str, existing: Iterable[Route] = ()) -> tuple[Route, ...]:
         route = _route(path, index, entry)
         if route.path in taken:
             raise RoutesFileError(f"{path}: routes[{index}]: {route.path} is already routed")
+        if route.path in OPERATIONS_PATHS:
+            raise RoutesFileError(
+                f"{path}: routes[{index}]: {route.path} is one of the gateway's own endpoints"
+            )
         taken.add(route.path)
         routes.append(route)
     return tuple(routes)

@@ -752,3 +752,25 @@ async def test_the_real_server_writes_a_breaker_state_line_when_it_opens(
         "level": "warning",
     }
     assert [line["event"] for line in proc.json_lines()].count("breaker.state") == 1
+
+
+async def test_an_open_breaker_refuses_before_inviting_the_body(gateway, bearer, dead_port):
+    """With Expect: 100-continue and the breaker open, the 503 comes at once, with no
+    100 Continue first: the client is not invited to upload a body nobody will take."""
+    gw = await gateway(upstream=url_of(dead_port), breaker_failures=1, monotonic=FakeClock())
+    headers = bearer()
+    assert_unreachable(await purchase(gw, headers), retry_after=None)  # opens it
+    assert (await breaker_view(gw))["state"] == "open"
+    body = b'{"sku": "starter"}'
+    request = request_bytes(
+        "POST", PURCHASE,
+        [*headers.items(), ("Expect", "100-continue"), ("Content-Length", str(len(body)))],
+    )  # fmt: skip
+    reader, writer = await raw_client(gw.url)
+    try:
+        writer.write(request)  # the head only: the body waits for the invitation
+        first = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    finally:
+        writer.close()
+    assert first.startswith(b"HTTP/1.1 503 "), first
+    assert b"Retry-After:" in first

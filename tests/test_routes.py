@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 from yarl import URL
 
-from catalyst_proxy.app import create_app
+from catalyst_proxy.app import PARTS, create_app
 from catalyst_proxy.config import ConfigError, Settings
 from catalyst_proxy.devtools.sme import Voucher
-from catalyst_proxy.routes import DEFAULT_ROUTES, RouteTable, load_routes
+from catalyst_proxy.routes import DEFAULT_ROUTES, OPERATIONS_PATHS, RouteTable, load_routes
 
 from .serve_proc import run_cli
 
@@ -288,6 +288,8 @@ BAD_ENTRIES: list[tuple[str, dict[str, Any], str]] = [
     ("code inside a segment", {**ORG_REVOKE, "path": "/api/v1/org/v-{code}"}, "{code}"),
     ("query in a path", {**ORG_PURCHASE, "upstream_path": "/api/billing/purchase?admin=1"},
      "upstream_path"),
+    ("an endpoint of the gateway's own", {**ORG_PURCHASE, "path": "/metrics"}, "own endpoints"),
+    ("another of them", {**ORG_PURCHASE, "path": "/openapi.json"}, "own endpoints"),
 ]  # fmt: skip
 
 
@@ -317,6 +319,12 @@ def test_bad_routes_entry_stops_create_app(routes_file, case, entry, named):
     assert "routes[1]" in message
     assert named in message
     assert "\n" not in message
+
+
+def test_the_reserved_paths_are_the_gateways_own_endpoints():
+    """The paths a routes file may not use are exactly those the gateway answers itself."""
+    ops = create_app(Settings(jwks_url="http://k/j"))[PARTS].ops
+    assert set(ops.routes()) == OPERATIONS_PATHS
 
 
 def test_duplicate_path_inside_the_file(routes_file):

@@ -22,6 +22,8 @@ _REALM = re.compile(r"[A-Za-z0-9._~-]+")
 # The JWKS is re-fetched every cache period: below a second that is hammering the IdP.
 MIN_JWKS_CACHE_SECONDS = 1.0
 MAX_SECONDS = 10 * 365 * 86400.0  # any duration: ten years
+# A base URL's path (sent before every upstream target): RFC 3986 path characters, %XX.
+_BASE_PATH = re.compile(r"(?:[A-Za-z0-9._~!$&'()*+,;=:@/-]|%[0-9A-Fa-f]{2})*")
 ASYMMETRIC_ALGORITHMS = frozenset(
     {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
 )
@@ -358,6 +360,8 @@ def _url_problem(raw: str, base: bool) -> str | None:
         return f"must be an http:// or https:// URL with a host, got {raw!r}"
     if parts.port == 0:
         return f"must not name port 0, got {raw!r}"
+    if base and not _BASE_PATH.fullmatch(parts.path):  # it goes into every request line
+        return f"must have a path of URL characters (percent-encode the others), got {raw!r}"
     if parts.fragment or raw.endswith("#") or (base and (parts.query or raw.endswith("?"))):
         return f"must not have a {'query or ' if base else ''}fragment, got {raw!r}"
     return None

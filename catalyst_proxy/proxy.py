@@ -280,7 +280,7 @@ class Proxy:
         if length is None and request.body_exists:  # a body framed by chunks
             codings = [coding.strip().lower()
                        for value in request.headers.getall("Transfer-Encoding", ())
-                       for coding in value.split(",")]  # fmt: skip
+                       for coding in value.split(",") if coding.strip()]  # fmt: skip
             if codings != ["chunked"]:
                 raise UnsupportedContentEncoding()
 

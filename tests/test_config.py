@@ -209,6 +209,9 @@ BAD_VALUES = [
     ("CATALYST_SME_GATEWAY_URL", "http://sme.test/?x=1"),
     ("CATALYST_SME_GATEWAY_URL", "http://sme.test/#top"),
     ("CATALYST_SME_GATEWAY_URL", "http://sme.test:0"),  # would have been port 80
+    ("CATALYST_SME_GATEWAY_URL", "http://sme.test/a b"),  # its path goes into request lines
+    ("CATALYST_SME_GATEWAY_URL", "http://sme.test/sm\u00e9"),
+    ("CATALYST_SME_GATEWAY_URL", "http://sme.test/sme%zz"),
     ("CATALYST_IDEMPOTENCY_TTL_SECONDS", "1e16"),  # Redis refuses such an expiry: every key 503
     ("CATALYST_UPSTREAM_TIMEOUT_SECONDS", "1e12"),
     ("CATALYST_ORG_GATEWAY_URL", "gateway"),

@@ -149,6 +149,17 @@ async def test_the_base_urls_path_comes_before_every_upstream_target(gateway, be
     assert [seen.target for seen in up.complete] == ["/sme/api/billing/purchase?q=1"]
 
 
+async def test_an_empty_element_in_a_chunked_transfer_encoding_is_ignored(gateway, bearer):
+    """RFC 9110 5.6.1.2: empty list elements are ignored: `Transfer-Encoding: , chunked` is
+    chunked, and the purchase goes through."""
+    gw = await gateway()
+    headers = [*bearer().items(), ("Transfer-Encoding", ", chunked")]
+    [response] = await exchange(gw.url, request_bytes("POST", PURCHASE, headers,
+                                                      b"2\r\n{}\r\n0\r\n\r\n"))  # fmt: skip
+    assert response.status == 200
+    assert [seen.body for seen in gw.sme.received] == [b"{}"]
+
+
 @pytest.mark.parametrize("coding", ["gzip, chunked", "chunked, chunked"])
 async def test_a_transfer_coding_besides_chunked_is_415_and_reaches_nothing(
     gateway, bearer, coding

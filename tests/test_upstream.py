@@ -618,6 +618,16 @@ async def test_trailers_without_end_abort_the_transfer_and_are_never_all_read(
     assert written < lines // 10  # what the kernel's buffers held, not the whole flood
 
 
+async def test_an_answer_chunked_with_an_empty_coding_element_passes(gateway, bearer, upstream):
+    """`Transfer-Encoding: , chunked` from the upstream is chunked (RFC 9110 5.6.1.2: empty
+    list elements are ignored): the answer arrives whole, not as a 502."""
+    reply = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: , chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+    up = await upstream(scripted({"first": reply}))
+    gw = await gateway(upstream=up.url)
+    response = await only_answer(gw.url, purchase(bearer(), "first"))
+    assert (response.status, response.body, response.complete) == (200, b"ok", True)
+
+
 NOT_PASSED_ON = {
     # case: what the upstream answers; the gateway can pass none of them on unchanged
     "status-099": b"HTTP/1.1 099 Odd\r\nContent-Length: 2\r\n\r\nok",

@@ -394,4 +394,4 @@ class Connection(asyncio.Protocol):
 def _only_chunked(values: list[bytes]) -> bool:
     """Whether the Transfer-Encoding fields name exactly one coding, ``chunked``."""
     codings = [coding.strip().lower() for value in values for coding in value.split(b",")]
-    return codings == [b"chunked"]
+    return [coding for coding in codings if coding] == [b"chunked"]  # empty elements ignored

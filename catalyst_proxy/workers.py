@@ -51,6 +51,9 @@ def cpu_count() -> int:
         return os.cpu_count() or 1
 
 
+_STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+
+
 def supervise(count: int, worker: Callable[[int], int]) -> int:
     """Fork ``count`` workers running ``worker(index)``; return the exit status."""
     children: dict[int, int] = {}  # pid -> worker index
@@ -59,10 +62,16 @@ def supervise(count: int, worker: Callable[[int], int]) -> int:
     parent = os.getpid()
 
     def spawn(index: int) -> None:
+        # A signal between fork() and the child's registration would be forwarded to every
+        # worker but the new one, which would then run on and be waited for forever (and
+        # the child would run the parent's handler until it resets its own): both sides
+        # hold the signals until they are ready for them.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         pid = os.fork()
         if pid == 0:  # the worker
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
             status = 1
             try:
                 _end_with(parent)
@@ -71,6 +80,7 @@ def supervise(count: int, worker: Callable[[int], int]) -> int:
                 log.flush()  # os._exit skips atexit: a worker's last lines go out first
                 os._exit(status)
         children[pid] = index
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
     def forward(signum: int, _frame: object) -> None:
         nonlocal stopping
@@ -96,7 +106,10 @@ def supervise(count: int, worker: Callable[[int], int]) -> int:
         index = children.pop(pid)
         code = os.waitstatus_to_exitcode(wait_status)
         if stopping:
-            status = status or (0 if code == 0 else 1)
+            # Ended by the signal it was passed (one still starting has no handler yet): a
+            # stop like any other.
+            stopped = code == 0 or -code in _STOP_SIGNALS
+            status = status or (0 if stopped else 1)
             continue
         # A worker died on its own: replace it, but never more than once a second.
         delay = RESTART_INTERVAL - (time.monotonic() - last_restart)

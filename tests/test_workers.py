@@ -215,3 +215,35 @@ def test_a_worker_says_so_when_the_kernel_refuses_the_parent_death_signal(
         ]
     else:
         assert untethered == []
+
+
+RACE = """
+import os, signal, sys, time
+from catalyst_proxy import workers
+
+real_fork = os.fork
+
+def fork():
+    pid = real_fork()
+    if pid:  # the parent, before it has registered the child: the worst moment for a SIGTERM
+        os.kill(os.getpid(), signal.SIGTERM)
+    return pid
+
+os.fork = fork
+
+def worker(index):
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    while True:
+        time.sleep(1)
+
+sys.exit(workers.supervise(1, worker))
+"""
+
+
+def test_a_sigterm_as_a_worker_is_forked_still_stops_it() -> None:
+    """A SIGTERM that reaches the supervisor between fork() and its registering the child is
+    held until then, so it reaches the new worker too: the supervisor exits instead of
+    waiting forever for a worker nobody told to stop."""
+    done = subprocess.run([sys.executable, "-c", RACE], capture_output=True, timeout=60,
+                          text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr

@@ -100,6 +100,7 @@ def document(
             operations[method.lower()] = _operation(
                 route, method, idempotency(route.path), rate_limited(route.path)
             )
+    _unique_operation_ids(paths)
     paths.update(_OPS_PATHS)
     return {
         "openapi": "3.1.0",
@@ -211,6 +212,23 @@ def _meaning(cls: type[ProxyError]) -> str:
 
 def _refs(*names: str) -> dict[str, Any]:
     return {name: {"$ref": f"#/components/headers/{name}"} for name in names}
+
+
+def _unique_operation_ids(paths: dict[str, Any]) -> None:
+    """OpenAPI requires operationIds to be unique; two paths may spell one (``/a-b``,
+    ``/a/b``): a later one gets a number, in the table's order."""
+    seen: set[str] = set()
+    for operations in paths.values():
+        for operation in operations.values():
+            if not isinstance(operation, dict) or "operationId" not in operation:
+                continue  # the path's parameters
+            base = name = operation["operationId"]
+            number = 1
+            while name in seen:
+                number += 1
+                name = f"{base}{number}"
+            operation["operationId"] = name
+            seen.add(name)
 
 
 def _operation_id(method: str, path: str) -> str:

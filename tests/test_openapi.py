@@ -339,3 +339,19 @@ async def test_metrics_have_no_created_series(gateway, bearer):
     assert "catalyst_proxy_requests_total{" in text  # counters with children are there
     assert "_bucket{" in text  # and histograms
     assert [line for line in text.splitlines() if "_created" in line] == []
+
+
+def test_operation_ids_are_unique_when_two_paths_spell_the_same_name(public_key_file, tmp_path):
+    """`/api/v1/a-b` and `/api/v1/a/b` both read as postApiV1AB: OpenAPI requires unique
+    operationIds (code generators break on a clash), so the later route gets a number."""
+    entry = {"methods": ["POST"], "upstream_method": "POST",
+             "upstream_path": "/api/billing/purchase"}  # fmt: skip
+    routes = tmp_path / "routes.json"
+    routes.write_text(json.dumps({"routes": [{**entry, "path": "/api/v1/a-b"},
+                                             {**entry, "path": "/api/v1/a/b"}]}))  # fmt: skip
+    document = build({"CATALYST_SESSION_PUBLIC_KEY_FILE": str(public_key_file),
+                      "CATALYST_ROUTES_FILE": str(routes)})  # fmt: skip
+    ids = [operation["operationId"] for _, _, operation in operations(document)]
+    assert len(ids) == len(set(ids)), ids
+    assert document["paths"]["/api/v1/a-b"]["post"]["operationId"] == "postApiV1AB"
+    assert document["paths"]["/api/v1/a/b"]["post"]["operationId"] == "postApiV1AB2"

@@ -82,6 +82,7 @@ class Dispatcher:
         self._logger = log.get_logger()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.in_flight = 0
+        self.cutting = False  # set by the shutdown when the grace ran out (server.py)
         metrics.in_flight.set_function(lambda: self.in_flight)
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -104,7 +105,10 @@ class Dispatcher:
         except ProxyError as exc:
             response = self._refuse(request, exc, info)
         except asyncio.CancelledError:
-            info.status, info.error = CLIENT_CLOSED, info.error or "client-closed-request"
+            if self.cutting:  # the drain's grace ran out: we cut it, not the client
+                info.status, info.error = 503, "shutdown-grace-exceeded"
+            else:
+                info.status, info.error = CLIENT_CLOSED, info.error or "client-closed-request"
             raise
         except Exception:
             info.status, info.error = 500, "internal-error"

@@ -106,6 +106,7 @@ async def serve(
         left = await _drain(runner, settings.shutdown_grace_seconds)
         if left:
             logger.warning(log.SHUTDOWN_GRACE_EXCEEDED, connections=left)
+            parts.dispatcher.cutting = True  # what is cancelled now is ours, not the client's
         # 4. what is still running is cancelled (its client sees a closed connection,
         #    never a made-up answer), and the app's cleanup closes the upstream session
         #    and the key set.

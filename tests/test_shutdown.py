@@ -201,6 +201,9 @@ async def test_upstream_hanging_past_the_grace(public_key_file, bearer):
     events = [line["event"] for line in server.json_lines()]
     assert events[-1] == "shutdown.done"
     assert "Traceback" not in server.output
+    cut = [(line["status"], line["error"]) for line in server.json_lines()
+           if line["event"] == "request" and line.get("path") == PURCHASE]  # fmt: skip
+    assert cut == [(503, "shutdown-grace-exceeded")] * 5  # the server cut them, not the clients
 
 
 async def test_an_idle_keep_alive_connection_does_not_hold_the_drain(public_key_file, bearer):

@@ -285,6 +285,16 @@ def test_invalid_values_file_is_refused_by_the_schema(helm: Helm) -> None:
         ({"routes": {"aliases": [{**ALIAS, "idempotency": "auto"}]}}, "/aliases/0/idempotency"),
         ({"routes": {"aliases": [{**ALIAS, "rate_limit": "fast"}]}}, "/aliases/0/rate_limit"),
         ({"routes": {"aliases": [{**ALIAS, "methods": ["FETCH"]}]}}, "/aliases/0/methods/0"),
+        # What the gateway itself refuses at start-up (a crash loop), refused at install:
+        ({"routes": {"aliases": [{**ALIAS, "path": "/api/v1//x"}]}}, "/aliases/0/path"),
+        ({"routes": {"aliases": [{**ALIAS, "path": "/api/v1/x%20y"}]}}, "/aliases/0/path"),
+        ({"routes": {"aliases": [{**ALIAS, "path": "/api/v1/v-{code}"}]}}, "/aliases/0/path"),
+        (
+            {"routes": {"aliases": [{**ALIAS, "upstream_path": "/api/../admin"}]}},
+            "/aliases/0/upstream_path",
+        ),
+        ({"auth": {"keycloak": {"realm": "my!realm"}}}, "/auth/keycloak/realm"),
+        ({"auth": {"keycloak": {"realm": ".."}}}, "/auth/keycloak/realm"),
     ],
 )
 def test_schema_refuses_bad_values(helm: Helm, extra: dict[str, Any], where: str) -> None:

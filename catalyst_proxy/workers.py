@@ -67,7 +67,11 @@ def supervise(count: int, worker: Callable[[int], int]) -> int:
         # the child would run the parent's handler until it resets its own): both sides
         # hold the signals until they are ready for them.
         signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except BaseException:  # no child: the parent must not stay deaf to a stop
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+            raise
         if pid == 0:  # the worker
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -247,3 +247,28 @@ def test_a_sigterm_as_a_worker_is_forked_still_stops_it() -> None:
     done = subprocess.run([sys.executable, "-c", RACE], capture_output=True, timeout=60,
                           text=True)  # fmt: skip
     assert done.returncode == 0, done.stderr
+
+
+FORK_FAILS = """
+import os, signal, sys
+from catalyst_proxy import workers
+
+def fork():
+    raise BlockingIOError(11, "Resource temporarily unavailable")
+
+os.fork = fork
+try:
+    workers.supervise(1, lambda index: 0)
+except BlockingIOError:
+    pass
+held = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+sys.exit(3 if signal.SIGTERM in held else 0)
+"""
+
+
+def test_a_failed_fork_leaves_the_stop_signals_deliverable() -> None:
+    """If fork() fails, the signals held around it are let through again: the process stays
+    stoppable."""
+    done = subprocess.run([sys.executable, "-c", FORK_FAILS], capture_output=True, timeout=60,
+                          text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr

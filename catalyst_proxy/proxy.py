@@ -439,8 +439,8 @@ class Proxy:
             attempt.settle_later(sent=True)  # acted on, but it cannot be recorded whole
             raise
         write = attempt.complete(hasher.hexdigest(), upstream.status, upstream.headers, body)
-        if write is not None:  # a shared store: a task, which a leaving client cannot stop
-            await asyncio.shield(self._idem.later(write))
+        if write is not None:  # a shared store
+            await write
 
     async def _hash_rest(
         self, request: web.BaseRequest, exchange: _Exchange, hasher: hashlib._Hash

@@ -287,15 +287,16 @@ class Attempt:
         """The SME gateway's answer is complete: record it (``body`` None: too large).
 
         The memory store records it at once (None); for a shared store this is the
-        write to await. The attempt counts as settled from this call on, so that nothing
-        (a cancellation racing the write) can mark it unknown behind it."""
+        write to await (a task of its own, as every update: a leaving client cannot stop
+        it). The attempt counts as settled from this call on, so that nothing (a
+        cancellation racing the write) can mark it unknown behind it."""
         self.settled = True
         memory = self._guard._memory
         if memory is not None:
             memory.complete_now(self._where, self._owner, fingerprint, status, headers, body)
             return None
         record = Record(COMPLETED, self._owner, 0.0, fingerprint, status, tuple(headers), body)
-        return self._guard._update_or_retry(self._where, self._owner, record)
+        return self._guard._settle(self._where, self._owner, record)
 
     async def unknown(self) -> None:
         """It may have been acted on (502/504 after sending, the client gone mid-exchange)."""

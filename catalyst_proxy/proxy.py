@@ -366,6 +366,9 @@ class Proxy:
                 if held:
                     await response.write(held)
                 held = chunk
+            if held and not progress.sent:  # an early answer goes first (see _record)
+                await response.write(held)
+                held = b""
         except BodyBroken as exc:
             # The upstream stalled or broke off mid-body: close the client's connection
             # before the declared length / final chunk, so the client sees an aborted
@@ -384,13 +387,6 @@ class Proxy:
             raise
         if attempt is not None and hasher is not None:
             body = bytes(kept) if kept is not None else None
-            if held and not progress.sent:  # an early answer goes first (see _record)
-                try:
-                    await response.write(held)
-                except BaseException:
-                    attempt.settle_later(sent=True)  # the client left: acted on, unrecorded
-                    raise
-                held = b""
             await self._record(request, exchange, upstream, attempt, hasher, progress,
                                body, response)  # fmt: skip
         if held:

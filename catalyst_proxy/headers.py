@@ -71,6 +71,17 @@ _CONNECTION_MAY_NAME = frozenset(
 _REQUEST_ID_NAME, _FORWARDED_YES = REQUEST_ID.encode(), (FORWARDED.encode(), b"yes")
 
 
+def only_chunked(values: Iterable[str] | Iterable[bytes]) -> bool:
+    """Whether ``Transfer-Encoding`` field values name exactly one coding, ``chunked``
+    (empty list elements ignored, RFC 9110 §5.6.1.2): the only coding the gateway
+    handles, on a request (a str from aiohttp) or an answer (bytes from httptools)."""
+    codings = []
+    for value in values:
+        text = value.decode("latin-1") if isinstance(value, bytes) else value
+        codings += [coding.strip().lower() for coding in text.split(",") if coding.strip()]
+    return codings == ["chunked"]
+
+
 def request_id(headers: Any) -> str:
     """The client's X-Request-ID when it is one sane token of ≤128 characters, else a new one."""
     values = headers.getall(REQUEST_ID, ())

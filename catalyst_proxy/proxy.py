@@ -277,12 +277,9 @@ class Proxy:
         length = request.content_length
         if length is not None and length > self._limit:
             raise BodyTooLarge(self._limit)
-        if length is None and request.body_exists:  # a body framed by chunks
-            codings = [coding.strip().lower()
-                       for value in request.headers.getall("Transfer-Encoding", ())
-                       for coding in value.split(",") if coding.strip()]  # fmt: skip
-            if codings != ["chunked"]:
-                raise UnsupportedContentEncoding()
+        chunked = length is None and request.body_exists  # a body framed by chunks
+        if chunked and not hdrs.only_chunked(request.headers.getall("Transfer-Encoding", ())):
+            raise UnsupportedContentEncoding()
 
     def _body(self, request: web.BaseRequest, upload: _Upload) -> tuple[Body, int | None]:
         """The body as bytes when it has all arrived already (one write upstream), else a stream."""

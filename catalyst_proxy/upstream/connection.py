@@ -41,6 +41,7 @@ from typing import cast
 
 import httptools
 
+from ..headers import only_chunked
 from .failures import BadResponse, BodyBroken, BodyFailed, ResponseTimeout
 from .flow import ReadBuffer, WriteFlow
 from .watchdog import Watchdog
@@ -210,7 +211,7 @@ class Connection(asyncio.Protocol):
             self._failure = f"unacceptable status {status}"
         elif self._head_size > MAX_HEAD_BYTES or len(self.headers) > MAX_HEADER_FIELDS:
             self._failure = "response head over the size limit"
-        elif self._codings and not _only_chunked(self._codings):
+        elif self._codings and not only_chunked(self._codings):
             self._failure = "a transfer coding other than chunked"
         else:
             self.status = status
@@ -389,9 +390,3 @@ class Connection(asyncio.Protocol):
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(True)
-
-
-def _only_chunked(values: list[bytes]) -> bool:
-    """Whether the Transfer-Encoding fields name exactly one coding, ``chunked``."""
-    codings = [coding.strip().lower() for value in values for coding in value.split(b",")]
-    return [coding for coding in codings if coding] == [b"chunked"]  # empty elements ignored

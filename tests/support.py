@@ -258,35 +258,28 @@ async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
 
 class SlowLink:
     """A TCP relay on 127.0.0.1 to ``port`` whose replies can be held back ``reply_delay``
-    seconds: a server reached over a slow network (requests pass at once, answers late)."""
+    seconds: a server reached over a slow network (requests pass at once, answers late).
+    A ``RawUpstream`` whose script is the relay."""
 
     def __init__(self, port: int) -> None:
         self.port = port
         self.reply_delay = 0.0
         self.url = ""
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._server = RawUpstream(self._relay)
 
     async def start(self) -> SlowLink:
-        self._server = await asyncio.start_server(self._relay, sock=free_socket())
-        self.url = f"redis://127.0.0.1:{self._server.sockets[0].getsockname()[1]}/0"
+        await self._server.start()
+        self.url = self._server.url.replace("http://", "redis://", 1) + "/0"
         return self
 
     async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)  # type: ignore[arg-type]
         server_r, server_w = await asyncio.open_connection("127.0.0.1", self.port)
         try:
             await asyncio.gather(
                 self._pipe(client_r, server_w, late=False),
                 self._pipe(server_r, client_w, late=True),
             )
-        except (ConnectionError, asyncio.CancelledError):
-            pass
         finally:
-            self._tasks.discard(task)  # type: ignore[arg-type]
-            client_w.close()
             server_w.close()
 
     async def _pipe(
@@ -300,9 +293,4 @@ class SlowLink:
         writer.close()
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            for task in list(self._tasks):
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
-            await self._server.wait_closed()
+        await self._server.close()

@@ -1,4 +1,4 @@
-"""The command line: serve | dev | openapi | keygen | token. Only it prints or exits."""
+"""The command line: serve | dev | openapi | keygen | token. Only this module prints or exits."""
 
 from __future__ import annotations
 
@@ -14,6 +14,11 @@ from . import __version__, log
 from .config import ConfigError, Settings
 
 USAGE_ERROR = 2
+DESCRIPTION = (
+    "The operator-console gateway to the SME billing tier: verifies the operator's RS256 "
+    "session, mints the HS256 bridge token and forwards the purchase and voucher routes. "
+    "Configured from CATALYST_* environment variables (docs/reference.md)."
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -23,13 +28,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="catalyst-proxy", description=__doc__)
+    parser = _Parser(prog="catalyst-proxy", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"catalyst-proxy {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     serve = commands.add_parser("serve", help="run the production server (config from the env)")
-    serve.add_argument("--host", default="0.0.0.0")
-    serve.add_argument("--port", type=_port, default=8080)
+    serve.add_argument("--host", default="0.0.0.0", help="address to listen on [0.0.0.0]")
+    serve.add_argument("--port", type=_port, default=8080, help="port to listen on [8080]")
     serve.add_argument(
         "--workers",
         type=_workers,
@@ -38,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     dev = commands.add_parser("dev", help="gateway + local SME stand-in, keys and tokens")
-    dev.add_argument("--port", type=_port, default=8080)
+    dev.add_argument("--port", type=_port, default=8080, help="the gateway's port [8080]")
     dev.add_argument(
         "--redis",
         metavar="URL",
@@ -50,18 +55,27 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     keygen = commands.add_parser("keygen", help="write private.pem, public.pem, jwks.json")
-    keygen.add_argument("--out", required=True, type=Path)
+    keygen.add_argument(
+        "--out", required=True, type=Path, help="directory to write the key pair and JWKS into"
+    )
 
     token = commands.add_parser("token", help="print an RS256 operator token")
     token.add_argument("--key", required=True, type=Path, help="RSA private key (PEM)")
-    token.add_argument("--sub", required=True)
-    token.add_argument("--email", required=True)
-    token.add_argument("--realm-role", action="append", default=[], dest="realm_roles")
-    token.add_argument("--tier")
-    token.add_argument("--ttl", type=_seconds, default=3600.0)
-    token.add_argument("--kid")
-    token.add_argument("--iss")
-    token.add_argument("--aud")
+    token.add_argument("--sub", required=True, help="the operator's subject (sub claim)")
+    token.add_argument("--email", required=True, help="the operator's email claim")
+    token.add_argument(
+        "--realm-role",
+        action="append",
+        default=[],
+        dest="realm_roles",
+        metavar="ROLE",
+        help="a Keycloak realm role (realm_access.roles); repeat for more",
+    )
+    token.add_argument("--tier", help="the tier claim")
+    token.add_argument("--ttl", type=_seconds, default=3600.0, help="lifetime in seconds [3600]")
+    token.add_argument("--kid", help="kid in the token's header [none]")
+    token.add_argument("--iss", help="issuer claim [none]")
+    token.add_argument("--aud", help="audience claim [none]")
     return parser
 
 
@@ -172,8 +186,13 @@ def _dev(port: int, redis_url: str | None = None) -> None:
             Settings.from_env({"CATALYST_REDIS_URL": redis_url, "CATALYST_JWKS_URL": "http://x/"})
         except ConfigError as exc:
             _fail(f"--redis: {exc.problem}")
+    from .server import ListenError
+
     log.configure(fmt="console", level="info")
-    _run(run(port, redis_url=redis_url))
+    try:
+        _run(run(port, redis_url=redis_url))
+    except ListenError as exc:  # a taken port: exit 2 with one line, as serve does
+        _fail(f"--port {port}: {exc.reason} (make dev PORT=N picks another)")
 
 
 def _run(main: object) -> None:

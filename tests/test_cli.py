@@ -234,6 +234,20 @@ async def test_a_taken_port_exits_2_with_one_line(public_key_file, workers):
     assert "Traceback" not in stderr
 
 
+async def test_dev_on_a_taken_port_exits_2_without_a_traceback():
+    """``dev`` (what ``make dev`` runs first) on a taken port exits 2 with a line naming the
+    port and how to pick another, never a traceback."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = str(holder.getsockname()[1])
+        status, _, stderr = await run_cli("dev", "--port", port)
+    assert status == 2
+    assert "Traceback" not in stderr
+    assert f"catalyst-proxy: error: --port {port}:" in stderr.splitlines()[-1]
+    assert "PORT=" in stderr.splitlines()[-1]
+
+
 async def test_version_and_help():
     """--version and --help succeed (exit 0) and print to stdout."""
     status, stdout, _ = await run_cli("--version")

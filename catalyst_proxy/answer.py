@@ -82,7 +82,9 @@ class Answer(web.StreamResponse):
             return
         keep_alive = request.keep_alive if self._keep_alive is None else self._keep_alive
         self._keep_alive = keep_alive
-        version = request.version
+        # The client's version when it is one we speak (a refused HTTP/0.9 or 2.0 request line
+        # gets an HTTP/1.1 answer, never its own version echoed).
+        version = HttpVersion10 if request.version == HttpVersion10 else HttpVersion11
         status = self._status
         body = self._content
         if status < 200 or status in _NO_BODY:

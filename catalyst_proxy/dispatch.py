@@ -16,11 +16,14 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from aiohttp import web
+import orjson
+from aiohttp import HttpVersion10, HttpVersion11, web
 
 from . import headers as hdrs
 from . import log
+from .answer import Answer
 from .errors import (
+    BadRequest,
     MethodNotAllowed,
     NotFound,
     OperatorKeysUnavailable,
@@ -92,6 +95,8 @@ class Dispatcher:
         self.in_flight += 1
         response: web.StreamResponse | None = None
         try:
+            if request.version != HttpVersion11:
+                _check_version(request)
             ops = self._ops.get(path)
             if ops is not None:
                 if request.method != "GET":
@@ -163,7 +168,9 @@ class Dispatcher:
             raise MethodNotAllowed(match.route.methods)
         return match
 
-    def _refuse(self, request: web.BaseRequest, exc: ProxyError, info: RequestInfo) -> web.Response:
+    def _refuse(
+        self, request: web.BaseRequest, exc: ProxyError, info: RequestInfo
+    ) -> web.StreamResponse:
         info.error = exc.code
         logger: Any = self._logger
         if isinstance(exc, Unauthenticated):
@@ -176,8 +183,35 @@ class Dispatcher:
             if exc.status >= 500:
                 logger.warning(log.REFUSED, request_id=info.request_id, error=exc.code,
                                reason=exc.reason)  # fmt: skip
+        if isinstance(exc, BadRequest):
+            # Framing the gateway cannot trust: nothing after it on this connection is read,
+            # and the answer speaks HTTP/1.1 (or 1.0) whatever version the client claimed.
+            answer = _error_answer(exc, info.request_id)
+            answer.force_close()
+            return answer
         response = error_response(exc, info.request_id)
         if request.body_exists and not request.content.at_eof():
             # The body was not read: do not let its bytes be parsed as a next request.
             response.force_close()
         return response
+
+
+def _check_version(request: web.BaseRequest) -> None:
+    """400 for a request line without HTTP/1.0 or 1.1 (none, 0.9, 2.0: the parser lets them
+    through, and a front proxy could frame them otherwise), and for an HTTP/1.0 request with
+    a Transfer-Encoding (RFC 9112 §6.1: its framing is faulty; closed after the answer)."""
+    if request.version != HttpVersion10:
+        raise BadRequest(f"HTTP/{request.version.major}.{request.version.minor} request")
+    if "Transfer-Encoding" in request.headers:
+        raise BadRequest("an HTTP/1.0 request with a Transfer-Encoding")
+
+
+def _error_answer(exc: ProxyError, request_id: str) -> Answer:
+    """``error_response()`` as an ``Answer``, which states HTTP/1.1 (or 1.0) itself."""
+    fields = {**exc.headers, hdrs.REQUEST_ID: request_id, hdrs.FORWARDED: exc.forwarded,
+              "Content-Type": "application/json; charset=utf-8"}  # fmt: skip
+    return Answer(
+        exc.status,
+        [(name.encode(), value.encode()) for name, value in fields.items()],
+        orjson.dumps(exc.body()),
+    )

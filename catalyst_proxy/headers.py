@@ -42,6 +42,9 @@ HOP_BY_HOP = frozenset(
 
 # Client headers copied upstream verbatim (the first of each), when present.
 FORWARDED_REQUEST_HEADERS = ("Content-Type", "traceparent", "tracestate", "Idempotency-Key")
+# ... except a list-valued one, whose lines are joined into one (W3C Trace Context: a
+# tracestate split over several lines is one list, and every entry counts).
+_LIST_VALUED = b"tracestate"
 
 # Upstream answer headers copied to the client, when present (Content-Length is framing).
 FORWARDED_RESPONSE_HEADERS = (
@@ -110,6 +113,7 @@ def upstream_request_head(
         % (bridge_token.encode(), request_id.encode())
     ]
     seen: set[bytes] = set()
+    tracestate: list[bytes] = []
     forwarded_for: list[bytes] = []
     forwarded_proto = forwarded_host = client_host = None
     connection: list[bytes] = []
@@ -117,7 +121,9 @@ def upstream_request_head(
         lowered = name.lower()
         canonical = _FORWARD_UP.get(lowered)
         if canonical is not None:
-            if lowered not in seen:
+            if lowered == _LIST_VALUED:
+                tracestate.append(value)
+            elif lowered not in seen:
                 seen.add(lowered)
                 lines.append(b"%s: %s\r\n" % (canonical, value))
         elif lowered == b"x-forwarded-for":
@@ -140,6 +146,8 @@ def upstream_request_head(
             return upstream_request_head(
                 kept, bridge_token=bridge_token, request_id=request_id, peer=peer, scheme=scheme
             )
+    if tracestate:
+        lines.append(b"tracestate: %s\r\n" % b",".join(tracestate))
     if peer:
         forwarded_for.append(peer.encode())
     if forwarded_for:

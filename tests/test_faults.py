@@ -685,6 +685,53 @@ async def test_ambiguous_framing_is_refused_and_the_pipelined_request_never_reac
     assert up.requests == []
 
 
+REQUEST_LINE_VERSIONS = {
+    "none": (b"", b"HTTP/1.1 400 "),
+    "http-0.9": (b" HTTP/0.9", b"HTTP/1.1 400 "),
+    "http-2.0": (b" HTTP/2.0", b"HTTP/1.1 400 "),
+    "http-1.0-with-te": (b" HTTP/1.0", b"HTTP/1.0 400 "),
+}
+
+
+@pytest.mark.parametrize("case", REQUEST_LINE_VERSIONS)
+async def test_a_request_line_the_gateway_does_not_speak_is_400_and_the_connection_closed(
+    gateway, bearer, upstream, case
+):
+    """A request line with no version, HTTP/0.9 or HTTP/2.0 (which the parser lets through),
+    and an HTTP/1.0 request framed by Transfer-Encoding (RFC 9112 §6.1: faulty framing), even
+    one asking for keep-alive, are refused with 400 bad-request in HTTP/1.1 (or 1.0), never
+    the claimed version echoed; the connection closes, and nothing reaches the upstream:
+    neither that request nor (HTTP/1.0) the one pipelined behind it. (A versionless line
+    with a request pipelined behind it is refused by the parser itself.)"""
+    up = await upstream(answer())
+    gw = await gateway(upstream=up.url)
+    auth = bearer()["Authorization"]
+    version, status_line = REQUEST_LINE_VERSIONS[case]
+    body = b'{"sku": "starter"}'
+    framing = (
+        b"Transfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+        % (len(body), body)
+        if case == "http-1.0-with-te"
+        else b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    first = b"POST %s%s\r\nHost: gateway.test\r\nAuthorization: %s\r\n%s" % (
+        PURCHASE.encode(), version, auth.encode(), framing,
+    )  # fmt: skip
+    second = SECOND.replace(b"{auth}", auth.encode()) if case == "http-1.0-with-te" else b""
+    reader, writer = await raw_client(gw.url)
+    try:
+        writer.write(first + second)
+        async with asyncio.timeout(10):
+            received = await reader.read(-1)  # to the connection's end: it must close
+    finally:
+        writer.close()
+    assert received.startswith(status_line), received[:40]
+    assert received.count(b"HTTP/1.") == 1  # one answer, for the first request only
+    assert error_of(received.partition(b"\r\n\r\n")[2]) == "bad-request"
+    assert b"X-Catalyst-Forwarded: no\r\n" in received
+    assert up.requests == []
+
+
 async def test_duplicate_host_is_400_and_nothing_upstream(gateway, bearer, upstream):
     """Two Host headers are refused with 400 (RFC 9112 §3.2) and nothing reaches the upstream."""
     up = await upstream(answer())

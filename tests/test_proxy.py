@@ -179,6 +179,23 @@ async def test_a_transfer_coding_besides_chunked_is_415_and_reaches_nothing(
     assert gw.sme.received == []
 
 
+async def test_a_tracestate_split_over_lines_reaches_the_upstream_whole(gateway, bearer):
+    """W3C Trace Context: tracestate may come in several lines, which are one list; every
+    entry reaches the SME gateway (in one line, in order), where other fields pass their
+    first line only."""
+    gw = await gateway()
+    headers = [
+        *bearer().items(),
+        ("tracestate", "congo=t61rcWkgMzE"),
+        ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        ("tracestate", "rojo=00f067aa0ba902b7,vendor=x"),
+    ]
+    async with gw.http.post(gw.url + PURCHASE, headers=headers, data=b"{}") as resp:
+        assert resp.status == 200
+    seen = gw.sme.received[0]
+    assert seen.headers.getall("tracestate") == ["congo=t61rcWkgMzE,rojo=00f067aa0ba902b7,vendor=x"]
+
+
 async def test_fields_the_clients_connection_header_names_are_never_forwarded(gateway, bearer):
     """A field the client's Connection header names is hop-by-hop (RFC 9110 §7.6.1), even one
     the gateway would pass on (traceparent) or draw on (X-Forwarded-For, -Host): it is not

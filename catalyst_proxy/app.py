@@ -166,9 +166,11 @@ def create_app(
         if off_reason is not None:
             log.get_logger().warning(log.IDEMPOTENCY_OFF, reason=off_reason)
         if store is not None:
-            await store.start()
             if isinstance(records, RedisRecords) and idempotency.active:
-                idempotency.later(records.check_policy())
+                # Each time the store comes up: at start-up, or later if it was down then.
+                shared = records
+                store.on_up.append(lambda: idempotency.later(shared.check_policy()))
+            await store.start()
         await keys.start()
         yield
         await keys.close()

@@ -43,6 +43,8 @@ STORE = "store.state"
 IDEMPOTENCY_OFF = "idempotency.off"
 IDEMPOTENCY_EVICTION = "idempotency.eviction_policy"
 IDEMPOTENCY_STORE_ERROR = "idempotency.store_error"
+IDEMPOTENCY_RECORD_LOST = "idempotency.record_lost"  # a completion found no reservation
+IDEMPOTENCY_RECORD_TAKEN = "idempotency.record_taken"  # ... or another request's record
 WORKER_UNTETHERED = "worker.untethered"  # PR_SET_PDEATHSIG refused
 
 FLUSH_INTERVAL = 0.1

@@ -219,6 +219,7 @@ class Proxy:
                     hasher.update(body)
                 elif body is not None:
                     body = _hashing(body, hasher)  # fed as the body streams
+                    attempt.keep()  # it streams for as long as the client takes
             started = time.perf_counter()
             try:
                 upstream = await self._client.request(
@@ -335,6 +336,8 @@ class Proxy:
                                    whole.body, whole)  # fmt: skip
             whole.send(request)
             return whole
+        if attempt is not None:
+            attempt.keep()  # the answer streams for as long as it takes
         headers, length = hdrs.client_response_headers(upstream.headers, info.request_id)
         response = web.StreamResponse(status=upstream.status, headers=headers)
         if length is not None:

@@ -1199,6 +1199,151 @@ async def test_an_answer_streaming_past_the_lease_keeps_its_key_however_full_the
     assert len(keyed_requests(up, "slow")) == 1
 
 
+async def test_a_long_streaming_answer_keeps_its_reservation_alive(
+    start, upstream, bearer, monkeypatch
+):
+    """An answer that streams for longer than its reservation's lease and TTL together (each
+    piece within the budget): the reservation is renewed while the request is alive, so a
+    retry in the meantime is 409 in use (not unknown, not forwarded again), and a retry
+    after the answer is replayed. The SME gateway sees the purchase once."""
+    monkeypatch.setattr("catalyst_proxy.app.LEASE_MARGIN", 0.0)  # the lease is the budget
+    budget, ttl, piece = 0.6, 1.0, 0.15  # the reservation held 1.6 s unless renewed
+    pieces = 16  # 2.4 s of answer
+    past_the_hold = asyncio.Event()
+
+    async def respond(
+        seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")  # fmt: skip
+        began = asyncio.get_running_loop().time()
+        for _ in range(pieces):
+            writer.write(b"1\r\n \r\n")
+            await writer.drain()
+            await asyncio.sleep(piece)  # the SME gateway's pace: slow, within the budget
+            if asyncio.get_running_loop().time() - began > budget + ttl + 0.3:
+                past_the_hold.set()
+        writer.write(b"2\r\n{}\r\n0\r\n\r\n")
+        await writer.drain()
+        return True
+
+    up = await upstream(respond)
+    gw = await start(up.url, upstream_timeout_seconds=budget, idempotency_ttl_seconds=ttl)
+    auth = bearer()
+    first = asyncio.create_task(post(gw, auth, "long"))
+    async with asyncio.timeout(10):
+        await past_the_hold.wait()
+    status, headers, body = await post(gw, auth, "long")
+    assert (status, error_of(body)) == (409, "idempotency-key-in-use")
+    assert headers["X-Catalyst-Forwarded"] == "no"
+    status, _, body = await first
+    assert (status, body) == (200, b" " * pieces + b"{}")
+    await settled(gw)
+    status, headers, again = await post(gw, auth, "long")
+    assert (status, headers["Idempotent-Replayed"], again) == (200, "true", body)
+    assert len(keyed_requests(up, "long")) == 1
+
+
+async def test_a_body_streaming_on_after_an_early_answer_keeps_its_reservation_alive(
+    start, bearer, monkeypatch
+):
+    """The SME gateway answers before it has the body (an early answer) and the client keeps
+    sending it for longer than the reservation's lease and TTL together (each piece within
+    the budget: the record waits for the whole body's fingerprint). The reservation is
+    renewed meanwhile: a retry is 409 in use, never forwarded; once the body is in, the
+    answer is recorded and replayed."""
+    monkeypatch.setattr("catalyst_proxy.app.LEASE_MARGIN", 0.0)  # the lease is the budget
+    budget, ttl, piece = 0.6, 1.0, 0.15  # the reservation held 1.6 s unless renewed
+    early = b'{"error": "sku-unknown"}'
+
+    async def answer_after_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        head = b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: %d"
+        writer.write(head % len(early) + b"\r\nConnection: close\r\n\r\n" + early)
+        await writer.drain()
+
+    up = await RawUpstream(answer_after_head).start()
+    try:
+        gw = await start(up.url, upstream_timeout_seconds=budget, idempotency_ttl_seconds=ttl)
+        auth = bearer()
+        lines = [*auth.items(), ("Content-Type", "application/json"),
+                 ("Idempotency-Key", "slow-body"), ("Transfer-Encoding", "chunked")]  # fmt: skip
+        reader, writer = await raw_client(gw.url)
+        try:
+            writer.write(request_bytes("POST", PURCHASE, lines) + b"1\r\n \r\n")
+            async with asyncio.timeout(5):
+                first = await read_response(reader)
+            assert first is not None
+            assert (first.status, first.body) == (400, early)
+            began = asyncio.get_running_loop().time()
+            sent = 1
+            while asyncio.get_running_loop().time() - began < budget + ttl + 0.3:
+                writer.write(b"1\r\n \r\n")  # the client's pace: slow, within the budget
+                sent += 1
+                await asyncio.sleep(piece)
+            status, headers, body = await post(gw, auth, "slow-body", b" " * sent)
+            assert (status, error_of(body)) == (409, "idempotency-key-in-use")
+            assert headers["X-Catalyst-Forwarded"] == "no"
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+        finally:
+            writer.close()
+        await settled(gw)
+        status, headers, body = await post(gw, auth, "slow-body", b" " * sent)
+        assert (status, headers["Idempotent-Replayed"], body) == (400, "true", early)
+        assert up.connections == 1
+    finally:
+        await up.close()
+
+
+async def test_an_answer_is_recorded_though_redis_lost_its_reservation(
+    gateway, upstream, bearer, redis_url, redis_server
+):
+    """Redis loses the reservation while the purchase is in flight (a flush, a restart without
+    persistence): the answer is still recorded when it comes (and the loss logged), so a
+    retry after it is replayed, not forwarded a second time."""
+    gate = Gate()
+    up = await upstream(gate)
+    gw = await gateway(upstream=up.url, redis_url=redis_url)
+    auth = bearer()
+    first = asyncio.create_task(post(gw, auth, "flushed"))
+    await up.until(lambda: len(up.complete) == 1)
+    redis_server.command("FLUSHALL")
+    with capture_logs() as logs:
+        gate.open.set()
+        assert (await first)[0] == 200
+        await settled(gw)
+    assert [e["outcome"] for e in logs if e["event"] == log.IDEMPOTENCY_RECORD_LOST] == [
+        "completed"
+    ]
+    status, headers, body = await post(gw, auth, "flushed")
+    assert (status, headers["Idempotent-Replayed"], body) == (200, "true", ORDER_ANSWER)
+    assert len(keyed_requests(up, "flushed")) == 1
+
+
+async def test_the_eviction_policy_is_checked_when_redis_comes_up_after_the_gateway(
+    gateway, upstream, bearer, redis_url, redis_server
+):
+    """Redis down when the gateway starts (pods starting together) and up later with a policy
+    that evicts: the warning comes when the store comes up, not only at start-up."""
+    up = await upstream(ok())
+    redis_server.stop()
+    with capture_logs() as logs:
+        gw = await gateway(upstream=up.url, redis_url=redis_url)
+        store = gw.parts.store
+        assert store is not None
+        await eventually(lambda: store.state == "unavailable")
+        redis_server.start()
+        redis_server.command("CONFIG", "SET", "maxmemory-policy", "allkeys-lru")
+        try:
+            await eventually(lambda: store.report()["state"] == "ok")  # /readyz's probe
+            await settled(gw)
+        finally:
+            redis_server.command("CONFIG", "SET", "maxmemory-policy", "noeviction")
+    [warning] = [e for e in logs if e["event"] == log.IDEMPOTENCY_EVICTION]
+    assert warning["maxmemory_policy"] == "allkeys-lru"
+
+
 # --- Redis -------------------------------------------------------------------------------
 
 

@@ -343,8 +343,64 @@ async def test_replace_and_release_are_compare_and_set_on_the_owner(stores):
     assert await records.reserve(S("s"), reservation(stores.clock)) == completed(owner)
     assert await records.release(S("s"), owner) is True
     assert await records.reserve(S("s"), reservation(stores.clock)) is None
-    assert await records.replace(S("gone"), owner, completed(owner)) is False
     assert await records.release(S("gone"), owner) is False
+
+
+async def test_a_completion_whose_reservation_was_lost_is_recorded(stores, redis_server):
+    """A completion (or "unknown") that finds no record at all (the store lost the reservation:
+    a restart without persistence, a flush, an eviction, an expiry) is stored all the same,
+    with a full TTL: the answer is known, so every retry from then on is replayed, never
+    forwarded again. Redis logs that it lost the reservation."""
+    records = await stores.make(ttl=60.0)
+    owner, other = hex_id(), hex_id()
+    for name, who in (("lost", owner), ("lost-unknown", other)):
+        await records.reserve(S(name), reservation(stores.clock, who))
+    if stores.kind == "redis":
+        redis_server.command("FLUSHALL")
+    else:
+        stores.clock.now += LEASE + 61  # the reservations expired
+    with capture_logs() as logs:
+        assert await records.replace(S("lost"), owner, completed(owner)) is True
+        assert await records.replace(S("lost-unknown"), other, Record(UNKNOWN, other, 0.0))
+    assert await records.reserve(S("lost"), reservation(stores.clock)) == completed(owner)
+    assert await records.reserve(S("lost-unknown"), reservation(stores.clock)) == Record(
+        UNKNOWN, other, 0.0
+    )
+    lost = [e["outcome"] for e in logs if e["event"] == log.IDEMPOTENCY_RECORD_LOST]
+    if stores.kind == "redis":
+        assert lost == [COMPLETED, UNKNOWN]
+        assert 59_000 < redis_server.command("PTTL", PREFIX + S("lost")) <= 60_000
+    else:
+        stores.clock.now += 59
+        assert await records.reserve(S("lost"), reservation(stores.clock)) == completed(owner)
+
+
+async def test_renew_extends_only_its_owners_reservation(stores, redis_server):
+    """``renew()`` moves a reservation's lease (and its expiry: the lease, then the TTL) only
+    for its owner and only while it is a reservation: never over the completion it renews
+    for, never another request's record."""
+    records = await stores.make(ttl=60.0)
+    owner = hex_id()
+    mine = reservation(stores.clock, owner)
+    await records.reserve(S("s"), mine)
+    later = mine.lease_until + 100.0
+    assert await records.renew(S("s"), hex_id(), later) is False
+    assert await records.reserve(S("s"), reservation(stores.clock)) == mine
+    if stores.kind == "redis":
+        redis_server.command("PEXPIRE", PREFIX + S("s"), 5000)  # as if most of it had passed
+    assert await records.renew(S("s"), owner, later) is True
+    assert await records.reserve(S("s"), reservation(stores.clock)) == mine._replace(
+        lease_until=later
+    )
+    if stores.kind == "redis":
+        assert redis_server.command("PTTL", PREFIX + S("s")) > (LEASE + 60 - 1) * 1000
+    else:
+        stores.clock.now += LEASE + 61  # the first expiry: renewed past it
+        assert (await records.reserve(S("s"), reservation(stores.clock))) is not None
+    assert await records.replace(S("s"), owner, completed(owner)) is True
+    assert await records.renew(S("s"), owner, later + 100.0) is False  # a late renewal
+    assert await records.reserve(S("s"), reservation(stores.clock)) == completed(owner)
+    assert await records.renew(S("nothing"), owner, later) is False
 
 
 async def test_a_late_completion_cannot_overwrite_a_newer_reservation(stores):

@@ -14,6 +14,12 @@ An ``Attempt`` is the life of one keyed request (see ``records.py``):
 unavailable, or the answer to replay); a new one ends ``complete()``,
 ``unknown()`` or ``release()``d.
 
+A request that may outlast its lease (a body or an answer that streams) keeps its
+reservation alive: from ``Attempt.keep()`` on, it is renewed every half lease
+until the attempt settles, so that it never reads as an orphan ("outcome
+unknown") nor expires while its request is alive. A reservation whose process
+died is not renewed: past its lease it reads as unknown, as the contract says.
+
 With a shared store every update of a reservation runs as a task of its own
 (a client that leaves cannot cut it off), and one the store refuses is tried
 again in the background, backing off, until the reservation's lease is over:
@@ -198,8 +204,22 @@ class Idempotency:
     async def _update(self, where: str, owner: str, record: Record | None) -> None:
         if record is None:
             await self._records.release(where, owner)
+        elif not await self._records.replace(where, owner, record):
+            # Our reservation was gone and another request's record is in its place: it
+            # stays (never overwritten), and ours is lost. Only a fault gets here.
+            self._logger.warning(log.IDEMPOTENCY_RECORD_TAKEN, outcome=record.state)
+
+    def _renew(self, where: str, owner: str) -> None:
+        """One renewal of a reservation in flight (see the module's text)."""
+        lease_until = self._clock() + self._lease
+        if self._memory is not None:
+            self._memory.renew_now(where, owner, lease_until)
         else:
-            await self._records.replace(where, owner, record)
+            self.later(self._renew_shared(where, owner, lease_until))
+
+    async def _renew_shared(self, where: str, owner: str, lease_until: float) -> None:
+        with contextlib.suppress(StoreUnavailable):  # logged by the store; the next one tries
+            await self._records.renew(where, owner, lease_until)
 
     async def _update_or_retry(
         self, where: str, owner: str, record: Record | None, *, report: bool = True
@@ -245,7 +265,7 @@ def _change(record: Record | None) -> str:
 class Attempt:
     """One keyed request. ``outcome`` is the access log's ``idempotency`` field."""
 
-    __slots__ = ("_guard", "_owner", "_where", "existing", "outcome", "settled")
+    __slots__ = ("_guard", "_owner", "_renewal", "_where", "existing", "outcome", "settled")
 
     def __init__(self, guard: Idempotency, where: str, owner: str, existing: Record | None):
         self._guard = guard
@@ -254,6 +274,28 @@ class Attempt:
         self.existing = existing
         self.outcome = "new" if existing is None else ""
         self.settled = existing is not None  # nothing of ours to settle
+        self._renewal: asyncio.TimerHandle | None = None
+
+    def keep(self) -> None:
+        """What follows may outlast the lease (a body or an answer streams): renew the
+        reservation every half lease until the attempt settles. (Not needed before: an
+        exchange whose body and answer come whole is over within the budget.)"""
+        if self._renewal is None and not self.settled:
+            self._renewal = asyncio.get_running_loop().call_later(
+                self._guard._lease / 2, self._renew
+            )
+
+    def _renew(self) -> None:
+        if self.settled:
+            return
+        self._guard._renew(self._where, self._owner)
+        self._renewal = asyncio.get_running_loop().call_later(self._guard._lease / 2, self._renew)
+
+    def _stop(self) -> None:
+        """Settled: no more renewals."""
+        self.settled = True
+        if self._renewal is not None:
+            self._renewal.cancel()
 
     def check_pending(self) -> None:
         """A found record that is not a completed answer: 409 in use or 409 unknown."""
@@ -290,7 +332,7 @@ class Attempt:
         write to await (a task of its own, as every update: a leaving client cannot stop
         it). The attempt counts as settled from this call on, so that nothing (a
         cancellation racing the write) can mark it unknown behind it."""
-        self.settled = True
+        self._stop()
         memory = self._guard._memory
         if memory is not None:
             memory.complete_now(self._where, self._owner, fingerprint, status, headers, body)
@@ -314,7 +356,7 @@ class Attempt:
             return
         if sent:
             self._mark_unknown()
-        self.settled = True
+        self._stop()
         record = Record(UNKNOWN, self._owner, 0.0) if sent else None
         self._guard.later(self._guard._settle(self._where, self._owner, record))
 
@@ -325,7 +367,7 @@ class Attempt:
     async def _settle(self, record: Record | None) -> None:
         if self.settled:
             return
-        self.settled = True
+        self._stop()
         await self._guard._settle(self._where, self._owner, record)
 
     def _refuse(self, outcome: str, error: Exception) -> None:

@@ -104,6 +104,9 @@ class MemoryRecords:
     async def replace(self, slot: str, owner: str, record: Record) -> bool:
         return self._replace_with(slot, owner, record)
 
+    async def renew(self, slot: str, owner: str, lease_until: float) -> bool:
+        return self.renew_now(slot, owner, lease_until)
+
     async def release(self, slot: str, owner: str) -> bool:
         entry = self._records.get(slot)
         if entry is None or entry[_EXPIRES] <= self._clock() or entry[_OWNER] != owner:
@@ -143,6 +146,15 @@ class MemoryRecords:
         head = _SEPARATOR.join(chain.from_iterable(headers))
         return self._replace(slot, owner, COMPLETED, 0.0, fingerprint, status, head, body)
 
+    def renew_now(self, slot: str, owner: str, lease_until: float) -> bool:
+        """``renew()``: a reservation of ``owner``'s holds until ``lease_until``, then the TTL."""
+        entry = self._records.get(slot)
+        if entry is None or entry[_OWNER] != owner or entry[_STATE] != RESERVED:
+            return False
+        self._records[slot] = (RESERVED, owner, lease_until, *entry[3:7],
+                               lease_until + self._ttl, entry[_WEIGHT])  # fmt: skip
+        return True
+
     # ------------------------------------------------------------------ internals
 
     def _replace_with(self, slot: str, owner: str, record: Record) -> bool:
@@ -164,13 +176,17 @@ class MemoryRecords:
         records = self._records
         entry = records.get(slot)
         now = self._clock()
-        if entry is None or entry[_EXPIRES] <= now or entry[_OWNER] != owner:
-            return False
+        if entry is not None and entry[_EXPIRES] <= now:
+            self._drop(slot)  # expired: as good as gone
+            entry = None
+        if entry is not None and entry[_OWNER] != owner:
+            return False  # another request's record: never overwritten
+        # Ours, or none left (it expired or was evicted): the answer is known, keep it.
         weight = ENTRY_WEIGHT + len(slot) + len(head) + (len(body) if body else 0)
         records[slot] = (state, owner, lease_until, fingerprint, status, head, body,
                          now + self._ttl, weight)  # fmt: skip
-        self._bytes += weight - entry[_WEIGHT]
-        if self._bytes > self._max_bytes:
+        self._bytes += weight - (entry[_WEIGHT] if entry is not None else 0)
+        if self._bytes > self._max_bytes or len(records) > self._max_records:
             self._bound()
         return True
 

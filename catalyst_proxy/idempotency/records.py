@@ -84,7 +84,12 @@ class Records(Protocol):
         ...
 
     async def replace(self, slot: str, owner: str, record: Record) -> bool:
-        """Compare-and-set: store ``record`` only if the slot's record belongs to ``owner``."""
+        """Compare-and-set: store ``record`` if the slot's record belongs to ``owner`` or the
+        slot holds none (the store lost the reservation: the answer is still known)."""
+        ...
+
+    async def renew(self, slot: str, owner: str, lease_until: float) -> bool:
+        """Extend ``owner``'s reservation (only a reservation) to ``lease_until``, then the TTL."""
         ...
 
     async def release(self, slot: str, owner: str) -> bool:

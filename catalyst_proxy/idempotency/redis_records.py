@@ -6,19 +6,29 @@
   still be in flight (a retry would be forwarded again).
 - Completion, "unknown" and release: compare-and-set on the record's owner
   token in a Lua script, never a plain ``SET``: a first attempt that outlived
-  its record can never overwrite a newer one.
+  its record can never overwrite a newer one. A completion (or "unknown") that
+  finds no record at all (the store lost the reservation: a restart without
+  persistence, a flush, an eviction) is written all the same, and logged: the
+  answer is known, and every retry from then on is replayed, not forwarded.
+- Renewal: a request still in flight at half its lease renews its reservation
+  (a compare-and-set on the owner and the reserved state: never over its own
+  completion), so that no reservation expires, or reads as an orphan, while its
+  request is alive however long its body or answer streams.
 - Keys are ``catalyst-idem:`` + a SHA-256 of scope and key: the client's key
   is never stored. Completed and unknown records expire after the TTL.
 
 Redis must not evict them (``maxmemory-policy noeviction``: an evicted
-reservation would let a retry through twice); ``check_policy()`` warns at
-start-up when the server says otherwise. Replication is asynchronous: a
-failover can lose the last writes, which this store cannot prevent.
+reservation would let a retry through twice); ``check_policy()`` warns when the
+server says otherwise, each time the store comes up (start-up, reconnection).
+Replication is asynchronous: a failover can lose the last writes, which this
+store cannot prevent (a completion then writes its record anew, see above).
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import orjson
 
 from .. import log
 from ..ids import hex_id
@@ -28,14 +38,30 @@ from .records import OWNER_LENGTH, RESERVED, Record
 
 PREFIX = "catalyst-idem:"
 
+# 1: replaced our record; 2: written where there was none (lost); 0: another's record is there.
 _REPLACE = f"""
 local current = redis.call('GET', KEYS[1])
-if current and string.sub(current, 1, {OWNER_LENGTH}) == ARGV[1] then
+if not current then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 2
+end
+if string.sub(current, 1, {OWNER_LENGTH}) == ARGV[1] then
   redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
   return 1
 end
 return 0
 """
+
+# ARGV[1]: the start of our reservation's bytes (owner, then the state): only that is renewed.
+_RENEW = """
+local current = redis.call('GET', KEYS[1])
+if current and string.sub(current, 1, string.len(ARGV[1])) == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+  return 1
+end
+return 0
+"""
+_RESERVED_STATE = orjson.dumps({"state": RESERVED})[:-1]  # b'{"state":"reserved"', as encoded
 
 _RELEASE = f"""
 local current = redis.call('GET', KEYS[1])
@@ -55,6 +81,7 @@ class RedisRecords:
         self._hold_ms = self._ttl_ms + int(lease * 1000)  # a reservation: its lease, then TTL
         self._replace = self._redis.register_script(_REPLACE)
         self._release = self._redis.register_script(_RELEASE)
+        self._renew = self._redis.register_script(_RENEW)
 
     def slot(self, scope: str) -> str:
         return slot(scope)  # never the client's key: a digest of it
@@ -78,6 +105,18 @@ class RedisRecords:
     async def replace(self, slot: str, owner: str, record: Record) -> bool:
         args: list[Any] = [owner, record.encode(), self._ttl_ms]
         done = await self._store.run(lambda: self._replace(keys=[PREFIX + slot], args=args))
+        if done == 2:
+            log.get_logger().warning(
+                log.IDEMPOTENCY_RECORD_LOST, outcome=record.state,
+                advice="the store lost a reservation (restart without persistence, flush or "
+                "eviction): a retry in between may have been forwarded again",
+            )  # fmt: skip
+        return bool(done)
+
+    async def renew(self, slot: str, owner: str, lease_until: float) -> bool:
+        data = Record(RESERVED, owner, lease_until).encode()
+        args: list[Any] = [owner.encode() + _RESERVED_STATE, data, self._hold_ms]
+        done = await self._store.run(lambda: self._renew(keys=[PREFIX + slot], args=args))
         return bool(done)
 
     async def release(self, slot: str, owner: str) -> bool:

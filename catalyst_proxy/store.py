@@ -7,7 +7,10 @@ Rate-limit counters (through ``limits``) and idempotency records share the
 one connection pool.
 
 - Start-up never waits for it: the first PING runs in the background and its
-  outcome is logged (``store.state``) and shown in ``/readyz``.
+  outcome is logged (``store.state``) and shown in ``/readyz``. ``/readyz`` keeps
+  the state current: when no command has succeeded for ``PROBE_AFTER`` seconds
+  (no traffic, or the store down) it sends a PING in the background, so an outage
+  with no traffic shows, and so does the recovery.
 - Commands are never retried by the client library: a retried compare-and-set
   whose first try did run would report a conflict that is not there. Each one
   is bounded by ``COMMAND_TIMEOUT``.
@@ -41,6 +44,7 @@ from .config import ConfigError, Settings
 
 COMMAND_TIMEOUT = 0.5  # a command takes well under a millisecond on a healthy store
 RETRY_AFTER = 1.0
+PROBE_AFTER = 1.0  # /readyz pings a store not heard from for this long (see the module's text)
 MAX_CONNECTIONS = 64
 
 T = TypeVar("T")
@@ -112,8 +116,12 @@ class Store:
         self.state = "connecting"
         self.last_error: str | None = None
         self._down_until = 0.0
+        self._last_ok = 0.0  # when a command last succeeded (the clock's time)
         self._probe: asyncio.Task[None] | None = None
         self._logger = log.get_logger()
+        # Called each time the store comes up (start-up, and after an outage): a restarted
+        # server may have come back with another configuration.
+        self.on_up: list[Callable[[], object]] = []
 
     def describe(self) -> str:
         """The URL without credentials (for logs and /readyz)."""
@@ -122,9 +130,12 @@ class Store:
         return f"{parts.scheme}://{where}{parts.path or ''}"
 
     def report(self) -> dict[str, Any]:
-        """For /readyz; a probe that finds the store down also tries it again (in the
-        background, at most once per RETRY_AFTER), so the state recovers with no traffic."""
-        if self.state != "ok" and not self.down and (self._probe is None or self._probe.done()):
+        """For /readyz: the state, and a PING in the background when the store has not been
+        heard from lately (one at a time; never while it pauses after a failure), so that
+        the state follows an outage, and a recovery, with no traffic (the next call shows
+        the PING's outcome)."""
+        quiet = self._clock() - self._last_ok >= PROBE_AFTER and not self.down
+        if quiet and (self._probe is None or self._probe.done()):
             with contextlib.suppress(RuntimeError):  # no loop running: nothing to probe with
                 self._probe = asyncio.get_running_loop().create_task(self._first_ping())
         return {"url": self.describe(), "state": self.state, "last_error": self.last_error}
@@ -162,11 +173,14 @@ class Store:
             )
 
     def succeeded(self) -> None:
+        self._last_ok = self._clock()
         if self.state != "ok":
             self.state = "ok"
             self._down_until = 0.0
             self.last_error = None
             self._logger.info(log.STORE, state=self.state, url=self.describe())
+            for callback in self.on_up:
+                callback()
 
     @property
     def down(self) -> bool:

@@ -23,7 +23,13 @@ from structlog.testing import capture_logs
 
 from catalyst_proxy import log
 from catalyst_proxy.config import ConfigError, Settings
-from catalyst_proxy.store import COMMAND_TIMEOUT, RETRY_AFTER, Store, StoreUnavailable
+from catalyst_proxy.store import (
+    COMMAND_TIMEOUT,
+    PROBE_AFTER,
+    RETRY_AFTER,
+    Store,
+    StoreUnavailable,
+)
 
 from .redis_server import RedisServer
 from .support import free_socket
@@ -205,6 +211,32 @@ async def test_an_outage_skips_the_store_for_retry_after_then_it_is_tried_again(
         ("unavailable", "warning"),
         ("ok", "info"),
     ]
+
+
+async def test_readyz_follows_an_outage_and_a_recovery_with_no_traffic(
+    stores, redis_server, redis_url
+):
+    """With no command running, report() (what /readyz calls) still notices the store going away
+    and coming back: once nothing has succeeded for PROBE_AFTER it PINGs in the background, and
+    the next report shows the outcome. While the store answers it sends no more than that."""
+    clock = FakeClock()
+    store = stores(redis_url, clock=clock)
+    assert await ping(store) is True
+    assert store.report()["state"] == "ok"
+    assert store._probe is None  # heard from just now: no PING
+
+    redis_server.stop()
+    assert store.report()["state"] == "ok"  # nothing has failed yet
+    clock.advance(PROBE_AFTER)
+    store.report()  # not heard from for PROBE_AFTER: a PING goes out, and fails
+    await until(lambda: store.state == "unavailable")
+    assert store.report()["state"] == "unavailable"
+
+    redis_server.start()
+    clock.advance(RETRY_AFTER)
+    store.report()  # the pause after the failure is over: a PING again, which answers
+    await until(lambda: store.state == "ok")
+    assert store.report() == {"url": redis_url, "state": "ok", "last_error": None}
 
 
 async def test_the_reason_of_a_failure_is_its_kind(stores, redis_server, redis_url):

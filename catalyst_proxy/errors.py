@@ -92,7 +92,9 @@ class ProxyError(Exception):
 
 class BadRequest(ProxyError):
     """The request could not be parsed as HTTP (a bad request line, header or
-    chunk size); the connection is closed after the answer.
+    chunk size; a request line without `HTTP/1.0` or `HTTP/1.1`; an HTTP/1.0
+    request with a `Transfer-Encoding`, RFC 9112 §6.1); the connection is closed
+    after the answer.
 
     Answered by the protocol handler, before routing.
     """

@@ -186,6 +186,8 @@ def _route(path: str, index: int, entry: object) -> Route:
     if PLACEHOLDER in upstream_path and PLACEHOLDER not in client_path:
         raise bad('"upstream_path" uses {code} but "path" does not')
     idempotency = entry.get("idempotency")
+    if isinstance(idempotency, str):
+        idempotency = idempotency.lower()  # choices are case-insensitive, as in the environment
     if idempotency is not None and idempotency not in ROUTE_IDEMPOTENCY_MODES:
         raise bad(f'"idempotency" must be one of {", ".join(ROUTE_IDEMPOTENCY_MODES)}')
     rate_limit = entry.get("rate_limit")

@@ -294,11 +294,12 @@ BAD_ENTRIES: list[tuple[str, dict[str, Any], str]] = [
 
 
 def test_methods_are_case_insensitive_and_the_route_options_are_kept(tmp_path):
-    """Standard methods in any case are accepted as upper case; idempotency and rate_limit
-    are kept on the route."""
+    """Standard methods in any case are accepted as upper case, the idempotency mode in any
+    case as lower case (choices are case-insensitive); idempotency and rate_limit are kept
+    on the route."""
     path = tmp_path / "routes.json"
     entry = {**ORG_PURCHASE, "methods": ["post", "Put"], "upstream_method": "post",
-             "idempotency": "required", "rate_limit": "5/second; 100 per hour"}  # fmt: skip
+             "idempotency": "Required", "rate_limit": "5/second; 100 per hour"}  # fmt: skip
     path.write_text(json.dumps({"routes": [entry]}))
     [route] = load_routes(str(path))
     assert route.methods == ("POST", "PUT")

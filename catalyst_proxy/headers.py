@@ -122,7 +122,8 @@ def upstream_request_head(
         canonical = _FORWARD_UP.get(lowered)
         if canonical is not None:
             if lowered == _LIST_VALUED:
-                tracestate.append(value)
+                if value.strip(b" \t"):  # an empty line adds no list member
+                    tracestate.append(value)
             elif lowered not in seen:
                 seen.add(lowered)
                 lines.append(b"%s: %s\r\n" % (canonical, value))

@@ -242,6 +242,10 @@ class Proxy:
             return await self._relay(request, info, exchange, upstream, attempt, hasher, progress)
         finally:
             upstream.release()
+            if attempt is not None and not attempt.settled:
+                # Every way out of _relay settles the attempt; one that did not (the answer's
+                # head failed to go out, say) was acted on: unknown, and no more renewals.
+                attempt.settle_later(sent=True)
 
     async def _fingerprint(self, request: web.BaseRequest, exchange: _Exchange) -> str:
         """A repeated key's request: its fingerprint, reading (never forwarding) its body."""
@@ -336,13 +340,13 @@ class Proxy:
                                    whole.body, whole)  # fmt: skip
             whole.send(request)
             return whole
-        if attempt is not None:
-            attempt.keep()  # the answer streams for as long as it takes
         headers, length = hdrs.client_response_headers(upstream.headers, info.request_id)
         response = web.StreamResponse(status=upstream.status, headers=headers)
         if length is not None:
             response.content_length = length
         await response.prepare(request)
+        if attempt is not None:
+            attempt.keep()  # the answer streams for as long as it takes
         # A HEAD request on a route whose upstream request is a GET: the body is read (the
         # connection stays usable, a record stays whole) but never written to the client.
         head_only = request.method == "HEAD"

@@ -180,7 +180,10 @@ class Store:
             self.last_error = None
             self._logger.info(log.STORE, state=self.state, url=self.describe())
             for callback in self.on_up:
-                callback()
+                try:
+                    callback()
+                except Exception:  # a callback's failure is its own: the command succeeded
+                    self._logger.exception(log.STORE, state=self.state, callback="failed")
 
     @property
     def down(self) -> bool:

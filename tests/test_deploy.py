@@ -907,7 +907,7 @@ def test_notes_say_what_each_process_keeps_without_redis(helm: Helm) -> None:
     notes = helm.notes(extra={"rateLimit": {"limit": "30/minute"}})
     assert "Idempotency: off (idempotency.mode auto, turned off: see below)" in notes
     assert "Idempotency is off: more than one gateway process serves this release" in notes
-    assert "a per-pod memory store would miss retries that land on another pod" in notes
+    assert "a per-process memory store would miss retries that land on another process" in notes
     assert "Set redis.url or redis.urlSecret.secretName to turn it on" in notes
     assert "Rate limits are counted in each process without Redis" in notes
     assert "the number of processes times the limit" in notes

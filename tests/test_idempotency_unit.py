@@ -20,7 +20,7 @@ from structlog.testing import capture_logs
 from catalyst_proxy import log
 from catalyst_proxy.config import Settings
 from catalyst_proxy.errors import IdempotencyKeyInvalid
-from catalyst_proxy.idempotency import MemoryRecords, Record, RedisRecords, parse_key
+from catalyst_proxy.idempotency import Idempotency, MemoryRecords, Record, RedisRecords, parse_key
 from catalyst_proxy.idempotency.keys import fingerprinter, scope, slot
 from catalyst_proxy.idempotency.records import (
     COMPLETED,
@@ -31,6 +31,8 @@ from catalyst_proxy.idempotency.records import (
 )
 from catalyst_proxy.idempotency.redis_records import PREFIX
 from catalyst_proxy.ids import hex_id
+from catalyst_proxy.metrics import Metrics
+from catalyst_proxy.routes import Route
 from catalyst_proxy.store import Store, StoreUnavailable
 
 from .auth_support import Clock
@@ -373,6 +375,25 @@ async def test_a_completion_whose_reservation_was_lost_is_recorded(stores, redis
     else:
         stores.clock.now += 59
         assert await records.reserve(S("lost"), reservation(stores.clock)) == completed(owner)
+
+
+async def test_an_attempt_settled_once_is_never_completed_after(stores):
+    """An attempt released (or marked unknown) stays so: a completion after it changes
+    nothing, although a completion that finds no record writes one (a released key is not
+    brought back as completed)."""
+    records = await stores.make()
+    route = Route(("POST",), "/p", "POST", "/api/billing/purchase")
+    guard = Idempotency({"/p": "optional"}, records, Metrics(), lease_seconds=LEASE,
+                        max_body_bytes=65536, shared=stores.kind == "redis",
+                        clock=stores.clock)  # fmt: skip
+    attempt = await guard.begin("iss", "op-1", route, "k-released")
+    assert attempt.existing is None
+    await attempt.release()
+    write = attempt.complete("f" * 64, 200, [(b"Content-Type", b"application/json")], b"{}")
+    assert write is None
+    await guard.close()
+    again = await guard.begin("iss", "op-1", route, "k-released")
+    assert again.existing is None  # the key was free: reserved anew, nothing recorded
 
 
 async def test_renew_extends_only_its_owners_reservation(stores, redis_server):

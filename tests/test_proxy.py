@@ -188,6 +188,7 @@ async def test_a_tracestate_split_over_lines_reaches_the_upstream_whole(gateway,
         *bearer().items(),
         ("tracestate", "congo=t61rcWkgMzE"),
         ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+        ("tracestate", ""),  # an empty line: no list member of its own
         ("tracestate", "rojo=00f067aa0ba902b7,vendor=x"),
     ]
     async with gw.http.post(gw.url + PURCHASE, headers=headers, data=b"{}") as resp:

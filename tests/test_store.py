@@ -239,6 +239,27 @@ async def test_readyz_follows_an_outage_and_a_recovery_with_no_traffic(
     assert store.report() == {"url": redis_url, "state": "ok", "last_error": None}
 
 
+async def test_a_failing_on_up_callback_neither_fails_the_command_nor_stops_the_others(
+    stores, redis_url
+):
+    """The callbacks run when the store comes up (the eviction-policy check) are not the
+    command's business: one that raises is logged, the command that brought the store up
+    still succeeds, and the callbacks after it still run."""
+    ran: list[str] = []
+
+    def broken() -> None:
+        ran.append("broken")
+        raise RuntimeError("a callback's own bug")
+
+    store = stores(redis_url)
+    store.on_up += [broken, lambda: ran.append("next")]
+    with capture_logs() as logs:
+        assert await ping(store) is True
+    assert store.state == "ok"
+    assert ran == ["broken", "next"]
+    assert any(e.get("callback") == "failed" for e in store_events(logs))
+
+
 async def test_the_reason_of_a_failure_is_its_kind(stores, redis_server, redis_url):
     """StoreUnavailable and last_error name the kind of failure, not the library's text."""
     store = stores(redis_url, clock=FakeClock())

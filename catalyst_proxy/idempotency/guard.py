@@ -332,10 +332,14 @@ class Attempt:
         write to await (a task of its own, as every update: a leaving client cannot stop
         it). The attempt counts as settled from this call on, so that nothing (a
         cancellation racing the write) can mark it unknown behind it."""
+        if self.settled:  # released or marked already: a completion now would undo that
+            return None
         self._stop()
         memory = self._guard._memory
         if memory is not None:
-            memory.complete_now(self._where, self._owner, fingerprint, status, headers, body)
+            if not memory.complete_now(self._where, self._owner, fingerprint, status, headers,
+                                       body):  # fmt: skip
+                self._guard._logger.warning(log.IDEMPOTENCY_RECORD_TAKEN, outcome=COMPLETED)
             return None
         record = Record(COMPLETED, self._owner, 0.0, fingerprint, status, tuple(headers), body)
         return self._guard._settle(self._where, self._owner, record)

@@ -200,11 +200,16 @@ class RateLimiter:
         try:
             if len(keys) > 1:
                 # Every rate first, then count in all: a request one rate refuses must
-                # not spend the others' budgets.
-                for index, rate in enumerate(policy.rates):
-                    wait = await self._counters.hit(keys[index], rate, count=False)
-                    if wait:
-                        self._refuse_over(route, policy, index, wait)
+                # not spend the others' budgets. Refused, it is told the longest wait of
+                # the rates it is over: a client that waits that long is not refused again
+                # by another (5/second;100/hour spent: not "1 s" for most of an hour).
+                waits = [
+                    await self._counters.hit(keys[index], rate, count=False)
+                    for index, rate in enumerate(policy.rates)
+                ]
+                longest = max(range(len(waits)), key=waits.__getitem__)
+                if waits[longest]:
+                    self._refuse_over(route, policy, longest, waits[longest])
             for index, rate in enumerate(policy.rates):
                 wait = await self._counters.hit(keys[index], rate)
                 if wait:

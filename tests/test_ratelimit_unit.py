@@ -274,6 +274,26 @@ async def test_each_rate_of_a_policy_is_enforced_and_named():
     assert 1 <= int(got[2].rpartition("=")[2]) <= 2 * 3600
 
 
+@pytest.mark.parametrize("spec", ["2/second;3/minute", "3/minute;2/second"])
+async def test_a_request_over_several_rates_is_told_the_longest_wait(spec):
+    """A request over more than one rate is told the wait of the one that frees last (its
+    name in RateLimit, its wait in Retry-After), whatever their order: a client that waits
+    the time it is told is not refused again by the other rate."""
+    clock = FakeClock()
+    clock.at(0, 0.0)
+    rate_limiter = limiter(spec, clock)
+    assert await outcomes(rate_limiter, 1) == ["ok"]
+    clock.advance(2.5)
+    assert await outcomes(rate_limiter, 2) == ["ok", "ok"]  # the minute's 3 spent
+    with pytest.raises(RateLimited) as caught:  # over the second's 2 and the minute's 3
+        await rate_limiter.check(ROUTE, "op-1")
+    wait = int(caught.value.headers["Retry-After"])
+    assert wait > 2
+    assert caught.value.headers["RateLimit"] == f'"3-per-minute";r=0;t={wait}'
+    clock.advance(wait + EPSILON)
+    assert await outcomes(rate_limiter, 1) == ["ok"]
+
+
 @pytest.mark.parametrize("spec", ["1/minute;3/hour", "3/hour;1/minute"])
 async def test_a_request_refused_by_one_rate_spends_nothing_of_the_others(spec):
     """A request refused by one of the route's rates is not counted against the others, so

@@ -55,6 +55,8 @@ class RequestInfo:
 
 
 class ProxyHandler(Protocol):
+    draining: bool  # shutdown has begun: every answer says Connection: close
+
     async def handle(
         self, request: web.BaseRequest, info: RequestInfo, match: Match, query: str
     ) -> web.StreamResponse: ...
@@ -85,8 +87,16 @@ class Dispatcher:
         self._logger = log.get_logger()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.in_flight = 0
+        self.draining = False  # set by drain(): shutdown has begun
         self.cutting = False  # set by the shutdown when the grace ran out (server.py)
         metrics.in_flight.set_function(lambda: self.in_flight)
+
+    def drain(self) -> None:
+        """Shutdown has begun: every answer from now on, including those of requests already
+        in flight, says ``Connection: close`` (RFC 9112 §9.6), so that no client sends another
+        request on a connection about to close, where it would go unanswered."""
+        self.draining = True
+        self._proxy.draining = True
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         info = RequestInfo(hdrs.request_id(request.headers))
@@ -115,10 +125,15 @@ class Dispatcher:
             else:
                 info.status, info.error = CLIENT_CLOSED, info.error or "client-closed-request"
             raise
-        except Exception:
-            info.status, info.error = 500, "internal-error"
-            self._logger.exception(log.HANDLER_ERROR, request_id=info.request_id)
-            raise
+        except Exception as exc:
+            if not (isinstance(exc, ConnectionError) and _client_gone(request)):
+                info.status, info.error = 500, "internal-error"
+                self._logger.exception(log.HANDLER_ERROR, request_id=info.request_id)
+                raise
+            # A write to the client failed because it left (aiohttp raises that before it
+            # cancels the handler): as a cancellation, 499, not a server error.
+            info.status, info.error = CLIENT_CLOSED, info.error or "client-closed-request"
+            response = _gone()
         finally:
             self.in_flight -= 1
             duration = time.perf_counter() - started
@@ -127,6 +142,8 @@ class Dispatcher:
             # client does not wait for its own access-log line.
             loop = self._loop or self._bind_loop()
             loop.call_soon(self._account, info, request.method, path, status, duration)
+        if self.draining:
+            response.force_close()
         return response
 
     def _bind_loop(self) -> asyncio.AbstractEventLoop:
@@ -194,6 +211,20 @@ class Dispatcher:
             # The body was not read: do not let its bytes be parsed as a next request.
             response.force_close()
         return response
+
+
+def _client_gone(request: web.BaseRequest) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def _gone() -> Answer:
+    """What the handler returns for a client that left: nothing is written, and the
+    connection (closing already) is not kept."""
+    answer = Answer(CLIENT_CLOSED, [], b"")
+    answer._eof_sent = True  # never sent: there is no one to send it to
+    answer.force_close()
+    return answer
 
 
 def _check_version(request: web.BaseRequest) -> None:

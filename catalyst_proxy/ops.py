@@ -51,7 +51,7 @@ class Ops:
             "bridge_secret": bridge,
             # informational: an open breaker does not make the gateway unready
             "breaker": {
-                "state": self._breaker.state,
+                "state": self._breaker.refresh(),
                 "failures_in_a_row": self._breaker.failures,
                 "retry_after_seconds": round(self._breaker.seconds_left(), 3),
             },
@@ -63,6 +63,7 @@ class Ops:
         return web.json_response(body, status=503 if reasons else 200)
 
     async def metrics(self, request: web.BaseRequest) -> web.Response:
+        self._breaker.refresh()  # its gauge says the state now, traffic or not
         return web.Response(body=self._metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
     async def openapi_json(self, request: web.BaseRequest) -> web.Response:

@@ -128,6 +128,7 @@ class Proxy:
         self._metrics = metrics
         self._client = client
         self._limit = settings.max_body_bytes
+        self.draining = False  # shutdown has begun (Dispatcher.drain): answers close
 
     async def handle(
         self, request: web.BaseRequest, info: RequestInfo, match: Match, query: str
@@ -335,6 +336,8 @@ class Proxy:
             fields, length = hdrs.answer_fields(upstream.headers, info.request_id)
             head_length = length if request.method == "HEAD" else None
             whole = Answer(upstream.status, fields, upstream.body(), head_length=head_length)
+            if self.draining:
+                whole.force_close()
             if attempt is not None and hasher is not None:
                 await self._record(request, exchange, upstream, attempt, hasher, progress,
                                    whole.body, whole)  # fmt: skip
@@ -344,6 +347,8 @@ class Proxy:
         response = web.StreamResponse(status=upstream.status, headers=headers)
         if length is not None:
             response.content_length = length
+        if self.draining:
+            response.force_close()
         await response.prepare(request)
         if attempt is not None:
             attempt.keep()  # the answer streams for as long as it takes

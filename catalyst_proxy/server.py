@@ -94,6 +94,7 @@ async def serve(
         # Shutdown, in order:
         # 1. readiness fails at once, so the load balancer stops sending us work;
         parts.ops.draining = True
+        parts.dispatcher.drain()  # ... and every answer from now on says Connection: close
         # (The signal handlers stay: a second SIGTERM, e.g. one sent to the whole process
         # group and forwarded by the supervisor too, must not cut the drain short.)
         # 2. the listener closes: no new connections (before the log line, so that a

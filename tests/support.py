@@ -294,3 +294,11 @@ class SlowLink:
 
     async def close(self) -> None:
         await self._server.close()
+
+
+async def eventually(predicate: Callable[[], object], timeout: float = 5.0) -> None:
+    """Return once ``predicate()`` holds about state the test cannot be told about (polled,
+    not slept for a guessed time); fail after ``timeout`` seconds."""
+    async with asyncio.timeout(timeout):
+        while not predicate():
+            await asyncio.sleep(0.005)

@@ -285,6 +285,27 @@ async def test_three_slow_failures_open_it_then_answers_come_at_once_and_nothing
     }
 
 
+async def test_a_quiet_breaker_reads_half_open_once_its_cooldown_is_over(
+    gateway, bearer, dead_port
+):
+    """/readyz and the state gauge say what the breaker is now: once the cooldown is over it
+    is half-open although no request came to find that out (a quiet worker must not read
+    "open" with 0 s left for good); the next purchase is its trial."""
+    clock = FakeClock()
+    gw = await gateway(upstream=url_of(dead_port), breaker_failures=2,
+                       breaker_cooldown_seconds=COOLDOWN, monotonic=clock)  # fmt: skip
+    headers = bearer()
+    for _ in range(2):
+        assert_unreachable(await purchase(gw, headers), retry_after=None)
+    assert (await breaker_view(gw))["state"] == "open"
+    clock.advance(COOLDOWN)
+    assert breaker_metrics(await gw.metrics_text())["state"] == current("half-open")
+    view = await breaker_view(gw)
+    assert (view["state"], view["retry_after_seconds"]) == ("half-open", 0.0)
+    assert_unreachable(await purchase(gw, headers), retry_after=None)  # the trial: a real try
+    assert (await breaker_view(gw))["state"] == "open"
+
+
 async def test_failures_in_a_row_only_a_connection_in_between_starts_the_count_over(
     gateway, bearer, dead_port, upstream
 ):

@@ -259,3 +259,20 @@ def test_the_default_clock_is_real_monotonic_time():
     b.failure()
     assert 59.0 < b.seconds_left() <= 60.0
     assert refused(b) == 60
+
+
+def test_refresh_reports_half_open_once_the_cooldown_is_over_without_a_request():
+    """What /readyz and the metrics read: an open breaker whose cooldown is over is half-open
+    (the move is made and told, once), with no request needed to find that out; before the
+    cooldown is over it stays open, and refresh() moves nothing else."""
+    b, clock, moves = breaker()
+    assert b.refresh() == CLOSED
+    open_breaker(b)
+    clock.advance(COOLDOWN - 0.1)
+    assert b.refresh() == OPEN
+    clock.advance(0.1)
+    assert b.refresh() == HALF_OPEN
+    assert b.refresh() == HALF_OPEN
+    assert moves.moves == [(OPEN, 3), (HALF_OPEN, 3)]
+    b.attempt()  # the one trial, as after a lazy move
+    assert refused(b) == 1

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import aiohttp
 import pytest
+from structlog.testing import capture_logs
 
 from .conftest import Assurance
 from .rawhttp import (
@@ -39,6 +40,7 @@ from .rawhttp import (
     request_bytes,
     write_then_close,
 )
+from .support import eventually
 
 ASSURANCE = Assurance()
 
@@ -292,6 +294,44 @@ async def test_200_mb_answer_streams_with_flat_memory(gateway, bearer, upstream)
     assert received == size
     assert digest.hexdigest() == expected.hexdigest()
     assert (peak_after - peak_before) * 1024 < 48 * 1024 * 1024
+
+
+async def test_a_client_gone_mid_answer_is_499_never_a_server_error(gateway, bearer, upstream):
+    """A client that hangs up while a large answer streams to it is logged and counted as 499
+    client-closed-request (or 200, if the whole answer was out already): never a 500
+    internal-error with a handler.error line, whichever way aiohttp learns of it (a failed
+    write, or the handler's cancellation)."""
+    piece = b"x" * 16384
+
+    async def large(seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")  # fmt: skip
+        with contextlib.suppress(ConnectionError):
+            for _ in range(40):  # 640 KiB, in pieces: the gateway streams it
+                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                await writer.drain()
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+        return True
+
+    up = await upstream(large)
+    gw = await gateway(upstream=up.url)
+    auth = bearer()["Authorization"]
+    request = request_bytes(
+        "POST", PURCHASE, [("Authorization", auth), ("Content-Length", "2")], b"{}"
+    )
+    with capture_logs() as logs:
+        for _ in range(10):
+            reader, writer = await raw_client(gw.url)
+            writer.write(request)
+            await reader.readexactly(2000)  # the answer has started
+            writer.close()  # ... and the client goes away
+        await eventually(lambda: gw.parts.dispatcher.in_flight == 0)
+        await eventually(lambda: len([e for e in logs if e["event"] == "request"]) == 10)
+    lines = [(e["status"], e["error"]) for e in logs if e["event"] == "request"]
+    assert set(lines) <= {(499, "client-closed-request"), (200, None)}, lines
+    assert (499, "client-closed-request") in lines
+    assert not [e for e in logs if e["event"] == "handler.error"]
 
 
 # === 5. At most once =========================================================================

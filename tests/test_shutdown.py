@@ -170,6 +170,57 @@ async def test_readiness_is_503_on_an_open_connection_during_the_drain(
     assert result[0] == 200
 
 
+@pytest.mark.parametrize("shape", ["whole", "streamed"])
+async def test_an_answer_given_during_the_drain_says_connection_close(
+    public_key_file, bearer, shape
+):
+    """An answer that goes out after SIGTERM (its request was in flight) says Connection: close,
+    whole or streamed: the client knows not to send another request on that connection,
+    which the gateway closes after it (it would go unanswered, its outcome unknown)."""
+    release = asyncio.Event()
+    arrived = asyncio.Event()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        arrived.set()
+        await release.wait()
+        if shape == "whole":
+            return web.json_response({"order_id": "ord_1"})
+        response = web.StreamResponse(headers={"Content-Type": "application/json"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        await response.write(b'{"order_id": ')
+        await asyncio.sleep(0.05)  # the rest comes later: the gateway streams the answer
+        await response.write(b'"ord_1"}')
+        return response
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner, url = await start_app(app, access_log=None)
+    server = await start_server(url, public_key_file, 5.0)
+    try:
+        base = await server.wait_listening()
+        host, port = base.removeprefix("http://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        body = b'{"n": 1}'
+        headers = [*bearer().items(), ("Content-Length", str(len(body)))]
+        writer.write(request_bytes("POST", PURCHASE, headers, body))
+        await asyncio.wait_for(arrived.wait(), 10)
+        server.signal(signal.SIGTERM)
+        await server.wait_for_event("shutdown.begin")
+        release.set()
+        answer = await asyncio.wait_for(read_response(reader), 10)
+        assert answer is not None
+        assert (answer.status, answer.complete) == (200, True)
+        assert answer.headers.get("Connection", "").lower() == "close"
+        assert await asyncio.wait_for(reader.read(), 10) == b""  # and closed after it
+        writer.close()
+        assert await server.wait(timeout=10) == 0
+    finally:
+        await server.stop()
+        await runner.cleanup()
+
+
 async def test_upstream_hanging_past_the_grace(public_key_file, bearer):
     """An upstream that outlasts the grace ends in closed client connections, never an answer."""
     upstream = SlowUpstream(expected=5, hold=60.0)

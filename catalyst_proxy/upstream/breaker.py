@@ -55,6 +55,13 @@ class Breaker:
     def enabled(self) -> bool:
         return self._threshold > 0
 
+    def refresh(self) -> str:
+        """The state now: an open breaker whose cooldown is over is half-open, whether or not
+        a request has come to find that out (for /readyz and the metrics of a quiet worker)."""
+        if self.state == OPEN and self._clock() >= self._opened_at + self._cooldown:
+            self._move(HALF_OPEN)
+        return self.state
+
     def seconds_left(self) -> float:
         """Of the cooldown, while open (0 otherwise)."""
         if self.state != OPEN:

@@ -117,6 +117,7 @@ class Store:
         self.last_error: str | None = None
         self._down_until = 0.0
         self._last_ok = 0.0  # when a command last succeeded (the clock's time)
+        self._dropping: set[asyncio.Task[None]] = set()  # idle connections being dropped
         self._probe: asyncio.Task[None] | None = None
         self._logger = log.get_logger()
         # Called each time the store comes up (start-up, and after an outage): a restarted
@@ -163,9 +164,20 @@ class Store:
         return result
 
     def failed(self, exc: BaseException) -> None:
-        """Note a failure (from here or from a library using the pool)."""
+        """Note a failure (from here or from a library using the pool).
+
+        The pool's idle connections go too: after a failure they are suspect (a restarted
+        server has closed them all, and a close not yet seen is only found on the next
+        command sent on each, a failure and a pause apiece). The next commands connect
+        afresh."""
         self._down_until = self._clock() + RETRY_AFTER
         self.last_error = _reason(exc)
+        with contextlib.suppress(RuntimeError):  # no loop running: nothing is connected
+            task = asyncio.get_running_loop().create_task(
+                self.pool.disconnect(inuse_connections=False)
+            )
+            self._dropping.add(task)
+            task.add_done_callback(self._dropping.discard)
         if self.state != "unavailable":
             self.state = "unavailable"
             self._logger.warning(

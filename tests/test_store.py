@@ -213,6 +213,24 @@ async def test_an_outage_skips_the_store_for_retry_after_then_it_is_tried_again(
     ]
 
 
+async def test_after_a_restart_no_idle_connection_fails_a_command(stores, redis_server, redis_url):
+    """A restarted server has closed every connection the pool kept; one failure drops them
+    all, so that once the store is tried again no command fails on a connection left from
+    before (each would be a failure, and a pause of RETRY_AFTER, of its own)."""
+    store = stores(redis_url)
+    commands = [store.redis.ping, lambda: store.redis.config_get("maxmemory-policy")] * 2
+    await asyncio.gather(*(store.run(command) for command in commands))  # several connections
+    redis_server.stop()
+    with pytest.raises(StoreUnavailable):
+        await ping(store)
+    redis_server.start()
+    await until(lambda: not store.down)  # RETRY_AFTER, in real time, as the gateway waits it
+    results = await asyncio.gather(*(store.run(command) for command in commands),
+                                   return_exceptions=True)  # fmt: skip
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    assert store.state == "ok"
+
+
 async def test_readyz_follows_an_outage_and_a_recovery_with_no_traffic(
     stores, redis_server, redis_url
 ):

@@ -143,7 +143,7 @@ class _Lean(asyncio.Protocol):
             while piece := await upstream.read():
                 pieces.append(piece)
             data = b"".join(pieces)
-        fields, _ = hdrs.answer_fields(upstream.headers, request_id)
+        fields, _ = hdrs.answer_fields(upstream.headers, request_id, upstream.status)
         lines = b"".join([b"%s: %s\r\n" % field for field in fields])
         transport.write(_ANSWER % (upstream.status, lines, http_date(), len(data), data))
         status = upstream.status

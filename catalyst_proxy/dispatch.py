@@ -150,8 +150,14 @@ class Dispatcher:
         self._loop = asyncio.get_running_loop()  # once: the call is a getpid() each time
         return self._loop
 
+    def unparsable(self, request_id: str, error: ProxyError) -> None:
+        """A request aiohttp's parser refused (answered before any handler ran): its access
+        line and its count like any other's, with what is known of it (no method, no path)."""
+        info = RequestInfo(request_id, status=error.status, error=error.code)
+        self._account(info, "", None, error.status, 0.0)
+
     def _account(
-        self, info: RequestInfo, method: str, path: str, status: int, duration: float
+        self, info: RequestInfo, method: str, path: str | None, status: int, duration: float
     ) -> None:
         """The request's metrics and its one access-log line."""
         self._metrics.request_done(info.route, method, status, duration)
@@ -161,7 +167,7 @@ class Dispatcher:
         log.access(
             {
                 "request_id": info.request_id,
-                "method": method,
+                "method": method or None,  # None: the request could not be parsed
                 "path": path,  # as sent: no query, nothing decoded
                 "route": info.route,
                 "status": status,

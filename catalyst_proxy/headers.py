@@ -66,6 +66,7 @@ _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._~:@+=/-]{1,128}")
 _FORWARD_UP = {name.lower().encode(): name.encode() for name in FORWARDED_REQUEST_HEADERS}
 _FORWARD_DOWN = {name.lower().encode(): name.encode() for name in FORWARDED_RESPONSE_HEADERS}
 _DEFAULT_TYPE = (b"Content-Type", b"application/json")
+_NO_BODY = frozenset({204, 304})  # statuses that never carry a body (nor 1xx)
 # Fields of the client's that reach the upstream request, or feed it: the ones its
 # Connection header can take away.
 _CONNECTION_MAY_NAME = frozenset(
@@ -168,11 +169,15 @@ def replayable(upstream: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, byt
 
 
 def answer_fields(
-    upstream: Iterable[tuple[bytes, bytes]], request_id: str
+    upstream: Iterable[tuple[bytes, bytes]], request_id: str, status: int
 ) -> tuple[list[tuple[bytes, bytes]], int | None]:
     """The client's answer's header fields (the allow-list, a default Content-Type,
     X-Request-ID and the forwarding marker), and the upstream's Content-Length when it
     framed the body by length.
+
+    The default Content-Type is for an answer that can carry a body and came without
+    any: never on a 1xx, 204 or 304 (on a 304 a cache would take it for the stored
+    answer's type), never in place of a type the upstream gave and that was dropped.
 
     Values cross as the bytes received. One that is not UTF-8 is dropped rather than
     altered (aiohttp's writer, which streamed answers go through, could only send it
@@ -187,15 +192,14 @@ def answer_fields(
         lowered = name.lower()
         canonical = _FORWARD_DOWN.get(lowered)
         if canonical is not None:
-            if not _passable(value):
-                continue
-            fields.append((canonical, value))
             typed = typed or lowered == b"content-type"
+            if _passable(value):
+                fields.append((canonical, value))
         elif lowered == b"content-length" and value.strip().isdigit():
             length = int(value)
         elif lowered == b"transfer-encoding":
             chunked = True
-    if not typed:
+    if not typed and status >= 200 and status not in _NO_BODY:
         fields.append(_DEFAULT_TYPE)
     fields += ((_REQUEST_ID_NAME, request_id.encode()), _FORWARDED_YES)
     return fields, None if chunked else length
@@ -212,10 +216,10 @@ def _passable(value: bytes) -> bool:
 
 
 def client_response_headers(
-    upstream: Iterable[tuple[bytes, bytes]], request_id: str
+    upstream: Iterable[tuple[bytes, bytes]], request_id: str, status: int
 ) -> tuple[CIMultiDict[str], int | None]:
     """``answer_fields()`` as aiohttp's response headers (for an answer streamed back)."""
-    fields, length = answer_fields(upstream, request_id)
+    fields, length = answer_fields(upstream, request_id, status)
     out: CIMultiDict[str] = CIMultiDict((name.decode(), value.decode()) for name, value in fields)
     out[SERVER] = SERVER_NAME
     return out, length

@@ -109,7 +109,9 @@ class Metrics:
         )
         self.upstream_duration = Histogram(
             "catalyst_proxy_upstream_duration_seconds",
-            "Time from the start of the upstream exchange to the upstream's response headers.",
+            "Time from the start of the upstream exchange to the upstream's response headers, "
+            "for requests that got a connection (not one refused by the breaker, an overload "
+            "or a failed connect).",
             ("route",),
             buckets=LATENCY_BUCKETS,
             registry=r,
@@ -183,7 +185,9 @@ class Metrics:
         )
         self.idempotency = Tally(
             "catalyst_proxy_idempotency",
-            "Requests with an Idempotency-Key, by outcome.",
+            "Idempotency outcomes: each keyed request's lookup (new, replayed, in-use, reused, "
+            "unknown, store-error), and once more when a new one's outcome then turns unknown "
+            "or its record meets a store error (so the sum may exceed the keyed requests).",
             r,
             "outcome",
             IDEMPOTENCY_OUTCOMES,

@@ -229,7 +229,8 @@ class Proxy:
             except UpstreamFailure as exc:
                 raise self._translate(exc, exchange.upload) from None
             finally:
-                info.upstream_seconds = time.perf_counter() - started
+                if progress.connected:  # not for a breaker, an overload or a failed connect
+                    info.upstream_seconds = time.perf_counter() - started
         except ProxyError as error:
             if attempt is not None:
                 await (attempt.release() if error.forwarded == "no" else attempt.unknown())
@@ -268,7 +269,7 @@ class Proxy:
         The record holds the SME gateway's header fields as received; they cross the
         same allow-list as the first time (``X-Catalyst-Forwarded: yes``: it is the SME
         gateway's answer, from the first time)."""
-        fields, _ = hdrs.answer_fields(record.headers, info.request_id)
+        fields, _ = hdrs.answer_fields(record.headers, info.request_id, record.status)
         fields.append(_REPLAYED)
         return Answer(record.status, fields, record.body or b"")
 
@@ -333,7 +334,7 @@ class Proxy:
         limit) and recorded before the client's transfer ends.
         """
         if upstream.complete:  # the whole answer is here already: one write, at once
-            fields, length = hdrs.answer_fields(upstream.headers, info.request_id)
+            fields, length = hdrs.answer_fields(upstream.headers, info.request_id, upstream.status)
             head_length = length if request.method == "HEAD" else None
             whole = Answer(upstream.status, fields, upstream.body(), head_length=head_length)
             if self.draining:
@@ -343,11 +344,15 @@ class Proxy:
                                    whole.body, whole)  # fmt: skip
             whole.send(request)
             return whole
-        headers, length = hdrs.client_response_headers(upstream.headers, info.request_id)
+        headers, length = hdrs.client_response_headers(
+            upstream.headers, info.request_id, upstream.status
+        )
         response = web.StreamResponse(status=upstream.status, headers=headers)
         if length is not None:
             response.content_length = length
-        if self.draining:
+        if self.draining or (length is None and request.version < HttpVersion11):
+            # Shutdown; or an HTTP/1.0 client whose answer has no length to pass on: its
+            # end is the connection's end (aiohttp would keep the connection open).
             response.force_close()
         await response.prepare(request)
         if attempt is not None:

@@ -24,7 +24,7 @@ from aiohttp.web_protocol import RequestHandler
 
 from . import log
 from .app import PARTS
-from .dispatch import error_response
+from .dispatch import Dispatcher, error_response
 from .errors import BadRequest, HeaderFieldsTooLarge, InternalError, ProxyError
 from .ids import hex_id
 
@@ -46,10 +46,13 @@ class _RequestHandler(RequestHandler):
         exc: BaseException | None = None,
         message: str | None = None,
     ) -> web.StreamResponse:
-        if isinstance(exc, HttpProcessingError):
+        request_id = hex_id()
+        unparsable = isinstance(exc, HttpProcessingError)
+        if unparsable:
             # `message` and `exc` quote the request's bytes: log the kind only.
+            reason = type(exc).__name__
             log.get_logger().info(
-                log.REFUSED, error="unparsable-request", reason=type(exc).__name__
+                log.REFUSED, request_id=request_id, error="unparsable-request", reason=reason
             )
         else:
             self.log_exception("Error handling request", exc_info=exc)
@@ -62,7 +65,11 @@ class _RequestHandler(RequestHandler):
             error = InternalError()
         else:
             error = BadRequest()
-        response = error_response(error, hex_id())
+        if unparsable:  # never reached the dispatcher: its access line and count are here
+            dispatcher = self._manager.request_handler  # type: ignore[union-attr]
+            if isinstance(dispatcher, Dispatcher):
+                dispatcher.unparsable(request_id, error)
+        response = error_response(error, request_id)
         response.force_close()
         return response
 

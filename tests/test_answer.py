@@ -13,7 +13,7 @@ import pytest
 
 from catalyst_proxy.headers import answer_fields
 
-from .rawhttp import answer, raw_client, read_response, request_bytes
+from .rawhttp import Seen, answer, raw_client, read_response, request_bytes
 
 PURCHASE = "/api/v1/billing/purchase"
 
@@ -95,6 +95,40 @@ async def test_http10_keep_alive_and_http11_close_are_honoured(gateway, bearer, 
     finally:
         writer.close()
     assert len(up.complete) == 3
+
+
+async def test_http10_keep_alive_with_a_streamed_answer_of_no_length_ends_at_the_close(
+    gateway, bearer, upstream
+):
+    """HTTP/1.0 with keep-alive, and an answer that streams with no length to pass on (chunked
+    upstream, in pieces): to HTTP/1.0 its end can only be the connection's end, so the
+    gateway closes the connection after it (never a hang, never a next answer run on)."""
+
+    async def pieces(
+        seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n7\r\n{\"a\": 1\r\n")  # fmt: skip
+        await writer.drain()
+        await asyncio.sleep(0.05)  # the rest later: the answer streams
+        writer.write(b"1\r\n}\r\n0\r\n\r\n")
+        await writer.drain()
+        return True
+
+    up = await upstream(pieces)
+    gw = await gateway(upstream=up.url)
+    headers = [*bearer().items(), ("Content-Length", "2"), ("Connection", "keep-alive")]
+    reader, writer = await raw_client(gw.url)
+    try:
+        writer.write(http10("POST", PURCHASE, headers, b"{}"))
+        received = await asyncio.wait_for(reader.read(), 5)  # to the connection's end
+    finally:
+        writer.close()
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.0 200 ")
+    assert b"content-length" not in head.lower()
+    assert b"keep-alive" not in head.lower()
+    assert body == b'{"a": 1}'
 
 
 async def test_head_answer_states_the_upstream_length_and_has_no_body(
@@ -262,12 +296,32 @@ def test_answer_fields_cross_as_sent_and_never_start_a_line_of_their_own():
         (b"Set-Cookie", b"a=b"),
         (b"Content-Length", b"42"),
     ]
-    fields, length = answer_fields(upstream, "req-1")
+    fields, length = answer_fields(upstream, "req-1", 200)
     assert fields == [
         (b"Content-Type", b"application/problem+json"),
         (b"X-Request-ID", b"req-1"),
         (b"X-Catalyst-Forwarded", b"yes"),
     ]
     assert length == 42
-    defaulted, _ = answer_fields([(b"ETag", b'"v2"')], "req-2")
+    defaulted, _ = answer_fields([(b"ETag", b'"v2"')], "req-2", 200)
     assert (b"Content-Type", b"application/json") in defaulted
+
+
+@pytest.mark.parametrize("status", [204, 304])
+def test_no_content_type_is_made_up_for_an_answer_without_a_body(status):
+    """A 204 or 304 without a Content-Type gets none (on a 304 a cache would take a made-up
+    one for the stored answer's type); the other fields cross as ever."""
+    fields, _ = answer_fields([(b"ETag", b'"v2"')], "req-3", status)
+    assert fields == [
+        (b"ETag", b'"v2"'),
+        (b"X-Request-ID", b"req-3"),
+        (b"X-Catalyst-Forwarded", b"yes"),
+    ]
+
+
+def test_a_content_type_that_cannot_cross_is_not_replaced_by_the_default():
+    """A Content-Type the gateway cannot pass on unaltered (not UTF-8: a quoted parameter may
+    hold such bytes) is dropped, and no application/json is put in its place: a CSV body must
+    not go out labelled JSON."""
+    fields, _ = answer_fields([(b"Content-Type", b'text/csv; header="pr\xe9sent"')], "r", 200)
+    assert [name for name, _ in fields] == [b"X-Request-ID", b"X-Catalyst-Forwarded"]

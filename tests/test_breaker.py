@@ -306,6 +306,20 @@ async def test_a_quiet_breaker_reads_half_open_once_its_cooldown_is_over(
     assert (await breaker_view(gw))["state"] == "open"
 
 
+async def test_requests_that_got_no_connection_are_not_upstream_latency(gateway, bearer, dead_port):
+    """The upstream latency histogram (and the access line's upstream_ms) is for exchanges:
+    a failed connect and a breaker's refusal add no sample (a near-zero one per refusal would
+    drag the quantiles to 0 just while the SME gateway is down)."""
+    gw = await gateway(upstream=url_of(dead_port), breaker_failures=2, monotonic=FakeClock())
+    headers = bearer()
+    for _ in range(3):  # two failed connects, then the breaker's refusal
+        got = await purchase(gw, headers)
+        assert (got.status, got.error) == (503, "sme-gateway-unreachable")
+    text = await gw.metrics_text()
+    assert sample(text, "catalyst_proxy_upstream_duration_seconds_count") == 0
+    assert breaker_metrics(text)["refused"] == 1
+
+
 async def test_failures_in_a_row_only_a_connection_in_between_starts_the_count_over(
     gateway, bearer, dead_port, upstream
 ):

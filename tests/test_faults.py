@@ -772,6 +772,35 @@ async def test_a_request_line_the_gateway_does_not_speak_is_400_and_the_connecti
     assert up.requests == []
 
 
+@pytest.mark.parametrize(
+    ("request_head", "status"),
+    [
+        (b"FOO /api/v1/billing/purchase HTTP/1.1\r\nHost: g\r\n\r\n", 400),
+        (b"POST /api/v1/billing/purchase HTTP/1.1\r\nX-Big: " + b"a" * 17000 + b"\r\n\r\n", 431),
+    ],
+    ids=["unknown-method", "header-line-too-long"],
+)
+async def test_a_request_the_parser_refuses_is_logged_and_counted(gateway, request_head, status):
+    """A request refused by the HTTP parser, before any handler (an unknown method, a header
+    line over the limit), still has its one access line, under the X-Request-ID its answer
+    carries, and its count in catalyst_proxy_requests_total (route none, method other)."""
+    gw = await gateway()
+    with capture_logs() as logs:
+        [response] = await exchange(gw.url, request_head)
+        await eventually(lambda: any(e["event"] == "request" for e in logs))
+    assert response.status == status
+    [line] = [e for e in logs if e["event"] == "request"]
+    assert line["request_id"] == response.headers["X-Request-ID"]
+    assert (line["status"], line["error"], line["method"], line["path"], line["route"]) == (
+        status, error_of(response.body), None, None, "none",
+    )  # fmt: skip
+    [refused] = [e for e in logs if e["event"] == "request.refused"]
+    assert refused["request_id"] == line["request_id"]
+    text = await gw.metrics_text()
+    wanted = f'catalyst_proxy_requests_total{{method="other",route="none",status="{status}"}} 1.0'
+    assert wanted in text
+
+
 async def test_duplicate_host_is_400_and_nothing_upstream(gateway, bearer, upstream):
     """Two Host headers are refused with 400 (RFC 9112 §3.2) and nothing reaches the upstream."""
     up = await upstream(answer())

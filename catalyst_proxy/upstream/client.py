@@ -42,6 +42,11 @@ class Progress:
         self._conn: Connection | None = None
 
     @property
+    def connected(self) -> bool:
+        """A connection was had for the request: there was an exchange to time."""
+        return self._conn is not None
+
+    @property
     def sent(self) -> bool:
         """The whole request was handed to the connection (the upstream may act on it)."""
         return self._conn is not None and self._conn.request_complete

@@ -1720,27 +1720,33 @@ async def test_a_key_refused_while_the_store_pauses_leaves_nothing_to_take_back(
 async def test_a_release_refused_while_the_store_pauses_is_retried(
     gateway, upstream, bearer, redis_url, redis_server
 ):
-    """A keyed request refused before anything was forwarded (503 gateway-overloaded) while
-    the store pauses after another failure: its release is refused too, then retried in the
-    background once the pause is over, and the key is forwarded once on the next try."""
+    """A keyed request refused before anything was forwarded (413: its chunked body ran over
+    the limit while it streamed) while the store pauses after another failure: its release is
+    refused too, then retried in the background once the pause is over, and the key is
+    forwarded once on the next try."""
     monotonic = Clock(1000.0)
-    gate = Gate(when=lambda seen: "Idempotency-Key" not in seen.headers)
-    up = await upstream(gate)
+    up = await upstream(ok())
     gw = await gateway(upstream=up.url, redis_url=redis_url, monotonic=monotonic,
-                       upstream_max_connections=1, upstream_timeout_seconds=1.0)  # fmt: skip
+                       max_body_bytes=64)  # fmt: skip
     auth = bearer()
-    holder = asyncio.create_task(post(gw, auth, None))  # holds the only connection
-    await up.until(lambda: len(up.complete) == 1)
-    waiting = asyncio.create_task(post(gw, auth, "paused"))  # reserves, waits in line
-    await eventually(lambda: bool(reserved_now(redis_server)))
-    assert gw.parts.store is not None
-    gw.parts.store.failed(OSError("another request's failure"))  # the store pauses (1 s)
-    status, headers, body = await waiting
-    assert (status, error_of(body)) == (503, "gateway-overloaded")
-    assert headers["X-Catalyst-Forwarded"] == "no"
+    lines = [*auth.items(), ("Content-Type", "application/json"),
+             ("Idempotency-Key", "paused"), ("Transfer-Encoding", "chunked")]  # fmt: skip
+    reader, writer = await raw_client(gw.url)
+    try:
+        writer.write(request_bytes("POST", PURCHASE, lines) + b"28\r\n" + b"a" * 40 + b"\r\n")
+        await up.until(lambda: len(up.requests) == 1)  # reserved, the exchange begun
+        assert reserved_now(redis_server)
+        assert gw.parts.store is not None
+        gw.parts.store.failed(OSError("another request's failure"))  # the store pauses (1 s)
+        writer.write(b"28\r\n" + b"b" * 40 + b"\r\n0\r\n\r\n")  # over the limit: 413
+        async with asyncio.timeout(5):
+            response = await read_response(reader)
+    finally:
+        writer.close()
+    assert response is not None
+    assert (response.status, error_of(response.body)) == (413, "request-body-too-large")
+    assert response.headers["X-Catalyst-Forwarded"] == "no"
     assert reserved_now(redis_server)  # the release was refused
-    gate.open.set()
-    await holder
     monotonic.now += 2  # the pause is over
     await eventually(lambda: not reserved_now(redis_server))
     await assert_forwarded_once(gw, up, auth, "paused")

@@ -50,8 +50,15 @@ def _parser() -> argparse.ArgumentParser:
         help="a Redis/Valkey to share rate-limit counters and idempotency records (redis://...)",
     )
 
-    commands.add_parser(
+    openapi = commands.add_parser(
         "openapi", help="print the OpenAPI 3.1 document (routes from CATALYST_ROUTES_FILE too)"
+    )
+    openapi.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        help="as serve will run: with more than 1 and no CATALYST_REDIS_URL, idempotency "
+        "is off, and so out of the document [1]",
     )
 
     keygen = commands.add_parser("keygen", help="write private.pem, public.pem, jwks.json")
@@ -121,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     elif args.command == "dev":
         _dev(args.port, args.redis)
     elif args.command == "openapi":
-        _openapi()
+        _openapi(args.workers)
     elif args.command == "keygen":
         _keygen(args.out)
     else:
@@ -161,7 +168,7 @@ def _serve(host: str, port: int, workers: int = 1) -> None:
     raise SystemExit(supervise(workers, worker))
 
 
-def _openapi() -> None:
+def _openapi(workers: int = 1) -> None:
     from .app import PARTS, create_app
 
     environ = dict(os.environ)
@@ -169,7 +176,9 @@ def _openapi() -> None:
         environ["CATALYST_JWKS_URL"] = "http://unused.invalid/"  # the document needs no keys
     log.configure(fmt="console", stream=sys.stderr)  # stdout is the document: warnings elsewhere
     try:
-        app = create_app(Settings.from_env(environ))
+        settings = Settings.from_env(environ)
+        settings.check_workers(workers)
+        app = create_app(settings, workers=workers)
     except ConfigError as exc:
         _fail(str(exc))
     sys.stdout.buffer.write(app[PARTS].ops.openapi + b"\n")

@@ -63,6 +63,10 @@ _HEADERS: dict[str, dict[str, Any]] = {
         "description": "`true` on an answer replayed from an Idempotency-Key record.",
         "schema": {"type": "string", "enum": ["true"]},
     },
+    "Allow": {
+        "description": "The methods the path takes, on `405 method-not-allowed`.",
+        "schema": {"type": "string"},
+    },
 }
 _ERROR_HEADERS = {
     "RateLimited": ("Retry-After", "RateLimit-Policy", "RateLimit"),
@@ -91,7 +95,8 @@ def document(
                     "name": "code",
                     "in": "path",
                     "required": True,
-                    "schema": {"type": "string"},
+                    # At least one character that is not ASCII white space (what is trimmed).
+                    "schema": {"type": "string", "pattern": r"[^\t\n\v\f\r ]"},
                     "description": "Trimmed, then sent upstream as one percent-encoded path "
                     "segment; blank is `400 missing-code`.",
                 }
@@ -109,7 +114,9 @@ def document(
             "version": __version__,
             "description": "The operator console's gateway to the SME billing gateway: an "
             "RS256 operator session in, an HS256 bridge token out, request and answer "
-            "streamed unchanged, each request sent upstream at most once.",
+            "streamed unchanged, each request sent upstream at most once. Any other method "
+            "on a documented path is `405 method-not-allowed` with `Allow` "
+            "(components.responses.MethodNotAllowed); any other path is `404 not-found`.",
         },
         "paths": paths,
         "components": {
@@ -119,6 +126,10 @@ def document(
             },
             "headers": _HEADERS,
             "schemas": {"Error": _error_schema(every_error())},
+            "responses": {
+                "MethodNotAllowed": _routing_answer("method-not-allowed", "Allow"),
+                "NotFound": _routing_answer("not-found"),
+            },
         },
     }
 
@@ -192,6 +203,16 @@ def _operation(route: Route, method: str, mode: str, limited: bool) -> dict[str,
             "content": {_JSON: {"schema": {}}, "*/*": {"schema": {}}},
         }
     return operation
+
+
+def _routing_answer(code: str, *headers: str) -> dict[str, Any]:
+    """An answer of the routing step (no operation of its own: any path, any method)."""
+    [cls] = [cls for cls in every_error() if cls.code == code]
+    return {
+        "description": f"`{code}`: {_meaning(cls)}.",
+        "headers": _refs(hdrs.REQUEST_ID, hdrs.FORWARDED, *headers),
+        "content": {_JSON: {"schema": _error_schema([cls])}},
+    }
 
 
 def _error_schema(errors: Iterable[type[ProxyError]]) -> dict[str, Any]:

@@ -13,6 +13,7 @@ version banner on every answer, and no ``*_created`` series in ``/metrics``.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -355,3 +356,58 @@ def test_operation_ids_are_unique_when_two_paths_spell_the_same_name(public_key_
     assert len(ids) == len(set(ids)), ids
     assert document["paths"]["/api/v1/a-b"]["post"]["operationId"] == "postApiV1AB"
     assert document["paths"]["/api/v1/a/b"]["post"]["operationId"] == "postApiV1AB2"
+
+
+def test_the_code_parameter_refuses_what_the_gateway_answers_missing_code(environ):
+    """The {code} parameter's schema has the gateway's own rule: a code that is blank once
+    trimmed of ASCII white space (``400 missing-code``) does not match it; any other does."""
+    document = build(environ["defaults"])
+    [parameter] = document["paths"]["/api/v1/sme/billing/vouchers/revoke/{code}"]["parameters"]
+    pattern = re.compile(parameter["schema"]["pattern"])
+    for blank in (" ", "\t", "\n", "\x0b\x0c", " \r\n "):
+        assert not pattern.search(blank), repr(blank)
+    for code in ("V1", " V1 ", "ünïcode", "a/b", "%2F"):
+        assert pattern.search(code), code
+
+
+def test_the_routing_answers_are_documented_with_allow(environ):
+    """405 (with Allow) and 404, which any path or method can get, are documented once, as
+    components.responses, with the error code each carries; the document says so."""
+    document = build(environ["defaults"])
+    responses = document["components"]["responses"]
+    allowed = responses["MethodNotAllowed"]
+    assert set(allowed["headers"]) == {"X-Request-ID", "X-Catalyst-Forwarded", "Allow"}
+    schema = allowed["content"]["application/json"]["schema"]
+    assert schema["properties"]["error"]["enum"] == ["method-not-allowed"]
+    assert "Allow" in document["components"]["headers"]
+    not_found = responses["NotFound"]["content"]["application/json"]["schema"]
+    assert not_found["properties"]["error"]["enum"] == ["not-found"]
+    assert "405 method-not-allowed" in document["info"]["description"]
+    validate(document, cls=OpenAPIV31SpecValidator)
+
+
+async def test_openapi_for_several_workers_without_redis_has_no_idempotency(environ):
+    """`catalyst-proxy openapi --workers 2` prints what `serve --workers 2` serves: without a
+    shared store idempotency is off, so no route documents an Idempotency-Key; an explicit
+    mode that several workers cannot honour is the usage error serve gives (exit 2)."""
+    # The built-in routes only: the routes file's explicit modes would refuse two workers.
+    env = {k: v for k, v in environ["defaults"].items() if k != "CATALYST_ROUTES_FILE"}
+    status, printed, stderr = await run_cli("openapi", "--workers", "2", env=env)
+    assert (status, stderr) == (0, "")
+    document = json.loads(printed)
+    keyed = [
+        (path, method)
+        for path, method, operation in operations(document)
+        if any(p["name"] == "Idempotency-Key" for p in operation.get("parameters", []))
+    ]
+    assert keyed == []
+    assert any(
+        p["name"] == "Idempotency-Key"
+        for _, _, operation in operations(build(env))
+        for p in operation.get("parameters", [])
+    )  # one worker: there is a key to document
+    status, printed, stderr = await run_cli(
+        "openapi", "--workers", "2", env={**env, "CATALYST_IDEMPOTENCY": "required"}
+    )
+    assert (status, printed) == (2, "")
+    assert "CATALYST_IDEMPOTENCY" in stderr

@@ -256,11 +256,19 @@ class Proxy:
         if isinstance(body, bytes):
             hasher.update(body)
         elif body is not None:
+            budget = self._settings.upstream_timeout_seconds
+            pieces = aiter(body)
             try:
-                async for chunk in body:
+                while True:
+                    async with asyncio.timeout(budget):  # a client that stalls: not forever
+                        chunk = await anext(pieces, None)
+                    if chunk is None:
+                        break
                     hasher.update(chunk)
             except _TooLarge:
                 raise BodyTooLarge(self._limit) from None
+            except (TimeoutError, HttpProcessingError) as exc:
+                raise BadRequest(f"the request body: {type(exc).__name__}") from None
         return hasher.hexdigest()
 
     def _replay(self, info: RequestInfo, record: Record) -> Answer:
@@ -337,11 +345,11 @@ class Proxy:
             fields, length = hdrs.answer_fields(upstream.headers, info.request_id, upstream.status)
             head_length = length if request.method == "HEAD" else None
             whole = Answer(upstream.status, fields, upstream.body(), head_length=head_length)
-            if self.draining:
-                whole.force_close()
             if attempt is not None and hasher is not None:
                 await self._record(request, exchange, upstream, attempt, hasher, progress,
                                    whole.body, whole)  # fmt: skip
+            if self.draining:  # (checked after the record: the drain may begin during it)
+                whole.force_close()
             whole.send(request)
             return whole
         headers, length = hdrs.client_response_headers(

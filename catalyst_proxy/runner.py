@@ -47,7 +47,9 @@ class _RequestHandler(RequestHandler):
         message: str | None = None,
     ) -> web.StreamResponse:
         request_id = hex_id()
-        unparsable = isinstance(exc, HttpProcessingError)
+        # The parser's refusals come with a message; a handler's exception (which the
+        # dispatcher has logged and accounted already) comes without.
+        unparsable = isinstance(exc, HttpProcessingError) and message is not None
         if unparsable:
             # `message` and `exc` quote the request's bytes: log the kind only.
             reason = type(exc).__name__

@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.credentials import CredentialProvider
@@ -148,6 +149,8 @@ class Store:
     async def close(self) -> None:
         if self._probe is not None and not self._probe.done():
             self._probe.cancel()
+        if self._dropping:
+            await asyncio.gather(*self._dropping, return_exceptions=True)
         await self.redis.aclose()
         await self.pool.disconnect()
 
@@ -172,12 +175,7 @@ class Store:
         afresh."""
         self._down_until = self._clock() + RETRY_AFTER
         self.last_error = _reason(exc)
-        with contextlib.suppress(RuntimeError):  # no loop running: nothing is connected
-            task = asyncio.get_running_loop().create_task(
-                self.pool.disconnect(inuse_connections=False)
-            )
-            self._dropping.add(task)
-            task.add_done_callback(self._dropping.discard)
+        self._drop_idle()
         if self.state != "unavailable":
             self.state = "unavailable"
             self._logger.warning(
@@ -197,6 +195,19 @@ class Store:
                 except Exception:  # a callback's failure is its own: the command succeeded
                     self._logger.exception(log.STORE, state=self.state, callback="failed")
 
+    def _drop_idle(self) -> None:
+        """Take the pool's idle connections out of reach now (redis-py's own list: no command
+        can pick one up from here on) and close them in the background."""
+        idle = self.pool._available_connections
+        if not idle:
+            return
+        taken = list(idle)
+        idle.clear()  # the pool makes new connections as it needs them (it counts those in use)
+        with contextlib.suppress(RuntimeError):  # no loop running: nothing is connected
+            task = asyncio.get_running_loop().create_task(_disconnect(taken))
+            self._dropping.add(task)
+            task.add_done_callback(self._dropping.discard)
+
     @property
     def down(self) -> bool:
         """A recent failure: skip the store for now (RETRY_AFTER after it)."""
@@ -205,6 +216,11 @@ class Store:
     async def _first_ping(self) -> None:
         with contextlib.suppress(StoreUnavailable):  # logged by failed(); the next one retries
             await self.run(self.redis.ping)
+
+
+async def _disconnect(connections: list[AbstractConnection]) -> None:
+    # A connection that fails to close cleanly is closed all the same: nothing to report.
+    await asyncio.gather(*(c.disconnect() for c in connections), return_exceptions=True)
 
 
 def _reason(exc: BaseException) -> str:

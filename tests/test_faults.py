@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import aiohttp
 import pytest
+from aiohttp.http_exceptions import HttpProcessingError
 from structlog.testing import capture_logs
 
 from .conftest import Assurance
@@ -799,6 +800,37 @@ async def test_a_request_the_parser_refuses_is_logged_and_counted(gateway, reque
     text = await gw.metrics_text()
     wanted = f'catalyst_proxy_requests_total{{method="other",route="none",status="{status}"}} 1.0'
     assert wanted in text
+
+
+async def test_a_handler_raising_a_protocol_error_is_accounted_once(gateway, bearer, monkeypatch):
+    """aiohttp answers a handler's exception through the same error path as the parser's
+    refusals: one that is a protocol error (as aiohttp's own body reader can raise) is the
+    dispatcher's to log and count (500), never counted a second time as unparsable."""
+    gw = await gateway()
+
+    async def broken(*args: object) -> None:
+        raise HttpProcessingError(message="a body the reader could not parse")
+
+    monkeypatch.setattr(gw.parts.dispatcher._proxy, "handle", broken)
+    with capture_logs() as logs:
+        async with gw.http.post(gw.url + PURCHASE, headers=bearer(), data=b"{}") as resp:
+            assert resp.status == 500
+            answered_id = resp.headers["X-Request-ID"]
+        await eventually(lambda: gw.parts.dispatcher.in_flight == 0)
+    lines = [e for e in logs if e["event"] == "request"]
+    assert [(e["status"], e["error"]) for e in lines] == [(500, "internal-error")]
+    assert not [e for e in logs if e.get("error") == "unparsable-request"]
+    text = await gw.metrics_text()
+    counted = [
+        line
+        for line in text.splitlines()
+        if line.startswith("catalyst_proxy_requests_total{") and 'status="500"' in line
+    ]
+    assert counted == [
+        'catalyst_proxy_requests_total{method="POST",route="/api/v1/billing/purchase",'
+        'status="500"} 1.0'
+    ]
+    assert answered_id
 
 
 async def test_duplicate_host_is_400_and_nothing_upstream(gateway, bearer, upstream):

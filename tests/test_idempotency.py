@@ -767,6 +767,32 @@ async def test_an_early_answer_is_replayed_to_the_identical_retry(start, bearer)
         await up.close()
 
 
+async def test_a_repeat_whose_body_stalls_is_400_not_a_handler_waiting_forever(
+    start, upstream, bearer
+):
+    """A repeated key's body is read (never forwarded) only to be fingerprinted: a client that
+    stalls mid-body gets 400 bad-request after the time budget, and the connection is not
+    kept, rather than a handler left waiting for it."""
+    up = await upstream(ok())
+    gw = await start(up.url, upstream_timeout_seconds=0.3)
+    auth = bearer()
+    assert (await post(gw, auth, "stalled"))[0] == 200
+    lines = [*auth.items(), ("Content-Type", "application/json"),
+             ("Idempotency-Key", "stalled"), ("Transfer-Encoding", "chunked")]  # fmt: skip
+    reader, writer = await raw_client(gw.url)
+    try:
+        writer.write(request_bytes("POST", PURCHASE, lines) + b'5\r\n{"sku\r\n')  # then nothing
+        async with asyncio.timeout(5):
+            response = await read_response(reader)
+    finally:
+        writer.close()
+    assert response is not None
+    assert (response.status, error_of(response.body)) == (400, "bad-request")
+    assert response.headers["Connection"] == "close"
+    assert response.headers["X-Catalyst-Forwarded"] == "no"
+    assert len(up.requests) == 1
+
+
 # --- which routes, which keys ------------------------------------------------------------
 
 

@@ -231,6 +231,20 @@ async def test_after_a_restart_no_idle_connection_fails_a_command(stores, redis_
     assert store.state == "ok"
 
 
+async def test_dropping_the_idle_connections_never_closes_one_a_command_took(stores, redis_url):
+    """The idle connections a failure drops are out of the pool at once: a command that had
+    passed the store's checks before the failure and takes a connection right after it gets
+    a new one, never one closed under it; close() waits for the drop."""
+    store = stores(redis_url)
+    await asyncio.gather(*(store.run(store.redis.ping) for _ in range(4)))  # 4 kept idle
+    store.failed(TimeoutError())  # another command's failure
+    results = await asyncio.gather(store.redis.set("drop-a", "1"), store.redis.set("drop-b", "1"),
+                                   return_exceptions=True)  # fmt: skip
+    assert results == [True, True]
+    await store.close()
+    assert not store._dropping
+
+
 async def test_readyz_follows_an_outage_and_a_recovery_with_no_traffic(
     stores, redis_server, redis_url
 ):

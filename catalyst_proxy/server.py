@@ -12,6 +12,7 @@ from aiohttp import web
 from . import log, native
 from .app import PARTS
 from .runner import Runner
+from .workers import listen_socket
 
 
 class ListenError(Exception):
@@ -43,6 +44,12 @@ async def serve(
     # The grace is spent in _drain(); the runner's own timeout only bounds the cancelling.
     runner = Runner(app, shutdown_timeout=_CANCEL_WAIT)
     await runner.setup()
+    if sock is None and ":" in host:  # an IPv6 address: dual stack, as with --workers
+        try:
+            sock = listen_socket(host, port, reuse_port=False)
+        except OSError as exc:
+            await runner.cleanup()
+            raise ListenError(exc) from None
     site: web.BaseSite = (
         web.SockSite(runner, sock)
         if sock is not None

@@ -33,9 +33,13 @@ _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
 def listen_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:
+    """A listening socket; an IPv6 address (``::``) listens for IPv4 too (dual stack), so
+    that one ``--host ::`` serves both families, on an IPv6-only cluster as on any other."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))

@@ -234,6 +234,27 @@ async def test_a_taken_port_exits_2_with_one_line(public_key_file, workers):
     assert "Traceback" not in stderr
 
 
+@pytest.mark.skipif(not socket.has_ipv6, reason="this host has no IPv6 at all")
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_host_ipv6_any_serves_both_families(public_key_file, workers):
+    """``serve --host ::`` (what an IPv6-only or IPv6-first cluster needs) listens on both
+    families, with one worker as with several: /healthz answers on [::1] and on 127.0.0.1."""
+    with socket.socket(socket.AF_INET6) as probe:
+        probe.bind(("::", 0))
+        port = str(probe.getsockname()[1])
+    env = {"CATALYST_SESSION_PUBLIC_KEY_FILE": str(public_key_file)}
+    proc = await ServeProcess(["serve", "--host", "::", "--port", port, "--workers", workers],
+                              env).start()  # fmt: skip
+    try:
+        await proc.wait_listening()
+        async with aiohttp.ClientSession() as http:
+            for host in ("127.0.0.1", "[::1]"):
+                async with http.get(f"http://{host}:{port}/healthz") as resp:
+                    assert resp.status == 200, host
+    finally:
+        await proc.stop()
+
+
 async def test_dev_on_a_taken_port_exits_2_without_a_traceback():
     """``dev`` (what ``make dev`` runs first) on a taken port exits 2 with a line naming the
     port and how to pick another, never a traceback."""

@@ -832,6 +832,9 @@ def test_resources_and_topology_spread(default: Manifests, production: Manifests
 
 def test_workers_flag_only_when_more_than_one(helm: Helm, default: Manifests) -> None:
     """workers > 1 adds serve --workers N; the default runs one process per pod."""
+    assert default.container["args"][:3] == ["serve", "--host", "0.0.0.0"]
+    dual = helm.render(extra={"listenHost": "::"}).container["args"]
+    assert dual[:3] == ["serve", "--host", "::"]  # both families (an IPv6 cluster)
     assert "--workers" not in default.container["args"]
     assert helm.render(extra={"workers": 3}).container["args"][-2:] == ["--workers", "3"]
 

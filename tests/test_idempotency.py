@@ -52,7 +52,7 @@ from .rawhttp import (
 )
 from .redis_server import RedisServer
 from .serve_proc import ServeProcess, run_cli
-from .support import RawUpstream, SlowLink, free_socket
+from .support import RawUpstream, SlowLink, eventually, free_socket
 
 PURCHASE = "/api/v1/billing/purchase"
 SME_PURCHASE = "/api/v1/sme/billing/purchase"
@@ -162,6 +162,15 @@ def keyed(auth: dict[str, str], key: str | None, **extra: str) -> dict[str, str]
     return headers
 
 
+CHUNKED = ("Transfer-Encoding", "chunked")
+SIZED = ("Content-Length", str(len(ORDER)))  # ORDER's length
+
+
+def keyed_lines(auth: dict[str, str], key: str, framing: tuple[str, str]) -> list[tuple[str, str]]:
+    """``keyed()`` as the header lines of a raw request, with its framing field."""
+    return [*keyed(auth, key).items(), framing]
+
+
 async def post(
     gw: RunningGateway,
     auth: dict[str, str],
@@ -181,13 +190,6 @@ def error_of(body: bytes) -> str:
 def keyed_requests(upstream: HTTPUpstream, key: str) -> list[Seen]:
     """The requests that reached the upstream under ``key`` (its header as sent)."""
     return [seen for seen in upstream.requests if seen.headers.get("Idempotency-Key") == key]
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Wait until ``predicate()`` holds about state this test cannot be told about."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
 
 
 async def settled(gw: RunningGateway, in_flight: int = 0) -> None:
@@ -376,8 +378,7 @@ async def test_the_fingerprint_is_the_body_not_its_framing(start, upstream, bear
     gw = await start(up.url)
     auth = bearer()
     await raw_post(gw, auth, [("Idempotency-Key", "framing")])
-    lines = [*auth.items(), ("Content-Type", "application/json"),
-             ("Idempotency-Key", "framing"), ("Transfer-Encoding", "chunked")]  # fmt: skip
+    lines = keyed_lines(auth, "framing", CHUNKED)
     chunked = b"5\r\n" + ORDER[:5] + b"\r\n%x\r\n" % (len(ORDER) - 5) + ORDER[5:] + b"\r\n0\r\n\r\n"
     [again] = await exchange(gw.url, request_bytes("POST", PURCHASE, lines, chunked))
     assert again.status == 200
@@ -548,8 +549,7 @@ async def test_a_413_while_streaming_releases_the_key(start, upstream, bearer):
     up = await upstream(ok())
     gw = await start(up.url, max_body_bytes=64)
     auth = bearer()
-    lines = [*auth.items(), ("Content-Type", "application/json"),
-             ("Idempotency-Key", "k-stream"), ("Transfer-Encoding", "chunked")]  # fmt: skip
+    lines = keyed_lines(auth, "k-stream", CHUNKED)
     reader, writer = await raw_client(gw.url)
     try:
         writer.write(request_bytes("POST", PURCHASE, lines) + b"28\r\n" + b"a" * 40 + b"\r\n")
@@ -622,8 +622,7 @@ async def test_a_502_before_the_request_was_all_sent_releases_the_key(start, ups
     up = await upstream(ok(), cut=lambda seen: 0 if len(up.requests) == 1 else None)
     gw = await start(up.url)
     auth = bearer()
-    lines = [*auth.items(), ("Content-Type", "application/json"),
-             ("Idempotency-Key", "k-cut"), ("Content-Length", str(len(ORDER)))]  # fmt: skip
+    lines = keyed_lines(auth, "k-cut", SIZED)
     reader, writer = await raw_client(gw.url)
     try:
         writer.write(request_bytes("POST", PURCHASE, lines) + ORDER[:4])
@@ -678,8 +677,7 @@ async def test_a_client_gone_after_sending_makes_the_outcome_unknown(start, upst
     up = await upstream(gate)
     gw = await start(up.url)
     auth = bearer()
-    lines = [*auth.items(), ("Content-Type", "application/json"),
-             ("Idempotency-Key", "k-gone"), ("Content-Length", str(len(ORDER)))]  # fmt: skip
+    lines = keyed_lines(auth, "k-gone", SIZED)
     _reader, writer = await raw_client(gw.url)
     writer.write(request_bytes("POST", PURCHASE, lines, ORDER))
     await up.until(lambda: len(up.complete) == 1)
@@ -697,8 +695,7 @@ async def test_a_client_gone_before_the_request_was_sent_releases_the_key(start,
     up = await upstream(ok())
     gw = await start(up.url)
     auth = bearer()
-    lines = [*auth.items(), ("Content-Type", "application/json"),
-             ("Idempotency-Key", "k-left"), ("Content-Length", str(len(ORDER)))]  # fmt: skip
+    lines = keyed_lines(auth, "k-left", SIZED)
     _reader, writer = await raw_client(gw.url)
     writer.write(request_bytes("POST", PURCHASE, lines) + ORDER[:5])
     await up.until(lambda: len(up.requests) == 1 and len(up.requests[0].body) == 5)
@@ -729,24 +726,25 @@ async def test_an_answer_broken_off_mid_body_makes_the_outcome_unknown(
 
 # --- early answers -------------------------------------------------------------------------
 
+EARLY = b'{"error": "sku-unknown"}'
+
+
+async def answer_after_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """A raw upstream that answers EARLY (400) once it has the head, before any body."""
+    await reader.readuntil(b"\r\n\r\n")
+    head = b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: %d"
+    writer.write(head % len(EARLY) + b"\r\nConnection: close\r\n\r\n" + EARLY)
+    await writer.drain()
+
 
 async def test_an_early_answer_is_replayed_to_the_identical_retry(start, bearer):
     """An SME gateway answer sent before it read the whole request body is still the answer to
     that request: the identical retry gets it replayed, not 422 another request."""
-    early = b'{"error": "sku-unknown"}'
-
-    async def answer_after_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        head = b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: %d"
-        writer.write(head % len(early) + b"\r\nConnection: close\r\n\r\n" + early)
-        await writer.drain()
-
     up = await RawUpstream(answer_after_head).start()
     try:
         gw = await start(up.url)
         auth = bearer()
-        lines = [*auth.items(), ("Content-Type", "application/json"),
-                 ("Idempotency-Key", "k-early"), ("Content-Length", str(len(ORDER)))]  # fmt: skip
+        lines = keyed_lines(auth, "k-early", SIZED)
         reader, writer = await raw_client(gw.url)
         try:
             writer.write(request_bytes("POST", PURCHASE, lines) + ORDER[:5])
@@ -757,10 +755,10 @@ async def test_an_early_answer_is_replayed_to_the_identical_retry(start, bearer)
         finally:
             writer.close()
         assert first is not None
-        assert (first.status, first.body) == (400, early)
+        assert (first.status, first.body) == (400, EARLY)
         await settled(gw)
         status, headers, body = await post(gw, auth, "k-early")
-        assert (status, body) == (400, early), body
+        assert (status, body) == (400, EARLY), body
         assert headers["Idempotent-Replayed"] == "true"
         assert up.connections == 1
     finally:
@@ -777,8 +775,7 @@ async def test_a_repeat_whose_body_stalls_is_400_not_a_handler_waiting_forever(
     gw = await start(up.url, upstream_timeout_seconds=0.3)
     auth = bearer()
     assert (await post(gw, auth, "stalled"))[0] == 200
-    lines = [*auth.items(), ("Content-Type", "application/json"),
-             ("Idempotency-Key", "stalled"), ("Transfer-Encoding", "chunked")]  # fmt: skip
+    lines = keyed_lines(auth, "stalled", CHUNKED)
     reader, writer = await raw_client(gw.url)
     try:
         writer.write(request_bytes("POST", PURCHASE, lines) + b'5\r\n{"sku\r\n')  # then nothing
@@ -1309,27 +1306,18 @@ async def test_a_body_streaming_on_after_an_early_answer_keeps_its_reservation_a
     answer is recorded and replayed."""
     monkeypatch.setattr("catalyst_proxy.app.LEASE_MARGIN", 0.0)  # the lease is the budget
     budget, ttl, piece = 1.0, 1.0, 0.1  # the reservation held 2 s unless renewed
-    early = b'{"error": "sku-unknown"}'
-
-    async def answer_after_head(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        head = b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json\r\nContent-Length: %d"
-        writer.write(head % len(early) + b"\r\nConnection: close\r\n\r\n" + early)
-        await writer.drain()
-
     up = await RawUpstream(answer_after_head).start()
     try:
         gw = await start(up.url, upstream_timeout_seconds=budget, idempotency_ttl_seconds=ttl)
         auth = bearer()
-        lines = [*auth.items(), ("Content-Type", "application/json"),
-                 ("Idempotency-Key", "slow-body"), ("Transfer-Encoding", "chunked")]  # fmt: skip
+        lines = keyed_lines(auth, "slow-body", CHUNKED)
         reader, writer = await raw_client(gw.url)
         try:
             writer.write(request_bytes("POST", PURCHASE, lines) + b"1\r\n \r\n")
             async with asyncio.timeout(5):
                 first = await read_response(reader)
             assert first is not None
-            assert (first.status, first.body) == (400, early)
+            assert (first.status, first.body) == (400, EARLY)
             began = asyncio.get_running_loop().time()
             sent = 1
             while asyncio.get_running_loop().time() - began < budget + ttl + 0.3:
@@ -1345,7 +1333,7 @@ async def test_a_body_streaming_on_after_an_early_answer_keeps_its_reservation_a
             writer.close()
         await settled(gw)
         status, headers, body = await post(gw, auth, "slow-body", b" " * sent)
-        assert (status, headers["Idempotent-Replayed"], body) == (400, "true", early)
+        assert (status, headers["Idempotent-Replayed"], body) == (400, "true", EARLY)
         assert up.connections == 1
     finally:
         await up.close()
@@ -1529,7 +1517,7 @@ async def test_a_streamed_answer_is_never_complete_before_its_record(
         up = await upstream(head_then_body)
         gw = await gateway(upstream=up.url, redis_url=scripts.url)
         auth = bearer()
-        headers = [*keyed(auth, "streamed").items(), ("Content-Length", str(len(ORDER)))]
+        headers = keyed_lines(auth, "streamed", SIZED)
         reader, writer = await raw_client(gw.url)
         try:
             writer.write(request_bytes("POST", PURCHASE, headers, ORDER))
@@ -1582,7 +1570,7 @@ async def test_a_client_leaving_as_the_last_piece_of_an_early_answer_waits_is_un
     try:
         gw = await gateway(upstream=up.url)
         auth = bearer()
-        headers = [*keyed(auth, "early").items(), ("Content-Length", str(len(ORDER)))]
+        headers = keyed_lines(auth, "early", SIZED)
         reader, writer = await raw_client(gw.url)
         writer.write(request_bytes("POST", PURCHASE, headers, ORDER[:5]))
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
@@ -1712,7 +1700,7 @@ async def test_a_client_gone_while_its_reservation_is_on_its_way_leaves_no_reser
     auth = bearer()
     await assert_forwarded_once(gw, up, auth, "before")
     slow_redis.reply_delay = 0.3  # slow, within the command timeout
-    headers = [*keyed(auth, "gone").items(), ("Content-Length", str(len(ORDER)))]
+    headers = keyed_lines(auth, "gone", SIZED)
     _, writer = await raw_client(gw.url)
     writer.write(request_bytes("POST", PURCHASE, headers, ORDER))
     await eventually(lambda: bool(reserved_now(redis_server)))  # the SET is there, its reply not
@@ -1755,8 +1743,7 @@ async def test_a_release_refused_while_the_store_pauses_is_retried(
     gw = await gateway(upstream=up.url, redis_url=redis_url, monotonic=monotonic,
                        max_body_bytes=64)  # fmt: skip
     auth = bearer()
-    lines = [*auth.items(), ("Content-Type", "application/json"),
-             ("Idempotency-Key", "paused"), ("Transfer-Encoding", "chunked")]  # fmt: skip
+    lines = keyed_lines(auth, "paused", CHUNKED)
     reader, writer = await raw_client(gw.url)
     try:
         writer.write(request_bytes("POST", PURCHASE, lines) + b"28\r\n" + b"a" * 40 + b"\r\n")

@@ -37,6 +37,7 @@ from catalyst_proxy.store import Store, StoreUnavailable
 
 from .auth_support import Clock
 from .redis_server import RedisServer
+from .support import eventually
 
 NOW = 1_800_000_000.0
 
@@ -242,13 +243,6 @@ class Stores:
     async def close(self) -> None:
         for store in self._stores:
             await store.close()
-
-
-async def eventually(predicate: Callable[[], Any], timeout: float = 5.0) -> None:
-    """Wait until ``predicate()`` holds about the real server's state."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.005)
 
 
 @pytest.fixture(params=["memory", "redis"])

@@ -18,7 +18,7 @@ from catalyst_proxy.app import create_app
 from catalyst_proxy.config import Settings
 from catalyst_proxy.server import serve
 
-from .rawhttp import read_response, request_bytes
+from .rawhttp import raw_client, read_response, request_bytes
 from .serve_proc import ServeProcess
 from .support import start_app
 
@@ -92,6 +92,24 @@ async def purchase(
         return exc
 
 
+async def in_flight_at_sigterm(
+    server: ServeProcess,
+    slow: SlowUpstream,
+    http: aiohttp.ClientSession,
+    base: str,
+    auth: dict[str, str],
+    n: int,
+) -> asyncio.Task[tuple[int, dict[str, object]] | BaseException]:
+    """One purchase held at the upstream, then SIGTERM; returns (with the purchase still in
+    flight) once the drain has begun."""
+    slow.expected = 1
+    call = asyncio.create_task(purchase(http, base, auth, n))
+    await slow.all_arrived.wait()
+    server.signal(signal.SIGTERM)
+    await server.wait_for_event("shutdown.begin")
+    return call
+
+
 async def connection_refused(base: str) -> bool:
     host, port = base.removeprefix("http://").rsplit(":", 1)
     try:
@@ -149,12 +167,8 @@ async def test_readiness_is_503_on_an_open_connection_during_the_drain(
     server = await start_server(slow.url, public_key_file, 5.0)
     try:
         base = await server.wait_listening()
-        slow.expected = 1
         async with aiohttp.ClientSession() as http:
-            call = asyncio.create_task(purchase(http, base, bearer(), 0))
-            await slow.all_arrived.wait()
-            server.signal(signal.SIGTERM)
-            await server.wait_for_event("shutdown.begin")
+            call = await in_flight_at_sigterm(server, slow, http, base, bearer(), 0)
             try:
                 async with http.get(base + "/readyz") as resp:
                     ready_status: int | None = resp.status
@@ -199,9 +213,7 @@ async def test_an_answer_given_during_the_drain_says_connection_close(
     runner, url = await start_app(app, access_log=None)
     server = await start_server(url, public_key_file, 5.0)
     try:
-        base = await server.wait_listening()
-        host, port = base.removeprefix("http://").rsplit(":", 1)
-        reader, writer = await asyncio.open_connection(host, int(port))
+        reader, writer = await raw_client(await server.wait_listening())
         body = b'{"n": 1}'
         headers = [*bearer().items(), ("Content-Length", str(len(body)))]
         writer.write(request_bytes("POST", PURCHASE, headers, body))
@@ -264,9 +276,7 @@ async def test_an_idle_keep_alive_connection_does_not_hold_the_drain(public_key_
     grace = 30.0
     server = await start_server("http://127.0.0.1:9", public_key_file, grace)
     try:
-        base = await server.wait_listening()
-        host, port = base.removeprefix("http://").rsplit(":", 1)
-        reader, writer = await asyncio.open_connection(host, int(port))
+        reader, writer = await raw_client(await server.wait_listening())
         writer.write(b"GET /healthz HTTP/1.1\r\nHost: gw\r\n\r\n")
         assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 200 ")
         server.signal(signal.SIGTERM)  # the connection is idle, and kept open by the client
@@ -288,12 +298,8 @@ async def test_a_second_signal_during_the_drain_does_not_cut_it_short(
     server = await start_server(slow.url, public_key_file, 30.0)
     try:
         base = await server.wait_listening()
-        slow.expected = 1
         async with aiohttp.ClientSession() as http:
-            call = asyncio.create_task(purchase(http, base, bearer(), 7))
-            await slow.all_arrived.wait()
-            server.signal(signal.SIGTERM)
-            await server.wait_for_event("shutdown.begin")
+            call = await in_flight_at_sigterm(server, slow, http, base, bearer(), 7)
             server.signal(signal.SIGTERM)
             server.signal(signal.SIGINT)
             slow.release.set()
@@ -363,9 +369,7 @@ async def test_a_client_still_uploading_a_refused_body_finishes_its_upload(publi
     server = await start_server("http://127.0.0.1:9", public_key_file, 30.0)
     total, piece = 4_000_000, b"x" * 65536
     try:
-        base = await server.wait_listening()
-        host, port = base.removeprefix("http://").rsplit(":", 1)
-        reader, writer = await asyncio.open_connection(host, int(port))
+        reader, writer = await raw_client(await server.wait_listening())
         writer.write(
             b"POST %s HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n" % (PURCHASE.encode(), total) + piece

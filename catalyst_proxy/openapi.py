@@ -20,7 +20,7 @@ from typing import Any
 from . import __version__
 from . import headers as hdrs
 from .errors import ProxyError, every_error
-from .routes import PLACEHOLDER, Route
+from .routes import HEALTHZ, METRICS, OPENAPI_JSON, PLACEHOLDER, READYZ, Route
 
 ALWAYS = frozenset({"protocol", "session", "bridge", "body", "exchange"})
 _JSON = "application/json"
@@ -277,14 +277,14 @@ def _ops(
 
 
 _OPS_PATHS = {
-    "/healthz": _ops(
+    HEALTHZ: _ops(
         "getHealthz",
         "Liveness",
         _JSON,
         {"type": "object", "required": ["status"], "properties": {"status": {"const": "ok"}}},
         "200",
     ),
-    "/readyz": _ops(
+    READYZ: _ops(
         "getReadyz",
         "Readiness: 200 when operator keys are usable; 503 with reasons otherwise",
         _JSON,
@@ -292,6 +292,6 @@ _OPS_PATHS = {
         "200",
         "503",
     ),
-    "/metrics": _ops("getMetrics", "Prometheus metrics", "text/plain", {"type": "string"}, "200"),
-    "/openapi.json": _ops("getOpenapi", "This document", _JSON, {"type": "object"}, "200"),
+    METRICS: _ops("getMetrics", "Prometheus metrics", "text/plain", {"type": "string"}, "200"),
+    OPENAPI_JSON: _ops("getOpenapi", "This document", _JSON, {"type": "object"}, "200"),
 }

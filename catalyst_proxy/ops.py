@@ -11,6 +11,7 @@ from .bridge import BridgeSecret
 from .idempotency import Idempotency
 from .jwks import KeySet
 from .metrics import CONTENT_TYPE, Metrics
+from .routes import HEALTHZ, METRICS, OPENAPI_JSON, READYZ
 from .store import Store
 from .upstream import Breaker
 
@@ -71,5 +72,5 @@ class Ops:
 
     def routes(self) -> dict[str, Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]]:
         """Path → handler (GET only; the dispatcher answers 405 for other methods)."""
-        return {"/healthz": self.healthz, "/readyz": self.readyz, "/metrics": self.metrics,
-                "/openapi.json": self.openapi_json}  # fmt: skip
+        return {HEALTHZ: self.healthz, READYZ: self.readyz, METRICS: self.metrics,
+                OPENAPI_JSON: self.openapi_json}  # fmt: skip

@@ -125,7 +125,8 @@ class RoutesFileError(Exception):
 
 
 # The gateway's own endpoints (ops.py): answered before any route, so never a route's path.
-OPERATIONS_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
+HEALTHZ, READYZ, METRICS, OPENAPI_JSON = "/healthz", "/readyz", "/metrics", "/openapi.json"
+OPERATIONS_PATHS = frozenset({HEALTHZ, READYZ, METRICS, OPENAPI_JSON})
 
 
 def load_routes(path: str, existing: Iterable[Route] = ()) -> tuple[Route, ...]:

@@ -19,8 +19,8 @@ class ListenError(Exception):
     """The address could not be listened on (taken, not this host's): a usage error."""
 
     def __init__(self, exc: OSError) -> None:
-        super().__init__(exc.strerror or str(exc))
         self.reason = exc.strerror or str(exc)
+        super().__init__(self.reason)
 
 
 _DRAIN_POLL = 0.05  # how often the drain looks for connections still open
@@ -44,18 +44,14 @@ async def serve(
     # The grace is spent in _drain(); the runner's own timeout only bounds the cancelling.
     runner = Runner(app, shutdown_timeout=_CANCEL_WAIT)
     await runner.setup()
-    if sock is None and ":" in host:  # an IPv6 address: dual stack, as with --workers
-        try:
-            sock = listen_socket(host, port, reuse_port=False)
-        except OSError as exc:
-            await runner.cleanup()
-            raise ListenError(exc) from None
-    site: web.BaseSite = (
-        web.SockSite(runner, sock)
-        if sock is not None
-        else web.TCPSite(runner, host, port, backlog=1024)
-    )
     try:
+        if sock is None and ":" in host:  # an IPv6 address: dual stack, as with --workers
+            sock = listen_socket(host, port, reuse_port=False)
+        site: web.BaseSite = (
+            web.SockSite(runner, sock)
+            if sock is not None
+            else web.TCPSite(runner, host, port, backlog=1024)
+        )
         await site.start()
     except OSError as exc:
         await runner.cleanup()

@@ -87,15 +87,14 @@ class Dispatcher:
         self._logger = log.get_logger()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.in_flight = 0
-        self.draining = False  # set by drain(): shutdown has begun
         self.cutting = False  # set by the shutdown when the grace ran out (server.py)
         metrics.in_flight.set_function(lambda: self.in_flight)
 
     def drain(self) -> None:
         """Shutdown has begun: every answer from now on, including those of requests already
         in flight, says ``Connection: close`` (RFC 9112 §9.6), so that no client sends another
-        request on a connection about to close, where it would go unanswered."""
-        self.draining = True
+        request on a connection about to close, where it would go unanswered. (The flag is
+        the proxy's, which needs it before its answers go out; this reads it too.)"""
         self._proxy.draining = True
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -142,7 +141,7 @@ class Dispatcher:
             # client does not wait for its own access-log line.
             loop = self._loop or self._bind_loop()
             loop.call_soon(self._account, info, request.method, path, status, duration)
-        if self.draining:
+        if self._proxy.draining:
             response.force_close()
         return response
 

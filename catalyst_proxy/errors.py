@@ -271,7 +271,7 @@ class UpstreamBadResponse(ProxyError):
 
     status, code = 502, "sme-gateway-bad-response"
     step = "exchange"
-    forwarded = "unknown"  # "no" when the request broke off before it was all sent
+    forwarded = "unknown"  # "no" when it broke off before all was sent and no answer began
     advice = "retry only with the same `Idempotency-Key`; operator: check the SME gateway"
 
 
@@ -356,7 +356,7 @@ class UpstreamTimeout(ProxyError):
 
     status, code = 504, "sme-gateway-timeout"
     step = "exchange"
-    forwarded = "unknown"  # "no" when the request broke off before it was all sent
+    forwarded = "unknown"  # "no" when it broke off before all was sent and no answer began
     advice = "retry only with the same `Idempotency-Key`; operator: check the SME gateway's latency"
 
 

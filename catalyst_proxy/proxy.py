@@ -237,7 +237,7 @@ class Proxy:
             raise
         except BaseException:  # the client went away (cancelled), or worse
             if attempt is not None:
-                attempt.settle_later(sent=progress.sent)
+                attempt.settle_later(sent=progress.may_have_acted)
             raise
         info.upstream_status = upstream.status
         try:

@@ -765,6 +765,42 @@ async def test_an_early_answer_is_replayed_to_the_identical_retry(start, bearer)
         await up.close()
 
 
+async def test_an_answer_begun_before_the_body_was_all_sent_then_cut_is_outcome_unknown(
+    start, bearer
+):
+    """The SME gateway begins its final answer before it has the whole body (it may have acted
+    on what it read) and hangs up mid-head: a 502 that says unknown, and the key is never
+    forwarded again, though the request body never went out whole."""
+
+    async def begin_then_hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        await reader.readuntil(b"\r\n\r\n")
+        await reader.readexactly(5)
+        writer.write(b"HTTP/1.1 201 Crea")
+        await writer.drain()
+
+    up = await RawUpstream(begin_then_hang_up).start()
+    try:
+        gw = await start(up.url)
+        auth = bearer()
+        reader, writer = await raw_client(gw.url)
+        try:
+            writer.write(request_bytes("POST", PURCHASE, keyed_lines(auth, "k-cut-head", SIZED)))
+            writer.write(ORDER[:5])
+            async with asyncio.timeout(5):
+                first = await read_response(reader)
+        finally:
+            writer.close()
+        assert first is not None
+        assert (first.status, error_of(first.body)) == (502, "sme-gateway-bad-response")
+        assert first.headers["X-Catalyst-Forwarded"] == "unknown"
+        await settled(gw)
+        status, _, body = await post(gw, auth, "k-cut-head")
+        assert (status, error_of(body)) == (409, "idempotency-outcome-unknown")
+        assert up.connections == 1
+    finally:
+        await up.close()
+
+
 async def test_a_repeat_whose_body_stalls_is_400_not_a_handler_waiting_forever(
     start, upstream, bearer
 ):

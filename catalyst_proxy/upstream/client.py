@@ -48,8 +48,13 @@ class Progress:
 
     @property
     def sent(self) -> bool:
-        """The whole request was handed to the connection (the upstream may act on it)."""
+        """The whole request was handed to the connection."""
         return self._conn is not None and self._conn.request_complete
+
+    @property
+    def may_have_acted(self) -> bool:
+        """The upstream may have acted on the request: it was sent, or an answer began."""
+        return self._conn is not None and self._conn.may_have_acted
 
 
 class Response:

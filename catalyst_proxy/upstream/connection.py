@@ -21,6 +21,16 @@ was written" is the state SENDING, not a flag found out later)::
   anything arrived that the event loop has not delivered yet: bytes, a close
   or a reset found then drop the connection while that is still safe.
 
+An upstream may answer, and act, before it has read the whole request (an
+early answer), then close, which resets the connection while the request
+body is still being written. A write that finds the reset closes the
+transport at once, before it reads what arrived ahead of the reset: the
+answer would be lost, and the request would look as if it never reached
+anyone. So a plaintext connection keeps a second descriptor of its socket,
+and a connection lost mid-exchange first reads what the socket still holds
+(``_salvage``). And a failure once a final answer has begun counts as sent
+(``may_have_acted``), however much of the request was written.
+
 The parser is httptools (llhttp). Its callbacks run inside ``feed_data()``;
 they only record, and every decision is taken after ``feed_data()`` returns.
 Framing is the parser's: Content-Length, chunked, or (for a response with
@@ -34,7 +44,9 @@ decodes one, and dropping the header would pass coded bytes off as the body).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
+import os
 import select
 from collections.abc import Callable
 from typing import cast
@@ -57,6 +69,7 @@ _TRANSFER_ENCODING = b"transfer-encoding"
 # reuse goes unchecked, as before.)
 _READABLE = select.POLLIN | getattr(select, "POLLRDHUP", 0)
 _HAS_POLL = hasattr(select, "poll")
+_SALVAGE_READ = 64 * 1024
 
 
 class State(enum.Enum):
@@ -70,6 +83,7 @@ class State(enum.Enum):
 
 
 CONNECTING, RESERVED, SENDING, SENT, RECEIVING, IDLE, CLOSED = State
+_EXCHANGING = frozenset({SENDING, SENT, RECEIVING})  # bytes from the upstream are expected
 
 
 class Connection(asyncio.Protocol):
@@ -86,6 +100,7 @@ class Connection(asyncio.Protocol):
         self._watchdog = watchdog
         self._transport: asyncio.Transport | None = None
         self._poll: select.poll | None = None  # the socket, asked directly before a reuse
+        self._spare_fd: int | None = None  # a second descriptor of the socket (_salvage)
         self._eof = False  # the upstream's clean end of the stream (FIN)
         self._parser = httptools.HttpResponseParser(self)
         self._write = WriteFlow(loop)
@@ -102,6 +117,7 @@ class Connection(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self._head_done = False
         self._interim = False
+        self._answering = False  # a final answer began (its status line, at least in part)
         self._complete = False
         self._keep_alive = False
         self._extra = False  # bytes arrived after the complete response
@@ -125,6 +141,9 @@ class Connection(asyncio.Protocol):
         if sock is not None and _HAS_POLL:
             self._poll = select.poll()
             self._poll.register(sock.fileno(), _READABLE)
+        if sock is not None and transport.get_extra_info("sslcontext") is None:
+            with contextlib.suppress(OSError):  # out of descriptors: no salvage, as before
+                self._spare_fd = os.dup(sock.fileno())
 
     def data_received(self, data: bytes) -> None:
         if self.state is not SENDING and self.state is not SENT and self.state is not RECEIVING:
@@ -154,6 +173,13 @@ class Connection(asyncio.Protocol):
         return False  # close the transport; connection_lost() does the rest
 
     def connection_lost(self, exc: Exception | None) -> None:
+        spare, self._spare_fd = self._spare_fd, None
+        if spare is not None:
+            try:
+                if self.state in _EXCHANGING and not self._complete:
+                    self._salvage(spare)
+            finally:
+                os.close(spare)
         if self._head_done and not self._complete and self._failure is None:
             if self._eof and exc is None and self._delimited_by_close():
                 self._complete = True  # the upstream's FIN ends a body framed by the close
@@ -178,6 +204,8 @@ class Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         if self._complete:
             self._extra = True
+        else:
+            self._answering = True  # until it turns out to be an interim answer
 
     # Once the response is complete, whatever follows (an unsolicited second answer) is
     # noted by on_message_begin() and otherwise ignored: it must not touch this answer.
@@ -228,6 +256,7 @@ class Connection(asyncio.Protocol):
             return
         if self._interim:
             self._interim = False
+            self._answering = False
         elif self._failure is None:  # (trailers over the limit: never a clean end)
             self._complete = True
             # Only valid now: llhttp clears the message's flags once this callback returns.
@@ -295,11 +324,17 @@ class Connection(asyncio.Protocol):
             if self._body_error is not None:
                 raise BodyFailed(self._body_error)
             if self._failure is not None:
-                raise BadResponse(self._failure, sent=self.request_complete)
+                raise BadResponse(self._failure, sent=self.may_have_acted)
             if not await self._wait(deadline):
                 raise ResponseTimeout(
-                    "no response head within the budget", sent=self.request_complete
+                    "no response head within the budget", sent=self.may_have_acted
                 )
+
+    @property
+    def may_have_acted(self) -> bool:
+        """The upstream may have acted on the request: it had all of it, or it began a final
+        answer (an upstream may answer, and act, before it has read the whole body)."""
+        return self.request_complete or self._answering
 
     @property
     def body_complete(self) -> bool:
@@ -363,6 +398,20 @@ class Connection(asyncio.Protocol):
         if self.state is not CLOSED:
             self.state = CLOSED
             self._on_closed(self)
+
+    def _salvage(self, fd: int) -> None:
+        """Read what the socket still holds into the parser (see the module's text): the bytes
+        the upstream sent before it reset the connection, which a write that failed on the
+        reset left unread. Bounded by the socket's receive buffer."""
+        os.set_blocking(fd, False)  # (shared with the transport's descriptor: it already is)
+        while not self._complete and self._failure is None and not self._extra:
+            try:
+                data = os.read(fd, _SALVAGE_READ)
+            except OSError:  # nothing more (EAGAIN), or the reset itself
+                return
+            if not data:
+                return
+            self.data_received(data)
 
     def _delimited_by_close(self) -> bool:
         """RFC 9112 §6.3: a response with neither a chunked coding nor a length ends at close."""

@@ -1,9 +1,10 @@
 """Everything that can go wrong talking to the SME gateway, as our own exception types.
 
 The client raises only these; ``proxy.py`` turns them into the contract's
-answers in one table. ``sent`` says whether the whole request had been handed
-to the connection when it failed: an answer after that says
-``X-Catalyst-Forwarded: unknown`` (the SME gateway may have acted on it).
+answers in one table. ``sent`` says whether the SME gateway may have acted on
+the request when it failed (the whole request had been handed to the
+connection, or a final answer had begun): an answer after that says
+``X-Catalyst-Forwarded: unknown``.
 
 ::
 

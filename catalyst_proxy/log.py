@@ -9,6 +9,11 @@ Lines are not written with one system call each: they gather in ``LineSink``
 and go out when it holds 64 KiB, at least every ``FLUSH_INTERVAL`` (100 ms)
 while the event loop runs, and at shutdown (``flush()``, called by the server
 after the drain and by each worker before it exits; and at interpreter exit).
+Into a pipe or a socket (a container's stdout, which ``serve --workers`` shares
+among its processes) a batch goes out in writes of whole lines of at most
+``PIPE_BUF`` bytes each, the most a pipe takes from one writer without
+interleaving another's: a 64 KiB write would let another worker's lines in
+mid-line.
 The access-log line (``access()``), written once per request, takes a fast
 path that renders the same fields with orjson instead of structlog's chain.
 """
@@ -20,9 +25,11 @@ import atexit
 import logging
 import os
 import re
+import select
+import stat
 import sys
 import time
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any, TextIO
 
 import orjson
@@ -72,6 +79,7 @@ class LineSink:
         self._pending: list[bytes] = []
         self._size = 0
         self._timer: asyncio.TimerHandle | None = None
+        self._piece = select.PIPE_BUF if _shared_stream(stream) else _FLUSH_BYTES
         # A fork (``serve --workers``) writes out the parent's lines first; the child starts empty.
         os.register_at_fork(before=self.flush, after_in_child=self._forget)
 
@@ -95,19 +103,20 @@ class LineSink:
             self._timer = None
         if not self._pending:
             return
-        data = b"".join(self._pending)
-        self._pending.clear()
+        pending = self._pending
+        self._pending = []
         self._size = 0
         stream = self._stream
+        buffer = getattr(stream, "buffer", None)
         try:
             stream.flush()
-            buffer = getattr(stream, "buffer", None)
-            if buffer is not None:
-                buffer.write(data)
-                buffer.flush()
-            else:
-                stream.write(data.decode())
-                stream.flush()
+            for data in _pieces(pending, self._piece):
+                if buffer is not None:
+                    buffer.write(data)
+                    buffer.flush()
+                else:
+                    stream.write(data.decode())
+                    stream.flush()
         except (OSError, ValueError):
             pass  # stdout closed or gone: nothing to write to
 
@@ -115,6 +124,29 @@ class LineSink:
         self._pending.clear()
         self._size = 0
         self._timer = None  # the parent's loop's, not ours
+
+
+def _shared_stream(stream: TextIO) -> bool:
+    """A pipe or a socket: where writes of several processes may interleave."""
+    try:
+        mode = os.fstat(stream.fileno()).st_mode
+    except (OSError, ValueError, AttributeError):  # no descriptor (a test's StringIO)
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)
+
+
+def _pieces(lines: list[bytes], size: int) -> Iterator[bytes]:
+    """``lines`` joined into pieces of at most ``size`` bytes (a longer line: on its own)."""
+    piece: list[bytes] = []
+    length = 0
+    for line in lines:
+        if piece and length + len(line) > size:
+            yield b"".join(piece)
+            piece, length = [], 0
+        piece.append(line)
+        length += len(line)
+    if piece:
+        yield b"".join(piece)
 
 
 class _SinkLogger:

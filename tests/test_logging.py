@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -430,3 +431,44 @@ def test_console_lines_leave_ordinary_words_alone() -> None:
     assert "empty Bearer credentials" in line
     assert "monkeyJump" in line
     assert "/heyJude" in line
+
+
+_WRITER = """
+import asyncio, sys
+from catalyst_proxy.log import LineSink
+
+async def main(worker: int) -> None:
+    sink = LineSink(sys.stdout)
+    for n in range({lines}):
+        sink.line('{{"worker": %d, "n": %d, "pad": "%s"}}' % (worker, n, "x" * 300))
+        if n % 500 == 0:
+            await asyncio.sleep(0)  # let the flush timer run now and then, as a server does
+    sink.flush()
+
+asyncio.run(main(int(sys.argv[1])))
+"""
+
+
+def test_workers_sharing_a_pipe_never_write_into_each_others_lines() -> None:
+    """Two processes (as ``serve --workers 2``) write batches of access lines into one pipe, as
+    a container's stdout is: every line arrives whole, none cut by the other's."""
+    lines = 20_000
+    read_end, write_end = os.pipe()
+    script = _WRITER.format(lines=lines)
+    writers = [
+        subprocess.Popen([sys.executable, "-c", script, str(worker)], stdout=write_end)
+        for worker in (1, 2)
+    ]
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        received = []
+        while piece := pipe.read1(1024):  # a slow reader: the pipe fills, writers block
+            received.append(piece)
+    for writer in writers:
+        assert writer.wait(30) == 0
+    seen: dict[int, int] = {1: 0, 2: 0}
+    for raw in b"".join(received).splitlines():
+        line = json.loads(raw)  # a line cut by another's would not parse
+        assert line["n"] == seen[line["worker"]]  # and each worker's lines in their order
+        seen[line["worker"]] += 1
+    assert seen == {1: lines, 2: lines}

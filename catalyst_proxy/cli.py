@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -151,21 +152,42 @@ def _serve(host: str, port: int, workers: int = 1) -> None:
         try:
             _run(serve(app, host, port))
         except ListenError as exc:  # a taken port: a usage error (exit 2), not a traceback
-            _fail(f"--port {port}: {exc.reason}")
+            _fail(_listen_problem(host, port, exc.cause))
         return
     if port == 0:
         _fail("--workers needs a fixed --port (each worker binds it with SO_REUSEPORT)")
-    try:  # bind once in the parent, so a taken port is one clear error, not N
-        listen_socket(host, port, reuse_port=True).close()
+    # Bind once in the parent, so a taken port is one clear error, not N; without
+    # SO_REUSEPORT, so that a port another server's workers share is taken too (with it,
+    # a second server would join theirs and split the traffic).
+    try:
+        listen_socket(host, port, reuse_port=False).close()
     except OSError as exc:
-        _fail(f"--port {port}: {exc.strerror}")
+        _fail(_listen_problem(host, port, exc))
 
     def worker(index: int) -> int:
-        sock = listen_socket(host, port, reuse_port=True)
-        _run(serve(create_app(settings, workers=workers), host, port, sock=sock))
+        """One worker; a failure a restart cannot mend: one line, exit 2 (see workers.py)."""
+        try:
+            sock = listen_socket(host, port, reuse_port=True)
+        except OSError as exc:
+            _fail(_listen_problem(host, port, exc))
+        try:
+            app = create_app(settings, workers=workers)  # reads the key and routes files
+        except ConfigError as exc:
+            _fail(str(exc))
+        _run(serve(app, host, port, sock=sock))
         return 0
 
     raise SystemExit(supervise(workers, worker))
+
+
+def _listen_problem(host: str, port: int, exc: OSError) -> str:
+    """Why ``host``:``port`` cannot be listened on, naming the option at fault."""
+    reason = exc.strerror or str(exc)
+    return (
+        f"--host {host}: {reason}"
+        if isinstance(exc, socket.gaierror)
+        else f"--port {port}: {reason}"
+    )
 
 
 def _openapi(workers: int = 1) -> None:

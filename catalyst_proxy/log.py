@@ -53,6 +53,8 @@ IDEMPOTENCY_STORE_ERROR = "idempotency.store_error"
 IDEMPOTENCY_RECORD_LOST = "idempotency.record_lost"  # a completion found no reservation
 IDEMPOTENCY_RECORD_TAKEN = "idempotency.record_taken"  # ... or another request's record
 WORKER_UNTETHERED = "worker.untethered"  # PR_SET_PDEATHSIG refused
+WORKER_EXITED = "worker.exited"  # the supervisor: a worker died on its own
+WORKER_CRASHED = "worker.crashed"  # a worker: an exception nothing else caught
 
 FLUSH_INTERVAL = 0.1
 _FLUSH_BYTES = 64 * 1024

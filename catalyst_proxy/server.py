@@ -19,6 +19,7 @@ class ListenError(Exception):
     """The address could not be listened on (taken, not this host's): a usage error."""
 
     def __init__(self, exc: OSError) -> None:
+        self.cause = exc
         self.reason = exc.strerror or str(exc)
         super().__init__(self.reason)
 

@@ -8,8 +8,14 @@ and the kernel spreads new connections across them.
 Signals: SIGTERM/SIGINT to the parent are passed to every worker, each of
 which drains as a single-process server does (readiness 503, stop accepting,
 finish in-flight requests within the grace); the parent exits 0 when all have
-exited cleanly. A worker that dies on its own is replaced, at most once a
-second, so a crash loop does not spin. A parent that dies without passing a
+exited cleanly. A worker that dies on its own is logged (``worker.exited``:
+which, its pid, its exit status) and replaced, at most once a second, and
+less often while replacements keep dying young (a crash loop backs off, up to
+``RESTART_MOST`` seconds apart). One that could not start for a reason a
+restart cannot mend (exit status 2: its configuration or its port, said in one
+line on stderr, as at start-up) stops the server: the others drain and the
+parent exits 2, so that the failure shows (a pod restarts, and says why)
+instead of a server serving on at a fraction of itself. A parent that dies without passing a
 signal on (SIGKILL, a crash) takes its workers with it: on Linux each asks
 the kernel for a SIGTERM when its parent goes (``PR_SET_PDEATHSIG``) and
 drains as above, so no orphan keeps the port or serves a configuration that
@@ -29,6 +35,9 @@ from collections.abc import Callable
 from . import log
 
 RESTART_INTERVAL = 1.0
+RESTART_MOST = 30.0  # s between replacements of a worker that keeps dying young
+YOUNG = 10.0  # s: a worker that dies younger than this is in a crash loop
+USAGE_ERROR = 2  # a worker's exit status for a failure a restart cannot mend
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
@@ -61,6 +70,7 @@ _STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 def supervise(count: int, worker: Callable[[int], int]) -> int:
     """Fork ``count`` workers running ``worker(index)``; return the exit status."""
     children: dict[int, int] = {}  # pid -> worker index
+    born: dict[int, float] = {}  # pid -> when it was forked (monotonic)
     stopping = False
 
     parent = os.getpid()
@@ -84,10 +94,15 @@ def supervise(count: int, worker: Callable[[int], int]) -> int:
             try:
                 _end_with(parent)
                 status = worker(index)
+            except SystemExit as exc:  # the worker's one-line failure, said on stderr
+                status = exc.code if isinstance(exc.code, int) else 1
+            except BaseException:
+                log.get_logger().exception(log.WORKER_CRASHED, worker=index)
             finally:
                 log.flush()  # os._exit skips atexit: a worker's last lines go out first
                 os._exit(status)
         children[pid] = index
+        born[pid] = time.monotonic()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
     def forward(signum: int, _frame: object) -> None:
@@ -104,6 +119,8 @@ def supervise(count: int, worker: Callable[[int], int]) -> int:
 
     status = 0
     last_restart = 0.0
+    interval = RESTART_INTERVAL
+    logger = log.get_logger()
     while children:
         try:
             pid, wait_status = os.wait()
@@ -112,6 +129,7 @@ def supervise(count: int, worker: Callable[[int], int]) -> int:
         if pid not in children:
             continue
         index = children.pop(pid)
+        lived = time.monotonic() - born.pop(pid)
         code = os.waitstatus_to_exitcode(wait_status)
         if stopping:
             # Ended by the signal it was passed (one still starting has no handler yet): a
@@ -119,10 +137,20 @@ def supervise(count: int, worker: Callable[[int], int]) -> int:
             stopped = code == 0 or -code in _STOP_SIGNALS
             status = status or (0 if stopped else 1)
             continue
-        # A worker died on its own: replace it, but never more than once a second.
-        delay = RESTART_INTERVAL - (time.monotonic() - last_restart)
+        logger.warning(log.WORKER_EXITED, worker=index, pid=pid, exit_status=code,
+                       lived_seconds=round(lived, 3))  # fmt: skip
+        if code == USAGE_ERROR:  # a restart would fail the same way: stop, and say so
+            status = USAGE_ERROR
+            forward(signal.SIGTERM, None)
+            continue
+        # A worker died on its own: replace it, never more than once a second, and less often
+        # while replacements keep dying young.
+        if lived >= YOUNG:
+            interval = RESTART_INTERVAL
+        delay = interval - (time.monotonic() - last_restart)
         if delay > 0:
             time.sleep(delay)
+        interval = min(interval * 2, RESTART_MOST)  # for the next, should this one die young
         last_restart = time.monotonic()
         if not stopping:
             spawn(index)

@@ -42,20 +42,29 @@ async def sme_url() -> AsyncIterator[str]:
     await runner.cleanup()
 
 
-async def _start(
-    port: int, public_key_file: Path, sme_url: str, workers: str
-) -> subprocess.Popen[bytes]:
-    env = {
+def _serve_env(public_key_file: Path, sme_url: str) -> dict[str, str]:
+    return {
         **os.environ,
         "CATALYST_SESSION_PUBLIC_KEY_FILE": str(public_key_file),
         "CATALYST_SME_JWT_SECRET": BRIDGE_SECRET.decode(),
         "CATALYST_SME_GATEWAY_URL": sme_url,
         "CATALYST_SHUTDOWN_GRACE_SECONDS": "2",
     }
+
+
+def _serve_args(port: int, workers: str, host: str = "127.0.0.1") -> list[str]:
+    return [sys.executable, "-m", "catalyst_proxy", "serve", "--host", host,
+            "--port", str(port), "--workers", workers]  # fmt: skip
+
+
+async def _start(
+    port: int, public_key_file: Path, sme_url: str, workers: str, *, capture: bool = False
+) -> subprocess.Popen[bytes]:
+    """``serve`` running and answering; ``capture``: its stdout and stderr piped."""
+    output = subprocess.PIPE if capture else subprocess.DEVNULL
     proc = subprocess.Popen(
-        [sys.executable, "-m", "catalyst_proxy", "serve", "--host", "127.0.0.1",
-         "--port", str(port), "--workers", workers],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        _serve_args(port, workers), env=_serve_env(public_key_file, sme_url),
+        stdout=output, stderr=output,
     )  # fmt: skip
     await _wait_serving(port, proc)
     return proc
@@ -154,6 +163,66 @@ async def test_workers_drain_and_exit_when_the_parent_is_killed(
                 os.kill(pid, signal.SIGKILL)
     with socket.socket() as probe, pytest.raises(ConnectionRefusedError):
         probe.connect(("127.0.0.1", port))
+
+
+async def test_a_worker_that_cannot_start_says_why_and_the_server_exits_2(
+    public_key_file: Path, sme_url: str, tmp_path: Path
+) -> None:
+    """A worker's replacement that cannot start (its key file was broken meanwhile) says why in
+    one line naming the variable and exits 2; the supervisor logs each exit, drains the other
+    worker and exits 2 itself, instead of replacing it, silently, for ever."""
+    key = tmp_path / "public.pem"
+    key.write_bytes(public_key_file.read_bytes())
+    port = _free_port()
+    proc = await _start(port, key, sme_url, "2", capture=True)
+    try:
+        key.write_text("not a key\n")
+        victim = min(_children(proc.pid))
+        os.kill(victim, signal.SIGKILL)
+        assert await _exit_code(proc, 30) == 2
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        out, err = proc.communicate()
+    lines = err.decode().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("catalyst-proxy: error: CATALYST_SESSION_PUBLIC_KEY_FILE")
+    exits = [json.loads(line) for line in out.splitlines() if b'"worker.exited"' in line]
+    assert [(e["pid"], e["exit_status"]) for e in exits][:1] == [(victim, -signal.SIGKILL)]
+    assert exits[-1]["exit_status"] == 2
+    assert not _children(proc.pid)
+
+
+async def test_a_second_server_on_a_port_another_servers_workers_share_exits_2(
+    public_key_file: Path, sme_url: str
+) -> None:
+    """Workers share their port (SO_REUSEPORT); a second ``serve --workers`` on it must not join
+    them and split the traffic between two servers: it exits 2, naming the port."""
+    port = _free_port()
+    first = await _start(port, public_key_file, sme_url, "2")
+    try:
+        second = await asyncio.to_thread(
+            subprocess.run, _serve_args(port, "2"), env=_serve_env(public_key_file, sme_url),
+            capture_output=True, timeout=30,
+        )  # fmt: skip
+        assert second.returncode == 2
+        assert f"--port {port}: Address already in use" in second.stderr.decode()
+    finally:
+        first.send_signal(signal.SIGTERM)
+        assert await _exit_code(first, 15) == 0
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_host_that_does_not_resolve_is_named_as_the_host(
+    public_key_file: Path, workers: str
+) -> None:
+    """A --host that does not resolve is a usage error that names --host, not --port."""
+    done = subprocess.run(
+        _serve_args(_free_port(), workers, host="no-such-host.invalid"),
+        env=_serve_env(public_key_file, "http://127.0.0.1:9"), capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr.decode().startswith("catalyst-proxy: error: --host no-such-host.invalid: ")
 
 
 def _running(pid: int) -> bool:

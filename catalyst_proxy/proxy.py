@@ -73,6 +73,8 @@ from .upstream import (
 )
 
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
+# s a client may take to accept any of a streamed answer's next piece (nginx's send_timeout)
+SEND_PATIENCE = 60.0
 
 # The client's failures, as the contract's answers (CONTRACT: "The upstream exchange").
 _FAILURES: tuple[tuple[type[UpstreamFailure], type[ProxyError]], ...] = (
@@ -383,14 +385,20 @@ class Proxy:
                 if head_only:
                     continue
                 if attempt is None:
-                    await response.write(chunk)
+                    await _send(response, chunk)
                     continue
                 if held:
-                    await response.write(held)
+                    await _send(response, held)
                 held = chunk
             if held and not progress.sent:  # an early answer goes first (see _record)
-                await response.write(held)
+                await _send(response, held)
                 held = b""
+        except _ClientStalled:
+            info.error = "client-stalled"
+            _abort(request.transport, reset=False)
+            if attempt is not None:
+                await attempt.unknown()  # acted on; the answer never reached its client whole
+            return response
         except BodyBroken as exc:
             # The upstream stalled or broke off mid-body: close the client's connection
             # before the declared length / final chunk, so the client sees an aborted
@@ -412,7 +420,11 @@ class Proxy:
             await self._record(request, exchange, upstream, attempt, hasher, progress,
                                body, response)  # fmt: skip
         if held:
-            await response.write(held)
+            try:
+                await _send(response, held)
+            except _ClientStalled:  # (recorded already: a retry gets the replay)
+                info.error = "client-stalled"
+                _abort(request.transport, reset=False)
         return response
 
     async def _record(
@@ -475,6 +487,21 @@ class Proxy:
             if upload.sent > upload.limit:
                 return  # over the limit: a retry of this body gets 413 before any judging
             hasher.update(chunk)
+
+
+class _ClientStalled(Exception):
+    """The client took none of an answer's next piece for ``SEND_PATIENCE`` seconds."""
+
+
+async def _send(response: web.StreamResponse, piece: bytes) -> None:
+    """One piece of a streamed answer to the client. One that takes none of it for
+    ``SEND_PATIENCE`` (it stopped reading) would hold the SME gateway's connection, and
+    its place in the pool, for ever: _ClientStalled, and the transfer is aborted."""
+    try:
+        async with asyncio.timeout(SEND_PATIENCE):
+            await response.write(piece)
+    except TimeoutError:
+        raise _ClientStalled() from None
 
 
 def _abort(transport: asyncio.Transport | None, *, reset: bool) -> None:

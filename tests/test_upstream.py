@@ -33,6 +33,7 @@ from urllib.parse import urlsplit
 import jwt
 import pytest
 
+from catalyst_proxy import proxy as proxy_module
 from catalyst_proxy.devtools.keys import operator_token
 
 from .conftest import BRIDGE_SECRET, RunningGateway
@@ -51,7 +52,7 @@ from .rawhttp import (
     write_then_close,
 )
 from .serve_proc import ServeProcess
-from .support import RawUpstream, free_socket, read_chunked, read_request
+from .support import RawUpstream, eventually, free_socket, read_chunked, read_request
 
 PURCHASE = "/api/v1/billing/purchase"
 FORWARDED = "X-Catalyst-Forwarded"
@@ -1263,6 +1264,39 @@ async def test_200_mb_answer_to_a_slow_reader_holds_the_upstream_back_in_flat_me
     assert digest.hexdigest() == expected.hexdigest()
     assert ahead < ahead_limit, f"the upstream got {ahead / MiB:.1f} MiB ahead of the client"
     assert peak - baseline < RSS_GROWTH_LIMIT, f"RSS grew {(peak - baseline) / MiB:.1f} MiB"
+
+
+async def test_a_client_that_stops_reading_a_streamed_answer_lets_go_of_the_upstream(
+    gateway, bearer, monkeypatch
+):
+    """A client that takes none of a streamed answer for ``SEND_PATIENCE`` (0.3 s here; 60 s in
+    production, nginx's send_timeout) has its transfer aborted: the SME gateway's connection,
+    the only one in the pool, goes on to serve the next request instead of being held for as
+    long as that client stays connected."""
+    monkeypatch.setattr(proxy_module, "SEND_PATIENCE", 0.3)
+    upstream_side = BigAnswer(64 * MiB, os.urandom(PIECE))
+    raw = await RawUpstream(upstream_side.script).start()
+    try:
+        gw = await gateway(upstream=raw.url, upstream_max_connections=1, upstream_max_pending=0)
+        reader, writer = await small_buffer_client(gw.url, socket.SO_RCVBUF)
+        try:
+            writer.write(purchase(bearer(), "stalls"))
+            start, _ = parse_head(await reader.readuntil(b"\r\n\r\n"))
+            assert start.startswith("HTTP/1.1 200")
+            # It reads nothing more: the gateway gives up on it and lets the upstream go.
+            await eventually(lambda: gw.parts.dispatcher.in_flight == 0, timeout=10)
+            served = await only_answer(gw.url, purchase(bearer(), "warm-up"))
+            assert (served.status, served.body) == (200, upstream_side.piece)
+            got = 0
+            with contextlib.suppress(ConnectionError):
+                async with asyncio.timeout(10):
+                    while piece := await reader.read(MiB):
+                        got += len(piece)
+            assert got < 64 * MiB  # cut short, not delivered whole
+        finally:
+            writer.close()
+    finally:
+        await raw.close()
 
 
 @dataclass

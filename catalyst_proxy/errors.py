@@ -350,8 +350,9 @@ class IdempotencyStoreUnavailable(ProxyError):
 
 
 class UpstreamTimeout(ProxyError):
-    """The SME gateway did not send its response headers within
-    ``CATALYST_UPSTREAM_TIMEOUT_SECONDS`` after the request was sent.
+    """The SME gateway's response headers did not come within
+    ``CATALYST_UPSTREAM_TIMEOUT_SECONDS`` from the start of the exchange (the wait
+    for a connection and the sending of the request body count).
     """
 
     status, code = 504, "sme-gateway-timeout"

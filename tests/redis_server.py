@@ -22,11 +22,14 @@ redis-server when it is missing.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
@@ -161,6 +164,17 @@ class RedisServer:
                 proc.kill()
                 proc.wait()
         self._proc = None
+
+    @contextlib.contextmanager
+    def stalled(self) -> Iterator[None]:
+        """The server frozen (SIGSTOP) inside the block, as a stalled host or a long GC pause
+        would freeze it: connections stay open, what clients send waits in its sockets."""
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            self._proc.send_signal(signal.SIGCONT)
 
     def flush(self) -> None:
         """Empty every database and the Lua script cache."""

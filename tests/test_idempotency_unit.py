@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import hashlib
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -326,6 +327,35 @@ async def test_concurrent_reserves_have_exactly_one_winner(stores):
     assert all(result == winners[0] for result in results if result is not None)
 
 
+async def test_a_reservation_run_past_its_fence_stores_nothing(redis_records, redis_server):
+    """Redis runs a reservation only before its fence (half its lease, by the server's clock):
+    one that arrives later stores nothing, and the caller is told the store failed."""
+    records = await redis_records()
+    late = Record(RESERVED, hex_id(), time.time() + LEASE / 2 - 5)  # its fence: 5 s ago
+    with pytest.raises(StoreUnavailable, match="fence"):
+        await records.reserve(S("late"), late)
+    assert redis_server.command("KEYS", PREFIX + "*") == []
+    assert await records.reserve(S("in-time"), reservation(Clock(time.time()))) is None
+    assert redis_server.command("KEYS", PREFIX + "*") == [(PREFIX + S("in-time")).encode()]
+
+
+async def test_a_reservation_a_stalled_redis_runs_late_leaves_the_key_free(
+    redis_records, redis_server
+):
+    """Redis freezes with a reservation in its socket; the gateway stops waiting (503, nothing
+    forwarded) and its take-back gives up when the lease ends. When Redis runs the command
+    at last, past the fence, it stores nothing: the key is not held (and read as "outcome
+    unknown") for the TTL for a request that went nowhere."""
+    lease = 0.6  # its fence 0.3 s after the send; the command times out at 0.5 s
+    records = await redis_records(lease=lease)
+    warm = Record(RESERVED, hex_id(), time.time() + 60)  # a connection made: the next is sent
+    assert await records.reserve(S("warm"), warm) is None
+    with redis_server.stalled(), pytest.raises(StoreUnavailable):
+        await records.reserve(S("stalled"), Record(RESERVED, hex_id(), time.time() + lease))
+    redis_server.command("PING")  # it has read its sockets again: the old command ran first
+    assert redis_server.command("KEYS", PREFIX + "*") == [(PREFIX + S("warm")).encode()]
+
+
 async def test_replace_and_release_are_compare_and_set_on_the_owner(stores):
     """Only the reservation's owner may complete or release it; anyone else changes nothing."""
     records = await stores.make()
@@ -369,6 +399,29 @@ async def test_a_completion_whose_reservation_was_lost_is_recorded(stores, redis
     else:
         stores.clock.now += 59
         assert await records.reserve(S("lost"), reservation(stores.clock)) == completed(owner)
+
+
+async def test_a_release_the_store_refused_still_lands_when_shutdown_begins(
+    redis_url, redis_server
+):
+    """A release the store refused (it blinked) is retried in the background; a shutdown that
+    begins meanwhile gives the retry time to land instead of dropping it, which would leave the
+    key reserved, then read as "outcome unknown" for the TTL, for a request never forwarded."""
+    store = Store(Settings(redis_url=redis_url))
+    await store.start()
+    try:
+        route = Route(("POST",), "/p", "POST", "/api/billing/purchase")
+        guard = Idempotency({"/p": "optional"}, RedisRecords(store, 60.0, lease=LEASE), Metrics(),
+                            lease_seconds=LEASE, max_body_bytes=65536, shared=True)  # fmt: skip
+        attempt = await guard.begin("iss", "op-1", route, "k-refused")
+        assert len(redis_server.command("KEYS", PREFIX + "*")) == 1
+        store.failed(OSError("a blink"))  # the store counts as down for a second
+        await attempt.release()  # refused: retried in the background
+        assert len(redis_server.command("KEYS", PREFIX + "*")) == 1
+        await guard.close()  # shutdown begins
+        assert redis_server.command("KEYS", PREFIX + "*") == []
+    finally:
+        await store.close()
 
 
 async def test_an_attempt_settled_once_is_never_completed_after(stores):
@@ -618,14 +671,14 @@ async def test_memory_expired_records_are_not_counted_as_evictions():
 async def redis_records(
     redis_url: str,
 ) -> AsyncIterator[Callable[..., Awaitable[RedisRecords]]]:
-    """Factory: ``await redis_records(ttl)`` on the session's real Redis."""
+    """Factory: ``await redis_records(ttl, lease=...)`` on the session's real Redis."""
     made: list[Store] = []
 
-    async def make(ttl: float = 60.0) -> RedisRecords:
+    async def make(ttl: float = 60.0, *, lease: float = LEASE) -> RedisRecords:
         store = Store(Settings(redis_url=redis_url))
         await store.start()
         made.append(store)
-        return RedisRecords(store, ttl, lease=LEASE)
+        return RedisRecords(store, ttl, lease=lease)
 
     yield make
     for store in made:

@@ -66,6 +66,7 @@ AUTO_UPSTREAMS = frozenset(
 LEASE_MARGIN = 30.0  # a reservation older than the budget plus this, unfinished, is unknown
 RETRY_FIRST = 0.5  # s before a failed record update is tried again (then doubled, up to:)
 RETRY_MOST = 5.0
+CLOSE_PATIENCE = 5.0  # s the updates still on their way get at shutdown (see close())
 HEADER = "Idempotency-Key"
 
 
@@ -182,8 +183,12 @@ class Idempotency:
         task.add_done_callback(self._pending.discard)
         return task
 
-    async def close(self) -> None:
-        """Shutdown: wait for the record updates on their way; retries stop trying."""
+    async def close(self, patience: float = CLOSE_PATIENCE) -> None:
+        """Shutdown: the record updates on their way, and their retries, get up to ``patience``
+        seconds to land (a release given up would leave its key reserved, then read as
+        "outcome unknown" for the TTL, though nothing was forwarded); then retries stop."""
+        if self._pending and patience > 0:
+            await asyncio.wait(set(self._pending), timeout=patience)
         self._closing.set()
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)

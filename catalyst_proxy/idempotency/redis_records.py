@@ -1,9 +1,18 @@
 """Idempotency records in Redis/Valkey, shared by every worker and replica.
 
-- Reservation: ``SET slot record NX PX lease+ttl``, atomic: of two gateways
-  racing on one key exactly one reserves it. A reservation outlives its lease
-  by the TTL, whatever the TTL: it must never expire while its request may
-  still be in flight (a retry would be forwarded again).
+- Reservation: a Lua script that stores the record unless one is there
+  (returned instead), atomic: of two gateways racing on one key exactly one
+  reserves it. A reservation outlives its lease by the TTL, whatever the TTL:
+  it must never expire while its request may still be in flight (a retry
+  would be forwarded again).
+- A reservation is fenced in time: the script stores nothing once the
+  server's clock is past half the lease (``TIME``; the gateway's wall clock
+  sets the fence). A reservation whose reply the gateway stopped waiting for
+  (a stalled server: the client was told 503, nothing forwarded) is taken back
+  in the background until the lease is over; one that a stalled server runs
+  later than that would hold the key as "outcome unknown" for the whole TTL,
+  for a request that never went anywhere. With the fence it runs as a no-op
+  (clocks may disagree by up to half the lease: ~16 s by default).
 - Completion, "unknown" and release: compare-and-set on the record's owner
   token in a Lua script, never a plain ``SET``: a first attempt that outlived
   its record can never overwrite a newer one. A completion (or "unknown") that
@@ -37,6 +46,25 @@ from .keys import slot
 from .records import OWNER_LENGTH, RESERVED, Record
 
 PREFIX = "catalyst-idem:"
+
+# The record there (bytes), or 1: stored ours; 0: too late (past ARGV[3], Unix ms; 0: no fence).
+# (replicate_commands: a write after TIME needs it before Redis 5; a no-op since.)
+_RESERVE = """
+if redis.replicate_commands then redis.replicate_commands() end
+local fence = tonumber(ARGV[3])
+if fence > 0 then
+  local now = redis.call('TIME')
+  if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) > fence then
+    return 0
+  end
+end
+local found = redis.call('GET', KEYS[1])
+if found then
+  return found
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
 
 # 1: replaced our record; 2: written where there was none (lost); 0: another's record is there.
 _REPLACE = f"""
@@ -79,6 +107,8 @@ class RedisRecords:
         self._redis = store.redis
         self._ttl_ms = max(int(ttl * 1000), 1)
         self._hold_ms = self._ttl_ms + int(lease * 1000)  # a reservation: its lease, then TTL
+        self._fence = lease / 2  # before its lease ends: a reservation runs by then or never
+        self._reserve = self._redis.register_script(_RESERVE)
         self._replace = self._redis.register_script(_REPLACE)
         self._release = self._redis.register_script(_RELEASE)
         self._renew = self._redis.register_script(_RENEW)
@@ -90,17 +120,20 @@ class RedisRecords:
         return hex_id()  # 128 random bits: unique across workers and replicas
 
     async def reserve(self, slot: str, record: Record) -> Record | None:
-        key = PREFIX + slot
-        data = record.encode()
-        hold_ms = self._hold_ms if record.state == RESERVED else self._ttl_ms
-        for _ in range(2):  # the record met may expire between SET and GET: try once more
-            stored = await self._store.run(lambda: self._redis.set(key, data, nx=True, px=hold_ms))
-            if stored:
-                return None
-            found: Any = await self._store.run(lambda: self._redis.get(key))
-            if found is not None:
-                return Record.decode(bytes(found))
-        raise StoreUnavailable("the record kept changing under the reservation")
+        if record.state == RESERVED:
+            hold_ms, fence_ms = self._hold_ms, int((record.lease_until - self._fence) * 1000)
+        else:
+            hold_ms, fence_ms = self._ttl_ms, 0
+        args: list[Any] = [record.encode(), hold_ms, fence_ms]
+        found: Any = await self._store.run(lambda: self._reserve(keys=[PREFIX + slot], args=args))
+        if isinstance(found, bytes):
+            return Record.decode(found)
+        if found == 1:
+            return None
+        raise StoreUnavailable(  # only a server clock far ahead of ours gets here at once
+            f"the store ran the reservation past its fence: is its clock more than "
+            f"{self._fence:.0f} s ahead of this host's?"
+        )
 
     async def replace(self, slot: str, owner: str, record: Record) -> bool:
         args: list[Any] = [owner, record.encode(), self._ttl_ms]

@@ -49,6 +49,7 @@ BREAKER = "breaker.state"
 STORE = "store.state"
 IDEMPOTENCY_OFF = "idempotency.off"
 IDEMPOTENCY_EVICTION = "idempotency.eviction_policy"
+IDEMPOTENCY_NO_PERSISTENCE = "idempotency.no_persistence"  # Redis keeps nothing across a restart
 IDEMPOTENCY_STORE_ERROR = "idempotency.store_error"
 IDEMPOTENCY_RECORD_LOST = "idempotency.record_lost"  # a completion found no reservation
 IDEMPOTENCY_RECORD_TAKEN = "idempotency.record_taken"  # ... or another request's record

@@ -754,3 +754,22 @@ async def test_redis_warns_when_the_server_may_evict_records(redis_records, redi
     [warning] = [e for e in logs if e["event"] == log.IDEMPOTENCY_EVICTION]
     assert warning["log_level"] == "warning"
     assert warning["maxmemory_policy"] == "allkeys-lru"
+
+
+async def test_redis_warns_when_the_server_keeps_nothing_across_a_restart(
+    redis_records, redis_server
+):
+    """``check_policy()`` warns when the server persists nothing (no snapshots, no append-only
+    file: the test server's settings), and says nothing once it keeps an append-only file."""
+    records = await redis_records()
+    with capture_logs() as logs:
+        await records.check_policy()
+    [warning] = [e for e in logs if e["event"] == log.IDEMPOTENCY_NO_PERSISTENCE]
+    assert warning["log_level"] == "warning"
+    redis_server.command("CONFIG", "SET", "appendonly", "yes")
+    try:
+        with capture_logs() as quiet:
+            await records.check_policy()
+    finally:
+        redis_server.command("CONFIG", "SET", "appendonly", "no")
+    assert [e for e in quiet if e["event"] == log.IDEMPOTENCY_NO_PERSISTENCE] == []

@@ -157,15 +157,15 @@ class RedisRecords:
         return bool(done)
 
     async def check_policy(self) -> None:
-        """Warn if the server may evict records (managed servers may refuse CONFIG: fine)."""
-        try:
-            reply = await self._redis.config_get("maxmemory-policy")
-        except Exception:
-            return
-        values: Any = reply or {}
-        policy = values.get("maxmemory-policy") or values.get(b"maxmemory-policy")
-        if isinstance(policy, bytes):
-            policy = policy.decode()
+        """Warn if the server may evict records, or keeps none across a restart (managed
+        servers may refuse CONFIG: fine, nothing is said)."""
+        policy = await self._config("maxmemory-policy")
+        if await self._config("appendonly") == "no" and await self._config("save") == "":
+            log.get_logger().warning(
+                log.IDEMPOTENCY_NO_PERSISTENCE,
+                advice="the server persists nothing (no snapshots, no append-only file): a "
+                "restart forgets every record, and a retry after it is forwarded again",
+            )  # fmt: skip
         if policy and policy != "noeviction":
             log.get_logger().warning(
                 log.IDEMPOTENCY_EVICTION,
@@ -173,3 +173,12 @@ class RedisRecords:
                 advice="set maxmemory-policy noeviction: an evicted reservation lets a retry "
                 "through twice",
             )
+
+    async def _config(self, name: str) -> str | None:
+        """A server setting, or None if the server will not say."""
+        try:
+            reply: Any = await self._redis.config_get(name)
+        except Exception:
+            return None
+        value = (reply or {}).get(name, (reply or {}).get(name.encode()))
+        return value.decode() if isinstance(value, bytes) else value

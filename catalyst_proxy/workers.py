@@ -8,18 +8,21 @@ and the kernel spreads new connections across them.
 Signals: SIGTERM/SIGINT to the parent are passed to every worker, each of
 which drains as a single-process server does (readiness 503, stop accepting,
 finish in-flight requests within the grace); the parent exits 0 when all have
-exited cleanly. A worker that dies on its own is logged (``worker.exited``:
-which, its pid, its exit status) and replaced, at most once a second, and
-less often while replacements keep dying young (a crash loop backs off, up to
-``RESTART_MOST`` seconds apart). One that could not start for a reason a
-restart cannot mend (exit status 2: its configuration or its port, said in one
-line on stderr, as at start-up) stops the server: the others drain and the
-parent exits 2, so that the failure shows (a pod restarts, and says why)
-instead of a server serving on at a fraction of itself. A parent that dies without passing a
-signal on (SIGKILL, a crash) takes its workers with it: on Linux each asks
-the kernel for a SIGTERM when its parent goes (``PR_SET_PDEATHSIG``) and
-drains as above, so no orphan keeps the port or serves a configuration that
-nothing supervises any more.
+exited cleanly.
+
+A worker that dies on its own is logged (``worker.exited``: which, its pid,
+its exit status) and replaced, at most once a second, and less often while
+replacements keep dying young (a crash loop backs off, up to ``RESTART_MOST``
+seconds apart). One that could not start for a reason a restart cannot mend
+(exit status 2: its configuration or its port, said in one line on stderr, as
+at start-up) stops the server: the others drain and the parent exits 2, so
+that the failure shows (a pod restarts, and says why) instead of a server
+serving on at a fraction of itself.
+
+A parent that dies without passing a signal on (SIGKILL, a crash) takes its
+workers with it: on Linux each asks the kernel for a SIGTERM when its parent
+goes (``PR_SET_PDEATHSIG``) and drains as above, so no orphan keeps the port
+or serves a configuration that nothing supervises any more.
 """
 
 from __future__ import annotations

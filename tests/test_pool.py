@@ -8,6 +8,9 @@ succeed in time, and the SME gateway is not counted as unreachable for it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import socket
 
 import pytest
 
@@ -87,3 +90,75 @@ async def test_a_connection_handed_over_as_the_budget_runs_out_is_passed_on_unus
         await client.close()
         server.close()
         await server.wait_closed()
+
+
+def test_a_connect_cancelled_as_it_completes_leaves_no_socket_open() -> None:
+    """Under uvloop, a request cancelled (its client gone, or its deadline) in the very loop
+    pass its new connection is made: uvloop closes the transport without calling the
+    protocol's ``connection_lost()``. The connection's second descriptor of the socket (kept
+    to read an early answer after a reset) must not outlive it: no descriptor stays open in
+    the gateway, and every connection the upstream accepted is closed from our side."""
+    uvloop = pytest.importorskip("uvloop")  # a dependency on Linux: skipped nowhere it matters
+    trials = 50
+
+    def descriptors() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    async def scenario() -> tuple[int, int, int, int]:
+        loop = asyncio.get_running_loop()
+        accepted = 0
+        ended = asyncio.Event()
+        closed = 0
+
+        writers: list[asyncio.StreamWriter] = []
+
+        async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal accepted, closed
+            accepted += 1
+            writers.append(writer)
+            await reader.read()  # our side's close
+            writer.close()
+            await writer.wait_closed()
+            closed += 1
+            if closed == trials:
+                ended.set()
+
+        server = await asyncio.start_server(hold, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        pool = Pool("127.0.0.1", port, tls=None, max_connections=trials, max_pending=10,
+                    idle_seconds=15, breaker=Breaker(1000, 60.0))  # fmt: skip
+        before = descriptors()
+        cancelled = 0
+        for _ in range(trials):
+            wake, nudge = socket.socketpair()
+            task = loop.create_task(pool.acquire(loop.time() + 5))
+            await asyncio.sleep(0)  # the connect is on its way
+            nudge.send(b"x")  # ready in the same poll as the connect's completion
+
+            def cancel(task: asyncio.Task[object] = task, wake: socket.socket = wake) -> None:
+                loop.remove_reader(wake.fileno())
+                task.cancel()
+
+            loop.add_reader(wake.fileno(), cancel)
+            try:
+                (await task).abort()  # (the connect won the race this time)
+            except asyncio.CancelledError:
+                cancelled += 1
+            wake.close()
+            nudge.close()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(10):
+                await ended.wait()
+        left = descriptors() - before
+        for writer in writers:  # those still open (a failure): let their handlers end
+            writer.transport.abort()
+        pool.close()
+        server.close()
+        await server.wait_closed()
+        return cancelled, accepted, closed, left
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        cancelled, accepted, closed, left = runner.run(scenario())
+    assert cancelled > 0  # the race was run, not only the connects that won it
+    assert accepted == closed == trials
+    assert left == 0

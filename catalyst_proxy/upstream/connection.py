@@ -388,6 +388,15 @@ class Connection(asyncio.Protocol):
             self._transport.abort()
         self._mark_closed()
 
+    def discard(self) -> None:
+        """Its connect was given up (see ``Pool._connect``): close what it holds, the socket's
+        second descriptor included, whether or not ``connection_lost()`` ever comes (it finds
+        nothing left to close if it does)."""
+        spare, self._spare_fd = self._spare_fd, None
+        if spare is not None:
+            os.close(spare)
+        self.abort()
+
     # --- internals --------------------------------------------------------------------------
 
     def _transport_close(self) -> None:

@@ -198,19 +198,25 @@ class Pool:
         except BreakerOpen:
             self._free_slot()
             raise
+        made: list[Connection] = []
+
+        def protocol() -> Connection:
+            conn = Connection(self._loop, self._closed_connection, self._watchdog)
+            made.append(conn)
+            return conn
+
         try:
             async with asyncio.timeout_at(deadline):
                 _, conn = await self._loop.create_connection(
-                    lambda: Connection(self._loop, self._closed_connection, self._watchdog),
-                    self._host,
-                    self._port,
-                    ssl=self._tls,
+                    protocol, self._host, self._port, ssl=self._tls
                 )
         except asyncio.CancelledError:
+            _give_up(made)
             self.breaker.abandon()
             self._free_slot()
             raise
         except (OSError, TimeoutError, ssl.SSLError) as exc:
+            _give_up(made)
             self._free_slot()
             self.breaker.failure()
             if self.breaker.state == OPEN:
@@ -261,6 +267,14 @@ class Pool:
         while self._idle and now - self._idle[0].idle_since >= self._idle_seconds:
             self._idle[0].close()  # removes itself from _idle
         self._schedule_sweep()
+
+
+def _give_up(made: list[Connection]) -> None:
+    """A connect given up (cancelled, or its deadline) may have made its connection already,
+    in the same loop pass: uvloop then closes the transport without ever calling the
+    protocol's ``connection_lost()``, so what the connection holds is let go here."""
+    for conn in made:
+        conn.discard()
 
 
 def _describe(exc: BaseException) -> str:

@@ -424,6 +424,32 @@ async def test_a_release_the_store_refused_still_lands_when_shutdown_begins(
         await store.close()
 
 
+async def test_a_release_whose_first_try_fails_during_shutdown_still_lands(redis_url, redis_server):
+    """A release still on its first try when shutdown begins (the store stalled: the try
+    times out after shutdown began) starts its retry as a new task then; shutdown waits for
+    that one too, and it lands once the store answers again: the key is free, not reserved
+    until it reads as "outcome unknown" for the TTL."""
+    store = Store(Settings(redis_url=redis_url))
+    await store.start()
+    try:
+        route = Route(("POST",), "/p", "POST", "/api/billing/purchase")
+        metrics = Metrics()
+        guard = Idempotency({"/p": "optional"}, RedisRecords(store, 60.0, lease=LEASE), metrics,
+                            lease_seconds=LEASE, max_body_bytes=65536, shared=True)  # fmt: skip
+        attempt = await guard.begin("iss", "op-1", route, "k-stalled")
+        with redis_server.stalled():
+            attempt.settle_later(sent=False)  # the client left before anything was sent
+            await asyncio.sleep(0)  # its first try is on its way, into the stalled store
+            closing = asyncio.create_task(guard.close())  # shutdown begins
+            while metrics.idempotency.counts["store-error"] == 0:  # the first try timed out
+                await asyncio.wait({closing}, timeout=0.05)
+            assert not closing.done()
+        await closing
+        assert redis_server.command("KEYS", PREFIX + "*") == []
+    finally:
+        await store.close()
+
+
 async def test_an_attempt_settled_once_is_never_completed_after(stores):
     """An attempt released (or marked unknown) stays so: a completion after it changes
     nothing, although a completion that finds no record writes one (a released key is not

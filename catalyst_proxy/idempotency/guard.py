@@ -187,8 +187,11 @@ class Idempotency:
         """Shutdown: the record updates on their way, and their retries, get up to ``patience``
         seconds to land (a release given up would leave its key reserved, then read as
         "outcome unknown" for the TTL, though nothing was forwarded); then retries stop."""
-        if self._pending and patience > 0:
-            await asyncio.wait(set(self._pending), timeout=patience)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + patience
+        # (A first try that fails meanwhile starts its retry as a new task: waited for too.)
+        while self._pending and (left := end - loop.time()) > 0:
+            await asyncio.wait(set(self._pending), timeout=left)
         self._closing.set()
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)

@@ -32,6 +32,7 @@ import ctypes
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable
 
@@ -75,6 +76,7 @@ def supervise(count: int, worker: Callable[[int], int]) -> int:
     children: dict[int, int] = {}  # pid -> worker index
     born: dict[int, float] = {}  # pid -> when it was forked (monotonic)
     stopping = False
+    stop = threading.Event()  # set with stopping: ends a back-off's wait at once
 
     parent = os.getpid()
 
@@ -111,6 +113,7 @@ def supervise(count: int, worker: Callable[[int], int]) -> int:
     def forward(signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
+        stop.set()
         for pid in list(children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
@@ -152,7 +155,7 @@ def supervise(count: int, worker: Callable[[int], int]) -> int:
             interval = RESTART_INTERVAL
         delay = interval - (time.monotonic() - last_restart)
         if delay > 0:
-            time.sleep(delay)
+            stop.wait(delay)  # (a stop during it must not wait for its end: up to 30 s)
         interval = min(interval * 2, RESTART_MOST)  # for the next, should this one die young
         last_restart = time.monotonic()
         if not stopping:

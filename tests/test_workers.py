@@ -17,6 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from catalyst_proxy import log
 from catalyst_proxy.devtools.sme import SME
 from catalyst_proxy.workers import _PR_SET_PDEATHSIG
 
@@ -341,3 +342,40 @@ def test_a_failed_fork_leaves_the_stop_signals_deliverable() -> None:
     done = subprocess.run([sys.executable, "-c", FORK_FAILS], capture_output=True, timeout=60,
                           text=True)  # fmt: skip
     assert done.returncode == 0, done.stderr
+
+
+BACKING_OFF = """
+import signal, sys
+from catalyst_proxy import log, workers
+
+log.configure(fmt="json", stream=sys.stdout)
+workers.RESTART_INTERVAL = workers.RESTART_MOST = 60.0  # the second replacement waits 60 s
+
+def worker(index):
+    if index == 0:
+        return 1  # dies at once, every time
+    signal.pause()  # the healthy one, until its SIGTERM
+    return 0
+
+sys.exit(workers.supervise(2, worker))
+"""
+
+
+def test_a_sigterm_during_a_crash_loops_back_off_stops_the_server_at_once() -> None:
+    """One worker keeps dying young, so the supervisor waits (up to ``RESTART_MOST``) before
+    replacing it again; a SIGTERM during that wait stops the server then, with status 0, not
+    once the wait is over (a pod's grace period would run out first: SIGKILL)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with subprocess.Popen([sys.executable, "-c", BACKING_OFF], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, env=env, text=True) as proc:  # fmt: skip
+        try:
+            assert proc.stdout is not None
+            exits = 0
+            while exits < 2:  # the second death: the supervisor now waits 60 s to replace it
+                line = proc.stdout.readline()
+                assert line, proc.stderr.read() if proc.stderr else ""
+                exits += json.loads(line)["event"] == log.WORKER_EXITED
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=15) == 0
+        finally:
+            proc.kill()

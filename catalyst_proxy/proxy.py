@@ -73,8 +73,10 @@ from .upstream import (
 )
 
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
-# s a client may take to accept any of a streamed answer's next piece (nginx's send_timeout)
+# s a client may go without taking any of a streamed answer (nginx's send_timeout), looked
+# at PATIENCE_CHECKS times per window: a stall is noticed after at most 1.25 windows
 SEND_PATIENCE = 60.0
+PATIENCE_CHECKS = 4
 
 # The client's failures, as the contract's answers (CONTRACT: "The upstream exchange").
 _FAILURES: tuple[tuple[type[UpstreamFailure], type[ProxyError]], ...] = (
@@ -385,13 +387,13 @@ class Proxy:
                 if head_only:
                     continue
                 if attempt is None:
-                    await _send(response, chunk)
+                    await _send(request, response, chunk)
                     continue
                 if held:
-                    await _send(response, held)
+                    await _send(request, response, held)
                 held = chunk
             if held and not progress.sent:  # an early answer goes first (see _record)
-                await _send(response, held)
+                await _send(request, response, held)
                 held = b""
         except _ClientStalled:
             info.error = "client-stalled"
@@ -421,7 +423,7 @@ class Proxy:
                                body, response)  # fmt: skip
         if held:
             try:
-                await _send(response, held)
+                await _send(request, response, held)
             except _ClientStalled:  # (recorded already: a retry gets the replay)
                 info.error = "client-stalled"
                 _abort(request.transport, reset=False)
@@ -490,18 +492,54 @@ class Proxy:
 
 
 class _ClientStalled(Exception):
-    """The client took none of an answer's next piece for ``SEND_PATIENCE`` seconds."""
+    """The client took none of a streamed answer for ``SEND_PATIENCE`` seconds."""
 
 
-async def _send(response: web.StreamResponse, piece: bytes) -> None:
-    """One piece of a streamed answer to the client. One that takes none of it for
-    ``SEND_PATIENCE`` (it stopped reading) would hold the SME gateway's connection, and
-    its place in the pool, for ever: _ClientStalled, and the transfer is aborted."""
+async def _send(request: web.BaseRequest, response: web.StreamResponse, piece: bytes) -> None:
+    """One piece of a streamed answer to the client. A client that takes none of the answer
+    for ``SEND_PATIENCE`` (it stopped reading) would hold the SME gateway's connection, and
+    its place in the pool, for ever: _ClientStalled, and the transfer is aborted. One that
+    reads, however slowly, is never cut off: its patience starts again whenever it has taken
+    some (a piece can take a slow client longer than the window)."""
     try:
-        async with asyncio.timeout(SEND_PATIENCE):
-            await response.write(piece)
+        async with asyncio.timeout(SEND_PATIENCE) as window:
+            watch = _Progress(window, request.transport, len(piece))
+            try:
+                await response.write(piece)
+            finally:
+                watch.stop()
     except TimeoutError:
         raise _ClientStalled() from None
+
+
+class _Progress:
+    """Pushes a send's window back whenever the client has taken some of what waits for it
+    (the transport's buffer went down since the last look)."""
+
+    __slots__ = ("_handle", "_left", "_loop", "_transport", "_window")
+
+    def __init__(
+        self, window: asyncio.Timeout, transport: asyncio.Transport | None, size: int
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._window = window
+        self._transport = transport
+        # What waits for the client once this piece is written, if it takes none of it.
+        self._left = (transport.get_write_buffer_size() if transport is not None else 0) + size
+        self._handle = self._loop.call_later(SEND_PATIENCE / PATIENCE_CHECKS, self._look)
+
+    def _look(self) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        left = transport.get_write_buffer_size()
+        if left < self._left:
+            self._left = left
+            self._window.reschedule(self._loop.time() + SEND_PATIENCE)
+        self._handle = self._loop.call_later(SEND_PATIENCE / PATIENCE_CHECKS, self._look)
+
+    def stop(self) -> None:
+        self._handle.cancel()
 
 
 def _abort(transport: asyncio.Transport | None, *, reset: bool) -> None:

@@ -1299,6 +1299,54 @@ async def test_a_client_that_stops_reading_a_streamed_answer_lets_go_of_the_upst
         await raw.close()
 
 
+async def test_a_client_reading_a_streamed_answer_slowly_gets_all_of_it(
+    gateway, bearer, monkeypatch
+):
+    """A client that reads steadily, but too slowly to take a whole piece of the answer within
+    ``SEND_PATIENCE`` (0.2 s here; about 200 KB/s against pieces of up to 64 KiB and more),
+    gets the whole answer: its patience starts again whenever it has taken some. Only a
+    client that takes nothing is let go (the test above)."""
+    monkeypatch.setattr(proxy_module, "SEND_PATIENCE", 0.2)
+    size = 8 * PIECE
+    upstream_side = BigAnswer(size, os.urandom(PIECE))
+    raw = await RawUpstream(upstream_side.script).start()
+    try:
+        gw = await gateway(upstream=raw.url)
+        # The gateway's kernel buffer toward the client small too (an accepted socket takes
+        # the listener's), as over a long path: what the client has not read waits in the
+        # gateway's own buffer, where the patience looks.
+        for site in gw.runner.sites:
+            for listener in site._server.sockets:  # type: ignore[attr-defined]
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * KiB)
+        # And the client's buffers small (its kernel's, its reader's), so that it takes bytes
+        # off the gateway at its steady pace, not in bursts.
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * KiB)
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(
+            sock, ("127.0.0.1", gw.runner.addresses[0][1])
+        )
+        reader, writer = await asyncio.open_connection(sock=sock, limit=4 * KiB)
+        try:
+            writer.write(purchase(bearer(), "slow"))
+            start, _ = parse_head(await reader.readuntil(b"\r\n\r\n"))
+            assert start.startswith("HTTP/1.1 200")
+            got = bytearray()
+            while len(got) < size:
+                try:
+                    piece = await reader.read(4 * KiB)
+                except ConnectionError as exc:
+                    raise AssertionError(f"cut off after {len(got)} bytes: {exc!r}") from None
+                assert piece, f"cut off after {len(got)} bytes"
+                got += piece
+                await asyncio.sleep(0.02)  # the client's pace, not a wait for anything
+            assert bytes(got) == upstream_side.piece * 8
+        finally:
+            writer.close()
+    finally:
+        await raw.close()
+
+
 @dataclass
 class SlowReader:
     """An upstream reading a ``warm-up`` upload at once and any other at about 2 MiB/s for

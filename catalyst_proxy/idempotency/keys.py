@@ -70,4 +70,4 @@ def slot(scope: str) -> str:
 
 def fingerprinter(method: bytes, target: bytes) -> hashlib._Hash:
     """A SHA-256 already fed the request's method and target; feed it the body."""
-    return hashlib.sha256(b"%s %s\n" % (method, target))
+    return hashlib.sha256(b"".join((method, b" ", target, b"\n")))  # (cheaper than a %)

@@ -126,7 +126,8 @@ class MemoryRecords:
                 return _record(entry)
             self._drop(slot)  # expired
         weight = ENTRY_WEIGHT + len(slot)
-        expires = max(now, lease_until) + self._ttl  # its lease, then the TTL
+        # Its lease, then the TTL.
+        expires = (lease_until if lease_until > now else now) + self._ttl
         records[slot] = (RESERVED, owner, lease_until, "", 0, b"", b"", expires, weight)
         self._bytes += weight
         if len(records) > self._max_records or self._bytes > self._max_bytes:
@@ -144,7 +145,19 @@ class MemoryRecords:
     ) -> bool:
         """``replace()`` with the completed answer."""
         head = _SEPARATOR.join(chain.from_iterable(headers))
-        return self._replace(slot, owner, COMPLETED, 0.0, fingerprint, status, head, body)
+        records = self._records
+        entry = records.get(slot)
+        now = self._clock()
+        if entry is None or entry[_OWNER] != owner or entry[_EXPIRES] <= now:  # (a fault)
+            return self._replace(slot, owner, COMPLETED, 0.0, fingerprint, status, head, body)
+        # Our reservation, as on every request: in its place, the answer.
+        weight = ENTRY_WEIGHT + len(slot) + len(head) + (len(body) if body else 0)
+        records[slot] = (COMPLETED, owner, 0.0, fingerprint, status, head, body,
+                         now + self._ttl, weight)  # fmt: skip
+        self._bytes += weight - entry[_WEIGHT]
+        if self._bytes > self._max_bytes:
+            self._bound()
+        return True
 
     def renew_now(self, slot: str, owner: str, lease_until: float) -> bool:
         """``renew()``: a reservation of ``owner``'s holds until ``lease_until``, then the TTL."""
@@ -202,12 +215,11 @@ class MemoryRecords:
         victims: list[str] = []
         spared: list[str] = []  # reservations within their lease: moved to the back
         past_lease = 0  # reservations past it, spared (up to max_in_flight)
-        evicted = 0
+        expired = 0  # of the victims: not counted as evicted
         for slot, entry in records.items():
             if count <= low_records and size <= low_bytes:
                 break
-            expires = entry[_EXPIRES]
-            if expires > now and entry[_STATE] == RESERVED:
+            if entry[_STATE] == RESERVED and entry[_EXPIRES] > now:
                 if entry[_LEASE_UNTIL] > now:
                     spared.append(slot)
                     continue
@@ -217,12 +229,14 @@ class MemoryRecords:
             victims.append(slot)
             count -= 1
             size -= entry[_WEIGHT]
-            evicted += expires > now
+            if entry[_EXPIRES] <= now:
+                expired += 1
         for slot in victims:
             del records[slot]
         for slot in spared:
             records[slot] = records.pop(slot)
         self._bytes = size
+        evicted = len(victims) - expired
         if evicted and self._on_evict is not None:
             self._on_evict(evicted)
 

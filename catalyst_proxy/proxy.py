@@ -253,7 +253,7 @@ class Proxy:
                 # head failed to go out, say) was acted on: unknown, and no more renewals.
                 attempt.settle_later(sent=True)
 
-    async def _fingerprint(self, request: web.BaseRequest, exchange: _Exchange) -> str:
+    async def _fingerprint(self, request: web.BaseRequest, exchange: _Exchange) -> bytes:
         """A repeated key's request: its fingerprint, reading (never forwarding) its body."""
         hasher = fingerprinter(exchange.method, exchange.target)
         body, _ = self._body(request, exchange.upload)
@@ -273,7 +273,7 @@ class Proxy:
                 raise BodyTooLarge(self._limit) from None
             except (TimeoutError, HttpProcessingError) as exc:
                 raise BadRequest(f"the request body: {type(exc).__name__}") from None
-        return hasher.hexdigest()
+        return hasher.digest()
 
     def _replay(self, info: RequestInfo, record: Record) -> Answer:
         """The recorded answer again: same status, headers and body, a new X-Request-ID.
@@ -470,7 +470,7 @@ class Proxy:
         except BaseException:
             attempt.settle_later(sent=True)  # acted on, but it cannot be recorded whole
             raise
-        write = attempt.complete(hasher.hexdigest(), upstream.status, upstream.headers, body)
+        write = attempt.complete(hasher.digest(), upstream.status, upstream.headers, body)
         if write is not None:  # a shared store
             await write
 

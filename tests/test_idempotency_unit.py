@@ -151,11 +151,11 @@ def test_fingerprint_covers_method_target_and_body_not_its_pieces():
         hasher = fingerprinter(method, target)
         for piece in pieces:
             hasher.update(piece)
-        return hasher.hexdigest()
+        return hasher.digest()
 
     base = digest(b"POST", b"/api/billing/purchase", b'{"sku": "starter"}')
     assert digest(b"POST", b"/api/billing/purchase", b'{"sku": ', b'"starter"}') == base
-    assert base == hashlib.sha256(b'POST /api/billing/purchase\n{"sku": "starter"}').hexdigest()
+    assert base == hashlib.sha256(b'POST /api/billing/purchase\n{"sku": "starter"}').digest()
     assert digest(b"PUT", b"/api/billing/purchase", b'{"sku": "starter"}') != base
     assert digest(b"POST", b"/api/billing/purchase?a=1", b'{"sku": "starter"}') != base
     assert digest(b"POST", b"/api/billing/purchase", b'{"sku": "pro"}') != base
@@ -170,7 +170,7 @@ RECORDS = [
         COMPLETED,
         hex_id(),
         0.0,
-        "f" * 64,
+        b"f" * 32,
         201,
         (
             (b"Content-Type", b"application/json"),
@@ -181,8 +181,8 @@ RECORDS = [
         ),
         b'{"order_id": "ord-1"}\n\x00\xff binary\r\n tail',
     ),
-    Record(COMPLETED, hex_id(), 0.0, "e" * 64, 204, (), b""),
-    Record(COMPLETED, hex_id(), 0.0, "d" * 64, 200, ((b"Content-Type", b"text/plain"),), None),
+    Record(COMPLETED, hex_id(), 0.0, b"e" * 32, 204, (), b""),
+    Record(COMPLETED, hex_id(), 0.0, b"d" * 32, 200, ((b"Content-Type", b"text/plain"),), None),
 ]
 
 
@@ -202,7 +202,7 @@ def test_a_stored_record_keeps_only_the_header_fields_a_replay_may_send():
     never the SME gateway's Set-Cookie, its Date or anything else a replay would not send."""
     fields = ((b"Content-Type", b"application/json"), (b"Set-Cookie", b"sme_session=s3cr3t"),
               (b"Date", b"Wed, 02 Dec 2026 21:00:00 GMT"), (b"Location", b"/orders/1"))  # fmt: skip
-    record = Record(COMPLETED, hex_id(), 0.0, "f" * 64, 201, fields, b"{}")
+    record = Record(COMPLETED, hex_id(), 0.0, b"f" * 32, 201, fields, b"{}")
     data = record.encode()
     for absent in (b"s3cr3t", b"Set-Cookie", b"Date"):
         assert absent not in data
@@ -266,7 +266,7 @@ def reservation(clock: Clock, owner: str | None = None) -> Record:
 
 
 def completed(owner: str, body: bytes = b'{"order_id": "ord-1"}') -> Record:
-    return Record(COMPLETED, owner, 0.0, "f" * 64, 200, ((b"Content-Type", b"application/json"),),
+    return Record(COMPLETED, owner, 0.0, b"f" * 32, 200, ((b"Content-Type", b"application/json"),),
                   body)  # fmt: skip
 
 
@@ -311,10 +311,10 @@ async def test_memory_complete_now_records_what_replace_would():
     owner = records.new_owner()
     assert records.reserve_now(S("s"), owner, clock() + 33.0) is None
     head = [(b"Content-Type", b"application/json"), (b"X-Empty", b""), (b"X-Empty", b"")]
-    assert not records.complete_now(S("s"), "another", "f" * 64, 500, head, b"{}")
-    assert records.complete_now(S("s"), owner, "f" * 64, 201, head, b"{}")
+    assert not records.complete_now(S("s"), "another", b"f" * 32, 500, head, b"{}")
+    assert records.complete_now(S("s"), owner, b"f" * 32, 201, head, b"{}")
     found = await records.reserve(S("s"), reservation(clock))
-    assert found == Record(COMPLETED, owner, 0.0, "f" * 64, 201, tuple(head), b"{}")
+    assert found == Record(COMPLETED, owner, 0.0, b"f" * 32, 201, tuple(head), b"{}")
 
 
 async def test_concurrent_reserves_have_exactly_one_winner(stores):
@@ -462,7 +462,7 @@ async def test_an_attempt_settled_once_is_never_completed_after(stores):
     attempt = await guard.begin("iss", "op-1", route, "k-released")
     assert attempt.existing is None
     await attempt.release()
-    write = attempt.complete("f" * 64, 200, [(b"Content-Type", b"application/json")], b"{}")
+    write = attempt.complete(b"f" * 32, 200, [(b"Content-Type", b"application/json")], b"{}")
     assert write is None
     await guard.close()
     again = await guard.begin("iss", "op-1", route, "k-released")
@@ -674,7 +674,7 @@ async def test_memory_weighs_an_answers_header_fields():
         owner = records.new_owner()
         assert records.reserve_now(S(name), owner, clock() + 33.0) is None
         head = [(b"X-Pad", b"p" * 10_000)]
-        assert records.complete_now(S(name), owner, "f" * 64, 200, head, b"x")
+        assert records.complete_now(S(name), owner, b"f" * 32, 200, head, b"x")
     assert len(records) == 2
     assert evicted == [1]
 

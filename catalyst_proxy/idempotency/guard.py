@@ -314,7 +314,7 @@ class Attempt:
         if record.state != COMPLETED:
             self._refuse("unknown", IdempotencyOutcomeUnknown(f"recorded as {record.state}"))
 
-    def judge(self, fingerprint: str) -> Record:
+    def judge(self, fingerprint: bytes) -> Record:
         """A completed record and this request's fingerprint: the answer to replay, or 422/409."""
         record = self.existing
         assert record is not None
@@ -329,7 +329,7 @@ class Attempt:
 
     def complete(
         self,
-        fingerprint: str,
+        fingerprint: bytes,
         status: int,
         headers: Iterable[tuple[bytes, bytes]],
         body: bytes | None,

@@ -50,7 +50,7 @@ _BARE = Record(RESERVED, "", 0.0)[3:]  # what a reservation leaves at the defaul
 
 # An entry: the record's fields (the header fields as one bytes object), expiry, weight;
 # its places (Final: mypy types an index by a literal).
-Entry = tuple[str, str, float, str, int, bytes, bytes | None, float, int]
+Entry = tuple[str, str, float, bytes, int, bytes, bytes | None, float, int]
 _STATE: Final = 0
 _OWNER: Final = 1
 _LEASE_UNTIL: Final = 2
@@ -128,7 +128,7 @@ class MemoryRecords:
         weight = ENTRY_WEIGHT + len(slot)
         # Its lease, then the TTL.
         expires = (lease_until if lease_until > now else now) + self._ttl
-        records[slot] = (RESERVED, owner, lease_until, "", 0, b"", b"", expires, weight)
+        records[slot] = (RESERVED, owner, lease_until, b"", 0, b"", b"", expires, weight)
         self._bytes += weight
         if len(records) > self._max_records or self._bytes > self._max_bytes:
             self._bound()
@@ -138,7 +138,7 @@ class MemoryRecords:
         self,
         slot: str,
         owner: str,
-        fingerprint: str,
+        fingerprint: bytes,
         status: int,
         headers: Iterable[tuple[bytes, bytes]],
         body: bytes | None,
@@ -181,7 +181,7 @@ class MemoryRecords:
         owner: str,
         state: str,
         lease_until: float,
-        fingerprint: str,
+        fingerprint: bytes,
         status: int,
         head: bytes,
         body: bytes | None,

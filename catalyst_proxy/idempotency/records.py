@@ -35,7 +35,7 @@ class Record(NamedTuple):
     state: str
     owner: str
     lease_until: float  # wall-clock seconds: a reservation past it is read as unknown
-    fingerprint: str = ""
+    fingerprint: bytes = b""  # SHA-256 (its 32 bytes; hex in a stored record)
     status: int = 0
     headers: tuple[tuple[bytes, bytes], ...] = ()  # as received, raw
     body: bytes | None = b""  # None: the answer was too large to record
@@ -46,7 +46,7 @@ class Record(NamedTuple):
         headers = [(name.decode("latin-1"), value.decode("latin-1"))
                    for name, value in replayable(self.headers)]  # fmt: skip
         meta = {"state": self.state, "lease_until": self.lease_until,
-                "fingerprint": self.fingerprint, "status": self.status,
+                "fingerprint": self.fingerprint.hex(), "status": self.status,
                 "headers": headers, "stored": self.body is not None}  # fmt: skip
         return self.owner.encode() + orjson.dumps(meta) + b"\n" + (self.body or b"")
 
@@ -59,7 +59,7 @@ class Record(NamedTuple):
             meta["state"],
             owner,
             float(meta["lease_until"]),
-            meta["fingerprint"],
+            bytes.fromhex(meta["fingerprint"]),
             int(meta["status"]),
             tuple(
                 (name.encode("latin-1"), value.encode("latin-1")) for name, value in meta["headers"]

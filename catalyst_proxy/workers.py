@@ -30,9 +30,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import select
 import signal
 import socket
-import threading
 import time
 from collections.abc import Callable
 
@@ -76,7 +76,11 @@ def supervise(count: int, worker: Callable[[int], int]) -> int:
     children: dict[int, int] = {}  # pid -> worker index
     born: dict[int, float] = {}  # pid -> when it was forked (monotonic)
     stopping = False
-    stop = threading.Event()  # set with stopping: ends a back-off's wait at once
+    # A byte here ends a back-off's wait at once (a signal handler may take no lock: an
+    # Event's set() could wait for ever on the one its own thread holds in wait()). Left
+    # open at the end: the handler stays, and must never write to a descriptor reused.
+    stop_reader, stop_writer = os.pipe()
+    os.set_blocking(stop_writer, False)
 
     parent = os.getpid()
 
@@ -92,6 +96,8 @@ def supervise(count: int, worker: Callable[[int], int]) -> int:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
             raise
         if pid == 0:  # the worker
+            os.close(stop_reader)
+            os.close(stop_writer)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
@@ -113,7 +119,8 @@ def supervise(count: int, worker: Callable[[int], int]) -> int:
     def forward(signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
-        stop.set()
+        with contextlib.suppress(BlockingIOError):  # (full: one is enough)
+            os.write(stop_writer, b"\0")
         for pid in list(children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
@@ -154,8 +161,8 @@ def supervise(count: int, worker: Callable[[int], int]) -> int:
         if lived >= YOUNG:
             interval = RESTART_INTERVAL
         delay = interval - (time.monotonic() - last_restart)
-        if delay > 0:
-            stop.wait(delay)  # (a stop during it must not wait for its end: up to 30 s)
+        if delay > 0 and not stopping:  # (a stop must not wait for its end: up to 30 s)
+            select.select([stop_reader], [], [], delay)
         interval = min(interval * 2, RESTART_MOST)  # for the next, should this one die young
         last_restart = time.monotonic()
         if not stopping:

@@ -74,9 +74,10 @@ from .upstream import (
 
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
 # s a client may go without taking any of a streamed answer (nginx's send_timeout), looked
-# at PATIENCE_CHECKS times per window: a stall is noticed after at most 1.25 windows
+# at PATIENCE_CHECKS times per window: it is let go 1 to 1.25 windows after it last took any
 SEND_PATIENCE = 60.0
 PATIENCE_CHECKS = 4
+_ALMOST = 0.999  # (PATIENCE_CHECKS looks' delays, added as floats, may fall short of it by a hair)
 
 # The client's failures, as the contract's answers (CONTRACT: "The upstream exchange").
 _FAILURES: tuple[tuple[type[UpstreamFailure], type[ProxyError]], ...] = (
@@ -502,7 +503,7 @@ async def _send(request: web.BaseRequest, response: web.StreamResponse, piece: b
     reads, however slowly, is never cut off: its patience starts again whenever it has taken
     some (a piece can take a slow client longer than the window)."""
     try:
-        async with asyncio.timeout(SEND_PATIENCE) as window:
+        async with asyncio.timeout(None) as window:  # expired by _Progress only
             watch = _Progress(window, request.transport, len(piece))
             try:
                 await response.write(piece)
@@ -513,10 +514,13 @@ async def _send(request: web.BaseRequest, response: web.StreamResponse, piece: b
 
 
 class _Progress:
-    """Pushes a send's window back whenever the client has taken some of what waits for it
-    (the transport's buffer went down since the last look)."""
+    """Looks at what waits for the client (the transport's buffer) ``PATIENCE_CHECKS`` times
+    per ``SEND_PATIENCE``, and expires the send's window at the first look that finds nothing
+    taken since a look ``SEND_PATIENCE`` ago or more: the client is let go between 1 and 1.25
+    windows after it last took any. (The looks alone judge: a deadline racing them would
+    ignore what the client took in the last quarter of its window.)"""
 
-    __slots__ = ("_handle", "_left", "_loop", "_transport", "_window")
+    __slots__ = ("_handle", "_left", "_loop", "_since", "_transport", "_window")
 
     def __init__(
         self, window: asyncio.Timeout, transport: asyncio.Transport | None, size: int
@@ -524,6 +528,7 @@ class _Progress:
         self._loop = asyncio.get_running_loop()
         self._window = window
         self._transport = transport
+        self._since = self._loop.time()  # when it was last seen to take some
         # What waits for the client once this piece is written, if it takes none of it.
         self._left = (transport.get_write_buffer_size() if transport is not None else 0) + size
         self._handle = self._loop.call_later(SEND_PATIENCE / PATIENCE_CHECKS, self._look)
@@ -532,10 +537,14 @@ class _Progress:
         transport = self._transport
         if transport is None or transport.is_closing():
             return
+        now = self._loop.time()
         left = transport.get_write_buffer_size()
         if left < self._left:
             self._left = left
-            self._window.reschedule(self._loop.time() + SEND_PATIENCE)
+            self._since = now
+        elif now - self._since >= SEND_PATIENCE * _ALMOST:
+            self._window.reschedule(now)  # expires it: the write is cancelled
+            return
         self._handle = self._loop.call_later(SEND_PATIENCE / PATIENCE_CHECKS, self._look)
 
     def stop(self) -> None:

@@ -1299,15 +1299,22 @@ async def test_a_client_that_stops_reading_a_streamed_answer_lets_go_of_the_upst
         await raw.close()
 
 
+@pytest.mark.parametrize(
+    ("patience", "pace", "bite", "pieces"),
+    [(0.2, 0.02, 4 * KiB, 8), (0.4, 0.35, 64 * KiB, 4)],
+    ids=["a-piece-outlasts-the-window", "each-read-late-in-the-window"],
+)
 async def test_a_client_reading_a_streamed_answer_slowly_gets_all_of_it(
-    gateway, bearer, monkeypatch
+    gateway, bearer, monkeypatch, patience, pace, bite, pieces
 ):
-    """A client that reads steadily, but too slowly to take a whole piece of the answer within
-    ``SEND_PATIENCE`` (0.2 s here; about 200 KB/s against pieces of up to 64 KiB and more),
-    gets the whole answer: its patience starts again whenever it has taken some. Only a
-    client that takes nothing is let go (the test above)."""
-    monkeypatch.setattr(proxy_module, "SEND_PATIENCE", 0.2)
-    size = 8 * PIECE
+    """A client that reads steadily gets the whole answer, however slowly, as long as it
+    takes some within every ``SEND_PATIENCE`` (shortened here): its patience starts again
+    whenever it has taken some. Both ways it could go wrong: a piece of the answer (64 KiB
+    and more) that takes it longer than the window (~200 KB/s against 0.2 s), and reads that
+    each come late in the window (64 KiB every 0.35 s against 0.4 s: the last quarter of a
+    window counts too). Only a client that takes nothing is let go (the test above)."""
+    monkeypatch.setattr(proxy_module, "SEND_PATIENCE", patience)
+    size = pieces * PIECE
     upstream_side = BigAnswer(size, os.urandom(PIECE))
     raw = await RawUpstream(upstream_side.script).start()
     try:
@@ -1318,31 +1325,30 @@ async def test_a_client_reading_a_streamed_answer_slowly_gets_all_of_it(
         for site in gw.runner.sites:
             for listener in site._server.sockets:  # type: ignore[attr-defined]
                 listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * KiB)
-        # And the client's buffers small (its kernel's, its reader's), so that it takes bytes
-        # off the gateway at its steady pace, not in bursts.
+        # And the client's own kernel buffer small, read straight from the socket (no reader's
+        # buffer between), so that it takes bytes off the gateway at its own pace.
+        loop = asyncio.get_running_loop()
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * KiB)
         sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(
-            sock, ("127.0.0.1", gw.runner.addresses[0][1])
-        )
-        reader, writer = await asyncio.open_connection(sock=sock, limit=4 * KiB)
-        try:
-            writer.write(purchase(bearer(), "slow"))
-            start, _ = parse_head(await reader.readuntil(b"\r\n\r\n"))
-            assert start.startswith("HTTP/1.1 200")
+        await loop.sock_connect(sock, ("127.0.0.1", gw.runner.addresses[0][1]))
+        with sock:
+            await loop.sock_sendall(sock, purchase(bearer(), "slow"))
             got = bytearray()
+            while b"\r\n\r\n" not in got:
+                got += await loop.sock_recv(sock, bite)
+            head, _, body = bytes(got).partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200")
+            got = bytearray(body)
             while len(got) < size:
+                await asyncio.sleep(pace)  # the client's pace, not a wait for anything
                 try:
-                    piece = await reader.read(4 * KiB)
+                    piece = await loop.sock_recv(sock, bite)
                 except ConnectionError as exc:
                     raise AssertionError(f"cut off after {len(got)} bytes: {exc!r}") from None
                 assert piece, f"cut off after {len(got)} bytes"
                 got += piece
-                await asyncio.sleep(0.02)  # the client's pace, not a wait for anything
-            assert bytes(got) == upstream_side.piece * 8
-        finally:
-            writer.close()
+            assert bytes(got) == upstream_side.piece * pieces
     finally:
         await raw.close()
 

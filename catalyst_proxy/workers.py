@@ -76,9 +76,12 @@ def supervise(count: int, worker: Callable[[int], int]) -> int:
     children: dict[int, int] = {}  # pid -> worker index
     born: dict[int, float] = {}  # pid -> when it was forked (monotonic)
     stopping = False
-    # A byte here ends a back-off's wait at once (a signal handler may take no lock: an
-    # Event's set() could wait for ever on the one its own thread holds in wait()). Left
-    # open at the end: the handler stays, and must never write to a descriptor reused.
+    # A byte here ends a back-off's wait at once. The interpreter's own C-level handler
+    # writes it (set_wakeup_fd) the moment a signal lands, even one that lands after the
+    # last bytecode before select()'s system call, where the Python handler would only run
+    # once the wait is over; and no lock is taken (an Event's set() from a handler could
+    # wait for ever on the lock its own thread holds in wait()). Left open at the end: the
+    # handlers stay, and must never write to a descriptor reused.
     stop_reader, stop_writer = os.pipe()
     os.set_blocking(stop_writer, False)
 
@@ -96,6 +99,7 @@ def supervise(count: int, worker: Callable[[int], int]) -> int:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
             raise
         if pid == 0:  # the worker
+            signal.set_wakeup_fd(-1)  # (its event loop sets its own)
             os.close(stop_reader)
             os.close(stop_writer)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -119,7 +123,7 @@ def supervise(count: int, worker: Callable[[int], int]) -> int:
     def forward(signum: int, _frame: object) -> None:
         nonlocal stopping
         stopping = True
-        with contextlib.suppress(BlockingIOError):  # (full: one is enough)
+        with contextlib.suppress(BlockingIOError):  # (for a direct call; full: one is enough)
             os.write(stop_writer, b"\0")
         for pid in list(children):
             with contextlib.suppress(ProcessLookupError):
@@ -127,6 +131,7 @@ def supervise(count: int, worker: Callable[[int], int]) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.set_wakeup_fd(stop_writer, warn_on_full_buffer=False)
     for index in range(count):
         spawn(index)
 

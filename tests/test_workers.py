@@ -409,3 +409,40 @@ def test_a_stop_that_arrives_as_the_back_off_begins_ends_it() -> None:
     done = subprocess.run([sys.executable, "-c", STOP_AS_THE_WAIT_BEGINS], capture_output=True,
                           timeout=15, text=True)  # fmt: skip
     assert done.returncode == 0, done.stderr
+
+
+WAKEUP_WIRED = """
+import os, select, signal, sys
+from catalyst_proxy import workers
+
+workers.RESTART_INTERVAL = workers.RESTART_MOST = 60.0
+real_select = select.select
+
+def select_checked(rlist, wlist, xlist, timeout):
+    fd = signal.set_wakeup_fd(-1)  # where the interpreter's C handler writes on a signal
+    signal.set_wakeup_fd(fd, warn_on_full_buffer=False)
+    assert fd != -1, "no wake-up descriptor"
+    os.write(fd, b"\\0")  # what a signal landing now would write, whatever Python does
+    ready, _, _ = real_select(rlist, [], [], 0)
+    assert ready == rlist, "the wait does not watch the wake-up descriptor"
+    os.kill(os.getpid(), signal.SIGTERM)
+    return real_select(rlist, wlist, xlist, timeout)
+
+workers.select.select = select_checked
+
+def worker(index):
+    return 1  # dies at once, every time: the second replacement waits 60 s
+
+sys.exit(workers.supervise(1, worker))
+"""
+
+
+def test_a_signal_wakes_the_back_off_at_the_c_level() -> None:
+    """A signal can land after the last bytecode before the back-off's select() system
+    call: its Python handler runs only once select() returns, up to 30 s later. So the
+    interpreter's C-level handler writes the wake-up byte itself (``set_wakeup_fd``): the
+    wait watches the descriptor that handler writes to. (Landing a signal in that window
+    takes a C shim; this checks the wiring, then stops the server.)"""
+    done = subprocess.run([sys.executable, "-c", WAKEUP_WIRED], capture_output=True,
+                          timeout=15, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr

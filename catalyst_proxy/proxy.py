@@ -73,8 +73,10 @@ from .upstream import (
 )
 
 _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a reset
-# s a client may go without taking any of a streamed answer (nginx's send_timeout), looked
-# at PATIENCE_CHECKS times per window: it is let go 1 to 1.25 windows after it last took any
+# s a client may go without taking any of a streamed answer while the gateway waits to write
+# to it (nginx's send_timeout), looked at PATIENCE_CHECKS times per window: it is let go 1 to
+# 1.25 windows after the last it took, or after the wait began (what fits in the buffers
+# toward it, ~64 KiB and the kernel's, is written without waiting)
 SEND_PATIENCE = 60.0
 PATIENCE_CHECKS = 4
 _ALMOST = 0.999  # (PATIENCE_CHECKS looks' delays, added as floats, may fall short of it by a hair)
@@ -517,8 +519,8 @@ class _Progress:
     """Looks at what waits for the client (the transport's buffer) ``PATIENCE_CHECKS`` times
     per ``SEND_PATIENCE``, and expires the send's window at the first look that finds nothing
     taken since a look ``SEND_PATIENCE`` ago or more: the client is let go between 1 and 1.25
-    windows after it last took any. (The looks alone judge: a deadline racing them would
-    ignore what the client took in the last quarter of its window.)"""
+    windows after the last it took, or after the write began to wait. (The looks alone judge:
+    a deadline racing them would ignore what the client took in its window's last quarter.)"""
 
     __slots__ = ("_handle", "_left", "_loop", "_since", "_transport", "_window")
 
@@ -534,11 +536,11 @@ class _Progress:
         self._handle = self._loop.call_later(SEND_PATIENCE / PATIENCE_CHECKS, self._look)
 
     def _look(self) -> None:
+        # A closing transport is looked at like any other: a client that half-closed its end
+        # (aiohttp then closes ours, which waits for its buffer to empty) may stop reading.
         transport = self._transport
-        if transport is None or transport.is_closing():
-            return
         now = self._loop.time()
-        left = transport.get_write_buffer_size()
+        left = transport.get_write_buffer_size() if transport is not None else self._left
         if left < self._left:
             self._left = left
             self._since = now

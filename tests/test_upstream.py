@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 
 import jwt
 import pytest
+from aiohttp import web
 
 from catalyst_proxy import proxy as proxy_module
 from catalyst_proxy.devtools.keys import operator_token
@@ -52,7 +53,14 @@ from .rawhttp import (
     write_then_close,
 )
 from .serve_proc import ServeProcess
-from .support import RawUpstream, eventually, free_socket, read_chunked, read_request
+from .support import (
+    RawUpstream,
+    eventually,
+    free_socket,
+    read_chunked,
+    read_request,
+    start_app,
+)
 
 PURCHASE = "/api/v1/billing/purchase"
 FORWARDED = "X-Catalyst-Forwarded"
@@ -1266,13 +1274,15 @@ async def test_200_mb_answer_to_a_slow_reader_holds_the_upstream_back_in_flat_me
     assert peak - baseline < RSS_GROWTH_LIMIT, f"RSS grew {(peak - baseline) / MiB:.1f} MiB"
 
 
+@pytest.mark.parametrize("half_closed", [False, True], ids=["open", "half-closed"])
 async def test_a_client_that_stops_reading_a_streamed_answer_lets_go_of_the_upstream(
-    gateway, bearer, monkeypatch
+    gateway, bearer, monkeypatch, half_closed
 ):
     """A client that takes none of a streamed answer for ``SEND_PATIENCE`` (0.3 s here; 60 s in
     production, nginx's send_timeout) has its transfer aborted: the SME gateway's connection,
     the only one in the pool, goes on to serve the next request instead of being held for as
-    long as that client stays connected."""
+    long as that client stays connected. Also when it has half-closed its end first (aiohttp
+    then closes the gateway's, which waits for its buffer to empty: for ever, unread)."""
     monkeypatch.setattr(proxy_module, "SEND_PATIENCE", 0.3)
     upstream_side = BigAnswer(64 * MiB, os.urandom(PIECE))
     raw = await RawUpstream(upstream_side.script).start()
@@ -1283,6 +1293,8 @@ async def test_a_client_that_stops_reading_a_streamed_answer_lets_go_of_the_upst
             writer.write(purchase(bearer(), "stalls"))
             start, _ = parse_head(await reader.readuntil(b"\r\n\r\n"))
             assert start.startswith("HTTP/1.1 200")
+            if half_closed:
+                writer.write_eof()
             # It reads nothing more: the gateway gives up on it and lets the upstream go.
             await eventually(lambda: gw.parts.dispatcher.in_flight == 0, timeout=10)
             served = await only_answer(gw.url, purchase(bearer(), "warm-up"))
@@ -1351,6 +1363,45 @@ async def test_a_client_reading_a_streamed_answer_slowly_gets_all_of_it(
             assert bytes(got) == upstream_side.piece * pieces
     finally:
         await raw.close()
+
+
+async def test_a_send_to_a_half_closed_client_that_reads_nothing_ends(monkeypatch):
+    """``_send`` on its own, where nothing cancels the handler when the client half-closes:
+    aiohttp then closes the transport, which waits for its buffer to empty, for ever if the
+    client reads nothing. The patience still looks at a closing transport, so the send ends
+    as stalled (in the gateway, the handler is also cancelled at the client's end of input:
+    the test above)."""
+    monkeypatch.setattr(proxy_module, "SEND_PATIENCE", 0.3)
+    outcome: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        request.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * KiB
+        )
+        response = web.StreamResponse()
+        response.content_length = 8 * MiB
+        await response.prepare(request)
+        try:
+            await proxy_module._send(request, response, bytes(8 * MiB))
+            outcome.set_result("sent whole")
+        except proxy_module._ClientStalled:
+            outcome.set_result("stalled")
+        request.transport.abort()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/", handler)
+    runner, url = await start_app(app)
+    try:
+        reader, writer = await small_buffer_client(url, socket.SO_RCVBUF)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write_eof()  # half-closed, and it reads nothing from here on
+        async with asyncio.timeout(5):
+            assert await outcome == "stalled"
+        writer.close()
+    finally:
+        await runner.cleanup()
 
 
 @dataclass

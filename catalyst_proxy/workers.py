@@ -122,9 +122,7 @@ def supervise(count: int, worker: Callable[[int], int]) -> int:
 
     def forward(signum: int, _frame: object) -> None:
         nonlocal stopping
-        stopping = True
-        with contextlib.suppress(BlockingIOError):  # (for a direct call; full: one is enough)
-            os.write(stop_writer, b"\0")
+        stopping = True  # (the wake-up byte: the interpreter writes it, see stop_writer)
         for pid in list(children):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)

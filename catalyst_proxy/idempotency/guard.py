@@ -170,7 +170,7 @@ class Idempotency:
             self._take_back(where, owner)  # the client left while it was on its way
             raise
         if existing is None:
-            self._outcomes.counts["new"] += 1  # (count(), without its call: every request)
+            self.count("new")
         return Attempt(self, where, owner, existing)
 
     def count(self, outcome: str) -> None:

@@ -106,6 +106,8 @@ async def serve(
         for site in list(runner.sites):
             await site.stop()
         logger.info(log.SHUTDOWN_BEGIN, grace_seconds=settings.shutdown_grace_seconds)
+        # (The record updates still on their way at the end get what is left of the grace.)
+        parts.idempotency.close_by = loop.time() + settings.shutdown_grace_seconds
         # 3. idle keep-alive connections close now (_drain), busy ones right after their answer;
         #    in-flight requests get up to the grace period to finish;
         left = await _drain(runner, settings.shutdown_grace_seconds)

@@ -16,9 +16,11 @@ from aiohttp.web_protocol import RequestHandler
 
 from catalyst_proxy.app import create_app
 from catalyst_proxy.config import Settings
+from catalyst_proxy.idempotency.guard import CLOSE_LEAST, CLOSE_PATIENCE
 from catalyst_proxy.server import serve
 
 from .rawhttp import raw_client, read_response, request_bytes
+from .redis_server import RedisServer
 from .serve_proc import ServeProcess
 from .support import start_app
 
@@ -70,8 +72,11 @@ async def slow() -> AsyncIterator[SlowUpstream]:
     await runner.cleanup()
 
 
-async def start_server(upstream: str, public_key_file: Path, grace: float) -> ServeProcess:
+async def start_server(
+    upstream: str, public_key_file: Path, grace: float, **extra: str
+) -> ServeProcess:
     env = {
+        **extra,
         "CATALYST_SME_GATEWAY_URL": upstream,
         "CATALYST_SESSION_PUBLIC_KEY_FILE": str(public_key_file),
         "CATALYST_SME_JWT_SECRET": BRIDGE,
@@ -267,6 +272,39 @@ async def test_upstream_hanging_past_the_grace(public_key_file, bearer):
     cut = [(line["status"], line["error"]) for line in server.json_lines()
            if line["event"] == "request" and line.get("path") == PURCHASE]  # fmt: skip
     assert cut == [(503, "shutdown-grace-exceeded")] * 5  # the server cut them, not the clients
+
+
+async def test_record_updates_the_store_refuses_are_retried_only_within_the_grace(
+    slow, public_key_file, bearer, redis_server: RedisServer, redis_url: str
+):
+    """A key's release that the shared store cannot take (Redis stalled) is retried during
+    shutdown only within what is left of the grace (at least CLOSE_LEAST), not for
+    CLOSE_PATIENCE past it: the process exits 0 in the time a pod is given."""
+    grace = 1.0
+    server = await start_server(slow.url, public_key_file, grace, CATALYST_REDIS_URL=redis_url)
+    try:
+        base = await server.wait_listening()
+        await server.wait_for_line(lambda line: '"store.state"' in line and '"ok"' in line)
+        headers = {**bearer(), "Idempotency-Key": "shutdown-1"}
+        with redis_server.stalled():  # the reservation times out: taken back, in the background
+            async with (
+                aiohttp.ClientSession() as http,
+                http.post(base + PURCHASE, headers=headers, json={"n": 1}) as resp,
+            ):
+                refused = resp.status, await resp.json(), resp.headers["X-Catalyst-Forwarded"]
+            terminated = time.monotonic()
+            server.signal(signal.SIGTERM)
+            status = await server.wait(timeout=grace + CLOSE_PATIENCE + 10)
+            elapsed = time.monotonic() - terminated
+    finally:
+        await server.stop()
+
+    assert refused[:2] == (503, {"error": "idempotency-store-unavailable"})
+    assert refused[2] == "no"  # the key is to be released: the release is what is retried
+    assert slow.arrived == 0
+    assert status == 0
+    assert elapsed < grace + CLOSE_LEAST + 1.0 < CLOSE_PATIENCE, elapsed
+    assert [line["event"] for line in server.json_lines()][-1] == "shutdown.done"
 
 
 async def test_an_idle_keep_alive_connection_does_not_hold_the_drain(public_key_file, bearer):

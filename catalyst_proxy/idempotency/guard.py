@@ -67,6 +67,7 @@ LEASE_MARGIN = 30.0  # a reservation older than the budget plus this, unfinished
 RETRY_FIRST = 0.5  # s before a failed record update is tried again (then doubled, up to:)
 RETRY_MOST = 5.0
 CLOSE_PATIENCE = 5.0  # s the updates still on their way get at shutdown (see close())
+CLOSE_LEAST = 1.0  # ... at least this when the server's grace is spent (a try and a retry)
 HEADER = "Idempotency-Key"
 
 
@@ -126,6 +127,7 @@ class Idempotency:
         self._outcomes = metrics.idempotency
         self._pending: set[asyncio.Task[None]] = set()
         self._closing = asyncio.Event()  # set by close(): retries stop
+        self.close_by: float | None = None  # the loop's time the server's grace ends (close())
         self._logger = log.get_logger()
 
     @property
@@ -183,11 +185,19 @@ class Idempotency:
         task.add_done_callback(self._pending.discard)
         return task
 
-    async def close(self, patience: float = CLOSE_PATIENCE) -> None:
+    async def close(self, patience: float | None = None) -> None:
         """Shutdown: the record updates on their way, and their retries, get up to ``patience``
         seconds to land (a release given up would leave its key reserved, then read as
-        "outcome unknown" for the TTL, though nothing was forwarded); then retries stop."""
+        "outcome unknown" for the TTL, though nothing was forwarded); then retries stop.
+
+        By default ``CLOSE_PATIENCE``, within what is left of the server's grace when it
+        set ``close_by`` (but ``CLOSE_LEAST`` however little is left: ample for a store that
+        answers; one that does not would not land them in any time a pod is given)."""
         loop = asyncio.get_running_loop()
+        if patience is None:
+            patience = CLOSE_PATIENCE
+            if self.close_by is not None:
+                patience = min(patience, max(self.close_by - loop.time(), CLOSE_LEAST))
         end = loop.time() + patience
         # (A first try that fails meanwhile starts its retry as a new task: waited for too.)
         while self._pending and (left := end - loop.time()) > 0:

@@ -40,6 +40,18 @@ from redis.backoff import NoBackoff
 from redis.credentials import CredentialProvider
 from redis.exceptions import RedisError
 
+try:  # redis-py 7 and later
+    from redis.maint_notifications import MaintNotificationsConfig
+
+    # Redis Enterprise's maintenance notifications (RESP3 pushes), on by default since
+    # redis-py 7, make the pool skip its check of an idle connection when it hands one
+    # out: one the server closed while it sat idle (its `timeout`, a load balancer's idle
+    # timeout, CLIENT KILL) then failed the next command, a failure and a pause of
+    # RETRY_AFTER apiece, though the server was there. Off: a closed one is replaced.
+    _CHECK_IDLE: dict[str, Any] = {"maint_notifications_config": MaintNotificationsConfig(False)}
+except ImportError:  # before 7: no such notifications, and the check is always made
+    _CHECK_IDLE = {}
+
 from . import log
 from .config import ConfigError, Settings
 
@@ -85,6 +97,7 @@ class Store:
             "socket_connect_timeout": COMMAND_TIMEOUT,
             "retry": Retry(NoBackoff(), 0),
             "retry_on_error": [],
+            **_CHECK_IDLE,
         }
         if settings.redis_password_file:
             if parts.password:

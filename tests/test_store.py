@@ -231,6 +231,26 @@ async def test_after_a_restart_no_idle_connection_fails_a_command(stores, redis_
     assert store.state == "ok"
 
 
+async def test_a_connection_the_server_closed_while_idle_is_replaced(
+    stores, redis_server, redis_url
+):
+    """A pooled connection the server closed while it sat idle (its ``timeout``, a load
+    balancer's idle timeout, CLIENT KILL) is replaced when a command takes it: the command
+    succeeds and the store does not pause, though with redis-py's default RESP3
+    notifications the pool would hand it out unchecked."""
+    store = stores(redis_url)
+    await ping(store)
+    (idle,) = store.pool._available_connections
+    assert redis_server.command("CLIENT", "KILL", "TYPE", "normal") >= 1  # (not this one)
+    deadline = time.monotonic() + DEADLINE
+    while not await idle.can_read():  # the close has reached the connection (polled)
+        assert time.monotonic() < deadline, "the server's close never arrived"
+        await asyncio.sleep(0.01)
+    assert await ping(store) is True
+    assert store.state == "ok"
+    assert not store.down
+
+
 async def test_dropping_the_idle_connections_never_closes_one_a_command_took(stores, redis_url):
     """The idle connections a failure drops are out of the pool at once: a command that had
     passed the store's checks before the failure and takes a connection right after it gets

@@ -19,7 +19,9 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
+from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
+from aiohttp.http_parser import RawRequestMessage
+from aiohttp.streams import StreamReader
 from aiohttp.web_protocol import RequestHandler
 
 from . import log
@@ -39,6 +41,29 @@ SERVER_OPTIONS: dict[str, Any] = {
 
 
 class _RequestHandler(RequestHandler):
+    _body: StreamReader | None = None  # the body of the last request parsed on this connection
+
+    def data_received(self, data: bytes) -> None:
+        queued = len(self._messages)
+        super().data_received(data)
+        if len(self._messages) == queued:  # a piece of a body, or part of a head: as ever
+            return
+        message, payload = self._messages[-1]
+        if isinstance(message, RawRequestMessage):
+            self._body = payload
+            return
+        # The parser refused these bytes (aiohttp queues an answer to them). Inside a body
+        # it was delivering (a bad chunk size, a trailer section over the limits), it drops
+        # that body without a word: its reader would wait for more until the time budget ran
+        # out, and the 504 would blame the SME gateway for the client's bytes. The body ends
+        # with the error instead, as when the client leaves mid-body: 400, nothing forwarded.
+        body = self._body
+        if body is not None and not body.is_eof() and body.exception() is None:
+            error = getattr(message, "exc", None)
+            if not isinstance(error, BaseException):
+                error = BadHttpMessage("the request body could not be parsed")
+            body.set_exception(error)
+
     def handle_error(
         self,
         request: Any,

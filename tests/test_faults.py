@@ -14,6 +14,7 @@ import gzip
 import hashlib
 import json
 import os
+import re
 import resource
 import socket
 import time
@@ -632,6 +633,46 @@ async def test_client_that_stops_halfway_never_completes_upstream(
     assert len(up.requests) == 1
     assert not up.requests[0].complete
     assert bytes(up.requests[0].body) == (half + half)[: len(up.requests[0].body)]
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        pytest.param(b"ZZ\r\nhello\r\n0\r\n\r\n", id="bad-chunk-size"),
+        pytest.param(b"5\r\nhelloXX0\r\n\r\n", id="chunk-without-crlf"),
+        pytest.param(b"0\r\nX-T: " + b"a" * 20_000 + b"\r\n\r\n", id="trailer-over-the-limit"),
+    ],
+)
+async def test_a_chunked_body_the_parser_refuses_midway_is_400_at_once(
+    gateway, bearer, upstream, tail
+):
+    """A chunked body whose later bytes the parser refuses, after the request was dispatched
+    and its start sent upstream, is 400 at once (nothing forwarded, the connection closed, the
+    upstream's request left incomplete), never a wait for the time budget and a 504 that
+    blames the SME gateway for the client's bytes."""
+    up = await upstream(echo)
+    gw = await gateway(upstream=up.url, upstream_timeout_seconds=30)
+    headers = [*bearer().items(), ("Transfer-Encoding", "chunked")]
+    reader, writer = await raw_client(gw.url)
+    writer.write(request_bytes("POST", PURCHASE, headers) + b"3\r\nabc\r\n")
+    await writer.drain()
+    async with asyncio.timeout(5):
+        await up.head_arrived.wait()  # dispatched, and on its way upstream
+    writer.write(tail)
+    async with asyncio.timeout(5):  # not the 30-s budget
+        response = await read_response(reader)
+        assert await reader.read() == b""  # and nothing after it: the connection closes
+    writer.close()
+    assert response is not None
+    assert (response.status, error_of(response.body)) == (400, "bad-request")
+    assert response.headers["X-Catalyst-Forwarded"] == "no"
+    await up.all_closed(timeout=5)
+    assert len(up.requests) == 1
+    assert not up.requests[0].complete
+    blamed = re.search(
+        r'upstream_failures_total\{kind="timeout"\} ([0-9.]+)', await gw.metrics_text()
+    )
+    assert blamed is None or float(blamed.group(1)) == 0  # the SME gateway is not blamed
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,7 @@ type.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from aiohttp import web
@@ -37,17 +38,43 @@ SERVER_OPTIONS: dict[str, Any] = {
     "max_line_size": 16 * 1024,
     "max_field_size": 16 * 1024,  # Keycloak tokens approach 8 KiB; the default is 8190
     "access_log": None,  # our middleware writes the access log
+    # An idle keep-alive connection (or one holding part of its next request's head) closes
+    # after this (nginx's keepalive_timeout; aiohttp's own default is an hour): a client,
+    # no token needed, could otherwise hold a descriptor per connection for that long.
+    "keepalive_timeout": 75.0,
 }
+# A new connection that has not sent a whole request head by then closes (nginx's
+# client_header_timeout); after its first request the keep-alive timeout takes over.
+HEAD_TIMEOUT = 60.0
 
 
 class _RequestHandler(RequestHandler):
     _body: StreamReader | None = None  # the body of the last request parsed on this connection
+    _head_timer: asyncio.TimerHandle | None = None  # until the first request's head is in
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        patience = getattr(self._manager, "head_timeout", HEAD_TIMEOUT)
+        self._head_timer = self._loop.call_later(patience, self._head_overdue)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
+
+    def _head_overdue(self) -> None:
+        self._head_timer = None
+        self.force_close()  # nothing was read as a request: no one to answer
 
     def data_received(self, data: bytes) -> None:
         queued = len(self._messages)
         super().data_received(data)
         if len(self._messages) == queued:  # a piece of a body, or part of a head: as ever
             return
+        if self._head_timer is not None:  # a head is in (or refused: answered, then closed)
+            self._head_timer.cancel()
+            self._head_timer = None
         message, payload = self._messages[-1]
         if isinstance(message, RawRequestMessage):
             self._body = payload
@@ -109,12 +136,16 @@ class _Server(web.Server):
 class Runner(web.AppRunner):
     """``web.AppRunner`` with SERVER_OPTIONS and the non-echoing protocol handler."""
 
-    def __init__(self, app: web.Application, **kwargs: Any) -> None:
+    def __init__(
+        self, app: web.Application, *, head_timeout: float = HEAD_TIMEOUT, **kwargs: Any
+    ) -> None:
         super().__init__(app, **{**SERVER_OPTIONS, **kwargs})
+        self._head_timeout = head_timeout
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()  # runs the app's start-up
         server.__class__ = _Server  # same server, our protocol handler class
+        server.head_timeout = self._head_timeout  # type: ignore[attr-defined]
         server.request_handler = self.app[PARTS].dispatcher
         server.request_factory = server._make_request  # a plain BaseRequest
         return server

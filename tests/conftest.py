@@ -95,7 +95,8 @@ class RunningGateway(Gateway):
 async def gateway(
     sme: tuple[SME, str], public_key_file: Path
 ) -> AsyncIterator[Callable[..., Awaitable[RunningGateway]]]:
-    """Factory: ``await gateway(**settings_overrides, upstream=URL, clock=..., metrics=...)``."""
+    """Factory: ``await gateway(**settings_overrides, upstream=URL, clock=..., metrics=...,
+    server={Runner options})``."""
     stand_in, sme_url = sme
     started: list[Gateway] = []
 
@@ -104,6 +105,7 @@ async def gateway(
         upstream: str | None = None,
         clock: Callable[[], float] | None = None,
         monotonic: Callable[[], float] | None = None,
+        server: dict[str, Any] | None = None,
         **overrides: Any,
     ) -> RunningGateway:
         settings = Settings(
@@ -118,7 +120,7 @@ async def gateway(
         if monotonic is not None:
             kwargs["monotonic"] = monotonic
         app: web.Application = create_app(settings, **kwargs)
-        gw = await start_gateway(app)
+        gw = await start_gateway(app, **(server or {}))
         gw.__class__ = RunningGateway
         gw.sme = stand_in  # type: ignore[attr-defined]
         started.append(gw)

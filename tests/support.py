@@ -102,8 +102,9 @@ class Gateway:
         await self.runner.cleanup()
 
 
-async def start_gateway(app: web.Application) -> Gateway:
-    runner, url = await start_app(app, Runner)
+async def start_gateway(app: web.Application, **server: Any) -> Gateway:
+    """``server``: Runner options besides the production ones (e.g. shorter timeouts)."""
+    runner, url = await start_app(app, Runner, **server)
     http = aiohttp.ClientSession(
         auto_decompress=False,
         cookie_jar=aiohttp.DummyCookieJar(),

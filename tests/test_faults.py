@@ -874,6 +874,60 @@ async def test_a_handler_raising_a_protocol_error_is_accounted_once(gateway, bea
     assert answered_id
 
 
+SHORT = {"head_timeout": 0.3, "keepalive_timeout": 0.3}  # the production ones: 60 s and 75 s
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        pytest.param(b"", id="nothing"),
+        pytest.param(b"POST /api/v1/billing/pur", id="part-of-the-request-line"),
+        pytest.param(b"POST /api/v1/billing/purchase HTTP/1.1\r\nHost: g", id="part-of-the-head"),
+    ],
+)
+async def test_a_connection_without_a_whole_head_in_time_is_closed(gateway, sent):
+    """A new connection that sends no whole request head within the head timeout (nothing,
+    or a head dribbled out) is closed, unanswered: a client, no token needed, cannot hold a
+    descriptor per connection for ever (nginx: client_header_timeout)."""
+    gw = await gateway(server=SHORT)
+    reader, writer = await raw_client(gw.url)
+    writer.write(sent)
+    async with asyncio.timeout(5):
+        assert await reader.read() == b""
+    writer.close()
+
+
+@pytest.mark.parametrize("then", [b"", b"POST /api/v1/billing/purchase HTTP/1.1\r\n"])
+async def test_a_keep_alive_connection_idle_after_an_answer_is_closed(gateway, then):
+    """After an answer, a keep-alive connection that stays idle (or holds only part of its next
+    head) closes after the keep-alive timeout, not aiohttp's default hour."""
+    gw = await gateway(server=SHORT)
+    reader, writer = await raw_client(gw.url)
+    writer.write(request_bytes("GET", "/healthz", []))
+    async with asyncio.timeout(5):
+        response = await read_response(reader)
+        assert response is not None
+        assert response.status == 200
+        writer.write(then)
+        assert await reader.read() == b""
+    writer.close()
+
+
+async def test_a_head_sent_in_time_is_served_and_its_connection_kept(gateway):
+    """The head timeout ends with the first head: the connection, idle between its requests for
+    longer than that, still serves the next (the keep-alive timeout governs it now)."""
+    gw = await gateway(server={"head_timeout": 0.3})
+    reader, writer = await raw_client(gw.url)
+    for _ in range(2):
+        writer.write(request_bytes("GET", "/healthz", []))
+        async with asyncio.timeout(5):
+            response = await read_response(reader)
+        assert response is not None
+        assert response.status == 200
+        await asyncio.sleep(0.4)  # idle past the head timeout (the time is what is tested)
+    writer.close()
+
+
 async def test_duplicate_host_is_400_and_nothing_upstream(gateway, bearer, upstream):
     """Two Host headers are refused with 400 (RFC 9112 §3.2) and nothing reaches the upstream."""
     up = await upstream(answer())

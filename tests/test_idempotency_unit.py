@@ -30,7 +30,7 @@ from catalyst_proxy.idempotency.records import (
     UNKNOWN,
     Records,
 )
-from catalyst_proxy.idempotency.redis_records import PREFIX
+from catalyst_proxy.idempotency.redis_records import PREFIX, TAKEN
 from catalyst_proxy.ids import hex_id
 from catalyst_proxy.metrics import Metrics
 from catalyst_proxy.routes import Route
@@ -354,6 +354,23 @@ async def test_a_reservation_a_stalled_redis_runs_late_leaves_the_key_free(
         await records.reserve(S("stalled"), Record(RESERVED, hex_id(), time.time() + lease))
     redis_server.command("PING")  # it has read its sockets again: the old command ran first
     assert redis_server.command("KEYS", PREFIX + "*") == [(PREFIX + S("warm")).encode()]
+
+
+async def test_a_reservation_run_after_its_take_back_stores_nothing(redis_records, redis_server):
+    """A reservation held up on its way (a lossy path that delivers a connection's bytes late)
+    can run after the gateway gave up on it and took it back, and still inside its fence. The
+    take-back, finding no reservation of ours, leaves a marker of the owner for a lease, and
+    the late reservation stores nothing: the key is not held (as in use, then as "outcome
+    unknown" for the TTL) for a request that went nowhere. A retry's reservation, another
+    owner's, is not affected."""
+    records = await redis_records()
+    owner = hex_id()
+    assert await records.release(S("late"), owner) is False  # the take-back: nothing there yet
+    with pytest.raises(StoreUnavailable, match="taken back"):
+        await records.reserve(S("late"), Record(RESERVED, owner, time.time() + LEASE))
+    assert redis_server.command("KEYS", PREFIX + "*") == []
+    assert 0 < redis_server.command("PTTL", TAKEN + owner) <= LEASE * 1000
+    assert await records.reserve(S("late"), reservation(Clock(time.time()))) is None
 
 
 async def test_replace_and_release_are_compare_and_set_on_the_owner(stores):

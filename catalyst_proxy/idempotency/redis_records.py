@@ -12,7 +12,11 @@
   in the background until the lease is over; one that a stalled server runs
   later than that would hold the key as "outcome unknown" for the whole TTL,
   for a request that never went anywhere. With the fence it runs as a no-op
-  (clocks may disagree by up to half the lease: ~16 s by default).
+  (clocks may disagree by up to half the lease: ~16 s by default). A take-back
+  that finds no reservation of ours leaves a marker of the owner token (a
+  ``catalyst-idem-taken:`` key, for a lease) that the reservation checks: one
+  held up on its way (a connection whose bytes a lossy path delivers late)
+  and run after its take-back stores nothing, though it is inside its fence.
 - Completion, "unknown" and release: compare-and-set on the record's owner
   token in a Lua script, never a plain ``SET``: a first attempt that outlived
   its record can never overwrite a newer one. A completion (or "unknown") that
@@ -46,9 +50,11 @@ from .keys import slot
 from .records import OWNER_LENGTH, RESERVED, Record
 
 PREFIX = "catalyst-idem:"
+TAKEN = "catalyst-idem-taken:"  # + an owner token: its reservation was taken back
 
-# The record there (bytes), or 1: stored ours; 0: too late (past ARGV[3], Unix ms; 0: no fence).
-# (replicate_commands: a write after TIME needs it before Redis 5; a no-op since.)
+# The record there (bytes), or 1: stored ours; 0: too late (past ARGV[3], Unix ms; 0: no fence);
+# 2: taken back already (KEYS[2] is there). (replicate_commands: a write after TIME needs it
+# before Redis 5; a no-op since.)
 _RESERVE = """
 if redis.replicate_commands then redis.replicate_commands() end
 local fence = tonumber(ARGV[3])
@@ -57,6 +63,9 @@ if fence > 0 then
   if tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000) > fence then
     return 0
   end
+end
+if redis.call('EXISTS', KEYS[2]) == 1 then
+  return 2
 end
 local found = redis.call('GET', KEYS[1])
 if found then
@@ -91,11 +100,14 @@ return 0
 """
 _RESERVED_STATE = orjson.dumps({"state": RESERVED})[:-1]  # b'{"state":"reserved"', as encoded
 
+# 1: deleted our record. 0: none of ours there; then a reservation of ours still on its way
+# must store nothing when it runs: KEYS[2] says so for ARGV[2] ms (its fence is sooner).
 _RELEASE = f"""
 local current = redis.call('GET', KEYS[1])
 if current and string.sub(current, 1, {OWNER_LENGTH}) == ARGV[1] then
   return redis.call('DEL', KEYS[1])
 end
+redis.call('SET', KEYS[2], '1', 'PX', ARGV[2])
 return 0
 """
 
@@ -108,6 +120,7 @@ class RedisRecords:
         self._ttl_ms = max(int(ttl * 1000), 1)
         self._hold_ms = self._ttl_ms + int(lease * 1000)  # a reservation: its lease, then TTL
         self._fence = lease / 2  # before its lease ends: a reservation runs by then or never
+        self._lease_ms = max(int(lease * 1000), 1)  # a take-back's marker: past any fence
         self._reserve = self._redis.register_script(_RESERVE)
         self._replace = self._redis.register_script(_REPLACE)
         self._release = self._redis.register_script(_RELEASE)
@@ -125,11 +138,14 @@ class RedisRecords:
         else:
             hold_ms, fence_ms = self._ttl_ms, 0
         args: list[Any] = [record.encode(), hold_ms, fence_ms]
-        found: Any = await self._store.run(lambda: self._reserve(keys=[PREFIX + slot], args=args))
+        keys = [PREFIX + slot, TAKEN + record.owner]
+        found: Any = await self._store.run(lambda: self._reserve(keys=keys, args=args))
         if isinstance(found, bytes):
             return Record.decode(found)
         if found == 1:
             return None
+        if found == 2:  # only a reservation no one waits for any more gets here
+            raise StoreUnavailable("the reservation ran after it was taken back")
         raise StoreUnavailable(  # only a server clock far ahead of ours gets here at once
             f"the store ran the reservation past its fence: is its clock more than "
             f"{self._fence:.0f} s ahead of this host's?"
@@ -153,7 +169,9 @@ class RedisRecords:
         return bool(done)
 
     async def release(self, slot: str, owner: str) -> bool:
-        done = await self._store.run(lambda: self._release(keys=[PREFIX + slot], args=[owner]))
+        keys = [PREFIX + slot, TAKEN + owner]
+        args: list[Any] = [owner, self._lease_ms]
+        done = await self._store.run(lambda: self._release(keys=keys, args=args))
         return bool(done)
 
     async def check_policy(self) -> None:

@@ -17,7 +17,8 @@ one connection pool.
 - After a failure the store is treated as down for ``RETRY_AFTER`` seconds
   (callers do not each wait for a connection that will not come), then the
   next command tries again: when Redis is back, its users resume without a
-  restart.
+  restart. A PING on a new connection, sent at once, ends the pause early if
+  the server answers it (the failure was the connection's, not the server's).
 - The password never reaches a log line, ``/readyz`` or an error message:
   ``describe()`` is the URL without it.
 """
@@ -189,6 +190,9 @@ class Store:
         self._down_until = self._clock() + RETRY_AFTER
         self.last_error = _reason(exc)
         self._drop_idle()
+        if self._probe is None or self._probe.done():
+            with contextlib.suppress(RuntimeError):  # no loop running: nothing to probe with
+                self._probe = asyncio.get_running_loop().create_task(self._recover())
         if self.state != "unavailable":
             self.state = "unavailable"
             self._logger.warning(
@@ -225,6 +229,17 @@ class Store:
     def down(self) -> bool:
         """A recent failure: skip the store for now (RETRY_AFTER after it)."""
         return bool(self._down_until) and self._clock() < self._down_until
+
+    async def _recover(self) -> None:
+        """Right after a failure, one PING on a new connection: if the server answers, the
+        failure was the connection's, not the server's (one it closed or reset under a
+        command: CLIENT KILL, a proxy's restart), and the pause ends at once rather than
+        refusing every caller for RETRY_AFTER. Otherwise the pause stands."""
+        try:
+            await self.redis.ping()
+        except (RedisError, OSError, TimeoutError):
+            return
+        self.succeeded()
 
     async def _first_ping(self) -> None:
         with contextlib.suppress(StoreUnavailable):  # logged by failed(); the next one retries

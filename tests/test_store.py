@@ -251,6 +251,31 @@ async def test_a_connection_the_server_closed_while_idle_is_replaced(
     assert not store.down
 
 
+async def test_a_connection_closed_under_a_command_does_not_pause_a_store_that_answers(
+    stores, redis_server, redis_url
+):
+    """A command whose connection the server closes under it (CLIENT KILL; a proxy in front of
+    Redis restarting) fails, but a PING on a new connection, sent at once, finds the server
+    there and ends the pause: the next callers are not refused for RETRY_AFTER (the store's
+    clock stands still here: only that PING can end it)."""
+    store = stores(redis_url, clock=FakeClock())
+    await ping(store)
+    held = asyncio.create_task(store.run(lambda: store.redis.blpop(["never-pushed"], 0.4)))
+    await until(lambda: any(b"blpop" in line for line in client_commands(redis_server)))
+    redis_server.command("CLIENT", "KILL", "TYPE", "normal")
+    with pytest.raises(StoreUnavailable):
+        await held
+    await until(lambda: not store.down)
+    assert store.state == "ok"
+    assert await ping(store) is True
+
+
+def client_commands(redis_server: RedisServer) -> list[bytes]:
+    """The last command of each client connected (CLIENT LIST), lower-case."""
+    listing = redis_server.command("CLIENT", "LIST")
+    return [line.split(b" cmd=")[1].split(b" ")[0].lower() for line in listing.splitlines()]
+
+
 async def test_dropping_the_idle_connections_never_closes_one_a_command_took(stores, redis_url):
     """The idle connections a failure drops are out of the pool at once: a command that had
     passed the store's checks before the failure and takes a connection right after it gets

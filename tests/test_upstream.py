@@ -664,6 +664,81 @@ async def test_a_status_under_100_or_a_transfer_coding_besides_chunked_is_502(
     assert [(seen.connection, rid_of(seen)) for seen in up.requests] == [(0, "odd"), (1, "next")]
 
 
+def chunks_of(received: bytes) -> list[bytes]:
+    """The chunks of a chunked answer as received (head, chunks, the final chunk)."""
+    _, _, rest = received.partition(b"\r\n\r\n")
+    chunks = []
+    while True:
+        size_line, _, rest = rest.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            return chunks
+        chunks.append(rest[:size])
+        assert rest[size : size + 2] == b"\r\n"
+        rest = rest[size + 2 :]
+
+
+async def test_an_answer_in_one_byte_chunks_is_passed_on_in_large_pieces(gateway, bearer, upstream):
+    """An answer the SME gateway sends in one-byte chunks reaches the client intact, in pieces
+    of many kilobytes: not a write, a chunk to the client (six bytes on the wire for one) and a
+    timer per byte, which held the worker's loop for seconds and its memory by 100 MB."""
+    payload = os.urandom(100 * KiB)
+
+    async def respond(
+        seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for start in range(0, len(payload), 4 * KiB):
+            block = payload[start : start + 4 * KiB]
+            writer.write(b"".join(b"1\r\n%s\r\n" % block[i : i + 1] for i in range(len(block))))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        return True
+
+    up = await upstream(respond)
+    gw = await gateway(upstream=up.url)
+    reader, writer = await raw_client(gw.url)
+    try:
+        writer.write(
+            purchase(bearer(), "tiny").replace(b"\r\n\r\n", b"\r\nConnection: close\r\n\r\n", 1)
+        )
+        received, ending = await read_to_the_end(reader, timeout=20)
+    finally:
+        writer.close()
+    assert ending == "eof"
+    chunks = chunks_of(received)
+    assert b"".join(chunks) == payload
+    assert len(chunks) < len(payload) // 256  # ~100,000 before: one per byte
+
+
+INTERIM_WITH_A_BODY = {
+    "110-with-a-length": b"HTTP/1.1 110 Weird\r\nContent-Length: 5\r\n\r\nEVIL!",
+    "150-chunked": b"HTTP/1.1 150 X\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nEVIL!\r\n0\r\n\r\n",
+    "150-chunked-trailers": b"HTTP/1.1 150 X\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n"
+    b'Location: https://evil.example/\r\nETag: "from-1xx"\r\n\r\n',
+}
+
+
+@pytest.mark.parametrize("case", INTERIM_WITH_A_BODY)
+async def test_an_interim_answer_with_a_body_is_502_never_part_of_the_final_one(
+    gateway, bearer, upstream, case
+):
+    """A 1xx answer has no content (RFC 9110 §15.2). One that comes with a body or trailers
+    (llhttp frames a 1xx besides 100-103 like any answer) is a bad response, 502, and none
+    of its bytes or fields reach the client as part of the final answer."""
+    reply = INTERIM_WITH_A_BODY[case] + final(201, b'{"ok": "whole"}')
+    up = await upstream(scripted({"odd": reply}))
+    gw = await gateway(upstream=up.url)
+    response = await only_answer(gw.url, purchase(bearer(), "odd"))
+    assert (response.status, error_of(response)) == (502, "sme-gateway-bad-response")
+    assert response.headers[FORWARDED] == "unknown"
+    assert "Location" not in response.headers
+    assert b"EVIL" not in response.body
+    nxt = await only_answer(gw.url, purchase(bearer(), "next"))
+    assert (nxt.status, nxt.body) == (200, body_for("next"))
+
+
 @pytest.mark.parametrize("version", ["1.0", "1.1"])
 async def test_a_cut_answer_ends_in_a_reset_only_when_framed_by_the_close(
     gateway, bearer, upstream, version

@@ -64,6 +64,7 @@ MAX_HEAD_BYTES = 32 * 1024
 MAX_HEADER_FIELDS = 128
 MAX_TRAILER_BYTES = MAX_HEAD_BYTES  # trailer fields are dropped, but not read without end
 _TRANSFER_ENCODING = b"transfer-encoding"
+_INTERIM_BODY = "an interim (1xx) answer with a body"
 # Anything to read on an idle connection (bytes, or the peer's FIN); errors and hang-ups
 # are always reported. (POLLRDHUP is Linux's; select.poll is missing on Windows, where
 # reuse goes unchecked, as before.)
@@ -216,6 +217,9 @@ class Connection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._extra:
             return
+        if self._interim:  # a trailer field of an interim answer: it had a body
+            self._failure = self._failure or _INTERIM_BODY
+            return
         if self._head_done:  # a trailer field: dropped, and bounded
             self._trailer_size += len(name) + len(value) + 4
             if self._trailer_size > MAX_TRAILER_BYTES:
@@ -227,7 +231,7 @@ class Connection(asyncio.Protocol):
             self._codings.append(value)
 
     def on_headers_complete(self) -> None:
-        if self._extra:
+        if self._extra or self._failure is not None:  # (an answer already refused: no head)
             return
         status = self._parser.get_status_code()
         if 100 <= status < 200 and status != 101:
@@ -248,7 +252,9 @@ class Connection(asyncio.Protocol):
                 self._complete = True  # a HEAD answer: whatever its framing says, no body
 
     def on_body(self, body: bytes) -> None:
-        if not self._skip_body and not self._extra:
+        if self._interim:  # llhttp frames a 1xx besides 100-103 like any answer; it has none
+            self._failure = self._failure or _INTERIM_BODY
+        elif not self._skip_body and not self._extra:
             self._body.append(body)
 
     def on_message_complete(self) -> None:

@@ -8,9 +8,13 @@
 - ``ReadBuffer``: body bytes the parser produced and nobody has taken yet.
   Past ``HIGH_WATER`` the transport stops reading from the socket; below
   ``LOW_WATER`` it reads again. A slow client so stops the gateway from
-  reading the SME gateway's answer.
+  reading the SME gateway's answer. Each piece counts ``PIECE_COST`` bytes
+  besides its own (the object that holds it), and pieces are taken joined, up
+  to ``TAKE_MOST``: an answer in one-byte chunks is passed on in large pieces,
+  not a write (and a chunk to the client, and a timer) per byte.
 
-Memory per connection is bounded by these marks whatever the body sizes.
+Memory per connection is bounded by these marks whatever the body sizes and
+however the SME gateway chunks them.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from collections import deque
 
 HIGH_WATER = 256 * 1024
 LOW_WATER = 64 * 1024
+PIECE_COST = 64  # a bytes object's header and its place in the deque, rounded up
+TAKE_MOST = 64 * 1024  # small pieces are joined up to this much (a large one stays whole)
 
 
 class WriteFlow:
@@ -77,7 +83,7 @@ class ReadBuffer:
     def append(self, data: bytes) -> None:
         """A parser callback: record only (the pause decision is ``check()``'s)."""
         self._chunks.append(data)
-        self.size += len(data)
+        self.size += len(data) + PIECE_COST
 
     def check(self) -> None:
         """After a feed: stop reading from the socket if the buffer is past the high mark."""
@@ -86,11 +92,22 @@ class ReadBuffer:
             self._transport.pause_reading()
 
     def take(self) -> bytes:
-        """The oldest piece (b"" if none); reading resumes once the buffer is below the low mark."""
-        if not self._chunks:
+        """The oldest piece, joined with the next ones while they fit in ``TAKE_MOST`` (b"" if
+        none); reading resumes once the buffer is below the low mark."""
+        chunks = self._chunks
+        if not chunks:
             return b""
-        data = self._chunks.popleft()
-        self.size -= len(data)
+        data = chunks.popleft()
+        count = 1
+        if chunks and len(data) + len(chunks[0]) <= TAKE_MOST:
+            parts, size = [data], len(data)
+            while chunks and size + len(chunks[0]) <= TAKE_MOST:
+                piece = chunks.popleft()
+                parts.append(piece)
+                size += len(piece)
+            count = len(parts)
+            data = b"".join(parts)
+        self.size -= len(data) + count * PIECE_COST
         if self._paused and self.size < LOW_WATER and self._transport is not None:
             self._paused = False
             if not self._transport.is_closing():

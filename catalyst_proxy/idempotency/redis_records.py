@@ -14,7 +14,7 @@
   for a request that never went anywhere. With the fence it runs as a no-op
   (clocks may disagree by up to half the lease: ~16 s by default). A take-back
   that finds no reservation of ours leaves a marker of the owner token (a
-  ``catalyst-idem-taken:`` key, for a lease) that the reservation checks: one
+  ``catalyst-idem:taken:`` key, for a lease) that the reservation checks: one
   held up on its way (a connection whose bytes a lossy path delivers late)
   and run after its take-back stores nothing, though it is inside its fence.
 - Completion, "unknown" and release: compare-and-set on the record's owner
@@ -50,7 +50,7 @@ from .keys import slot
 from .records import OWNER_LENGTH, RESERVED, Record
 
 PREFIX = "catalyst-idem:"
-TAKEN = "catalyst-idem-taken:"  # + an owner token: its reservation was taken back
+TAKEN = PREFIX + "taken:"  # + an owner token: its reservation was taken back (one prefix: ACLs)
 
 # The record there (bytes), or 1: stored ours; 0: too late (past ARGV[3], Unix ms; 0: no fence);
 # 2: taken back already (KEYS[2] is there). (replicate_commands: a write after TIME needs it

@@ -48,6 +48,9 @@ SERVER_OPTIONS: dict[str, Any] = {
 HEAD_TIMEOUT = 60.0
 
 
+_parse = RequestHandler.data_received
+
+
 class _RequestHandler(RequestHandler):
     _body: StreamReader | None = None  # the body of the last request parsed on this connection
     _head_timer: asyncio.TimerHandle | None = None  # until the first request's head is in
@@ -68,10 +71,14 @@ class _RequestHandler(RequestHandler):
         self.force_close()  # nothing was read as a request: no one to answer
 
     def data_received(self, data: bytes) -> None:
-        queued = len(self._messages)
-        super().data_received(data)
-        if len(self._messages) == queued:  # a piece of a body, or part of a head: as ever
-            return
+        messages = self._messages
+        queued = len(messages)
+        _parse(self, data)  # aiohttp's (super() would cost a lookup on every read)
+        if len(messages) != queued:  # a head, or bytes refused: else a piece of a body
+            self._parsed()
+
+    def _parsed(self) -> None:
+        """What a read that made a new message also does (once a request, not once a read)."""
         if self._head_timer is not None:  # a head is in (or refused: answered, then closed)
             self._head_timer.cancel()
             self._head_timer = None

@@ -39,7 +39,8 @@ from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.credentials import CredentialProvider
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
 
 try:  # redis-py 7 and later
     from redis.maint_notifications import MaintNotificationsConfig
@@ -70,6 +71,11 @@ class StoreUnavailable(Exception):
 
 class StorePaused(StoreUnavailable):
     """Refused without being sent: the store pauses after a failure (nothing reached it)."""
+
+
+class StoreRefused(StoreUnavailable):
+    """The server answered with an error (out of memory, a read-only replica, no
+    permission): the command's outcome is known, and it stored nothing it would report."""
 
 
 class _PasswordFile(CredentialProvider):
@@ -174,6 +180,9 @@ class Store:
             raise StorePaused(self.last_error or "the store is down")
         try:
             result = await command()
+        except ResponseError as exc:
+            self.failed(exc)
+            raise StoreRefused(self.last_error or "the store refused") from None
         except (RedisError, OSError, TimeoutError) as exc:
             self.failed(exc)
             raise StoreUnavailable(self.last_error or "the store failed") from None
@@ -190,7 +199,10 @@ class Store:
         self._down_until = self._clock() + RETRY_AFTER
         self.last_error = _reason(exc)
         self._drop_idle()
-        if self._probe is None or self._probe.done():
+        # A connection lost under a command may be the connection's fault alone: see
+        # _recover(). (A timeout, or an error reply, is the server's: the pause stands.)
+        lost = isinstance(exc, (RedisConnectionError, ConnectionError))
+        if lost and (self._probe is None or self._probe.done()):
             with contextlib.suppress(RuntimeError):  # no loop running: nothing to probe with
                 self._probe = asyncio.get_running_loop().create_task(self._recover())
         if self.state != "unavailable":
@@ -231,10 +243,12 @@ class Store:
         return bool(self._down_until) and self._clock() < self._down_until
 
     async def _recover(self) -> None:
-        """Right after a failure, one PING on a new connection: if the server answers, the
-        failure was the connection's, not the server's (one it closed or reset under a
-        command: CLIENT KILL, a proxy's restart), and the pause ends at once rather than
-        refusing every caller for RETRY_AFTER. Otherwise the pause stands."""
+        """Right after a connection was lost under a command, one PING on a new connection: if
+        the server answers, the loss was the connection's, not the server's (one it closed or
+        reset under a command: CLIENT KILL, a proxy's restart), and the pause ends at once
+        rather than refusing every caller for RETRY_AFTER. Otherwise the pause stands. Never
+        after a timeout or an error reply: a server that answers PING may still fail every
+        command (out of memory, a read-only replica, CLIENT PAUSE WRITE)."""
         try:
             await self.redis.ping()
         except (RedisError, OSError, TimeoutError):

@@ -20,8 +20,9 @@ from structlog.testing import capture_logs
 
 from catalyst_proxy import log
 from catalyst_proxy.config import Settings
-from catalyst_proxy.errors import IdempotencyKeyInvalid
+from catalyst_proxy.errors import IdempotencyKeyInvalid, IdempotencyStoreUnavailable
 from catalyst_proxy.idempotency import Idempotency, MemoryRecords, Record, RedisRecords, parse_key
+from catalyst_proxy.idempotency.guard import RETRY_FIRST
 from catalyst_proxy.idempotency.keys import fingerprinter, scope, slot
 from catalyst_proxy.idempotency.records import (
     COMPLETED,
@@ -30,11 +31,11 @@ from catalyst_proxy.idempotency.records import (
     UNKNOWN,
     Records,
 )
-from catalyst_proxy.idempotency.redis_records import PREFIX, TAKEN
+from catalyst_proxy.idempotency.redis_records import PREFIX, taken
 from catalyst_proxy.ids import hex_id
 from catalyst_proxy.metrics import Metrics
 from catalyst_proxy.routes import Route
-from catalyst_proxy.store import Store, StoreUnavailable
+from catalyst_proxy.store import RETRY_AFTER, Store, StoreUnavailable
 
 from .auth_support import Clock
 from .redis_server import RedisServer
@@ -369,7 +370,10 @@ async def test_a_reservation_run_after_its_take_back_stores_nothing(redis_record
     with pytest.raises(StoreUnavailable, match="taken back"):
         await records.reserve(S("late"), Record(RESERVED, owner, time.time() + LEASE))
     assert redis_server.command("EXISTS", PREFIX + S("late")) == 0
-    assert 0 < redis_server.command("PTTL", TAKEN + owner) <= LEASE * 1000
+    marker = taken(S("late"), owner)
+    assert 0 < redis_server.command("PTTL", marker) <= LEASE * 1000
+    # One hash slot with the record's key (a cluster runs no script across two): its tag.
+    assert marker[marker.index("{") + 1 : marker.index("}")] == PREFIX + S("late")
     assert await records.reserve(S("late"), reservation(Clock(time.time()))) is None
 
 
@@ -439,6 +443,50 @@ async def test_a_release_the_store_refused_still_lands_when_shutdown_begins(
         assert redis_server.command("KEYS", PREFIX + "*") == []
     finally:
         await store.close()
+
+
+async def test_a_retry_backing_off_when_shutdown_begins_tries_at_once(redis_url, redis_server):
+    """A release the store refused is retried after a back-off (growing to RETRY_MOST). When
+    shutdown begins, a retry still backing off tries at once, within close()'s patience,
+    rather than sleep past it and be dropped: the key is free, not reserved until it reads as
+    "outcome unknown" for the TTL. (The store's clock stands still but for the test.)"""
+    now = [1_000.0]
+    store = Store(Settings(redis_url=redis_url), clock=lambda: now[0])
+    try:
+        route = Route(("POST",), "/p", "POST", "/api/billing/purchase")
+        guard = Idempotency({"/p": "optional"}, RedisRecords(store, 60.0, lease=LEASE), Metrics(),
+                            lease_seconds=LEASE, max_body_bytes=65536, shared=True)  # fmt: skip
+        attempt = await guard.begin("iss", "op-1", route, "k-backing-off")
+        store.failed(OSError("a blink"))  # the store pauses
+        await attempt.release()  # refused at once: retried after RETRY_FIRST
+        now[0] += RETRY_AFTER  # the pause is over (the retry has RETRY_FIRST to wait still)
+        with capture_logs() as logs:
+            await guard.close(patience=RETRY_FIRST / 5)
+        assert redis_server.command("KEYS", PREFIX + "*") == []
+        assert not [e for e in logs if e.get("gave_up")]
+    finally:
+        await store.close()
+
+
+async def test_a_reservation_the_store_answers_with_an_error_is_not_taken_back(
+    redis_url, redis_server
+):
+    """A reservation Redis answers with an error (out of memory here; a read-only replica, no
+    permission) is known to have stored nothing: 503, and no take-back, which would write its
+    marker, fail the same way, and be retried for a lease, each failure logged."""
+    store = Store(Settings(redis_url=redis_url))
+    route = Route(("POST",), "/p", "POST", "/api/billing/purchase")
+    guard = Idempotency({"/p": "optional"}, RedisRecords(store, 60.0, lease=LEASE), Metrics(),
+                        lease_seconds=LEASE, max_body_bytes=65536, shared=True)  # fmt: skip
+    redis_server.command("CONFIG", "SET", "maxmemory", "1")
+    try:
+        with pytest.raises(IdempotencyStoreUnavailable):
+            await guard.begin("iss", "op-1", route, "k-out-of-memory")
+        assert not guard._pending  # nothing to take back, nothing to retry
+    finally:
+        redis_server.command("CONFIG", "SET", "maxmemory", "0")
+        await store.close()
+    assert redis_server.command("KEYS", PREFIX + "*") == []
 
 
 async def test_a_release_whose_first_try_fails_during_shutdown_still_lands(redis_url, redis_server):

@@ -28,6 +28,7 @@ from catalyst_proxy.store import (
     PROBE_AFTER,
     RETRY_AFTER,
     Store,
+    StoreRefused,
     StoreUnavailable,
 )
 
@@ -268,6 +269,25 @@ async def test_a_connection_closed_under_a_command_does_not_pause_a_store_that_a
     await until(lambda: not store.down)
     assert store.state == "ok"
     assert await ping(store) is True
+
+
+async def test_an_error_reply_pauses_the_store_with_no_recovery_ping(
+    stores, redis_server, redis_url
+):
+    """A command the server answers with an error (out of memory here; a read-only replica, no
+    permission) is StoreRefused and pauses the store, and no recovery PING is sent: such a
+    server answers PING while it fails every command, and ending the pause on it would flap
+    the store's state (a log line, a pool's worth of reconnections) at every request."""
+    store = stores(redis_url, clock=FakeClock())
+    await ping(store)
+    redis_server.command("CONFIG", "SET", "maxmemory", "1")
+    try:
+        with pytest.raises(StoreRefused):
+            await store.run(lambda: store.redis.set("refused", "1"))
+    finally:
+        redis_server.command("CONFIG", "SET", "maxmemory", "0")
+    assert (store.state, store.down) == ("unavailable", True)
+    assert store._probe is None  # nothing sent to end the pause
 
 
 def client_commands(redis_server: RedisServer) -> list[bytes]:

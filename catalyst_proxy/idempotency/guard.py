@@ -49,7 +49,7 @@ from ..errors import (
 )
 from ..metrics import Metrics
 from ..routes import Route
-from ..store import StorePaused, StoreUnavailable
+from ..store import StorePaused, StoreRefused, StoreUnavailable
 from .keys import parse_key, scope
 from .memory import MemoryRecords
 from .records import COMPLETED, RESERVED, UNKNOWN, Record, Records
@@ -127,6 +127,7 @@ class Idempotency:
         self._outcomes = metrics.idempotency
         self._pending: set[asyncio.Task[None]] = set()
         self._closing = asyncio.Event()  # set by close(): retries stop
+        self._hurry = asyncio.Event()  # set as close() begins: retries stop backing off
         self.close_by: float | None = None  # the loop's time the server's grace ends (close())
         self._logger = log.get_logger()
 
@@ -165,7 +166,7 @@ class Idempotency:
                 existing = await records.reserve(where, Record(RESERVED, owner, lease_until))
         except StoreUnavailable as exc:
             self.count("store-error")
-            if not isinstance(exc, StorePaused):  # it was sent: the reply may be what was lost
+            if not isinstance(exc, (StorePaused, StoreRefused)):  # the reply may be what was lost
                 self._take_back(where, owner)
             raise IdempotencyStoreUnavailable(str(exc)) from None
         except asyncio.CancelledError:
@@ -199,13 +200,14 @@ class Idempotency:
             if self.close_by is not None:
                 patience = min(patience, max(self.close_by - loop.time(), CLOSE_LEAST))
         end = loop.time() + patience
+        self._hurry.set()  # a retry backing off tries now, then every RETRY_FIRST
         # (A first try that fails meanwhile starts its retry as a new task: waited for too.)
         while self._pending and (left := end - loop.time()) > 0:
             await asyncio.wait(set(self._pending), timeout=left)
         self._closing.set()
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
-        self._closing = asyncio.Event()
+        self._closing, self._hurry = asyncio.Event(), asyncio.Event()
 
     async def _settle(self, where: str, owner: str, record: Record | None) -> None:
         """Replace (record) or release (None) a reservation of ours (see the module's text)."""
@@ -259,21 +261,26 @@ class Idempotency:
         it lands, the reservation reads as in use, then as unknown: never a resend.)"""
         give_up_at = self._clock() + self._lease
         delay = RETRY_FIRST
-        closing = self._closing
-        while not closing.is_set():
+        closing, hurry = self._closing, self._hurry
+        reason = "shutdown"
+        while True:
+            # Back off; from the moment shutdown begins, no longer than RETRY_FIRST (a try now,
+            # then every RETRY_FIRST, within close()'s patience), until close() gives up.
+            wake = closing if hurry.is_set() else hurry
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(closing.wait(), delay)
+                await asyncio.wait_for(wake.wait(), RETRY_FIRST if wake is closing else delay)
             if closing.is_set():
-                return
+                break
             try:
                 await self._update(where, owner, record)
                 return
             except StoreUnavailable as exc:
+                reason = str(exc)
                 if self._clock() >= give_up_at:
-                    self._logger.warning(log.IDEMPOTENCY_STORE_ERROR, reason=str(exc),
-                                         outcome=_change(record), gave_up=True)  # fmt: skip
-                    return
+                    break
             delay = min(delay * 2, RETRY_MOST)
+        self._logger.warning(log.IDEMPOTENCY_STORE_ERROR, reason=reason,
+                             outcome=_change(record), gave_up=True)  # fmt: skip
 
 
 def _change(record: Record | None) -> str:

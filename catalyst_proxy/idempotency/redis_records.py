@@ -14,9 +14,11 @@
   for a request that never went anywhere. With the fence it runs as a no-op
   (clocks may disagree by up to half the lease: ~16 s by default). A take-back
   that finds no reservation of ours leaves a marker of the owner token (a
-  ``catalyst-idem:taken:`` key, for a lease) that the reservation checks: one
-  held up on its way (a connection whose bytes a lossy path delivers late)
-  and run after its take-back stores nothing, though it is inside its fence.
+  ``catalyst-idem:taken:`` key, for a lease, in the record's hash slot) that
+  the reservation checks: one held up on its way (a connection whose bytes a
+  lossy path delivers late) and run after its take-back stores nothing,
+  though it is inside its fence. (No take-back follows an error reply: the
+  reservation is known to have stored nothing.)
 - Completion, "unknown" and release: compare-and-set on the record's owner
   token in a Lua script, never a plain ``SET``: a first attempt that outlived
   its record can never overwrite a newer one. A completion (or "unknown") that
@@ -50,7 +52,14 @@ from .keys import slot
 from .records import OWNER_LENGTH, RESERVED, Record
 
 PREFIX = "catalyst-idem:"
-TAKEN = PREFIX + "taken:"  # + an owner token: its reservation was taken back (one prefix: ACLs)
+TAKEN = PREFIX + "taken:"  # its reservation was taken back (one prefix for both: ACLs)
+
+
+def taken(slot: str, owner: str) -> str:
+    """The take-back marker of ``owner``'s reservation at ``slot``: under the record's own key
+    as its hash tag, so that a cluster files both in one hash slot (a script's keys must be)."""
+    return f"{TAKEN}{{{PREFIX}{slot}}}:{owner}"
+
 
 # The record there (bytes), or 1: stored ours; 0: too late (past ARGV[3], Unix ms; 0: no fence);
 # 2: taken back already (KEYS[2] is there). (replicate_commands: a write after TIME needs it
@@ -138,7 +147,7 @@ class RedisRecords:
         else:
             hold_ms, fence_ms = self._ttl_ms, 0
         args: list[Any] = [record.encode(), hold_ms, fence_ms]
-        keys = [PREFIX + slot, TAKEN + record.owner]
+        keys = [PREFIX + slot, taken(slot, record.owner)]
         found: Any = await self._store.run(lambda: self._reserve(keys=keys, args=args))
         if isinstance(found, bytes):
             return Record.decode(found)
@@ -169,7 +178,7 @@ class RedisRecords:
         return bool(done)
 
     async def release(self, slot: str, owner: str) -> bool:
-        keys = [PREFIX + slot, TAKEN + owner]
+        keys = [PREFIX + slot, taken(slot, owner)]
         args: list[Any] = [owner, self._lease_ms]
         done = await self._store.run(lambda: self._release(keys=keys, args=args))
         return bool(done)

@@ -404,6 +404,17 @@ class Proxy:
             if attempt is not None:
                 await attempt.unknown()  # acted on; the answer never reached its client whole
             return response
+        except BodyFailed:
+            # The client's body broke off or went over the limit while an early answer
+            # streamed: the upstream request was aborted, and the answer with it. The
+            # client's transfer is aborted too; the fault is the client's, not the SME
+            # gateway's (no upstream failure is counted).
+            info.error = "request-body-too-large" if exchange.upload.too_large else "bad-request"
+            framed_by_close = request.version < HttpVersion11 and response.content_length is None
+            _abort(request.transport, reset=framed_by_close)
+            if attempt is not None:
+                await attempt.unknown()  # an answer had begun: the upstream may have acted
+            return response
         except BodyBroken as exc:
             # The upstream stalled or broke off mid-body: close the client's connection
             # before the declared length / final chunk, so the client sees an aborted

@@ -90,13 +90,18 @@ class _RequestHandler(RequestHandler):
         # it was delivering (a bad chunk size, a trailer section over the limits), it drops
         # that body without a word: its reader would wait for more until the time budget ran
         # out, and the 504 would blame the SME gateway for the client's bytes. The body ends
-        # with the error instead, as when the client leaves mid-body: 400, nothing forwarded.
+        # with an error instead, as when the client leaves mid-body: 400, nothing forwarded.
+        # Only a body a handler reads or will read: one aiohttp itself reads on (lingering
+        # after an answer) would log the error as unhandled. And never the parser's own
+        # exception: its text quotes the refused bytes (a cookie, a token).
         body = self._body
-        if body is not None and not body.is_eof() and body.exception() is None:
-            error = getattr(message, "exc", None)
-            if not isinstance(error, BaseException):
-                error = BadHttpMessage("the request body could not be parsed")
-            body.set_exception(error)
+        if body is None or body.is_eof() or body.exception() is not None:
+            return
+        current = self._current_request
+        if (current is not None and current.content is body) or any(
+            payload is body for _, payload in self._messages
+        ):
+            body.set_exception(BadHttpMessage("the request body could not be parsed"))
 
     def handle_error(
         self,

@@ -13,6 +13,7 @@ import contextlib
 import gzip
 import hashlib
 import json
+import logging
 import os
 import re
 import resource
@@ -42,7 +43,7 @@ from .rawhttp import (
     request_bytes,
     write_then_close,
 )
-from .support import eventually
+from .support import RawUpstream, eventually
 
 ASSURANCE = Assurance()
 
@@ -874,7 +875,65 @@ async def test_a_handler_raising_a_protocol_error_is_accounted_once(gateway, bea
     assert answered_id
 
 
+async def test_a_bad_chunk_after_an_early_answer_began_is_not_blamed_on_the_sme_gateway(
+    gateway, bearer
+):
+    """The SME gateway answers early and streams its answer while the client's chunked body
+    is still coming; then the body goes bad. The upstream request is aborted (never complete)
+    and the client's transfer with it (no final chunk), but the fault is the client's: no
+    upstream failure is counted."""
+
+    async def early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n8\r\npiece-0;\r\n")
+        with contextlib.suppress(ConnectionError):
+            while await reader.read(65536):  # the body, until the gateway lets go
+                pass
+
+    up = await RawUpstream(early).start()
+    gw = await gateway(upstream=up.url, upstream_timeout_seconds=30)
+    headers = [*bearer().items(), ("Transfer-Encoding", "chunked")]
+    reader, writer = await raw_client(gw.url)
+    try:
+        writer.write(request_bytes("POST", PURCHASE, headers) + b"3\r\nabc\r\n")
+        async with asyncio.timeout(5):
+            await reader.readuntil(b"piece-0;")  # the answer streams
+            writer.write(b"ZZ\r\nhello\r\n0\r\n\r\n")
+            with contextlib.suppress(ConnectionError):
+                rest = await reader.read()
+    finally:
+        writer.close()
+        await up.close()
+    assert b"0\r\n\r\n" not in rest  # aborted, never a clean end
+    text = await gw.metrics_text()
+    assert not re.search(r'upstream_failures_total\{kind="[a-z_]+"\} [1-9]', text), text
+
+
 SHORT = {"head_timeout": 0.3, "keepalive_timeout": 0.3}  # the production ones: 60 s and 75 s
+
+
+async def test_a_bad_chunk_in_a_body_nobody_reads_is_never_logged(gateway, caplog):
+    """A body aiohttp reads on by itself after the answer (a GET /healthz sent with a chunked
+    body) that then goes bad is left alone: the parser's error quotes the refused bytes (a
+    cookie, a card number), and set on that body it was logged as an unhandled exception."""
+    gw = await gateway()
+    reader, writer = await raw_client(gw.url)
+    secret = b"4111111111111111"
+    with caplog.at_level(logging.DEBUG):
+        writer.write(request_bytes("GET", "/healthz", [("Transfer-Encoding", "chunked")]))
+        writer.write(b"5\r\nhello\r\n")
+        async with asyncio.timeout(5):
+            response = await read_response(reader)
+        writer.write(b"ZZ-" + secret + b"\r\n")  # after the answer: aiohttp reads it alone
+        writer.close()  # ... and then the connection ends (after those bytes, in order)
+        await eventually(lambda: not gw.runner.server.connections)
+    assert response is not None
+    assert response.status == 200
+    logged = [
+        (r.levelname, r.getMessage(), str(r.exc_info and r.exc_info[1])) for r in caplog.records
+    ]
+    assert not [entry for entry in logged if secret.decode() in " ".join(entry)], logged
+    assert not [entry for entry in logged if entry[0] in ("ERROR", "CRITICAL")], logged
 
 
 @pytest.mark.parametrize(

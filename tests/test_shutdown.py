@@ -14,6 +14,7 @@ import pytest
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from catalyst_proxy import runner
 from catalyst_proxy.app import create_app
 from catalyst_proxy.config import Settings
 from catalyst_proxy.idempotency.guard import CLOSE_LEAST, CLOSE_PATIENCE
@@ -366,10 +367,10 @@ async def test_a_request_read_as_the_drain_begins_is_answered(public_key_file, b
                         bridge_secret=BRIDGE.encode(), shutdown_grace_seconds=10)  # fmt: skip
     stop = asyncio.Event()
     ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-    real_data_received = RequestHandler.data_received
+    real_parse = runner._parse  # aiohttp's data_received, as our protocol handler calls it
 
     def data_received(handler: RequestHandler, data: bytes) -> None:  # type: ignore[type-arg]
-        real_data_received(handler, data)
+        real_parse(handler, data)
         if b"X-Stop-Now" in data:
             stop.set()  # the stop is seen in the very turn the request was read
 
@@ -386,7 +387,7 @@ async def test_a_request_read_as_the_drain_begins_is_answered(public_key_file, b
         assert first is not None
         assert first.status == 200
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(RequestHandler, "data_received", data_received)
+            patch.setattr(runner, "_parse", data_received)
             writer.write(request_bytes("POST", PURCHASE, headers, body))
             answer = await asyncio.wait_for(read_response(reader), 10)
         writer.close()

@@ -351,12 +351,15 @@ class Connection(asyncio.Protocol):
         return self._body.take_all()
 
     async def read(self, budget: float) -> bytes:
-        """The next piece of the body, b"" at its end; BodyBroken if it broke or stalled."""
+        """The next piece of the body, b"" at its end; BodyBroken if it broke or stalled,
+        BodyFailed if the request's body failed meanwhile (an early answer cut with it)."""
         while True:
             if self._body.size:
                 return self._body.take()
             if self._complete:
                 return b""
+            if self._body_error is not None:  # the client's body broke: the answer with it
+                raise BodyFailed(self._body_error)
             if self._failure is not None:
                 raise BodyBroken(self._failure)
             if not await self._wait(self._loop.time() + budget):

@@ -309,6 +309,9 @@ class Proxy:
             return None, None
         content = request.content
         if content.is_eof():
+            failed = content.exception()
+            if failed is not None:  # the parser gave up on it (runner.py): never forwarded
+                raise BadRequest(f"the request body ended early: {type(failed).__name__}")
             data = content.read_nowait(-1)
             if len(data) > self._limit:
                 raise BodyTooLarge(self._limit)

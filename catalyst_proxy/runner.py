@@ -51,6 +51,15 @@ HEAD_TIMEOUT = 60.0
 _parse = RequestHandler.data_received
 
 
+def _end_with_an_error(body: StreamReader) -> None:
+    """End a request body the parser gave up on: its reader gets the error (never the
+    parser's own, whose text quotes the refused bytes: a cookie, a token), and the body
+    counts as ended, so that aiohttp does not read on from it after the answer (it would
+    log the error as unhandled, a traceback per request)."""
+    body.set_exception(BadHttpMessage("the request body could not be parsed"))
+    body.feed_eof()
+
+
 class _RequestHandler(RequestHandler):
     _body: StreamReader | None = None  # the body of the last request parsed on this connection
     _head_timer: asyncio.TimerHandle | None = None  # until the first request's head is in
@@ -91,17 +100,27 @@ class _RequestHandler(RequestHandler):
         # that body without a word: its reader would wait for more until the time budget ran
         # out, and the 504 would blame the SME gateway for the client's bytes. The body ends
         # with an error instead, as when the client leaves mid-body: 400, nothing forwarded.
-        # Only a body a handler reads or will read: one aiohttp itself reads on (lingering
-        # after an answer) would log the error as unhandled. And never the parser's own
-        # exception: its text quotes the refused bytes (a cookie, a token).
         body = self._body
         if body is None or body.is_eof() or body.exception() is not None:
             return
+        if self._read_by_a_handler(body):
+            _end_with_an_error(body)
+        else:
+            # Dispatched a moment ago, its handler's task not started yet (Python 3.11 starts
+            # it at the loop's next pass), or answered already and read on by aiohttp alone
+            # (lingering): the next pass tells which. Only the first gets the error.
+            self._loop.call_soon(self._end_if_read, body)
+
+    def _read_by_a_handler(self, body: StreamReader) -> bool:
+        """The body of the request being handled, or of one queued to be."""
         current = self._current_request
-        if (current is not None and current.content is body) or any(
-            payload is body for _, payload in self._messages
-        ):
-            body.set_exception(BadHttpMessage("the request body could not be parsed"))
+        if current is not None and current.content is body:
+            return True
+        return any(payload is body for _, payload in self._messages)
+
+    def _end_if_read(self, body: StreamReader) -> None:
+        if not body.is_eof() and body.exception() is None and self._read_by_a_handler(body):
+            _end_with_an_error(body)
 
     def handle_error(
         self,

@@ -23,10 +23,12 @@ import zlib
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import pytest
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_parser import RawRequestMessage
 from structlog.testing import capture_logs
 
 from .conftest import Assurance
@@ -645,7 +647,7 @@ async def test_client_that_stops_halfway_never_completes_upstream(
     ],
 )
 async def test_a_chunked_body_the_parser_refuses_midway_is_400_at_once(
-    gateway, bearer, upstream, tail
+    gateway, bearer, upstream, tail, caplog
 ):
     """A chunked body whose later bytes the parser refuses, after the request was dispatched
     and its start sent upstream, is 400 at once (nothing forwarded, the connection closed, the
@@ -659,11 +661,14 @@ async def test_a_chunked_body_the_parser_refuses_midway_is_400_at_once(
     await writer.drain()
     async with asyncio.timeout(5):
         await up.head_arrived.wait()  # dispatched, and on its way upstream
-    writer.write(tail)
-    async with asyncio.timeout(5):  # not the 30-s budget
-        response = await read_response(reader)
-        assert await reader.read() == b""  # and nothing after it: the connection closes
+    with caplog.at_level(logging.DEBUG):
+        writer.write(tail)
+        async with asyncio.timeout(5):  # not the 30-s budget
+            response = await read_response(reader)
+            assert await reader.read() == b""  # and nothing after it: the connection closes
     writer.close()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == []  # no traceback: aiohttp does not read on from the ended body
     assert response is not None
     assert (response.status, error_of(response.body)) == (400, "bad-request")
     assert response.headers["X-Catalyst-Forwarded"] == "no"
@@ -873,6 +878,78 @@ async def test_a_handler_raising_a_protocol_error_is_accounted_once(gateway, bea
         'status="500"} 1.0'
     ]
     assert answered_id
+
+
+async def test_a_bad_chunk_read_before_its_handler_starts_is_still_400(gateway, bearer, upstream):
+    """Python 3.11 starts the handler's task at the loop's next pass after aiohttp takes the
+    request from its queue: a bad chunk read in between (the request neither queued nor
+    handled yet) still ends its body with the error, 400 at once, not a 504 after the budget.
+    (The bytes are handed to the connection's protocol at that very moment.)"""
+    up = await upstream(echo)
+    gw = await gateway(upstream=up.url, upstream_timeout_seconds=30)
+    reader, writer = await raw_client(gw.url)
+    await eventually(lambda: len(gw.runner.server.connections) == 1)
+    (protocol,) = gw.runner.server.connections
+    headers = [*bearer().items(), ("Transfer-Encoding", "chunked")]
+    protocol.data_received(request_bytes("POST", PURCHASE, headers))  # queued; start() woken
+    await asyncio.sleep(0)  # start() takes it and creates the handler's task, not yet run
+    assert not protocol._messages
+    assert protocol._current_request is None
+    protocol.data_received(b"ZZ\r\nhello\r\n0\r\n\r\n")  # in between
+    async with asyncio.timeout(5):
+        response = await read_response(reader)
+    writer.close()
+    assert response is not None
+    assert (response.status, error_of(response.body)) == (400, "bad-request")
+
+
+async def test_a_bad_chunk_in_a_queued_request_is_400_for_it_alone(gateway, bearer, upstream):
+    """Two pipelined purchases; the second's body goes bad while the first is at the SME
+    gateway: the first is answered in full, the second 400 (never a 500), never complete
+    upstream."""
+    release = asyncio.Event()
+
+    async def first_held(
+        seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        if seen.headers.get("X-Request-ID") == "first":
+            await release.wait()
+        return await echo(seen, reader, writer)
+
+    up = await upstream(first_held)
+    gw = await gateway(upstream=up.url, upstream_timeout_seconds=30)
+    auth = list(bearer().items())
+    first = request_bytes(
+        "POST", PURCHASE, [*auth, ("X-Request-ID", "first"), ("Content-Length", "8")], b'{"n": 1}'
+    )
+    second = request_bytes(
+        "POST", PURCHASE, [*auth, ("X-Request-ID", "second"), ("Transfer-Encoding", "chunked")]
+    )
+    reader, writer = await raw_client(gw.url)
+    writer.write(first + second + b"3\r\nabc\r\n")
+    async with asyncio.timeout(5):
+        await up.until(lambda: len(up.requests) == 1)
+        writer.write(b"ZZ\r\nhello\r\n0\r\n\r\n")  # the second's body, still queued, breaks
+        await eventually(lambda: refused_queued(gw))  # the bad bytes are read
+        release.set()
+        answers = [await read_response(reader), await read_response(reader)]
+    writer.close()
+    assert answers[0] is not None
+    assert (answers[0].status, answers[0].body) == (200, b'{"n": 1}')
+    assert answers[1] is not None
+    assert (answers[1].status, error_of(answers[1].body)) == (400, "bad-request")
+    assert [(seen.headers.get("X-Request-ID"), seen.complete) for seen in up.requests] == [
+        ("first", True)
+    ]
+
+
+def refused_queued(gw: Any) -> bool:
+    """Whether a refusal (the parser's, queued by aiohttp) waits on a client connection."""
+    return any(
+        not isinstance(message, RawRequestMessage)
+        for handler in gw.runner.server.connections
+        for message, _ in handler._messages
+    )
 
 
 async def test_a_bad_chunk_after_an_early_answer_began_is_not_blamed_on_the_sme_gateway(

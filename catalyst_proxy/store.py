@@ -17,8 +17,9 @@ one connection pool.
 - After a failure the store is treated as down for ``RETRY_AFTER`` seconds
   (callers do not each wait for a connection that will not come), then the
   next command tries again: when Redis is back, its users resume without a
-  restart. A PING on a new connection, sent at once, ends the pause early if
-  the server answers it (the failure was the connection's, not the server's).
+  restart. After a connection lost under a command (not a timeout, not an
+  error reply), a PING on a new connection, sent at once, ends the pause early
+  if the server answers it (the loss was the connection's, not the server's).
 - The password never reaches a log line, ``/readyz`` or an error message:
   ``describe()`` is the URL without it.
 """

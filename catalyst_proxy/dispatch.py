@@ -141,7 +141,9 @@ class Dispatcher:
             # client does not wait for its own access-log line.
             loop = self._loop or self._bind_loop()
             loop.call_soon(self._account, info, request.method, path, status, duration)
-        if self._proxy.draining:
+        if self._proxy.draining or (request.body_exists and request.content.exception()):
+            # Shutdown; or a body the parser gave up on (runner.py): the bytes after it on
+            # this connection cannot be trusted, and aiohttp has queued its own answer to them.
             response.force_close()
         return response
 
@@ -212,8 +214,10 @@ class Dispatcher:
             answer.force_close()
             return answer
         response = error_response(exc, info.request_id)
-        if request.body_exists and not request.content.at_eof():
-            # The body was not read: do not let its bytes be parsed as a next request.
+        content = request.content
+        if request.body_exists and (not content.at_eof() or content.exception()):
+            # The body was not read (or the parser gave up on it): do not let its bytes be
+            # parsed as a next request.
             response.force_close()
         return response
 

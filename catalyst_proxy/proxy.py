@@ -501,6 +501,7 @@ class Proxy:
             async with asyncio.timeout(budget):  # a client that stalls: TimeoutError, unknown
                 chunk = await request.content.readany()
             if not chunk:
+                _raise_if_failed(request.content)  # (see _stream_body)
                 return
             upload.sent += len(chunk)
             if upload.sent > upload.limit:
@@ -609,10 +610,19 @@ async def _invite_body(request: web.BaseRequest) -> None:
 
 
 async def _stream_body(content: StreamReader, upload: _Upload) -> AsyncIterator[bytes]:
-    """The client's body, chunk by chunk as it arrives, up to the limit."""
+    """The client's body, chunk by chunk as it arrives, up to the limit. Its end is an end
+    only if the body did not end with an error (runner.py ends a body the parser gave up
+    on so: a reader woken by the last good chunk in that same read sees the end next)."""
     while chunk := await content.readany():
         upload.sent += len(chunk)
         if upload.sent > upload.limit:
             upload.too_large = True
             raise _TooLarge()
         yield chunk
+    _raise_if_failed(content)
+
+
+def _raise_if_failed(content: StreamReader) -> None:
+    failed = content.exception()
+    if failed is not None:
+        raise failed

@@ -880,6 +880,33 @@ async def test_a_handler_raising_a_protocol_error_is_accounted_once(gateway, bea
     assert answered_id
 
 
+@pytest.mark.parametrize("keyed", [False, True])
+async def test_a_bad_chunk_size_right_after_a_chunk_never_ends_the_body_cleanly(
+    gateway, bearer, upstream, keyed
+):
+    """The CRLF that ends a good chunk and a bad chunk size after it, in one read: the CRLF
+    wakes the body's reader with nothing new, then the parser gives up. The reader must see
+    the error, not an end: the upstream request stays incomplete (never a shorter purchase
+    sent whole and answered), the client gets one 400 and the connection closes."""
+    up = await upstream(echo)
+    gw = await gateway(upstream=up.url, upstream_timeout_seconds=30)
+    headers = [*bearer().items(), ("Transfer-Encoding", "chunked")]
+    if keyed:
+        headers.append(("Idempotency-Key", "cut-body"))
+    reader, writer = await raw_client(gw.url)
+    writer.write(request_bytes("POST", PURCHASE, headers) + b"5\r\nhello")
+    async with asyncio.timeout(5):
+        await up.until(lambda: bool(up.requests) and bytes(up.requests[0].body) == b"hello")
+        writer.write(b"\r\nZZ\r\n-the-rest-of-the-order\r\n0\r\n\r\n")
+        response = await read_response(reader)
+        assert await reader.read() == b""  # one answer, then the connection closes
+    writer.close()
+    assert response is not None
+    assert (response.status, error_of(response.body)) == (400, "bad-request")
+    await up.all_closed(timeout=5)
+    assert [seen.complete for seen in up.requests] == [False]
+
+
 async def test_a_bad_chunk_read_before_its_handler_starts_is_still_400(gateway, bearer, upstream):
     """Python 3.11 starts the handler's task at the loop's next pass after aiohttp takes the
     request from its queue: a bad chunk read in between (the request neither queued nor

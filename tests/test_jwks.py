@@ -23,6 +23,7 @@ from catalyst_proxy.devtools.keys import new_private_key, public_jwk
 
 from .auth_support import PURCHASE, Clock, WatchedJWKS, claims, metric, present
 from .conftest import Assurance
+from .rawhttp import raw_client, read_response, request_bytes
 from .support import b64, sign
 
 JWKS_TIMEOUT = 0.5
@@ -272,6 +273,29 @@ async def test_valid_requests_stay_fast_while_unknown_kids_wait(gateway, jwks, k
     assert await flood == [401] * 1_000
     assert jwks.fetches == 2
     assert len(gw.sme.received) == 20
+
+
+async def test_a_refusal_after_the_body_broke_is_the_connections_last_answer(gateway, jwks, key_a):
+    """A chunked purchase whose token names an unknown kid waits on a hanging JWKS refresh;
+    meanwhile its body goes bad (the parser gives up on it). The 401 that follows is the
+    connection's last answer: it closes, and aiohttp's own answer to the refused bytes is
+    never sent after it (a client that pools connections would take it for its next one)."""
+    gw = await jwks_only(gateway, jwks, jwks_timeout_seconds=JWKS_TIMEOUT)
+    jwks.mode = "hang"
+    headers = [*present("header", tok(key_a, "unknown")).items(),
+               ("Transfer-Encoding", "chunked")]  # fmt: skip
+    reader, writer = await raw_client(gw.url)
+    writer.write(request_bytes("POST", PURCHASE, headers))
+    await jwks.wait_fetches(2)  # the request waits on the refresh
+    writer.write(b"ZZ\r\nhello\r\n0\r\n\r\n")
+    async with asyncio.timeout(5):
+        response = await read_response(reader)
+        rest = await reader.read()
+    writer.close()
+    assert response is not None
+    assert response.status == 401
+    assert rest == b""
+    assert gw.sme.received == []
 
 
 # --- stale on error, failed refreshes -------------------------------------------------

@@ -214,10 +214,9 @@ class Dispatcher:
             answer.force_close()
             return answer
         response = error_response(exc, info.request_id)
-        content = request.content
-        if request.body_exists and (not content.at_eof() or content.exception()):
-            # The body was not read (or the parser gave up on it): do not let its bytes be
-            # parsed as a next request.
+        if request.body_exists and not request.content.at_eof():
+            # The body was not read: do not let its bytes be parsed as a next request.
+            # (One the parser gave up on: __call__ closes the connection after any answer.)
             response.force_close()
         return response
 

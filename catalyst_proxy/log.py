@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import json
 import logging
 import os
 import re
@@ -87,7 +88,7 @@ class LineSink:
         os.register_at_fork(before=self.flush, after_in_child=self._forget)
 
     def line(self, text: str | bytes) -> None:
-        data = text.encode() if isinstance(text, str) else text
+        data = text.encode("utf-8", "backslashreplace") if isinstance(text, str) else text
         self._pending.append(data + b"\n")
         self._size += len(data) + 1
         if self._size >= _FLUSH_BYTES:
@@ -175,11 +176,7 @@ def configure(*, fmt: str = "json", level: str = "info", stream: TextIO | None =
         _sink.flush()
     sink = _sink = LineSink(stream or sys.stdout)
     atexit.register(sink.flush)
-    renderer: Any
-    if fmt == "console":
-        renderer = console_renderer()
-    else:
-        renderer = structlog.processors.JSONRenderer(serializer=_dumps)
+    renderer = console_renderer() if fmt == "console" else _json_renderer()
     threshold = logging.getLevelNamesMapping()[level.upper()]
     _fast_access = fmt == "json" and threshold <= logging.INFO
     structlog.configure(
@@ -206,8 +203,33 @@ def flush() -> None:
         _sink.flush()
 
 
+def _json_renderer() -> Callable[[Any, str, MutableMapping[str, Any]], str]:
+    """JSON lines; an exception's traceback as the ``exception`` field (plain, no local
+    variables, what its messages quote redacted as free text), not as ``exc_info: true``."""
+    render = structlog.processors.JSONRenderer(serializer=_dumps)
+
+    def rendering(logger: Any, name: str, event: MutableMapping[str, Any]) -> str:
+        if "exc_info" in event:
+            event = structlog.processors.format_exc_info(logger, name, event)
+            if isinstance(event.get("exception"), str):
+                event["exception"] = redact_text(event["exception"])
+        return str(render(logger, name, event))
+
+    return rendering
+
+
 def _dumps(event: Any, **_: Any) -> str:
-    return orjson.dumps(event, default=str).decode()
+    return _json(event).decode()
+
+
+def _json(event: dict[str, Any]) -> bytes:
+    """One JSON object. orjson refuses a string that is not valid Unicode (a lone surrogate:
+    what Python makes of an environment variable's byte that is not UTF-8); the standard
+    library writes it as a ``\\udcff`` escape, so that such a value never costs its line."""
+    try:
+        return orjson.dumps(event, default=str)
+    except TypeError:
+        return json.dumps(event, default=str, separators=(",", ":")).encode()
 
 
 def access(fields: dict[str, Any]) -> None:
@@ -222,7 +244,7 @@ def access(fields: dict[str, Any]) -> None:
     fields["event"] = REQUEST
     fields["level"] = "info"
     fields["timestamp"] = _timestamp()
-    _sink.line(orjson.dumps(fields))
+    _sink.line(_json(fields))
 
 
 # Access-log fields whose text comes from the client or its token.

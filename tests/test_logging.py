@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
+import logging
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import aiohttp
 import pytest
+import structlog
 from yarl import URL
 
 from catalyst_proxy import log
@@ -419,6 +422,51 @@ def test_console_tracebacks_show_no_local_variables_and_no_tokens() -> None:
     assert "ValueError" in line
     assert secret.decode() not in line
     assert "eyJ" not in line
+
+
+@pytest.fixture
+def json_log() -> Iterator[io.StringIO]:
+    """``log.configure(fmt="json")`` into a buffer, this process's logging put back after."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    stream = io.StringIO()
+    log.configure(fmt="json", stream=stream)
+    yield stream
+    structlog.reset_defaults()
+    log._sink, log._fast_access = None, False
+    root.handlers[:], root.level = handlers, level
+
+
+def test_json_exceptions_carry_their_traceback_redacted(json_log: io.StringIO) -> None:
+    """A JSON line for an exception (``worker.crashed``) holds the plain traceback in
+    ``exception`` (it held only ``"exc_info": true``), a token its message quotes redacted."""
+    stream = json_log
+    jws = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJvcC0xIn0.c2lnbmF0dXJl"
+    try:
+        raise ValueError(f"could not verify {jws}")
+    except ValueError:
+        log.get_logger().exception(log.WORKER_CRASHED, worker=1)
+    log.flush()
+    (line,) = [json.loads(text) for text in stream.getvalue().splitlines()]
+    assert line["event"] == log.WORKER_CRASHED
+    assert "exc_info" not in line
+    assert line["exception"].startswith("Traceback (most recent call last):")
+    assert "ValueError: could not verify" in line["exception"]
+    assert "eyJ" not in stream.getvalue()
+
+
+def test_a_value_orjson_refuses_still_makes_one_json_line(json_log: io.StringIO) -> None:
+    """A lone surrogate (an environment variable's byte that is not UTF-8) or an integer past
+    64 bits in a field costs nothing: the line is written, valid JSON, escaped. (Such a
+    start-up line was a traceback, and a worker that crashed on it was restarted forever.)"""
+    stream = json_log
+    log.get_logger().info(log.STARTUP, token_issuers=["ab\udcffcd"], max_body_bytes=2**64)
+    log.access({"request_id": "r-1", "method": "POST", "path": "/p", "sub": "op-\ud800",
+                "email": None, "status": 500})  # fmt: skip
+    log.flush()
+    startup, request = [json.loads(text) for text in stream.getvalue().splitlines()]
+    assert (startup["token_issuers"], startup["max_body_bytes"]) == (["ab\udcffcd"], 2**64)
+    assert (request["event"], request["sub"], request["status"]) == ("request", "op-\ud800", 500)
 
 
 def test_console_lines_leave_ordinary_words_alone() -> None:

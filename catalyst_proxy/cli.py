@@ -69,7 +69,9 @@ def _parser() -> argparse.ArgumentParser:
 
     token = commands.add_parser("token", help="print an RS256 operator token")
     token.add_argument("--key", required=True, type=Path, help="RSA private key (PEM)")
-    token.add_argument("--sub", required=True, help="the operator's subject (sub claim)")
+    token.add_argument(
+        "--sub", required=True, type=_subject, help="the operator's subject (sub claim)"
+    )
     token.add_argument("--email", required=True, help="the operator's email claim")
     token.add_argument(
         "--realm-role",
@@ -95,6 +97,12 @@ def _whole(text: str, low: int, high: int, what: str) -> int:
     if not low <= value <= high:
         raise argparse.ArgumentTypeError(f"{what} out of range {low}-{high}: {text!r}")
     return value
+
+
+def _subject(text: str) -> str:
+    if not text.strip():  # the gateway refuses a token whose sub is empty
+        raise argparse.ArgumentTypeError("the subject must not be empty")
+    return text
 
 
 def _port(text: str) -> int:

@@ -22,6 +22,7 @@ _REALM = re.compile(r"[A-Za-z0-9._~-]+")
 # The JWKS is re-fetched every cache period: below a second that is hammering the IdP.
 MIN_JWKS_CACHE_SECONDS = 1.0
 MAX_SECONDS = 10 * 365 * 86400.0  # any duration: ten years
+MAX_INTEGER = 2**53  # any count or size: exact as a float, and within what JSON and C take
 # A base URL's path (sent before every upstream target): RFC 3986 path characters, %XX.
 _BASE_PATH = re.compile(r"(?:[A-Za-z0-9._~!$&'()*+,;=:@/-]|%[0-9A-Fa-f]{2})*")
 ASYMMETRIC_ALGORITHMS = frozenset(
@@ -289,14 +290,20 @@ class _Env:
         return self._raw(name) or None
 
     def secret(self, name: str) -> bytes | None:
+        """The variable's bytes as the environment held them (Python decodes the environment
+        with ``surrogateescape``: a byte that is not UTF-8 comes back as it was, as the SME
+        gateway reads its own copy of the secret)."""
         value = self._raw(name)
-        return value.encode() if value else None
+        return value.encode("utf-8", "surrogateescape") if value else None
 
     def csv(self, name: str) -> tuple[str, ...]:
         raw = self.text(name)
         if raw is None:
             return ()
-        return tuple(part.strip() for part in raw.split(",") if part.strip())
+        parts = tuple(part.strip() for part in raw.split(",") if part.strip())
+        if not parts:  # set, but to commas: not the same as unset (a check left off)
+            raise ConfigError(name, f"must list at least one value, got {raw!r}")
+        return parts
 
     def seconds(
         self, name: str, default: float, *, positive: bool = False, minimum: float = 0.0
@@ -329,6 +336,8 @@ class _Env:
             raise ConfigError(name, f"must be a whole number of {unit}, got {raw!r}") from None
         if value < minimum:
             raise ConfigError(name, f"must be {minimum} or more, got {raw!r}")
+        if value > MAX_INTEGER:
+            raise ConfigError(name, f"must be at most {MAX_INTEGER} (2**53), got {raw!r}")
         return value
 
     def choice(self, name: str, allowed: tuple[str, ...], default: str) -> str:
@@ -353,18 +362,24 @@ def _url_problem(raw: str, base: bool) -> str | None:
         parts = urlsplit(raw)
         parts.port  # noqa: B018 (raises ValueError for a bad port)
     except ValueError:
-        return f"is not a valid URL, got {raw!r}"
+        return f"is not a valid URL{_shown(raw)}"
     if parts.username is not None or parts.password is not None:
         return "must not hold credentials"  # and the value is not repeated
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        return f"must be an http:// or https:// URL with a host, got {raw!r}"
+        return f"must be an http:// or https:// URL with a host{_shown(raw)}"
     if parts.port == 0:
-        return f"must not name port 0, got {raw!r}"
+        return f"must not name port 0{_shown(raw)}"
     if base and not _BASE_PATH.fullmatch(parts.path):  # it goes into every request line
-        return f"must have a path of URL characters (percent-encode the others), got {raw!r}"
+        return f"must have a path of URL characters (percent-encode the others){_shown(raw)}"
     if parts.fragment or raw.endswith("#") or (base and (parts.query or raw.endswith("?"))):
-        return f"must not have a {'query or ' if base else ''}fragment, got {raw!r}"
+        return f"must not have a {'query or ' if base else ''}fragment{_shown(raw)}"
     return None
+
+
+def _shown(raw: str) -> str:
+    """The bad URL, for the error line, unless it may hold credentials (an ``@`` anywhere:
+    a URL too broken to parse may still carry a password)."""
+    return "" if "@" in raw else f", got {raw!r}"
 
 
 def _gateway_url(env: _Env) -> str:

@@ -198,6 +198,8 @@ async def test_config_error_never_echoes_a_secret(public_key_file):
         ["dev", "--port", "-1"],
         ["keygen"],
         ["token", "--key", "k.pem", "--sub", "s"],
+        ["token", "--key", "{private}", "--sub", "", "--email", "e"],
+        ["token", "--key", "{private}", "--sub", " ", "--email", "e"],
         ["token", "--key", "k.pem", "--sub", "s", "--email", "e", "--ttl", "0"],
         ["token", "--key", "k.pem", "--sub", "s", "--email", "e", "--ttl", "1h"],
         ["token", "--key", "/nonexistent/k.pem", "--sub", "s", "--email", "e"],
@@ -207,7 +209,8 @@ async def test_config_error_never_echoes_a_secret(public_key_file):
 )
 async def test_usage_error_exits_2_with_one_line(keys_dir, args):
     """A usage error exits 2 with one line on stderr and nothing on stdout."""
-    args = [a.replace("{public}", str(keys_dir / "public.pem")) for a in args]
+    args = [a.replace("{public}", str(keys_dir / "public.pem"))
+            .replace("{private}", str(keys_dir / "private.pem")) for a in args]  # fmt: skip
     status, stdout, stderr = await run_cli(*args)
     assert status == 2
     assert stdout == ""
@@ -253,6 +256,29 @@ async def test_host_ipv6_any_serves_both_families(public_key_file, workers):
                     assert resp.status == 200, host
     finally:
         await proc.stop()
+
+
+async def test_serve_takes_variables_that_are_not_utf8(public_key_file):
+    """``serve`` with bytes that are not UTF-8 in a secret and in the issuer list starts and
+    serves (a traceback and exit 1 before: the secret could not be encoded, the start-up
+    line could not be written), and its start-up line is one JSON object."""
+    env = {
+        "CATALYST_SESSION_PUBLIC_KEY_FILE": str(public_key_file),
+        "CATALYST_SME_JWT_SECRET": b"\xff\xfe-bridge-secret-0123456789-abcdef".decode(
+            "utf-8", "surrogateescape"
+        ),
+        "CATALYST_TOKEN_ISSUER": b"https://idp.test/\xff".decode("utf-8", "surrogateescape"),
+    }
+    proc = await ServeProcess(["serve", "--host", "127.0.0.1", "--port", "0"], env).start()
+    try:
+        base = await proc.wait_listening()
+        async with aiohttp.ClientSession() as http, http.get(base + "/readyz") as resp:
+            assert resp.status == 200
+            assert (await resp.json())["bridge_secret"] == "set"
+    finally:
+        await proc.stop()
+    (startup,) = [line for line in proc.json_lines() if line["event"] == "startup"]
+    assert startup["token_issuers"] == ["https://idp.test/\udcff"]
 
 
 async def test_dev_on_a_taken_port_exits_2_without_a_traceback():

@@ -156,6 +156,10 @@ class Authenticator:
         sub = claims.get("sub")
         if not isinstance(sub, str) or not sub.strip():
             raise _invalid("bad_claims", "sub is missing or empty")
+        for name in ("sub", "email", "iss"):  # they go on: into the bridge token, logs, keys
+            value = claims.get(name)
+            if isinstance(value, str) and not _is_text(value):
+                raise _invalid("bad_claims", f"{name} is not valid Unicode text")
         issuers = self._settings.token_issuers
         if issuers and claims.get("iss") not in issuers:
             raise _invalid("bad_claims", "issuer not accepted")
@@ -296,3 +300,14 @@ def _is_time(value: object) -> bool:
         return math.isfinite(value)
     except OverflowError:  # an integer with hundreds of digits
         return False
+
+
+def _is_text(value: str) -> bool:
+    """Encodable as UTF-8: JSON lets a token's string hold a lone surrogate (``"\\ud800"``)."""
+    if value.isascii():
+        return True
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -390,6 +390,21 @@ async def test_sub_missing_empty_or_not_a_string(gateway, rsa_key, sub):
     assert_refused(gw, await purchase(gw, present("header", rs256(claim_set, rsa_key))))
 
 
+@pytest.mark.parametrize("name", ["sub", "email", "iss"])
+async def test_a_claim_that_is_not_unicode_text_is_refused(gateway, rsa_key, name):
+    """A ``sub``, ``email`` or ``iss`` holding a lone surrogate (JSON allows ``"\\ud800"``;
+    UTF-8 cannot carry it) is refused as a bad claim: it would go on into the bridge token,
+    the log line and the idempotency key, where it cannot be written (it was a 500 with no
+    log line)."""
+    claim_set = claims()
+    claim_set[name] = "op-\ud800-1"
+    gw = await gateway()
+    assert_refused(gw, await purchase(gw, present("header", rs256(claim_set, rsa_key))))
+    claim_set[name] = "op-\u00e9-1"  # any other text is taken as it is
+    assert_accepted(gw, await purchase(gw, present("header", rs256(claim_set, rsa_key))),
+                    sub=claim_set["sub"])  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("configured", "iss"),
     [

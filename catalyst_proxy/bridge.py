@@ -92,7 +92,7 @@ class BridgeSecret:
         self._clock = clock
         self._interval = interval
         self._file_value: bytes | None = None
-        self._file_stamp: tuple[int, int, int] | None = None
+        self._file_stamp: tuple[int, int, int, int] | None = None
         self._checked_at = float("-inf")
         self.last_error: str | None = None
         if value is not None:
@@ -120,7 +120,8 @@ class BridgeSecret:
         assert self._path is not None
         try:
             st = os.stat(self._path)
-            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            # (ctime too: a rewrite in place that keeps the size and the mtime changes it)
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
             if stamp == self._file_stamp:
                 return
             with open(self._path, "rb") as file:

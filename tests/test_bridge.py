@@ -310,6 +310,30 @@ def test_secret_file_is_rechecked_at_most_once_per_interval(tmp_path):
     assert secret.get(now=clock.now + 0.1) == b"second-secret"
 
 
+def test_a_rewrite_that_keeps_size_and_mtime_is_still_seen(tmp_path):
+    """A secret rewritten in place with one of the same length, its mtime put back (a copy
+    that keeps times; two rotations within one tick of a coarse clock), is picked up: the
+    file's ctime changed, and the change check looks at it too."""
+    path = tmp_path / "JWT_SECRET"
+    path.write_bytes(b"first-secret-0123456789")
+    before = os.stat(path)
+    clock = Clock()
+    secret = BridgeSecret(path=str(path), clock=clock, interval=1.0)
+    assert secret.get() == b"first-secret-0123456789"
+    while True:  # until the kernel's clock has moved on (a few ms at most): ctime differs
+        with open(path, "r+b") as file:
+            file.write(b"other-secret-9876543210")
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+        after = os.stat(path)
+        if after.st_ctime_ns != before.st_ctime_ns:
+            break
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+        before.st_ino, before.st_size, before.st_mtime_ns
+    )  # fmt: skip
+    clock.now += 1
+    assert secret.get() == b"other-secret-9876543210"
+
+
 def replace_file(path: Path, content: bytes) -> None:
     """Rotate the way Kubernetes does: write a new file, then rename it over the old one."""
     new = path.with_suffix(".new")

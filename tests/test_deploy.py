@@ -295,6 +295,8 @@ def test_invalid_values_file_is_refused_by_the_schema(helm: Helm) -> None:
         ),
         ({"auth": {"keycloak": {"realm": "my!realm"}}}, "/auth/keycloak/realm"),
         ({"auth": {"keycloak": {"realm": ".."}}}, "/auth/keycloak/realm"),
+        ({"upstream": {"maxBodyBytes": 2**53 + 2}}, "/upstream/maxBodyBytes"),  # past 2**53
+        ({"upstream": {"maxPending": 2**60}}, "/upstream/maxPending"),
     ],
 )
 def test_schema_refuses_bad_values(helm: Helm, extra: dict[str, Any], where: str) -> None:

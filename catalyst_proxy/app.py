@@ -150,6 +150,8 @@ def create_app(
             table.routes,
             idempotency=idempotency.mode,
             rate_limited=lambda path: limiter.policy_header(path) is not None,
+            shared_store=store is not None,
+            refuse_on_store_error=settings.rate_limit_on_store_error == "refuse",
         )
     )
     proxy = Proxy(settings, authenticator, secret, metrics, client, limiter, idempotency)

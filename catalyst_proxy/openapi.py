@@ -83,9 +83,17 @@ def document(
     *,
     idempotency: Callable[[str], str],
     rate_limited: Callable[[str], bool],
+    shared_store: bool = False,
+    refuse_on_store_error: bool = False,
 ) -> dict[str, Any]:
     """The whole document. ``idempotency(path)`` is a route's mode, ``rate_limited(path)``
-    whether it has a rate limit."""
+    whether it has a rate limit; ``shared_store``: Redis holds the records and counters
+    (whose absence is a 503 for a key, and for a rate limit if ``refuse_on_store_error``)."""
+    unreachable = set()
+    if shared_store:
+        unreachable.add("IdempotencyStoreUnavailable")
+        if refuse_on_store_error:
+            unreachable.add("RateLimitStoreUnavailable")
     paths: dict[str, Any] = {}
     for route in routes:
         operations = paths.setdefault(route.path, {})
@@ -103,7 +111,7 @@ def document(
             ]
         for method in route.methods:
             operations[method.lower()] = _operation(
-                route, method, idempotency(route.path), rate_limited(route.path)
+                route, method, idempotency(route.path), rate_limited(route.path), unreachable
             )
     _unique_operation_ids(paths)
     paths.update(_OPS_PATHS)
@@ -134,7 +142,18 @@ def document(
     }
 
 
-def _operation(route: Route, method: str, mode: str, limited: bool) -> dict[str, Any]:
+def _can_answer(name: str, mode: str, unreachable: set[str]) -> bool:
+    if name == "IdempotencyKeyMissing":
+        return mode == "required"
+    if name.endswith("StoreUnavailable"):  # only a shared store's absence is answered
+        return name in unreachable
+    return True
+
+
+def _operation(
+    route: Route, method: str, mode: str, limited: bool, unreachable: set[str]
+) -> dict[str, Any]:
+    """One route's method; ``unreachable``: the store errors this configuration can answer."""
     steps = set(ALWAYS)
     if route.templated:
         steps.add("code")
@@ -145,7 +164,7 @@ def _operation(route: Route, method: str, mode: str, limited: bool) -> dict[str,
     errors = [
         cls
         for cls in every_error()
-        if cls.step in steps and (cls.__name__ != "IdempotencyKeyMissing" or mode == "required")
+        if cls.step in steps and _can_answer(cls.__name__, mode, unreachable)
     ]
     responses: dict[str, Any] = {
         "default": {

@@ -82,7 +82,15 @@ EXPECTED: dict[str, dict[str, tuple[set[str], str, bool]]] = {
         ALIAS_REVOKE: ({"post", "delete"}, "optional", True),
     },
 }
-STRICT_ENV = {"CATALYST_IDEMPOTENCY": "required", "CATALYST_RATE_LIMIT": "100/minute"}
+STRICT_ENV = {
+    "CATALYST_IDEMPOTENCY": "required",
+    "CATALYST_RATE_LIMIT": "100/minute",
+    # A shared store (never reached here) that refuses when it cannot be reached: its
+    # absence is an answer only then.
+    "CATALYST_REDIS_URL": "redis://127.0.0.1:9/0",
+    "CATALYST_RATE_LIMIT_ON_STORE_ERROR": "refuse",
+}
+STORE_ERRORS = {"idempotency-store-unavailable", "rate-limit-store-unavailable"}
 OPS_PATHS = {"/healthz", "/readyz", "/metrics", "/openapi.json"}
 EVERY_ROUTE_ANSWERS = {"protocol", "session", "bridge", "body", "exchange"}
 TRACE_HEADERS = ("X-Request-ID", "X-Catalyst-Forwarded")
@@ -122,8 +130,9 @@ def operations(document: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]
     ]
 
 
-def expected_codes(path: str, mode: str, limited: bool) -> dict[str, set[str]]:
-    """Status → the error codes a route can answer itself, from each error's ``step``."""
+def expected_codes(path: str, mode: str, limited: bool, shared: bool) -> dict[str, set[str]]:
+    """Status → the error codes a route can answer itself, from each error's ``step`` (a store's
+    absence only with a shared store: ``shared``)."""
     steps = set(EVERY_ROUTE_ANSWERS)
     if "{code}" in path:
         steps.add("code")
@@ -133,9 +142,15 @@ def expected_codes(path: str, mode: str, limited: bool) -> dict[str, set[str]]:
         steps.add("idempotency")
     codes: dict[str, set[str]] = {}
     for cls in every_error():
+        if cls.code in STORE_ERRORS and not shared:
+            continue
         if cls.step in steps and (cls is not IdempotencyKeyMissing or mode == "required"):
             codes.setdefault(str(cls.status), set()).add(cls.code)
     return codes
+
+
+def every_code_of(documented: dict[str, set[str]]) -> set[str]:
+    return set().union(*documented.values())
 
 
 def documented_codes(operation: dict[str, Any]) -> dict[str, set[str]]:
@@ -244,7 +259,11 @@ def test_each_operation_documents_exactly_the_error_codes_its_route_can_answer(e
             continue
         _, mode, limited = EXPECTED[name][path]
         documented = documented_codes(operation)
-        assert documented == expected_codes(path, mode, limited), (path, method)
+        shared = name == "strict"
+        assert documented == expected_codes(path, mode, limited, shared), (path, method)
+        codes = every_code_of(documented)
+        assert ("idempotency-store-unavailable" in codes) is (shared and mode != "off")
+        assert ("rate-limit-store-unavailable" in codes) is (shared and limited)
         every_code = set().union(*documented.values())
         assert ("429" in documented) is limited, (path, method)
         assert ("rate-limited" in every_code) is limited, (path, method)

@@ -13,7 +13,6 @@ import contextlib
 import functools
 import hashlib
 import importlib
-import os
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -25,7 +24,7 @@ from .ids import hex_id
 
 BRIDGE_TTL_SECONDS = 300
 SHORT_SECRET_BYTES = 32
-STAT_INTERVAL = 1.0  # how often (at most) the secret file is checked for a rotation
+STAT_INTERVAL = 1.0  # how often (at most) the secret file is read for a rotation
 
 _OWNER_ROLES = frozenset({"catalyst-owner"})
 _ADMIN_ROLES = frozenset({"catalyst-admin", "sovereign-admin", "application-admin"})
@@ -92,7 +91,7 @@ class BridgeSecret:
         self._clock = clock
         self._interval = interval
         self._file_value: bytes | None = None
-        self._file_stamp: tuple[int, int, int, int] | None = None
+        self._file_read: bytes | None = None  # the file's content when last read
         self._checked_at = float("-inf")
         self.last_error: str | None = None
         if value is not None:
@@ -117,20 +116,20 @@ class BridgeSecret:
         return self._file_value
 
     def _reload(self) -> None:
+        """Read the file (at most once per interval). Its content, not its times or size, says
+        whether it changed: a rewrite in place within one tick of a coarse clock, or a copy
+        that keeps times, changes neither (a Kubernetes Secret's few bytes on tmpfs)."""
         assert self._path is not None
         try:
-            st = os.stat(self._path)
-            # (ctime too: a rewrite in place that keeps the size and the mtime changes it)
-            stamp = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
-            if stamp == self._file_stamp:
-                return
             with open(self._path, "rb") as file:
                 value = file.read().strip()
         except OSError as exc:
             self._set_error(f"cannot read the secret file: {exc.strerror}")
-            self._file_value, self._file_stamp = None, None
+            self._file_value, self._file_read = None, None
             return
-        self._file_stamp = stamp
+        if value == self._file_read:
+            return
+        self._file_read = value
         self._file_value = value or None
         if value:
             self.last_error = None

@@ -72,20 +72,21 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument(
         "--sub", required=True, type=_subject, help="the operator's subject (sub claim)"
     )
-    token.add_argument("--email", required=True, help="the operator's email claim")
+    token.add_argument("--email", required=True, type=_text, help="the operator's email claim")
     token.add_argument(
         "--realm-role",
         action="append",
         default=[],
         dest="realm_roles",
+        type=_text,
         metavar="ROLE",
         help="a Keycloak realm role (realm_access.roles); repeat for more",
     )
-    token.add_argument("--tier", help="the tier claim")
+    token.add_argument("--tier", type=_text, help="the tier claim")
     token.add_argument("--ttl", type=_seconds, default=3600.0, help="lifetime in seconds [3600]")
-    token.add_argument("--kid", help="kid in the token's header [none]")
-    token.add_argument("--iss", help="issuer claim [none]")
-    token.add_argument("--aud", help="audience claim [none]")
+    token.add_argument("--kid", type=_text, help="kid in the token's header [none]")
+    token.add_argument("--iss", type=_text, help="issuer claim [none]")
+    token.add_argument("--aud", type=_text, help="audience claim [none]")
     return parser
 
 
@@ -102,6 +103,16 @@ def _whole(text: str, low: int, high: int, what: str) -> int:
 def _subject(text: str) -> str:
     if not text.strip():  # the gateway refuses a token whose sub is empty
         raise argparse.ArgumentTypeError("the subject must not be empty")
+    return _text(text)
+
+
+def _text(text: str) -> str:
+    """A claim's text: bytes that are not UTF-8 (which Python hands over as lone surrogates)
+    would make a token the gateway refuses."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError("not UTF-8 text") from None
     return text
 
 

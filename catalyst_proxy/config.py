@@ -22,7 +22,7 @@ _REALM = re.compile(r"[A-Za-z0-9._~-]+")
 # The JWKS is re-fetched every cache period: below a second that is hammering the IdP.
 MIN_JWKS_CACHE_SECONDS = 1.0
 MAX_SECONDS = 10 * 365 * 86400.0  # any duration: ten years
-MAX_INTEGER = 2**53  # any count or size: exact as a float, and within what JSON and C take
+MAX_INTEGER = 2**63 - 1  # any count or size: what a C int64 (and orjson) takes
 # A base URL's path (sent before every upstream target): RFC 3986 path characters, %XX.
 _BASE_PATH = re.compile(r"(?:[A-Za-z0-9._~!$&'()*+,;=:@/-]|%[0-9A-Fa-f]{2})*")
 ASYMMETRIC_ALGORITHMS = frozenset(
@@ -293,8 +293,9 @@ class _Env:
         """The variable's bytes as the environment held them (Python decodes the environment
         with ``surrogateescape``: a byte that is not UTF-8 comes back as it was, as the SME
         gateway reads its own copy of the secret)."""
-        value = self._raw(name)
-        return value.encode("utf-8", "surrogateescape") if value else None
+        assert name in DECLARED, f"{name} is not declared in VARIABLES"
+        value = self._environ.get(name, "").encode("utf-8", "surrogateescape").strip()
+        return value or None  # (bytes.strip(): ASCII white space, as the secret file's)
 
     def csv(self, name: str) -> tuple[str, ...]:
         raw = self.text(name)
@@ -337,7 +338,7 @@ class _Env:
         if value < minimum:
             raise ConfigError(name, f"must be {minimum} or more, got {raw!r}")
         if value > MAX_INTEGER:
-            raise ConfigError(name, f"must be at most {MAX_INTEGER} (2**53), got {raw!r}")
+            raise ConfigError(name, f"must be at most {MAX_INTEGER} (2**63 - 1), got {raw!r}")
         return value
 
     def choice(self, name: str, allowed: tuple[str, ...], default: str) -> str:
@@ -358,28 +359,29 @@ def _url(name: str, raw: str, *, base: bool = False) -> str:
 
 
 def _url_problem(raw: str, base: bool) -> str | None:
+    # The value is never repeated: a URL may carry a credential anywhere (user info, a query,
+    # a path), and one too broken to parse may still hold a password.
     try:
         parts = urlsplit(raw)
         parts.port  # noqa: B018 (raises ValueError for a bad port)
     except ValueError:
-        return f"is not a valid URL{_shown(raw)}"
+        return "is not a valid URL"
     if parts.username is not None or parts.password is not None:
-        return "must not hold credentials"  # and the value is not repeated
+        return "must not hold credentials"
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        return f"must be an http:// or https:// URL with a host{_shown(raw)}"
+        return "must be an http:// or https:// URL with a host"
+    try:  # what the clients send as the Host field and resolve
+        parts.hostname.encode("idna")
+        parts.netloc.encode("idna")
+    except UnicodeError:
+        return "must name a host that is a valid DNS name or address"
     if parts.port == 0:
-        return f"must not name port 0{_shown(raw)}"
+        return "must not name port 0"
     if base and not _BASE_PATH.fullmatch(parts.path):  # it goes into every request line
-        return f"must have a path of URL characters (percent-encode the others){_shown(raw)}"
+        return "must have a path of URL characters (percent-encode the others)"
     if parts.fragment or raw.endswith("#") or (base and (parts.query or raw.endswith("?"))):
-        return f"must not have a {'query or ' if base else ''}fragment{_shown(raw)}"
+        return f"must not have a {'query or ' if base else ''}fragment"
     return None
-
-
-def _shown(raw: str) -> str:
-    """The bad URL, for the error line, unless it may hold credentials (an ``@`` anywhere:
-    a URL too broken to parse may still carry a password)."""
-    return "" if "@" in raw else f", got {raw!r}"
 
 
 def _gateway_url(env: _Env) -> str:

@@ -200,6 +200,8 @@ async def test_config_error_never_echoes_a_secret(public_key_file):
         ["token", "--key", "k.pem", "--sub", "s"],
         ["token", "--key", "{private}", "--sub", "", "--email", "e"],
         ["token", "--key", "{private}", "--sub", " ", "--email", "e"],
+        ["token", "--key", "{private}", "--sub", "op-\udcff", "--email", "e"],  # not UTF-8
+        ["token", "--key", "{private}", "--sub", "s", "--email", "e", "--iss", "i\udcff"],
         ["token", "--key", "k.pem", "--sub", "s", "--email", "e", "--ttl", "0"],
         ["token", "--key", "k.pem", "--sub", "s", "--email", "e", "--ttl", "1h"],
         ["token", "--key", "/nonexistent/k.pem", "--sub", "s", "--email", "e"],

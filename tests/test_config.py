@@ -299,13 +299,14 @@ def test_a_list_of_nothing_is_an_error_not_unset(variable, value):
      "CATALYST_UPSTREAM_MAX_PENDING", "CATALYST_IDEMPOTENCY_MAX_BODY_BYTES",
      "CATALYST_BREAKER_FAILURES"],
 )  # fmt: skip
-def test_a_count_or_size_past_2_to_the_53_is_refused(variable):
-    """Counts and sizes are bounded (2**53): a larger one was taken, then crashed start-up
-    (the start-up line could not be written) and, with --workers, restarted forever."""
+def test_a_count_or_size_past_int64_is_refused(variable):
+    """Counts and sizes go up to 2**63 - 1 (the "unlimited" some operators write); a larger one
+    was taken, then crashed start-up (the start-up line could not be written) and, with
+    --workers, restarted forever."""
     field = variable.lower().removeprefix("catalyst_")
-    assert getattr(env(**{variable: str(2**53)}), field) == 2**53
+    assert getattr(env(**{variable: str(2**63 - 1)}), field) == 2**63 - 1
     with pytest.raises(ConfigError) as caught:
-        env(**{variable: str(2**64)})
+        env(**{variable: str(2**63)})
     assert caught.value.variable == variable
     assert "at most" in str(caught.value)
 
@@ -321,16 +322,46 @@ def test_secrets_keep_the_bytes_the_environment_held():
     assert env(CATALYST_ORG_JWT_SECRET=held).bridge_secret == raw
 
 
+def test_a_secret_is_trimmed_of_ascii_white_space_only():
+    """A secret loses the ASCII white space around it (a newline from a file piped into the
+    variable), as the secret file does, and nothing else: not a C0 separator nor a no-break
+    space at its ends (str.strip() took them: the bridge token then failed upstream)."""
+    raw = b"\x1f\xfe\x80-bridge-secret-0123456789\xc2\xa0"
+    held = (b" \t" + raw + b"\n").decode("utf-8", "surrogateescape")
+    assert env(CATALYST_SME_JWT_SECRET=held).bridge_secret == raw
+    assert env(CATALYST_SESSION_COOKIE_SECRET=held).session_cookie_secret == raw
+
+
 @pytest.mark.parametrize(
-    "url", ["http://svc:pa55word@gw:80800", "http://svc:pa55word@[gw", "svc:pa55word@gw:8080"]
-)
-def test_a_broken_url_with_a_password_is_refused_without_echo(url):
-    """A URL too broken to parse (or without a scheme) that may carry a password is not
-    repeated in the error line (it was, whenever the parse failed before the check)."""
+    "url",
+    ["http://svc:pa55word@gw:80800", "http://svc:pa55word@[gw", "svc:pa55word@gw:8080",
+     "http://svc:pa55word", "http://svc:pa55word%40gw:8080/", "http://svc:pa55word\uff20gw/",
+     "https://gw.example/?api_key=pa55word", "https://gw.example/x#pa55word"],
+)  # fmt: skip
+def test_a_bad_url_is_refused_without_echo(url):
+    """A bad URL is never repeated in the error line: a credential may sit anywhere in it (user
+    info, broken or not, a query), and the line goes to the pod's log."""
     with pytest.raises(ConfigError) as caught:
         env(CATALYST_SME_GATEWAY_URL=url)
     assert caught.value.variable == "CATALYST_SME_GATEWAY_URL"
     assert "pa55word" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "variable", ["CATALYST_SME_GATEWAY_URL", "CATALYST_JWKS_URL", "CATALYST_KC_ADDR"]
+)
+@pytest.mark.parametrize(
+    "host", ["gateway..svc", "gw\udcff", "x" * 64 + ".svc"], ids=["empty-label", "byte", "long"]
+)
+def test_a_host_that_is_no_dns_name_is_refused(variable, host):
+    """A host that IDNA cannot encode (an empty or over-long label, a byte that is not UTF-8)
+    exits 2 naming the variable; it was taken, then a traceback at start-up (the Host field
+    and the JWKS client encode it)."""
+    values = {variable: f"http://{host}:8080"}
+    with pytest.raises(ConfigError) as caught:  # (KC_ADDR alone: the JWKS URL would win)
+        Settings.from_env(values if variable == "CATALYST_KC_ADDR" else {**BASE, **values})
+    assert caught.value.variable == variable
+    assert "host" in str(caught.value)
 
 
 def test_url_with_credentials_is_refused_without_echo():

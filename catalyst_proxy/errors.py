@@ -240,7 +240,8 @@ class RateLimited(ProxyError):
 
 
 class HeaderFieldsTooLarge(ProxyError):
-    """A header line is over 16 KiB; the connection is closed after the answer."""
+    """A header line is over 16 KiB, or the whole head over 64 KiB; the connection is closed
+    after the answer."""
 
     status, code = 431, "request-header-fields-too-large"
     step = "protocol"

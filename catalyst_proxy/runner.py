@@ -22,8 +22,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 from aiohttp.http_parser import RawRequestMessage
-from aiohttp.streams import StreamReader
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from . import log
 from .app import PARTS
@@ -46,6 +46,11 @@ SERVER_OPTIONS: dict[str, Any] = {
 # A new connection that has not sent a whole request head by then closes (nginx's
 # client_header_timeout); after its first request the keep-alive timeout takes over.
 HEAD_TIMEOUT = 60.0
+# A whole request head (request line and header lines) past this is 431, at once: aiohttp
+# bounds each line (16 KiB) and their number (128), not their sum, and it keeps a head it is
+# still reading twice over (bytes and text): 128 lines were ~4 MB per connection, held until
+# the head timeout, with no token needed. (Envoy's default is 60 KiB, nginx's 4 x 8 KiB.)
+MAX_HEAD_BYTES = 64 * 1024
 
 
 _parse = RequestHandler.data_received
@@ -63,6 +68,8 @@ def _end_with_an_error(body: StreamReader) -> None:
 class _RequestHandler(RequestHandler):
     _body: StreamReader | None = None  # the body of the last request parsed on this connection
     _head_timer: asyncio.TimerHandle | None = None  # until the first request's head is in
+    _head_bytes = 0  # read since the last head was parsed, while no body was being read
+    _head_refused = False  # over MAX_HEAD_BYTES: answered 431, nothing more is parsed
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -80,11 +87,35 @@ class _RequestHandler(RequestHandler):
         self.force_close()  # nothing was read as a request: no one to answer
 
     def data_received(self, data: bytes) -> None:
+        if self._head_refused:
+            return
         messages = self._messages
         queued = len(messages)
+        body = self._body
+        in_a_head = body is None or body.is_eof()  # so all of this read is head bytes
         _parse(self, data)  # aiohttp's (super() would cost a lookup on every read)
         if len(messages) != queued:  # a head, or bytes refused: else a piece of a body
+            self._head_bytes = 0
             self._parsed()
+        elif in_a_head and data:
+            # (A read that ends a body and begins the next head is not counted: the bound
+            # may let one read's worth more through, never hold a head past it for long.)
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._refuse_head()
+
+    def _refuse_head(self) -> None:
+        """Answer 431 as aiohttp answers the parser's refusals (the same path: access line,
+        count, JSON body, connection closed) and parse nothing more from this connection."""
+        self._head_refused = True
+        too_long = LineTooLong("the request head", MAX_HEAD_BYTES)
+        refusal = _ErrInfo(status=431, exc=too_long, message=too_long.message)
+        self._messages.append((refusal, EMPTY_PAYLOAD))
+        self._request_count += 1
+        self._parsed()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _parsed(self) -> None:
         """What a read that made a new message also does (once a request, not once a read)."""

@@ -1076,6 +1076,56 @@ async def test_a_keep_alive_connection_idle_after_an_answer_is_closed(gateway, t
     writer.close()
 
 
+def big_head(lines: int, *, line_bytes: int = 15_000, end: bool = True) -> bytes:
+    """A GET /healthz head with ``lines`` header lines of ``line_bytes`` each, each under the
+    line limit (16 KiB); ended with its blank line or not."""
+    fields = b"".join(b"X-Pad-%d: %s\r\n" % (n, b"p" * line_bytes) for n in range(lines))
+    return b"GET /healthz HTTP/1.1\r\nHost: g\r\n" + fields + (b"\r\n" if end else b"")
+
+
+@pytest.mark.parametrize("pieces", [1, 64], ids=["one-write", "trickled"])
+async def test_a_head_past_64_kib_in_all_is_431_at_once(gateway, upstream, bearer, pieces):
+    """A request head over 64 KiB in all, every line of it under the line limit, is answered
+    431 as soon as it is over, with the head timeout far off, and its connection closed:
+    aiohttp bounds lines, not their sum, and held ~4 MB per such connection (128 lines)
+    until the head timeout, no token needed."""
+    up = await upstream(answer())
+    gw = await gateway(upstream=up.url)
+    head = big_head(5, end=False).replace(b"GET /healthz", b"POST " + PURCHASE.encode())
+    head = head.replace(b"Host: g\r\n", b"Host: g\r\nAuthorization: %s\r\n"
+                        % bearer()["Authorization"].encode())  # fmt: skip
+    reader, writer = await raw_client(gw.url)
+    step = len(head) // pieces + 1
+    with capture_logs() as logs:
+        for start in range(0, len(head), step):
+            writer.write(head[start : start + step])
+            await writer.drain()
+        async with asyncio.timeout(5):  # (the head timeout is 60 s)
+            received = await reader.read(-1)  # to the connection's end: it must close
+        await eventually(lambda: any(e["event"] == "request" for e in logs))
+    writer.close()
+    assert re.match(rb"HTTP/1\.[01] 431 ", received), received[:60]  # (1.0: aiohttp's, known)
+    assert error_of(received.partition(b"\r\n\r\n")[2]) == "request-header-fields-too-large"
+    assert b"X-Catalyst-Forwarded: no\r\n" in received
+    assert up.requests == []
+    [line] = [e for e in logs if e["event"] == "request"]
+    assert (line["status"], line["route"]) == (431, "none")
+
+
+async def test_a_head_of_several_long_lines_under_64_kib_is_served(gateway):
+    """Several header lines near the line limit (a large token, cookies, a trace state) are
+    served while the whole head stays under 64 KiB, also on a kept-alive connection."""
+    gw = await gateway()
+    reader, writer = await raw_client(gw.url)
+    for _ in range(2):
+        writer.write(big_head(3, line_bytes=16_000))  # 48 KB of lines, ~48.1 KB in all
+        async with asyncio.timeout(5):
+            response = await read_response(reader)
+        assert response is not None
+        assert response.status == 200
+    writer.close()
+
+
 async def test_a_head_sent_in_time_is_served_and_its_connection_kept(gateway):
     """The head timeout ends with the first head: the connection, idle between its requests for
     longer than that, still serves the next (the keep-alive timeout governs it now)."""

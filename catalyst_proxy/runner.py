@@ -51,6 +51,7 @@ HEAD_TIMEOUT = 60.0
 # still reading twice over (bytes and text): 128 lines were ~4 MB per connection, held until
 # the head timeout, with no token needed. (Envoy's default is 60 KiB, nginx's 4 x 8 KiB.)
 MAX_HEAD_BYTES = 64 * 1024
+HEAD_SLICE = 16 * 1024  # a longer read is parsed in slices of this (see data_received)
 
 
 _parse = RequestHandler.data_received
@@ -68,7 +69,7 @@ def _end_with_an_error(body: StreamReader) -> None:
 class _RequestHandler(RequestHandler):
     _body: StreamReader | None = None  # the body of the last request parsed on this connection
     _head_timer: asyncio.TimerHandle | None = None  # until the first request's head is in
-    _head_bytes = 0  # read since the last head was parsed, while no body was being read
+    _head_bytes = 0  # a head's bytes (or a trailer section's) read since the last message
     _head_refused = False  # over MAX_HEAD_BYTES: answered 431, nothing more is parsed
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -89,20 +90,41 @@ class _RequestHandler(RequestHandler):
     def data_received(self, data: bytes) -> None:
         if self._head_refused:
             return
+        if len(data) <= HEAD_SLICE:
+            self._receive(data)
+            return
+        # A long read is parsed a slice at a time, so that a head's bytes are counted wherever
+        # the head begins in it (after a whole request, or at the end of a body). It is what a
+        # client sending smaller pieces would cause: the parser holds no more than it would.
+        for start in range(0, len(data), HEAD_SLICE):
+            self._receive(data[start : start + HEAD_SLICE])
+            if self._head_refused:
+                return
+
+    def _receive(self, data: bytes) -> None:
         messages = self._messages
         queued = len(messages)
         body = self._body
-        in_a_head = body is None or body.is_eof()  # so all of this read is head bytes
+        in_a_head = body is None or body.is_eof()
+        fed = body.total_bytes if body is not None else 0
         _parse(self, data)  # aiohttp's (super() would cost a lookup on every read)
         if len(messages) != queued:  # a head, or bytes refused: else a piece of a body
             self._head_bytes = 0
             self._parsed()
-        elif in_a_head and data:
-            # (A read that ends a body and begins the next head is not counted: the bound
-            # may let one read's worth more through, never hold a head past it for long.)
+        elif not data or self._reading_paused or self._buffer_paused or self._closing():
+            return  # (paused: the parser keeps the bytes raw, unparsed, until it resumes)
+        elif in_a_head or body is None or body.total_bytes == fed:
+            # A head's bytes, or a body's framing with no content: a chunked body's trailer
+            # section (the parser keeps it as it keeps a head), or chunk extensions. (What a
+            # paused parser kept and parses on resuming is not counted: one read at most.)
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._refuse_head()
+        else:
+            self._head_bytes = 0  # the body's content moved on
+
+    def _closing(self) -> bool:
+        return self._close or self._force_close  # (aiohttp parses nothing more then)
 
     def _refuse_head(self) -> None:
         """Answer 431 as aiohttp answers the parser's refusals (the same path: access line,

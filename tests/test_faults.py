@@ -1112,6 +1112,58 @@ async def test_a_head_past_64_kib_in_all_is_431_at_once(gateway, upstream, beare
     assert (line["status"], line["route"]) == (431, "none")
 
 
+@pytest.mark.parametrize("before", ["a-whole-get", "a-whole-purchase"])
+async def test_a_head_begun_in_the_read_that_ends_a_request_is_counted_too(
+    gateway, upstream, bearer, before
+):
+    """The bound holds for a head that begins in the same read as the end of the request before
+    it (a whole GET, or the last bytes of a purchase's body): that part of the read was not
+    counted, and ~190 KB of head sat on the connection until the keep-alive timeout."""
+    up = await upstream(answer())
+    gw = await gateway(upstream=up.url)
+    body = b'{"plan": "%s"}' % (b"p" * 40_000)
+    first = (
+        request_bytes("GET", "/healthz", [])
+        if before == "a-whole-get"
+        else request_bytes("POST", PURCHASE, [*bearer().items(),
+                                              ("Content-Length", str(len(body)))], body)
+    )  # fmt: skip
+    reader, writer = await raw_client(gw.url)
+    writer.write(first + big_head(12, line_bytes=16_000, end=False))  # one write, ~230 KB
+    async with asyncio.timeout(5):  # (the keep-alive timeout is 75 s)
+        received = await reader.read(-1)  # to the connection's end: it must close
+    writer.close()
+    assert received.startswith(b"HTTP/1.1 200 "), received[:60]  # the first, answered
+    assert re.search(rb"HTTP/1\.[01] 431 ", received), received[:200]  # then the bound
+
+
+@pytest.mark.parametrize("with_a_token", [False, True])
+async def test_a_trailer_section_past_64_kib_is_refused_at_once(
+    gateway, upstream, bearer, with_a_token
+):
+    """A chunked body's trailer section is kept by the parser as a head is, and is bounded the
+    same: past 64 KiB the request is refused (400 while its body is read, 431 else) and the
+    connection closed, nothing forwarded whole. It was held, ~4 MB a connection, until
+    aiohttp's lingering (10 s) or the time budget ended."""
+    up = await upstream(answer())
+    gw = await gateway(upstream=up.url)
+    auth = [("Authorization", bearer()["Authorization"])] if with_a_token else []
+    head = request_bytes("POST", PURCHASE, [*auth, ("Transfer-Encoding", "chunked")])
+    trailers = b"".join(b"X-T-%d: %s\r\n" % (n, b"t" * 15_000) for n in range(8))  # unended
+    reader, writer = await raw_client(gw.url)
+    writer.write(head + b"2\r\n{}\r\n0\r\n")
+    await writer.drain()
+    for start in range(0, len(trailers), 4096):  # as a trickle: never with the body's bytes
+        writer.write(trailers[start : start + 4096])
+        await writer.drain()
+    async with asyncio.timeout(5):
+        received = await reader.read(-1)  # to the connection's end: it must close
+    writer.close()
+    assert re.match(rb"HTTP/1\.[01] (400|401|431) ", received), received[:60]
+    assert received.count(b"HTTP/1.") == 1
+    assert up.complete == []  # its body never ended: nothing forwarded whole
+
+
 async def test_a_head_of_several_long_lines_under_64_kib_is_served(gateway):
     """Several header lines near the line limit (a large token, cookies, a trace state) are
     served while the whole head stays under 64 KiB, also on a kept-alive connection."""

@@ -372,7 +372,6 @@ def _url_problem(raw: str, base: bool) -> str | None:
         return "must be an http:// or https:// URL with a host"
     try:  # what the clients send as the Host field and resolve
         parts.hostname.encode("idna")
-        parts.netloc.encode("idna")
     except UnicodeError:
         return "must name a host that is a valid DNS name or address"
     if parts.port == 0:

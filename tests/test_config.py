@@ -364,6 +364,18 @@ def test_a_host_that_is_no_dns_name_is_refused(variable, host):
     assert "host" in str(caught.value)
 
 
+@pytest.mark.parametrize(
+    "url",
+    ["http://" + "k" * 63 + ":8080", "http://[::1]:8080", "http://b\u00fccher.example:8080/base",
+     "http://localhost.:8080", "http://my_svc:8080"],
+)  # fmt: skip
+def test_hosts_that_are_dns_names_are_taken_with_their_ports(url):
+    """A 63-character label (a Kubernetes service name may be one) with a port, an IPv6
+    literal, an internationalised name, a trailing dot: all taken (the port was IDNA-encoded
+    with the last label, and a label of 59-63 characters refused)."""
+    assert env(CATALYST_SME_GATEWAY_URL=url).gateway_url == url.rstrip("/")
+
+
 def test_url_with_credentials_is_refused_without_echo():
     """A URL carrying a password is refused, and the password is not repeated."""
     with pytest.raises(ConfigError) as caught:

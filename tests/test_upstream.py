@@ -36,6 +36,7 @@ from aiohttp import web
 
 from catalyst_proxy import proxy as proxy_module
 from catalyst_proxy.devtools.keys import operator_token
+from catalyst_proxy.upstream.client import _host_field
 
 from .conftest import BRIDGE_SECRET, RunningGateway
 from .rawhttp import (
@@ -237,6 +238,25 @@ def closed_port_url() -> str:
 
 
 # --- the pool: stale connections, hang-ups, misbehaviour ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("base_url", "field"),
+    [
+        ("http://127.0.0.1:8080", b"127.0.0.1:8080"),
+        ("http://" + "k" * 63 + ":8080", b"k" * 63 + b":8080"),  # the port is not a label
+        ("http://[::1]:8080/base", b"[::1]:8080"),
+        ("https://b\u00fccher.example", b"xn--bcher-kva.example"),  # no port named: none sent
+        ("http://Gateway.SVC:80", b"gateway.svc:80"),
+    ],
+)
+def test_the_host_field_is_the_base_urls_host_and_port(base_url, field):
+    """The Host field the client sends: the base URL's host, IDNA-encoded (an IPv6 address in
+    brackets), and its port when it names one. (The whole netloc went through IDNA: a
+    63-character label followed by its port was "label too long", a traceback at start-up.)"""
+    parts = urlsplit(base_url)
+    assert parts.hostname is not None
+    assert _host_field(parts.hostname, parts.port) == field
 
 
 async def test_connection_the_upstream_closed_while_pooled_is_never_used_again(

@@ -122,7 +122,7 @@ class Client:
         self._host = parts.hostname
         self._port = parts.port if parts.port is not None else (443 if secure else 80)
         self._tls = ssl.create_default_context() if secure else None
-        self._host_header = parts.netloc.encode("idna")
+        self._host_header = _host_field(self._host, parts.port)
         # A base URL's path (an SME gateway behind a path-routed ingress) comes before every
         # request's target; the settings trimmed its trailing '/'.
         self._prefix = parts.path.rstrip("/").encode()
@@ -242,3 +242,10 @@ async def _pump(conn: Connection, body: AsyncIterable[bytes], length: int | None
     if chunked:
         conn.send(b"0\r\n\r\n")
     conn.request_sent()
+
+
+def _host_field(host: str, port: int | None) -> bytes:
+    """The Host field for the base URL's host (IDNA, an IPv6 address in brackets) and port
+    (only if the URL names one): the port is not IDNA-encoded with the last label."""
+    field = b"[%s]" % host.encode() if ":" in host else host.encode("idna")
+    return field if port is None else b"%s:%d" % (field, port)

@@ -67,10 +67,14 @@ def _end_with_an_error(body: StreamReader) -> None:
 
 
 class _RequestHandler(RequestHandler):
-    _body: StreamReader | None = None  # the body of the last request parsed on this connection
-    _head_timer: asyncio.TimerHandle | None = None  # until the first request's head is in
-    _head_bytes = 0  # a head's bytes (or a trailer section's) read since the last message
-    _head_refused = False  # over MAX_HEAD_BYTES: answered 431, nothing more is parsed
+    __slots__ = ("_body", "_head_bytes", "_head_refused", "_head_timer")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._body: StreamReader | None = None  # the last request's body on this connection
+        self._head_timer: asyncio.TimerHandle | None = None  # until the first head is in
+        self._head_bytes = 0  # a head's bytes (or a trailer section's) since the last message
+        self._head_refused = False  # over MAX_HEAD_BYTES: answered 431, nothing more parsed
+        super().__init__(*args, **kwargs)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -90,38 +94,32 @@ class _RequestHandler(RequestHandler):
     def data_received(self, data: bytes) -> None:
         if self._head_refused:
             return
-        if len(data) <= HEAD_SLICE:
-            self._receive(data)
+        if len(data) > HEAD_SLICE:
+            # A long read is parsed a slice at a time, so that a head's bytes are counted
+            # wherever the head begins in it (after a whole request, at the end of a body).
+            # It is what a client sending smaller pieces causes: the parser holds no more.
+            for start in range(0, len(data), HEAD_SLICE):
+                self.data_received(data[start : start + HEAD_SLICE])
             return
-        # A long read is parsed a slice at a time, so that a head's bytes are counted wherever
-        # the head begins in it (after a whole request, or at the end of a body). It is what a
-        # client sending smaller pieces would cause: the parser holds no more than it would.
-        for start in range(0, len(data), HEAD_SLICE):
-            self._receive(data[start : start + HEAD_SLICE])
-            if self._head_refused:
-                return
-
-    def _receive(self, data: bytes) -> None:
         messages = self._messages
         queued = len(messages)
         body = self._body
-        in_a_head = body is None or body.is_eof()
-        fed = body.total_bytes if body is not None else 0
+        fed = 0 if body is None else body.total_bytes
         _parse(self, data)  # aiohttp's (super() would cost a lookup on every read)
         if len(messages) != queued:  # a head, or bytes refused: else a piece of a body
             self._head_bytes = 0
             self._parsed()
-        elif not data or self._reading_paused or self._buffer_paused or self._closing():
-            return  # (paused: the parser keeps the bytes raw, unparsed, until it resumes)
-        elif in_a_head or body is None or body.total_bytes == fed:
-            # A head's bytes, or a body's framing with no content: a chunked body's trailer
-            # section (the parser keeps it as it keeps a head), or chunk extensions. (What a
-            # paused parser kept and parses on resuming is not counted: one read at most.)
+        elif body is not None and body.total_bytes != fed:
+            self._head_bytes = 0  # the body's content moved on
+        elif data and not (self._reading_paused or self._buffer_paused or self._closing()):
+            # A head's bytes (no body, or its body is over: a body that is over takes no
+            # more content), or a body's framing with no content: a chunked body's trailer
+            # section, which the parser keeps as it keeps a head, or chunk extensions. (Paused,
+            # the parser keeps the bytes unparsed; those it parses on resuming are not counted:
+            # one read at most.)
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._refuse_head()
-        else:
-            self._head_bytes = 0  # the body's content moved on
 
     def _closing(self) -> bool:
         return self._close or self._force_close  # (aiohttp parses nothing more then)

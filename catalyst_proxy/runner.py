@@ -67,13 +67,14 @@ def _end_with_an_error(body: StreamReader) -> None:
 
 
 class _RequestHandler(RequestHandler):
-    __slots__ = ("_body", "_head_bytes", "_head_refused", "_head_timer")
+    __slots__ = ("_body", "_ended", "_head_bytes", "_head_refused", "_head_timer")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._body: StreamReader | None = None  # the last request's body on this connection
         self._head_timer: asyncio.TimerHandle | None = None  # until the first head is in
         self._head_bytes = 0  # a head's bytes (or a trailer section's) since the last message
         self._head_refused = False  # over MAX_HEAD_BYTES: answered 431, nothing more parsed
+        self._ended: StreamReader | None = None  # a body seen ending on framing alone
         super().__init__(*args, **kwargs)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -111,12 +112,19 @@ class _RequestHandler(RequestHandler):
             self._parsed()
         elif body is not None and body.total_bytes != fed:
             self._head_bytes = 0  # the body's content moved on
-        elif data and not (self._reading_paused or self._buffer_paused or self._closing()):
-            # A head's bytes (no body, or its body is over: a body that is over takes no
-            # more content), or a body's framing with no content: a chunked body's trailer
-            # section, which the parser keeps as it keeps a head, or chunk extensions. (Paused,
-            # the parser keeps the bytes unparsed; those it parses on resuming are not counted:
-            # one read at most.)
+        elif not data or self._reading_paused or self._closing():
+            return  # (paused for a body's reader, the parser keeps what it is given unparsed)
+        elif body is not None and body is not self._ended and body.is_eof():
+            # The body ended here on framing alone (its last chunk, its trailer section): the
+            # request is whole, and its handler has it. The rest of this read, if any, begins
+            # a head; it is not counted (a slice at most). Nothing to refuse.
+            self._ended = body
+            self._head_bytes = 0
+        else:
+            # A head's bytes (no body, or its body is over), or a body's framing with no
+            # content: a chunked body's trailer section, which the parser keeps as it keeps a
+            # head, or chunk extensions. (Also while aiohttp's queue of pipelined requests is
+            # full: the parser still parses what it is given, up to the next request.)
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._refuse_head()

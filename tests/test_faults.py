@@ -1164,6 +1164,60 @@ async def test_a_trailer_section_past_64_kib_is_refused_at_once(
     assert up.complete == []  # its body never ended: nothing forwarded whole
 
 
+async def test_a_trailer_section_that_ends_as_it_crosses_the_bound_gets_no_stray_answer(
+    gateway, upstream, bearer
+):
+    """A chunked purchase whose trailer section ends in the very slice that crosses the bound
+    is whole and answered; nothing is refused behind it. (A 431 was queued for it after its
+    answer: the next request on the connection got that 431, an answer to nothing.)"""
+    up = await upstream(answer())
+    gw = await gateway(upstream=up.url)
+    head = request_bytes("POST", PURCHASE, [*bearer().items(), ("Transfer-Encoding", "chunked")])
+    trailers = b"".join(b"X-T-%d: %s\r\n" % (n, b"t" * 16_000) for n in range(6))  # ~96 KB
+    reader, writer = await raw_client(gw.url)
+    writer.write(head + b"2\r\n{}\r\n0\r\n" + trailers + b"\r\n")  # one write
+    async with asyncio.timeout(5):
+        first = await read_response(reader)
+    assert first is not None
+    if first.status == 200:  # whole (the read split as usual): the connection serves on
+        writer.write(request_bytes("GET", "/healthz", []))
+        async with asyncio.timeout(5):
+            second = await read_response(reader)
+        assert second is not None
+        assert (second.status, json.loads(second.body)) == (200, {"status": "ok"}), second
+    else:  # refused before its end (another split of the reads): nothing forwarded whole
+        assert first.status in (400, 431), first
+        assert up.complete == []
+    writer.close()
+
+
+async def test_a_head_parsed_while_the_pipelining_queue_is_full_is_counted(gateway):
+    """Bytes aiohttp's parser takes in while its queue of pipelined requests is full are still
+    parsed into the head that follows them, and are counted. A client that pipelines without
+    reading until the gateway stops reading, then sends more requests and ~200 KB of an
+    unended head, gets its answers, then 431 (the head was held ~256 KB deep, past the bound,
+    until the keep-alive timeout)."""
+    gw = await gateway()
+    host, port = gw.url.removeprefix("http://").split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # answers back up at once
+    sock.connect((host, int(port)))
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 22)
+    padded = request_bytes("GET", "/healthz", [("X-Pad", "p" * 3000)])
+    writer.write(padded * 300)
+    await eventually(lambda: len(gw.runner.server.connections) == 1)
+    (protocol,) = gw.runner.server.connections
+    await eventually(lambda: protocol._buffer_paused)  # its queue is full: it stopped reading
+    writer.write(request_bytes("GET", "/healthz", []) * 40 + big_head(13, line_bytes=16_000,
+                                                                       end=False))  # fmt: skip
+    async with asyncio.timeout(10):  # (the keep-alive timeout is 75 s)
+        received = await reader.read(-1)  # to the connection's end: it must close
+    writer.close()
+    assert received.count(b"HTTP/1.1 200 ") == 340
+    assert re.search(rb"HTTP/1\.[01] 431 ", received), received[-300:]
+
+
 async def test_a_head_of_several_long_lines_under_64_kib_is_served(gateway):
     """Several header lines near the line limit (a large token, cookies, a trace state) are
     served while the whole head stays under 64 KiB, also on a kept-alive connection."""

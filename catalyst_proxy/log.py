@@ -224,8 +224,9 @@ def _dumps(event: Any, **_: Any) -> str:
 
 def _json(event: dict[str, Any]) -> bytes:
     """One JSON object. orjson refuses a string that is not valid Unicode (a lone surrogate:
-    what Python makes of an environment variable's byte that is not UTF-8); the standard
-    library writes it as a ``\\udcff`` escape, so that such a value never costs its line."""
+    what Python makes of an environment variable's byte that is not UTF-8) and an integer
+    past 64 bits; the standard library writes them (the string with a ``\\udcff`` escape),
+    so that such a value never costs its line."""
     try:
         return orjson.dumps(event, default=str)
     except TypeError:

@@ -12,6 +12,10 @@ offending bytes are often an ``Authorization`` or ``Cookie`` line, that is, a
 token. ``Runner`` serves the app with a protocol handler that answers those
 with a JSON body naming only the kind of error, and logs only the exception's
 type.
+
+It also bounds a request head as a whole (``MAX_HEAD_BYTES``), which aiohttp
+bounds only line by line, and closes a connection that sends no whole head in
+time (``HEAD_TIMEOUT``).
 """
 
 from __future__ import annotations

@@ -71,7 +71,7 @@ def _end_with_an_error(body: StreamReader) -> None:
 
 
 class _RequestHandler(RequestHandler):
-    __slots__ = ("_body", "_ended", "_head_bytes", "_head_refused", "_head_timer")
+    __slots__ = ("_body", "_ended", "_head_bytes", "_head_refused", "_head_timer", "_held")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._body: StreamReader | None = None  # the last request's body on this connection
@@ -79,6 +79,7 @@ class _RequestHandler(RequestHandler):
         self._head_bytes = 0  # a head's bytes (or a trailer section's) since the last message
         self._head_refused = False  # over MAX_HEAD_BYTES: answered 431, nothing more parsed
         self._ended: StreamReader | None = None  # a body seen ending on framing alone
+        self._held = b""  # the rest of a read that came while aiohttp had stopped reading
         super().__init__(*args, **kwargs)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -104,6 +105,12 @@ class _RequestHandler(RequestHandler):
             # wherever the head begins in it (after a whole request, at the end of a body).
             # It is what a client sending smaller pieces causes: the parser holds no more.
             for start in range(0, len(data), HEAD_SLICE):
+                if self._reading_paused or len(self._messages) >= self._max_msg_queue_size:
+                    # aiohttp stopped reading (a body's reader is full, or its queue of
+                    # pipelined requests): its parser would keep the rest unparsed, then
+                    # parse it on resuming, uncounted. Held here until it resumes instead.
+                    self._held += data[start:]
+                    return
                 self.data_received(data[start : start + HEAD_SLICE])
             return
         messages = self._messages
@@ -117,7 +124,7 @@ class _RequestHandler(RequestHandler):
         elif body is not None and body.total_bytes != fed:
             self._head_bytes = 0  # the body's content moved on
         elif not data or self._reading_paused or self._closing():
-            return  # (paused for a body's reader, the parser keeps what it is given unparsed)
+            pass  # (paused for a body's reader, the parser keeps what it is given unparsed)
         elif body is not None and body is not self._ended and body.is_eof():
             # The body ended here on framing alone (its last chunk, its trailer section): the
             # request is whole, and its handler has it. The rest of this read, if any, begins
@@ -132,6 +139,14 @@ class _RequestHandler(RequestHandler):
             self._head_bytes += len(data)
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._refuse_head()
+        if (
+            not data  # aiohttp resuming: what it kept is parsed; now what was held here
+            and self._held
+            and not self._reading_paused
+            and len(messages) < self._max_msg_queue_size  # (else: at its next resumption)
+        ):
+            held, self._held = self._held, b""
+            self.data_received(held)
 
     def _closing(self) -> bool:
         return self._close or self._force_close  # (aiohttp parses nothing more then)

@@ -1218,6 +1218,26 @@ async def test_a_head_parsed_while_the_pipelining_queue_is_full_is_counted(gatew
     assert re.search(rb"HTTP/1\.[01] 431 ", received), received[-300:]
 
 
+async def test_a_head_behind_a_full_pipelining_queue_in_one_read_is_counted(gateway):
+    """One read (up to 256 KiB from the kernel) of 40 pipelined GETs and ~200 KB of a head:
+    the first slice fills aiohttp's queue (32 requests), and its parser would keep the rest
+    unparsed, releasing a request per slice (each resetting the count), then parse the head
+    uncounted once the queue drained: it was served. The rest of the read is held until the
+    queue drains, then counted: 40 answers, then 431. (The read is handed to the server's
+    protocol as the event loop would: the kernel's split of a write cannot be forced.)"""
+    gw = await gateway()
+    reader, writer = await raw_client(gw.url)
+    await eventually(lambda: len(gw.runner.server.connections) == 1)
+    (protocol,) = gw.runner.server.connections
+    read = request_bytes("GET", "/healthz", []) * 40 + big_head(13, line_bytes=16_000)
+    protocol.data_received(read)
+    async with asyncio.timeout(5):
+        received = await reader.read(-1)  # to the connection's end: it must close
+    writer.close()
+    assert received.count(b"HTTP/1.1 200 ") == 40
+    assert re.search(rb"HTTP/1\.[01] 431 ", received), received[-300:]
+
+
 async def test_a_head_of_several_long_lines_under_64_kib_is_served(gateway):
     """Several header lines near the line limit (a large token, cookies, a trace state) are
     served while the whole head stays under 64 KiB, also on a kept-alive connection."""

@@ -100,6 +100,8 @@ class _RequestHandler(RequestHandler):
     def data_received(self, data: bytes) -> None:
         if self._head_refused:
             return
+        if data and self._held:  # (not expected: aiohttp reads nothing while it is stopped)
+            data, self._held = self._held + data, b""  # the bytes stay in their order
         if len(data) > HEAD_SLICE:
             # A long read is parsed a slice at a time, so that a head's bytes are counted
             # wherever the head begins in it (after a whole request, at the end of a body).

@@ -158,7 +158,7 @@ class Authenticator:
             raise _invalid("bad_claims", "sub is missing or empty")
         for name in ("sub", "email", "iss"):  # they go on: into the bridge token, logs, keys
             value = claims.get(name)
-            if isinstance(value, str) and not _is_text(value):
+            if isinstance(value, str) and not is_text(value):
                 raise _invalid("bad_claims", f"{name} is not valid Unicode text")
         issuers = self._settings.token_issuers
         if issuers and claims.get("iss") not in issuers:
@@ -302,8 +302,9 @@ def _is_time(value: object) -> bool:
         return False
 
 
-def _is_text(value: str) -> bool:
-    """Encodable as UTF-8: JSON lets a token's string hold a lone surrogate (``"\\ud800"``)."""
+def is_text(value: str) -> bool:
+    """Encodable as UTF-8: JSON lets a token's string hold a lone surrogate (``"\\ud800"``),
+    and Python hands over an argument's byte that is not UTF-8 as one."""
     if value.isascii():
         return True
     try:

@@ -107,12 +107,11 @@ def _subject(text: str) -> str:
 
 
 def _text(text: str) -> str:
-    """A claim's text: bytes that are not UTF-8 (which Python hands over as lone surrogates)
-    would make a token the gateway refuses."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        raise argparse.ArgumentTypeError("not UTF-8 text") from None
+    """A claim's text: what the gateway would refuse in a token is refused here."""
+    from .auth import is_text
+
+    if not is_text(text):
+        raise argparse.ArgumentTypeError("not UTF-8 text")
     return text
 
 

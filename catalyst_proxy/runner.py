@@ -61,6 +61,11 @@ HEAD_SLICE = 16 * 1024  # a longer read is parsed in slices of this (see data_re
 _parse = RequestHandler.data_received
 
 
+def _open(body: StreamReader) -> bool:
+    """Still being delivered: not ended, and not failed."""
+    return not body.is_eof() and body.exception() is None
+
+
 def _end_with_an_error(body: StreamReader) -> None:
     """End a request body the parser gave up on: its reader gets the error (never the
     parser's own, whose text quotes the refused bytes: a cookie, a token), and the body
@@ -181,7 +186,7 @@ class _RequestHandler(RequestHandler):
         # out, and the 504 would blame the SME gateway for the client's bytes. The body ends
         # with an error instead, as when the client leaves mid-body: 400, nothing forwarded.
         body = self._body
-        if body is None or body.is_eof() or body.exception() is not None:
+        if body is None or not _open(body):
             return
         if self._read_by_a_handler(body):
             _end_with_an_error(body)
@@ -199,7 +204,7 @@ class _RequestHandler(RequestHandler):
         return any(payload is body for _, payload in self._messages)
 
     def _end_if_read(self, body: StreamReader) -> None:
-        if not body.is_eof() and body.exception() is None and self._read_by_a_handler(body):
+        if _open(body) and self._read_by_a_handler(body):  # (still: a loop pass went by)
             _end_with_an_error(body)
 
     def handle_error(

@@ -73,8 +73,9 @@ class KeySet:
     ) -> None:
         self.local_keys = local_keys
         self.jwks_url = jwks_url
-        # What /readyz and the log show: never the URL's user:password, if it has one.
-        self.shown_url = str(URL(jwks_url).with_user(None)) if jwks_url else None
+        # What /readyz and the log show: never the URL's user:password nor its query (either
+        # may hold a credential); a query is shown as "?..." so that its presence is known.
+        self.shown_url = _shown(jwks_url) if jwks_url else None
         self._cache_seconds = cache_seconds
         self._timeout = timeout
         self._metrics = metrics or Metrics()
@@ -285,3 +286,10 @@ def _kty(key: VerifyKey) -> str:
     if isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
         return "OKP"
     raise ValueError(f"unsupported public key type {type(key).__name__}")
+
+
+def _shown(url: str) -> str:
+    """``url`` as it may be logged: no user info, the query (if any) as ``?...``, no fragment."""
+    parsed = URL(url)
+    shown = str(parsed.with_user(None).with_query(None).with_fragment(None))
+    return shown + "?..." if parsed.raw_query_string else shown

@@ -549,3 +549,14 @@ async def test_readyz_never_shows_jwks_url_credentials(gateway, jwks, key_a):
     assert status == 200
     assert b"s3cr3t-pw" not in body
     assert json.loads(body)["operator_keys"]["jwks_url"] == jwks.url
+
+
+async def test_readyz_never_shows_the_jwks_urls_query(gateway, jwks, key_a):
+    """A JWKS URL whose query carries a credential works; /readyz shows the query as ``?...``."""
+    gw = await loaded(await gateway(jwks_url=jwks.url + "?access_token=s3cr3t-q",
+                                    public_key_file=None))  # fmt: skip
+    assert (await purchase(gw, tok(key_a, "a")))[0] == 200
+    status, _, body = await gw.request("GET", "/readyz")
+    assert status == 200
+    assert b"s3cr3t-q" not in body
+    assert json.loads(body)["operator_keys"]["jwks_url"] == jwks.url + "?..."

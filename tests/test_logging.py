@@ -306,6 +306,21 @@ async def test_startup_jwks_and_shutdown_events(servers, stand_in, jwks_server, 
     assert proc.stderr_lines == []
 
 
+async def test_a_jwks_urls_query_is_never_logged(servers, stand_in, jwks_server, rsa_key):
+    """A credential in the JWKS URL's query reaches no log line: both lines show ``?...``."""
+    _, sme_url = stand_in
+    jwks_server.keys = [public_jwk(rsa_key, KID)]
+    proc = await servers(base_env(jwks_server.url + "?access_token=s3cr3t-q", sme_url + "/"))
+    startup = await proc.wait_for_event("startup")
+    refresh = await proc.wait_for_event("jwks.refresh")
+    proc.signal(signal.SIGTERM)
+    assert await proc.wait() == 0
+    assert refresh["result"] == "ok"  # the query was sent
+    assert startup["operator_keys"]["jwks_url"] == jwks_server.url + "?..."
+    assert refresh["url"] == jwks_server.url + "?..."
+    assert "s3cr3t-q" not in proc.output
+
+
 async def test_jwks_failure_is_logged(servers, stand_in, jwks_server):
     """A failed JWKS fetch is logged as a warning with its result."""
     _, sme_url = stand_in

@@ -131,6 +131,7 @@ def create_app(
             settings.idempotency_ttl_seconds,
             clock=clock,
             on_evict=lambda count: metrics.idempotency_evictions.add(amount=count),
+            on_drop_answers=lambda count: metrics.idempotency_answers_dropped.add(amount=count),
             max_in_flight=settings.upstream_max_connections + settings.upstream_max_pending,
         )
     )

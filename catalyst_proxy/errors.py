@@ -191,7 +191,7 @@ class IdempotencyOutcomeUnknown(ProxyError):
 
 class IdempotencyReplayUnavailable(ProxyError):
     """The request with this key was done, but its answer was too large to
-    record, so it cannot be replayed.
+    record (or, in the memory store, no longer kept), so it cannot be replayed.
     """
 
     status, code = 409, "idempotency-replay-unavailable"

@@ -194,7 +194,15 @@ class Metrics:
         )
         self.idempotency_evictions = Tally(
             "catalyst_proxy_idempotency_evictions",
-            "Idempotency records the memory store dropped, oldest first, to stay in bounds.",
+            "Idempotency records the memory store dropped, oldest first, to stay in bounds "
+            "(a retry under such a key is forwarded again).",
+            r,
+        )
+        self.idempotency_answers_dropped = Tally(
+            "catalyst_proxy_idempotency_answers_dropped",
+            "Recorded answers whose bodies the memory store dropped, oldest first, to keep "
+            "its answers in bounds; their records stay (a retry gets 409 "
+            "idempotency-replay-unavailable, never a second purchase).",
             r,
         )
         # Bound children by label values. Route and method are checked against the

@@ -33,7 +33,8 @@ from catalyst_proxy.config import Rate, Settings
 from catalyst_proxy.idempotency import redis_records
 from catalyst_proxy.idempotency.guard import LEASE_MARGIN
 from catalyst_proxy.idempotency.keys import scope, slot
-from catalyst_proxy.idempotency.memory import MAX_BYTES as MEMORY_MAX_BYTES
+from catalyst_proxy.idempotency.memory import ENTRY_WEIGHT, MemoryRecords
+from catalyst_proxy.idempotency.memory import MAX_ANSWER_BYTES as MEMORY_MAX_ANSWER_BYTES
 
 from .auth_support import Clock, metric
 from .conftest import BRIDGE_SECRET, RunningGateway
@@ -1085,23 +1086,49 @@ async def test_an_answer_too_large_to_record_is_delivered_then_409(
     assert len(up.requests) == 2
 
 
-async def test_the_memory_store_evicts_the_oldest_records_and_counts_them(
+async def test_the_memory_store_drops_old_answers_bodies_and_never_forwards_twice(
     gateway, upstream, bearer
 ):
-    """Past the memory store's byte bound the oldest records go, counted in
-    ``catalyst_proxy_idempotency_evictions_total``: an evicted key is new again, the latest are
-    still replayed."""
+    """Past the memory store's bound for answers the oldest answers' bodies go, counted in
+    ``catalyst_proxy_idempotency_answers_dropped_total``, and their records stay: a retry of
+    the first purchase is 409 replay-unavailable and never reaches the SME gateway again (it
+    did, under one bound for records and answers alike, after ~128 answers of 64 KiB); the
+    latest are still replayed, and no record was evicted."""
     largest = b"x" * 65536  # the largest answer recorded
     up = await upstream(ok(largest))
     gw = await gateway(upstream=up.url)
     auth = bearer()
-    count = MEMORY_MAX_BYTES // len(largest) + 8
+    count = MEMORY_MAX_ANSWER_BYTES // len(largest) + 8
+    for index in range(count):
+        assert (await post(gw, auth, f"evict-{index}"))[0] == 200
+    text = await gw.metrics_text()
+    assert metric(text, "catalyst_proxy_idempotency_answers_dropped_total") >= 8
+    assert metric(text, "catalyst_proxy_idempotency_evictions_total") == 0
+    status, headers, body = await post(gw, auth, f"evict-{count - 1}")
+    assert (status, body) == (200, largest)
+    assert headers["Idempotent-Replayed"] == "true"
+    status, headers, body = await post(gw, auth, "evict-0")
+    assert (status, error_of(body)) == (409, "idempotency-replay-unavailable")
+    assert len(keyed_requests(up, "evict-0")) == 1
+
+
+async def test_the_memory_store_evicts_the_oldest_records_past_its_bound_and_counts_them(
+    gateway, upstream, bearer, monkeypatch
+):
+    """Past the memory store's bound for records (here made small: 64 KiB, ~85 records) the
+    oldest records go, counted in ``catalyst_proxy_idempotency_evictions_total``: an evicted
+    key is new again (the bound's documented cost), the latest are still replayed."""
+    monkeypatch.setitem(MemoryRecords.__init__.__kwdefaults__, "max_bytes", 65536)
+    up = await upstream(ok())
+    gw = await gateway(upstream=up.url)
+    auth = bearer()
+    count = 65536 // ENTRY_WEIGHT + 8
     for index in range(count):
         assert (await post(gw, auth, f"evict-{index}"))[0] == 200
     text = await gw.metrics_text()
     assert metric(text, "catalyst_proxy_idempotency_evictions_total") >= 8
     status, headers, body = await post(gw, auth, f"evict-{count - 1}")
-    assert (status, body) == (200, largest)
+    assert (status, body) == (200, ORDER_ANSWER)
     assert headers["Idempotent-Replayed"] == "true"
     status, headers, _ = await post(gw, auth, "evict-0")
     assert status == 200
@@ -1218,14 +1245,16 @@ async def test_a_ttl_shorter_than_the_exchange_never_lets_a_retry_through(
 
 
 async def test_an_answer_streaming_past_the_lease_keeps_its_key_however_full_the_store(
-    gateway, upstream, bearer
+    gateway, upstream, bearer, monkeypatch
 ):
     """An answer still streaming when its reservation's lease is over: a retry is 409 outcome
-    unknown, and stays so when other purchases fill the store past its bound (a reservation
-    of this process is never evicted for room): the SME gateway sees the purchase once."""
+    unknown, and stays so when other purchases fill the store past its bound for records
+    (made small here: 64 KiB; a reservation of this process is never evicted for room): the
+    SME gateway sees the purchase once."""
+    monkeypatch.setitem(MemoryRecords.__init__.__kwdefaults__, "max_bytes", 65536)
     clock = Clock()
     rest = asyncio.Event()
-    large = b"x" * 65536  # recorded whole (the record's limit): ~130 fill the store
+    large = b"x" * 65536  # recorded whole (the record's limit)
 
     async def respond(
         seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
@@ -1249,9 +1278,10 @@ async def test_an_answer_streaming_past_the_lease_keeps_its_key_however_full_the
     clock.now += budget + LEASE_MARGIN + 1  # the answer has streamed past the lease
     status, _, body = await post(gw, auth, "slow")
     assert (status, error_of(body)) == (409, "idempotency-outcome-unknown")
-    for index in range(MEMORY_MAX_BYTES // len(large) + 10):
+    for index in range(65536 // ENTRY_WEIGHT + 10):
         assert (await post(gw, auth, f"other-{index}"))[0] == 200
-    assert metric(await gw.metrics_text(), "catalyst_proxy_idempotency_evictions_total") > 0
+    text = await gw.metrics_text()
+    assert metric(text, "catalyst_proxy_idempotency_evictions_total") > 0
     status, _, body = await post(gw, auth, "slow")
     assert (status, error_of(body)) == (409, "idempotency-outcome-unknown")
     rest.set()

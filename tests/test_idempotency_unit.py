@@ -627,6 +627,60 @@ async def test_memory_drops_the_oldest_record_past_the_count_bound():
     assert await records.reserve(S("c"), reservation(clock)) is not None
 
 
+async def test_memory_drops_the_oldest_answers_bodies_before_any_record():
+    """Past ``max_answer_bytes`` the oldest answers lose their bodies (down to 3/4 of the
+    bound), counted; their records stay, completed without a body (a replay is refused,
+    never forwarded again), and no record is evicted. Completions on the fast path and
+    through ``replace`` count alike."""
+    clock = Clock(NOW)
+    dropped: list[int] = []
+    records, evicted = memory(clock, max_answer_bytes=4000, on_drop_answers=dropped.append)
+    for index in range(10):
+        name, owner = S(f"a{index}"), hex_id()
+        assert records.reserve_now(name, owner, NOW + LEASE) is None
+        body = bytes([index]) * 1000
+        if index % 2:
+            assert records.complete_now(name, owner, b"f" * 32, 200, (), body)
+        else:
+            assert await records.replace(name, owner, completed(owner, body))
+    assert evicted == []
+    assert len(records) == 10
+    found = [await records.reserve(S(f"a{index}"), reservation(clock)) for index in range(10)]
+    assert all(record is not None and record.state == COMPLETED for record in found)
+    kept = [record.body for record in found if record is not None and record.body]
+    assert sum(map(len, kept)) <= 4000
+    assert kept == [bytes([index]) * 1000 for index in range(10 - len(kept), 10)]  # the newest
+    assert [record.body for record in found[: 10 - len(kept)]] == [None] * (10 - len(kept))
+    assert sum(dropped) == 10 - len(kept)
+
+
+async def test_memory_answers_bound_forgets_the_bodies_of_records_gone_otherwise():
+    """An answer's bytes leave the answers' bound with its record, whichever way it goes
+    (evicted by count, released, expired, replaced): bodies are never dropped for room
+    that records long gone still seem to take."""
+    clock = Clock(NOW)
+    dropped: list[int] = []
+    records, evicted = memory(clock, max_records=3, max_answer_bytes=3000,
+                              on_drop_answers=dropped.append)  # fmt: skip
+    for index in range(20):
+        owner = hex_id()
+        await records.reserve(S(f"r{index}"), completed(owner, b"x" * 1000))
+    assert sum(evicted) == 17
+    owner = hex_id()
+    await records.reserve(S("gone"), reservation(clock, owner))
+    assert await records.replace(S("gone"), owner, completed(owner, b"y" * 1000))
+    assert await records.release(S("gone"), owner)
+    await records.reserve(S("old"), completed(hex_id(), b"z" * 1000))
+    clock.now += 61  # past the TTL: expired
+    for index in range(3):
+        await records.reserve(S(f"n{index}"), completed(hex_id(), b"n" * 1000))
+    assert dropped == []
+    for index in range(3):
+        found = await records.reserve(S(f"n{index}"), reservation(clock))
+        assert found is not None
+        assert found.body == b"n" * 1000
+
+
 async def test_memory_evicts_in_batches_below_the_bound():
     """Past a bound one eviction pass drops the oldest records down to 1/32 below it (a full
     store does not pay a pass on every request), counted once for the batch."""
@@ -719,15 +773,18 @@ async def test_memory_keeps_reservations_over_the_bound_rather_than_drop_them():
     assert evicted == []
 
 
-async def test_memory_drops_the_oldest_past_the_byte_bound():
-    """Past ``max_bytes`` the oldest records go until the set fits."""
+async def test_memory_weighs_answers_bodies_apart_from_records():
+    """Bodies count against ``max_answer_bytes``, not ``max_bytes``: three answers of 10 kB
+    stay as records in a 25 kB bound for records; past 25 kB of answers the oldest bodies go,
+    down to 3/4 of the bound (so two of the three), their records kept."""
     clock = Clock(NOW)
-    records, evicted = memory(clock, max_bytes=25_000)
+    records, evicted = memory(clock, max_bytes=25_000, max_answer_bytes=25_000)
     for name in ("a", "b", "c"):
         await records.reserve(S(name), completed(hex_id(), b"x" * 10_000))
-    assert len(records) == 2
-    assert evicted == [1]
-    assert await records.reserve(S("a"), reservation(clock)) is None
+    assert len(records) == 3
+    assert evicted == []
+    bodies = [(await records.reserve(S(name), reservation(clock))) for name in ("a", "b", "c")]
+    assert [record.body if record else "gone" for record in bodies] == [None, None, b"x" * 10_000]
 
 
 async def test_memory_weighs_an_answers_header_fields():

@@ -341,7 +341,7 @@ class Attempt:
         self.outcome = "replayed"
         self._guard.count("replayed")
         if record.body is None:
-            raise IdempotencyReplayUnavailable("the answer was too large to record")
+            raise IdempotencyReplayUnavailable("the answer was too large to record, or dropped")
         return record
 
     def complete(

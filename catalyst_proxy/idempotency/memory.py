@@ -1,9 +1,18 @@
 """Idempotency records in this process's memory: the default store, for one process.
 
 Records expire after the TTL (a reservation after its lease and then the TTL:
-it never expires while its request may be in flight) and the set is bounded
-(count and bytes): past a bound the oldest records (by reservation) go first,
-counted in ``catalyst_proxy_idempotency_evictions_total``. A reservation is
+it never expires while its request may be in flight) and the store is bounded,
+twice over. The answers' bodies have a budget of their own: past it the oldest
+bodies are dropped first (down to 3/4 of it), counted in
+``catalyst_proxy_idempotency_answers_dropped_total``, and their records stay, so a
+retry under such a key is told ``409 idempotency-replay-unavailable``, as for an
+answer too large to record: never forwarded again. A record without its body is a
+few hundred bytes, so large answers cannot push records out (128 answers of 64
+KiB would have, under one bound for both). The records themselves are bounded by
+count and bytes: past a bound the oldest records (by reservation) go first,
+counted in ``catalyst_proxy_idempotency_evictions_total``; a retry under an
+evicted key is forwarded again. That takes a flood (~11,000 purchases in a
+process within the TTL, at the defaults). A reservation is
 not dropped for room: in this store it belongs to a request of this process,
 still in flight however long its answer streams (dropping it would let a retry
 through twice). Within its lease that holds without exception; past it, for at
@@ -37,12 +46,13 @@ from .records import COMPLETED, RESERVED, Record
 
 MAX_RECORDS = 20_000
 MAX_IN_FLIGHT = 1_100  # the contract's defaults: 100 upstream connections, 1,000 waiting
-MAX_BYTES = 8 * 1024 * 1024  # ~9,600 answers of 120 bytes with 5 header fields
-# An entry's bytes besides its slot's characters, its header bytes and its body, which are
-# added to it: the tuple, the objects it holds and its place in the dict (measured with
-# tracemalloc: 870 bytes in all for a 121-character slot, 118 header bytes and a 120-byte
-# body, when the records were in an OrderedDict; ~45 bytes less in a plain dict, so the
-# figure errs on the heavy side).
+MAX_BYTES = 8 * 1024 * 1024  # records without their bodies: ~11,000 with 5 header fields
+MAX_ANSWER_BYTES = 8 * 1024 * 1024  # the answers' bodies: 128 of 64 KiB, 4,000 of 2 KiB
+# An entry's bytes besides its slot's characters and its header bytes, which are added to
+# it: the tuple, the objects it holds (the body's object, not its bytes: those count against
+# MAX_ANSWER_BYTES) and its place in the dict (measured with tracemalloc: 870 bytes in all
+# for a 121-character slot, 118 header bytes and a 120-byte body, when the records were in
+# an OrderedDict; ~45 bytes less in a plain dict, so the figure errs on the heavy side).
 ENTRY_WEIGHT = 512
 
 _SEPARATOR = b"\0"  # between the header fields' names and values
@@ -69,8 +79,10 @@ class MemoryRecords:
         *,
         max_records: int = MAX_RECORDS,
         max_bytes: int = MAX_BYTES,
+        max_answer_bytes: int = MAX_ANSWER_BYTES,
         clock: Callable[[], float] = time.time,
         on_evict: Callable[[int], None] | None = None,
+        on_drop_answers: Callable[[int], None] | None = None,
         max_in_flight: int = MAX_IN_FLIGHT,
     ) -> None:
         self._ttl = ttl
@@ -80,10 +92,14 @@ class MemoryRecords:
         # Where an eviction pass stops: a little below the bounds.
         self._low_records = max_records - max_records // 32
         self._low_bytes = max_bytes - max_bytes // 32
+        self._max_answer_bytes = max_answer_bytes
+        self._low_answer_bytes = max_answer_bytes - max_answer_bytes // 4
         self._clock = clock
         self._on_evict = on_evict
+        self._on_drop_answers = on_drop_answers
         self._records: dict[str, Entry] = {}  # slot → entry, oldest reservation first
-        self._bytes = 0
+        self._bytes = 0  # the entries' weights
+        self._answer_bytes = 0  # their bodies' bytes
         self._owners = itertools.count(1)
 
     def __len__(self) -> int:
@@ -151,10 +167,14 @@ class MemoryRecords:
         if entry is None or entry[_OWNER] != owner or entry[_EXPIRES] <= now:  # (a fault)
             return self._replace(slot, owner, COMPLETED, 0.0, fingerprint, status, head, body)
         # Our reservation, as on every request: in its place, the answer.
-        weight = ENTRY_WEIGHT + len(slot) + len(head) + (len(body) if body else 0)
+        weight = ENTRY_WEIGHT + len(slot) + len(head)
         records[slot] = (COMPLETED, owner, 0.0, fingerprint, status, head, body,
                          now + self._ttl, weight)  # fmt: skip
         self._bytes += weight - entry[_WEIGHT]
+        if body:
+            self._answer_bytes += len(body) - _body_bytes(entry)
+            if self._answer_bytes > self._max_answer_bytes:
+                self._drop_answers()
         if self._bytes > self._max_bytes:
             self._bound()
         return True
@@ -195,16 +215,48 @@ class MemoryRecords:
         if entry is not None and entry[_OWNER] != owner:
             return False  # another request's record: never overwritten
         # Ours, or none left (it expired or was evicted): the answer is known, keep it.
-        weight = ENTRY_WEIGHT + len(slot) + len(head) + (len(body) if body else 0)
+        weight = ENTRY_WEIGHT + len(slot) + len(head)
         records[slot] = (state, owner, lease_until, fingerprint, status, head, body,
                          now + self._ttl, weight)  # fmt: skip
-        self._bytes += weight - (entry[_WEIGHT] if entry is not None else 0)
+        self._bytes += weight
+        self._answer_bytes += len(body) if body else 0
+        if entry is not None:
+            self._bytes -= entry[_WEIGHT]
+            self._answer_bytes -= _body_bytes(entry)
+        if self._answer_bytes > self._max_answer_bytes:
+            self._drop_answers()
         if self._bytes > self._max_bytes or len(records) > self._max_records:
             self._bound()
         return True
 
     def _drop(self, slot: str) -> None:
-        self._bytes -= self._records.pop(slot)[_WEIGHT]
+        entry = self._records.pop(slot)
+        self._bytes -= entry[_WEIGHT]
+        self._answer_bytes -= _body_bytes(entry)
+
+    def _drop_answers(self) -> None:
+        """Drop the oldest records' bodies until the answers are back under 3/4 of their
+        bound: the records stay, each now an answer that cannot be replayed (409
+        replay-unavailable, never forwarded again). Down to 3/4 rather than just under the
+        bound, so that this pass (which walks the oldest records, those already without a
+        body too) runs once per quarter of the bound, not on every large answer."""
+        records = self._records
+        size, low = self._answer_bytes, self._low_answer_bytes
+        emptied: list[tuple[str, Entry]] = []
+        for slot, entry in records.items():
+            if size <= low:
+                break
+            body = entry[_BODY]
+            if body:
+                emptied.append((slot, entry))
+                size -= len(body)
+        for slot, entry in emptied:
+            state, owner, lease_until, fingerprint, status, head, _, expires, weight = entry
+            records[slot] = (state, owner, lease_until, fingerprint, status, head, None,
+                             expires, weight)  # fmt: skip
+        self._answer_bytes = size
+        if emptied and self._on_drop_answers is not None:
+            self._on_drop_answers(len(emptied))
 
     def _bound(self) -> None:
         """Drop the oldest records until the set is back under both bounds, with a margin."""
@@ -232,13 +284,18 @@ class MemoryRecords:
             if entry[_EXPIRES] <= now:
                 expired += 1
         for slot in victims:
-            del records[slot]
+            self._answer_bytes -= _body_bytes(records.pop(slot))
         for slot in spared:
             records[slot] = records.pop(slot)
         self._bytes = size
         evicted = len(victims) - expired
         if evicted and self._on_evict is not None:
             self._on_evict(evicted)
+
+
+def _body_bytes(entry: Entry) -> int:
+    body = entry[_BODY]
+    return len(body) if body else 0
 
 
 def _record(entry: Entry) -> Record:

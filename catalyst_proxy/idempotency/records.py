@@ -38,7 +38,7 @@ class Record(NamedTuple):
     fingerprint: bytes = b""  # SHA-256 (its 32 bytes; hex in a stored record)
     status: int = 0
     headers: tuple[tuple[bytes, bytes], ...] = ()  # as received, raw
-    body: bytes | None = b""  # None: the answer was too large to record
+    body: bytes | None = b""  # None: the answer was too large to record (or was dropped)
 
     def encode(self) -> bytes:
         # Only what a replay may send leaves the process (the memory store keeps the list

@@ -1926,6 +1926,69 @@ async def test_the_servers_log_never_holds_the_key(
     assert [seen.headers["Idempotency-Key"] for seen in up.requests] == [key, f'"{key}-q"']
 
 
+def _proc_field(pid: int, name: str) -> str:
+    return Path(f"/proc/{pid}/{name}").read_text()
+
+
+async def _stop_in_epoll_wait(pid: int) -> None:
+    """SIGSTOP ``pid`` while it is blocked in ``epoll_wait()`` (its event loop idle)."""
+    for _ in range(50):
+        await eventually(lambda: _proc_field(pid, "wchan") == "do_epoll_wait")
+        waiting_in = _proc_field(pid, "syscall").split()[0]  # epoll_wait's number
+        os.kill(pid, signal.SIGSTOP)
+        await eventually(lambda: _proc_field(pid, "stat").rsplit(")", 1)[1].split()[0] == "T")
+        if _proc_field(pid, "syscall").split()[0] == waiting_in:
+            return
+        os.kill(pid, signal.SIGCONT)  # it woke (a timer) just before the stop: again
+    raise AssertionError("never stopped inside epoll_wait()")
+
+
+@pytest.mark.slow
+async def test_an_answer_that_came_while_the_gateway_was_paused_is_delivered_and_recorded(
+    children, upstream, bearer, public_key_file
+):
+    """The gateway paused (SIGSTOP: as a starved CPU or a held VM would) past the budget while
+    the SME gateway's answer, written in time, waits in its socket: on SIGCONT that answer
+    is delivered and recorded (the retry replays it), not a 504 and "outcome unknown".
+    uvloop runs overdue timers before it reads its sockets, so the deadline must wait for
+    one read. The process is stopped where an idle gateway waits, in ``epoll_wait()``,
+    which a stop interrupts. (The pause is the fault itself: it has to outlast the budget
+    in real time.)"""
+    go, written = asyncio.Event(), asyncio.Event()
+
+    async def respond(
+        seen: Seen, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        await go.wait()
+        more = await ok()(seen, reader, writer)
+        written.set()
+        return more
+
+    up = await upstream(respond)
+    proc = await children(["serve", "--host", "127.0.0.1", "--port", "0"],
+                          _serve_env(public_key_file, up.url))  # fmt: skip
+    base = await proc.wait_listening()
+    auth = bearer()
+    first = asyncio.create_task(_fetch(base + PURCHASE, "POST", data=ORDER,
+                                       headers=keyed(auth, "paused")))  # fmt: skip
+    await up.until(lambda: len(up.complete) == 1)
+    assert proc.proc is not None
+    await _stop_in_epoll_wait(proc.proc.pid)
+    try:
+        go.set()
+        await written.wait()
+        await asyncio.sleep(0.3 + 0.3)  # paused past the budget (0.3 s) and its watchdog
+    finally:
+        proc.signal(signal.SIGCONT)
+    status, headers, body = await first
+    assert (status, body) == (200, ORDER_ANSWER)
+    status, headers, body = await _fetch(base + PURCHASE, "POST", data=ORDER,
+                                         headers=keyed(auth, "paused"))  # fmt: skip
+    assert (status, body) == (200, ORDER_ANSWER)
+    assert headers["Idempotent-Replayed"] == "true"
+    assert len(keyed_requests(up, "paused")) == 1
+
+
 @pytest.mark.slow
 async def test_two_workers_without_redis_serve_with_idempotency_off(
     children, upstream, bearer, public_key_file

@@ -5,6 +5,10 @@
   request under uvloop; here a wait is one dict entry, and one timer ticking
   every ``TICK`` while anything waits expires the overdue ones: a deadline
   fires at most ``TICK`` late, which against budgets of seconds is noise.
+  An overdue wait expires only after one more pass over the sockets: the loop
+  runs its timers before it reads, so after a stall past a deadline (a paused
+  process, a starved CPU, a VM held) an answer that was in the socket in time
+  would otherwise read as a timeout, and a purchase done as "outcome unknown".
 - Spin: the SME gateway usually answers within a few hundred microseconds.
   Blocking in the kernel at once costs a sleep and a wake-up per answer (in a
   VM, a halted vCPU's wake-up is tens of microseconds); for up to ``SPIN``
@@ -27,6 +31,7 @@ import os
 from typing import Protocol
 
 TICK = 0.01
+RECHECK = 0.001  # s: a timer this far out runs after the loop's next read of its sockets
 SPIN = 0.0002
 SPIN_MISSES = 4  # fruitless spins in a row before spinning stops
 PROBE_EVERY = 32  # with spinning stopped, every 32nd wait spins anyway
@@ -50,6 +55,7 @@ class Watchdog:
         self._credit = SPIN_MISSES  # misses left before spinning stops
         self._skipped = 0  # waits not spun for since spinning stopped
         self._answered = False  # a wait ended during the current spin
+        self._deferred = False  # overdue waits found, their expiry put off for one read
 
     @property
     def spinning(self) -> bool:
@@ -93,6 +99,11 @@ class Watchdog:
     def _check(self) -> None:
         now = self._loop.time()
         overdue = [waiter for waiter, deadline in self._waiting.items() if deadline <= now]
+        if overdue and not self._deferred:
+            self._deferred = True  # expire them once the loop has read what its sockets hold
+            self._timer = self._loop.call_later(RECHECK, self._check)
+            return
+        self._deferred = False
         for waiter in overdue:
             del self._waiting[waiter]
             waiter.expire()

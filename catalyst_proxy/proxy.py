@@ -378,6 +378,9 @@ class Proxy:
         # A HEAD request on a route whose upstream request is a GET: the body is read (the
         # connection stays usable, a record stays whole) but never written to the client.
         head_only = request.method == "HEAD"
+        framed_by_close = request.version < HttpVersion11 and response.content_length is None
+        if framed_by_close and not head_only:
+            _reset_if_cut(request, True)
         kept: bytearray | None = bytearray() if attempt is not None else None
         limit = self._idem.max_body_bytes if self._idem is not None else 0
         # With an attempt each piece goes out once the next one is here: the last waits
@@ -403,7 +406,7 @@ class Proxy:
                 held = b""
         except _ClientStalled:
             info.error = "client-stalled"
-            _abort(request.transport, reset=False)
+            _abort(request.transport, reset=framed_by_close)
             if attempt is not None:
                 await attempt.unknown()  # acted on; the answer never reached its client whole
             return response
@@ -413,7 +416,6 @@ class Proxy:
             # client's transfer is aborted too; the fault is the client's, not the SME
             # gateway's (no upstream failure is counted).
             info.error = "request-body-too-large" if exchange.upload.too_large else "bad-request"
-            framed_by_close = request.version < HttpVersion11 and response.content_length is None
             _abort(request.transport, reset=framed_by_close)
             if attempt is not None:
                 await attempt.unknown()  # an answer had begun: the upstream may have acted
@@ -425,7 +427,6 @@ class Proxy:
             self._metrics.failures[exc.kind].inc()
             info.error = "sme-gateway-aborted"
             # aiohttp chunks an HTTP/1.1 answer of unknown length; to HTTP/1.0 it cannot.
-            framed_by_close = request.version < HttpVersion11 and response.content_length is None
             _abort(request.transport, reset=framed_by_close)
             if attempt is not None:
                 await attempt.unknown()  # it was acted on, but its answer is lost
@@ -443,7 +444,10 @@ class Proxy:
                 await _send(request, response, held)
             except _ClientStalled:  # (recorded already: a retry gets the replay)
                 info.error = "client-stalled"
-                _abort(request.transport, reset=False)
+                _abort(request.transport, reset=framed_by_close)
+                return response
+        if framed_by_close:
+            _reset_if_cut(request, False)  # whole: the close that follows ends it
         return response
 
     async def _record(
@@ -577,11 +581,27 @@ def _abort(transport: asyncio.Transport | None, *, reset: bool) -> None:
     FIN: it ends with a reset."""
     if transport is None:
         return
-    sock = transport.get_extra_info("socket") if reset else None
+    if reset:
+        close_with_reset(transport)
+    transport.abort()
+
+
+def close_with_reset(transport: asyncio.BaseTransport) -> None:
+    """From now on, closing ``transport`` sends a reset (RST), not a FIN."""
+    sock = transport.get_extra_info("socket")
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-    transport.abort()
+
+
+def _reset_if_cut(request: web.BaseRequest, on: bool) -> None:
+    """While an answer framed by the connection's end streams, a close for any other reason
+    (the drain's grace running out: aiohttp closes the connection before the cancelled
+    handler runs again) must be a reset: a FIN would complete the answer. The server's
+    protocol (``runner``) honours the mark; another server ignores it."""
+    protocol = request.protocol
+    if hasattr(protocol, "reset_if_closed"):
+        protocol.reset_if_closed = on
 
 
 async def _finish(request: web.BaseRequest, response: web.StreamResponse) -> None:

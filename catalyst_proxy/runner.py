@@ -34,6 +34,7 @@ from .app import PARTS
 from .dispatch import Dispatcher, error_response
 from .errors import BadRequest, HeaderFieldsTooLarge, InternalError, ProxyError
 from .ids import hex_id
+from .proxy import close_with_reset
 
 # Server-side protocol settings (web.AppRunner keyword arguments).
 SERVER_OPTIONS: dict[str, Any] = {
@@ -76,7 +77,9 @@ def _end_with_an_error(body: StreamReader) -> None:
 
 
 class _RequestHandler(RequestHandler):
-    __slots__ = ("_body", "_ended", "_head_bytes", "_head_refused", "_head_timer", "_held")
+    __slots__ = (
+        "_body", "_ended", "_head_bytes", "_head_refused", "_head_timer", "_held", "reset_if_closed"
+    )  # fmt: skip
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._body: StreamReader | None = None  # the last request's body on this connection
@@ -85,6 +88,7 @@ class _RequestHandler(RequestHandler):
         self._head_refused = False  # over MAX_HEAD_BYTES: answered 431, nothing more parsed
         self._ended: StreamReader | None = None  # a body seen ending on framing alone
         self._held = b""  # the rest of a read that came while aiohttp had stopped reading
+        self.reset_if_closed = False  # an answer framed by the close streams (proxy.py)
         super().__init__(*args, **kwargs)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -97,6 +101,11 @@ class _RequestHandler(RequestHandler):
             self._head_timer.cancel()
             self._head_timer = None
         super().connection_lost(exc)
+
+    def force_close(self) -> None:
+        if self.reset_if_closed and self.transport is not None:
+            close_with_reset(self.transport)  # mid-answer: a FIN would complete it
+        super().force_close()
 
     def _head_overdue(self) -> None:
         self._head_timer = None

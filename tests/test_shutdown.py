@@ -275,6 +275,48 @@ async def test_upstream_hanging_past_the_grace(public_key_file, bearer):
     assert cut == [(503, "shutdown-grace-exceeded")] * 5  # the server cut them, not the clients
 
 
+async def test_an_answer_framed_by_the_close_cut_at_the_grace_ends_in_a_reset(
+    upstream, public_key_file, bearer
+):
+    """An HTTP/1.0 client whose answer has no length (the SME gateway's is chunked) knows its
+    end only by the connection's end: cut when the grace runs out, it ends in a reset (RST),
+    never the FIN that would make the part it got look like the whole answer."""
+    release = asyncio.Event()
+
+    async def respond(
+        seen: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n6\r\n{\"a\":1\r\n")  # fmt: skip
+        await writer.drain()
+        await release.wait()
+        return False
+
+    up = await upstream(respond)
+    server = await start_server(up.url, public_key_file, 0.5)
+    try:
+        base = await server.wait_listening()
+        reader, writer = await raw_client(base)
+        token = bearer()["Authorization"]
+        writer.write(f"POST {PURCHASE} HTTP/1.0\r\nAuthorization: {token}\r\n"
+                     "Content-Length: 2\r\n\r\n{}".encode())  # fmt: skip
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.0 200") or head.startswith(b"HTTP/1.1 200"), head
+        assert b"content-length" not in head.lower()
+        assert await reader.readexactly(6) == b'{"a":1'
+        server.signal(signal.SIGTERM)
+        with pytest.raises(ConnectionResetError):
+            await reader.read()  # the grace runs out: a reset, not a clean end
+        writer.close()
+        assert await server.wait(timeout=10) == 0
+    finally:
+        release.set()
+        await server.stop()
+    cut = [(line["status"], line["error"]) for line in server.json_lines()
+           if line["event"] == "request" and line.get("path") == PURCHASE]  # fmt: skip
+    assert cut == [(503, "shutdown-grace-exceeded")]
+
+
 async def test_record_updates_the_store_refuses_are_retried_only_within_the_grace(
     slow, public_key_file, bearer, redis_server: RedisServer, redis_url: str
 ):

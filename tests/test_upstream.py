@@ -1406,6 +1406,44 @@ async def test_a_client_that_stops_reading_a_streamed_answer_lets_go_of_the_upst
         await raw.close()
 
 
+async def test_an_http10_client_that_stops_reading_an_answer_framed_by_the_close_gets_a_reset(
+    gateway, bearer, monkeypatch
+):
+    """An HTTP/1.0 client whose answer is framed by the connection's end (the SME gateway's
+    is chunked) and which stops reading: its transfer is aborted with a reset, so that it
+    never takes the part it got, followed by a FIN, for the whole answer."""
+    monkeypatch.setattr(proxy_module, "SEND_PATIENCE", 0.3)
+
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")  # fmt: skip
+        piece = b"%x\r\n%s\r\n" % (PIECE, os.urandom(PIECE))
+        with contextlib.suppress(ConnectionError):
+            while True:
+                writer.write(piece)
+                await writer.drain()
+
+    raw = await RawUpstream(endless).start()
+    try:
+        gw = await gateway(upstream=raw.url)
+        reader, writer = await small_buffer_client(gw.url, socket.SO_RCVBUF)
+        try:
+            token = bearer()["Authorization"]
+            writer.write(f"POST {PURCHASE} HTTP/1.0\r\nAuthorization: {token}\r\n"
+                         "Content-Length: 2\r\n\r\n{}".encode())  # fmt: skip
+            start, headers = parse_head(await reader.readuntil(b"\r\n\r\n"))
+            assert start.endswith("200 OK")
+            assert "Content-Length" not in headers
+            await eventually(lambda: gw.parts.dispatcher.in_flight == 0, timeout=10)
+            _, ended = await read_to_the_end(reader, timeout=10)
+            assert ended == "reset"
+        finally:
+            writer.close()
+    finally:
+        await raw.close()
+
+
 @pytest.mark.parametrize(
     ("patience", "pace", "bite", "pieces"),
     [(0.2, 0.02, 4 * KiB, 8), (0.4, 0.35, 64 * KiB, 4)],

@@ -32,7 +32,7 @@ _TIER_ROLES = {"owner": "superadmin", "admin": "sovereign-admin"}
 
 
 def map_role(claims: Mapping[str, Any], operator_email: str | None = None) -> str:
-    """The SME role for an operator's claims (CONTRACT: *Role mapping*). Pure."""
+    """The SME role for an operator's claims (reference.md: *The SME role*). Pure."""
     roles = _realm_roles(claims)
     tier = claims.get("tier")
     tier = tier.strip().lower() if isinstance(tier, str) else None

@@ -49,8 +49,9 @@ from collections.abc import Mapping
 
 FORWARDED = "X-Catalyst-Forwarded"
 
-# The checks a request passes, in order (CONTRACT: "Order of checks"); each error names its
-# step, so the reference and the OpenAPI document know which routes can answer it.
+# The checks a request passes, in order (reference.md: "How a proxied request is handled");
+# each error names its step, so the reference and the OpenAPI document know which routes
+# can answer it.
 STEPS = ("protocol", "routing", "session", "rate-limit", "bridge", "code", "body",
          "idempotency", "exchange")  # fmt: skip
 

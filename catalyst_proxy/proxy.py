@@ -81,7 +81,7 @@ SEND_PATIENCE = 60.0
 PATIENCE_CHECKS = 4
 _ALMOST = 0.999  # (PATIENCE_CHECKS looks' delays, added as floats, may fall short of it by a hair)
 
-# The client's failures, as the contract's answers (CONTRACT: "The upstream exchange").
+# The client's failures, as the contract's answers (reference.md: "The upstream exchange").
 _FAILURES: tuple[tuple[type[UpstreamFailure], type[ProxyError]], ...] = (
     (PoolOverloaded, GatewayOverloaded),
     (BreakerOpen, UpstreamUnreachable),

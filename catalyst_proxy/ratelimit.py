@@ -1,4 +1,4 @@
-"""Per-operator rate limits (CONTRACT "Rate limits"), checked right after authentication.
+"""Per-operator rate limits (reference.md "Rate limits"), checked right after authentication.
 
 Each operator (``sub``) has its own budget on each row of the route table
 (aliases included): ``CATALYST_RATE_LIMIT``, or the row's own ``rate_limit``

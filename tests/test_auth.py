@@ -1,4 +1,4 @@
-"""The operator session (CONTRACT: *Operator session (RS256)*): token sources and claim rules.
+"""The operator session (reference.md: *Operator session*): token sources and claim rules.
 
 Every refusal is checked the same way: ``401 {"error":"unauthenticated"}``, the
 RFC 6750 challenge, and nothing at all reached the SME stand-in. Every

@@ -1,4 +1,4 @@
-"""Fail fast (CONTRACT: "The upstream exchange", the breaker), end to end over real sockets.
+"""Fail fast (reference.md: "The upstream exchange", the breaker), end to end over real sockets.
 
 Every case runs the real gateway on 127.0.0.1 against an upstream that is
 really dead, really slow or really there:

@@ -1,4 +1,4 @@
-"""The bridge (CONTRACT: Role mapping and the bridge token): role, claims, secret sources."""
+"""The bridge (reference.md: Role mapping and the bridge token): role, claims, secret sources."""
 
 from __future__ import annotations
 

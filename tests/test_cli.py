@@ -1,4 +1,4 @@
-"""The command line (CONTRACT: Command line): keygen, token, errors, and `dev` end to end."""
+"""The command line (reference.md: Command line): keygen, token, errors, and `dev` end to end."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Idempotency end to end (CONTRACT "Idempotency (a purchase happens once)"), over real sockets.
+"""Idempotency end to end (reference.md "Idempotency"), over real sockets.
 
 Every rule runs against both stores: the process's memory and a real
 redis-server (``store`` is parametrised; ``start(upstream_url, **settings)``

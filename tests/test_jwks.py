@@ -1,4 +1,4 @@
-"""The operator keys: the realm JWKS and local PEM keys (CONTRACT: *Operator session*, keys).
+"""The operator keys: the realm JWKS and local PEM keys (reference.md: *Operator session*, keys).
 
 A real JWKS endpoint on 127.0.0.1 serves the keys (``WatchedJWKS``: its
 ``fetches`` count is the number of GETs that reached it). The gateway's

@@ -1,4 +1,4 @@
-"""Logs (CONTRACT: Operations; issue 3): the real server's every byte, and no secret in it."""
+"""Logs (reference.md: Operations; issue 3): the real server's every byte, and no secret in it."""
 
 from __future__ import annotations
 

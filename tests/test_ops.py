@@ -1,4 +1,4 @@
-"""Operations endpoints (CONTRACT: Operations; issue 3): /healthz, /readyz, /metrics."""
+"""Operations endpoints (reference.md: Operations; issue 3): /healthz, /readyz, /metrics."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The pool's waiting room at the edge of a request's budget (CONTRACT "The upstream exchange").
+"""The pool's waiting room at the edge of a request's budget (reference.md "The upstream exchange").
 
 A request that waited in line for a connection and whose budget ran out as its
 turn came is refused as overloaded: it never tries a connect that cannot

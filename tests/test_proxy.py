@@ -1,4 +1,4 @@
-"""The upstream exchange (CONTRACT "The upstream exchange"): headers both ways,
+"""The upstream exchange (reference.md "The upstream exchange"): headers both ways,
 answers streamed back, the failure table, at most once, client disconnects.
 
 Upstream-side facts come from the SME stand-in's ``received`` or from an
@@ -35,7 +35,7 @@ from .support import free_socket
 PURCHASE = "/api/v1/billing/purchase"
 SANE_ID = re.compile(r"[A-Za-z0-9._~:@+=/-]{1,128}")
 
-# What may reach the SME gateway, and nothing else (CONTRACT: request headers sent).
+# What may reach the SME gateway, and nothing else (reference.md: Client → SME gateway).
 UPSTREAM_REQUEST_HEADERS = {
     "host",
     "authorization",

@@ -1,4 +1,4 @@
-"""Per-operator rate limits end to end (CONTRACT: "Rate limits", "Order of checks", "Operations").
+"""Per-operator rate limits end to end (reference.md: "Rate limits", and where they come in).
 
 The real gateway on 127.0.0.1 in front of the SME stand-in, its counters in the
 process or in the session's real redis-server (``backend``: every rule that

@@ -1,4 +1,4 @@
-"""The in-process rate-limit counters on a fake clock (CONTRACT: "Rate limits").
+"""The in-process rate-limit counters on a fake clock (reference.md: "Rate limits").
 
 ``MemoryCounters`` is the sliding window counter: the count of the current
 window plus the previous window's, weighted by how much of it still overlaps

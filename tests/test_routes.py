@@ -1,4 +1,4 @@
-"""The route table (CONTRACT: Routes): what each client path becomes upstream."""
+"""The route table (reference.md: Routes): what each client path becomes upstream."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Graceful shutdown (CONTRACT: Operations; issue 3; issue 4 §10), on a real subprocess."""
+"""Graceful shutdown (reference.md: Operations; issue 3; issue 4 §10), on a real subprocess."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The shared store (``store.Store``) against a real redis-server (CONTRACT: "Rate limits").
+"""The shared store (``store.Store``) against a real redis-server (reference.md: "Rate limits").
 
 Start-up never waits for the store; an outage makes it skip the store for
 ``RETRY_AFTER`` seconds, then try again; the password comes from the URL or a

@@ -1,4 +1,4 @@
-"""The upstream client, end to end (CONTRACT "The upstream exchange", "Order of checks").
+"""The upstream client, end to end (reference.md: "The upstream exchange").
 
 The keep-alive pool (reuse, stale and misbehaving connections, its bounds, the
 waiting room, idle closing), framing the upstream gets wrong or unusual, at most

@@ -8,7 +8,7 @@
 //  2. verifies it on every request (no cache) with golang-jwt v4: RS256
 //     only, exp required, exp/nbf/iat with a 30 s leeway, sub a non-empty
 //     string; any failure is 401 {"error":"unauthenticated"};
-//  3. maps realm roles / tier to the SME role (CONTRACT.md, Role mapping);
+//  3. maps realm roles / tier to the SME role (docs/reference.md, Role mapping and the bridge token);
 //  4. mints an HS256 bridge token {sub, email, role, iat, exp=iat+300,
 //     typ="session", jti};
 //  5. streams the body to the upstream's /api/billing/purchase through one

@@ -1,4 +1,4 @@
-"""A purchase happens once: ``Idempotency-Key`` (CONTRACT "Idempotency").
+"""A purchase happens once: ``Idempotency-Key`` (reference.md "Idempotency").
 
 - ``keys.py``: the header's syntax, the key's scope, the request's fingerprint;
 - ``records.py``: a record's life and bytes, and the store interface;

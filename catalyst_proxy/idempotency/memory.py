@@ -172,7 +172,8 @@ class MemoryRecords:
                          now + self._ttl, weight)  # fmt: skip
         self._bytes += weight - entry[_WEIGHT]
         if body:
-            self._answer_bytes += len(body) - _body_bytes(entry)
+            held = entry[_BODY]  # (a reservation's: empty)
+            self._answer_bytes += len(body) - (len(held) if held else 0)
             if self._answer_bytes > self._max_answer_bytes:
                 self._drop_answers()
         if self._bytes > self._max_bytes:

@@ -4,7 +4,7 @@
 
 Runs ``catalyst-proxy`` unchanged except for the memory idempotency store's byte
 bound (8 MiB by default). Loaded with a new key on every request, the default
-store keeps ~11,000 records and frees each, cold, ~2.5 s after it was written;
+store keeps ~10,000 records and frees each, cold, ~2.5 s after it was written;
 a 64 KiB store frees them while they are still in the CPU's caches. The two
 rows side by side separate what the keyed path's code costs from what the
 store's footprint costs on this machine's caches. Bench-only: nothing here is

@@ -297,9 +297,12 @@ async def test_owner_tokens_never_repeat(stores):
 async def test_a_stored_record_comes_back_as_it_was_stored(stores, record):
     """What a store returns for a slot is the record it was given: duplicate, non-ASCII and
     non-UTF-8 header fields, empty values, any body bytes, no body (None). (Redis keeps only
-    the fields a replay may send: these all are.)"""
+    the fields a replay may send: these all are. The memory store keeps no header fields of
+    an answer it keeps no body of: such a record is never replayed.)"""
     records = await stores.make()
     assert await records.reserve(S("kept"), record) is None
+    if stores.kind == "memory" and record.body is None:
+        record = record._replace(headers=())
     assert await records.reserve(S("kept"), reservation(stores.clock)) == record
 
 
@@ -634,7 +637,7 @@ async def test_memory_drops_the_oldest_answers_bodies_before_any_record():
     through ``replace`` count alike."""
     clock = Clock(NOW)
     dropped: list[int] = []
-    records, evicted = memory(clock, max_answer_bytes=4000, on_drop_answers=dropped.append)
+    records, evicted = memory(clock, max_answer_bytes=8000, on_drop_answers=dropped.append)
     for index in range(10):
         name, owner = S(f"a{index}"), hex_id()
         assert records.reserve_now(name, owner, NOW + LEASE) is None
@@ -648,10 +651,32 @@ async def test_memory_drops_the_oldest_answers_bodies_before_any_record():
     found = [await records.reserve(S(f"a{index}"), reservation(clock)) for index in range(10)]
     assert all(record is not None and record.state == COMPLETED for record in found)
     kept = [record.body for record in found if record is not None and record.body]
-    assert sum(map(len, kept)) <= 4000
+    assert sum(map(len, kept)) <= 8000
+    assert len(kept) < 10
     assert kept == [bytes([index]) * 1000 for index in range(10 - len(kept), 10)]  # the newest
     assert [record.body for record in found[: 10 - len(kept)]] == [None] * (10 - len(kept))
     assert sum(dropped) == 10 - len(kept)
+
+
+async def test_memory_drops_answers_oldest_by_completion_not_by_reservation():
+    """The answers dropped first are the oldest answers: a request reserved long ago whose
+    answer (a long stream) came last keeps it over answers that came before."""
+    clock = Clock(NOW)
+    records, _ = memory(clock, max_answer_bytes=4000)
+    late = hex_id()
+    assert records.reserve_now(S("late"), late, NOW + LEASE) is None
+    for index in range(3):
+        await records.reserve(S(f"early{index}"), completed(hex_id(), b"e" * 900))
+    assert records.complete_now(S("late"), late, b"f" * 32, 200, (), b"l" * 900)
+    await records.reserve(S("last"), completed(hex_id(), b"n" * 900))  # over 4000: a pass
+    found = {name: await records.reserve(S(name), reservation(clock))
+             for name in ("late", "early0", "early1", "last")}  # fmt: skip
+    assert {name: record.body if record else "gone" for name, record in found.items()} == {
+        "late": b"l" * 900,
+        "early0": None,
+        "early1": None,
+        "last": b"n" * 900,
+    }
 
 
 async def test_memory_answers_bound_forgets_the_bodies_of_records_gone_otherwise():
@@ -660,7 +685,7 @@ async def test_memory_answers_bound_forgets_the_bodies_of_records_gone_otherwise
     that records long gone still seem to take."""
     clock = Clock(NOW)
     dropped: list[int] = []
-    records, evicted = memory(clock, max_records=3, max_answer_bytes=3000,
+    records, evicted = memory(clock, max_records=3, max_answer_bytes=4200,
                               on_drop_answers=dropped.append)  # fmt: skip
     for index in range(20):
         owner = hex_id()
@@ -774,31 +799,56 @@ async def test_memory_keeps_reservations_over_the_bound_rather_than_drop_them():
 
 
 async def test_memory_weighs_answers_bodies_apart_from_records():
-    """Bodies count against ``max_answer_bytes``, not ``max_bytes``: three answers of 10 kB
-    stay as records in a 25 kB bound for records; past 25 kB of answers the oldest bodies go,
-    down to 3/4 of the bound (so two of the three), their records kept."""
+    """Bodies count against ``max_answer_bytes``, not ``max_bytes``: five answers of 10 kB
+    stay as records in a 25 kB bound for records; past 50 kB of answers the oldest go, down
+    to 3/4 of the bound, their records kept."""
     clock = Clock(NOW)
-    records, evicted = memory(clock, max_bytes=25_000, max_answer_bytes=25_000)
-    for name in ("a", "b", "c"):
+    records, evicted = memory(clock, max_bytes=25_000, max_answer_bytes=50_000)
+    for name in ("a", "b", "c", "d", "e"):
         await records.reserve(S(name), completed(hex_id(), b"x" * 10_000))
-    assert len(records) == 3
+    assert len(records) == 5
     assert evicted == []
-    bodies = [(await records.reserve(S(name), reservation(clock))) for name in ("a", "b", "c")]
-    assert [record.body if record else "gone" for record in bodies] == [None, None, b"x" * 10_000]
+    bodies = [await records.reserve(S(name), reservation(clock)) for name in "abcde"]
+    assert [record.body if record else "gone" for record in bodies] == [None, None] + [
+        b"x" * 10_000
+    ] * 3
 
 
-async def test_memory_weighs_an_answers_header_fields():
-    """A completed answer's header fields count against ``max_bytes`` like its body: three
-    answers with 10 kB of header fields do not fit in 25 kB."""
+async def test_memory_keeps_no_answer_over_a_quarter_of_its_bound():
+    """An answer larger than a quarter of ``max_answer_bytes`` is not kept (as one too large to
+    record: 409 replay-unavailable), so that one answer cannot empty the store of the rest."""
     clock = Clock(NOW)
-    records, evicted = memory(clock, max_bytes=25_000)
+    dropped: list[int] = []
+    records, _ = memory(clock, max_answer_bytes=40_000, on_drop_answers=dropped.append)
     for name in ("a", "b", "c"):
+        await records.reserve(S(name), completed(hex_id(), b"x" * 9_000))
+    await records.reserve(S("big"), completed(hex_id(), b"y" * 10_001))
+    found = [await records.reserve(S(name), reservation(clock)) for name in ("a", "b", "c", "big")]
+    assert [record.body if record else "gone" for record in found] == [b"x" * 9_000] * 3 + [None]
+    assert dropped == []
+
+
+async def test_memory_keeps_only_replayed_header_fields_of_a_long_head_and_counts_them_as_answer():
+    """An answer's header fields count against ``max_answer_bytes``, never against the records'
+    bound: answers with 10 kB of header fields push no record out. Past ``HEAD_FILTERED``
+    bytes only the fields a replay sends are kept (an SME gateway's cookies take no room)."""
+    clock = Clock(NOW)
+    dropped: list[int] = []
+    records, evicted = memory(clock, max_bytes=25_000, max_answer_bytes=100_000,
+                              on_drop_answers=dropped.append)  # fmt: skip
+    for index in range(20):
         owner = records.new_owner()
-        assert records.reserve_now(S(name), owner, clock() + 33.0) is None
-        head = [(b"X-Pad", b"p" * 10_000)]
-        assert records.complete_now(S(name), owner, b"f" * 32, 200, head, b"x")
-    assert len(records) == 2
-    assert evicted == [1]
+        assert records.reserve_now(S(f"h{index}"), owner, clock() + 33.0) is None
+        head = [(b"Set-Cookie", b"c" * 10_000), (b"ETag", b'"e%d"' % index),
+                (b"Cache-Control", b"p" * 3_000)]  # fmt: skip
+        assert records.complete_now(S(f"h{index}"), owner, b"f" * 32, 200, head, b"x")
+    assert len(records) == 20
+    assert evicted == []
+    assert dropped == []  # 20 x ~3 kB kept: under 100 kB
+    found = await records.reserve(S("h0"), reservation(clock))
+    assert found is not None
+    assert found.headers == ((b"ETag", b'"e0"'), (b"Cache-Control", b"p" * 3_000))
+    assert found.body == b"x"
 
 
 async def test_memory_expired_records_are_not_counted_as_evictions():

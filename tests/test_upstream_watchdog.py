@@ -100,3 +100,44 @@ async def test_a_wait_past_its_deadline_expires_and_is_no_answer() -> None:
         assert not await _outlasting_the_spin(watchdog)
     finally:
         watchdog.close()
+
+
+async def test_a_wait_expires_at_the_second_look_that_finds_it_overdue() -> None:
+    """An overdue wait expires only at the second look that finds it so (the loop reads its
+    sockets in between: an answer that came in time during a stall is read first). A wait
+    that fell due between two looks gets its own second look: the first wait's does not
+    expire it."""
+    loop = asyncio.get_running_loop()
+    watchdog = Watchdog(loop, spin=0)
+    first, second = Wait(), Wait()
+    try:
+        watchdog.watch(first, deadline=loop.time() - 1)
+        watchdog._check()
+        assert not first.expired  # found overdue: looked at again after a read
+        watchdog.watch(second, deadline=loop.time() - 1)  # fell due since (a stall)
+        watchdog._check()
+        assert first.expired
+        assert not second.expired
+        watchdog._check()
+        assert second.expired
+    finally:
+        watchdog.close()
+
+
+async def test_a_wait_answered_between_the_two_looks_is_not_expired() -> None:
+    """A wait found overdue and then answered (unwatched) before the second look is never
+    expired; its connection's next wait gets two looks of its own."""
+    loop = asyncio.get_running_loop()
+    watchdog = Watchdog(loop, spin=0)
+    wait = Wait()
+    try:
+        watchdog.watch(wait, deadline=loop.time() - 1)
+        watchdog._check()
+        watchdog.unwatch(wait)  # the answer was read
+        watchdog.watch(wait, deadline=loop.time() - 1)  # the next wait, on the same connection
+        watchdog._check()
+        assert not wait.expired
+        watchdog._check()
+        assert wait.expired
+    finally:
+        watchdog.close()

@@ -2,17 +2,20 @@
 
 Records expire after the TTL (a reservation after its lease and then the TTL:
 it never expires while its request may be in flight) and the store is bounded,
-twice over. The answers' bodies have a budget of their own: past it the oldest
-bodies are dropped first (down to 3/4 of it), counted in
+twice over. The answers (the passed-through header fields and the body a replay
+would send) have a budget of their own: past it the oldest answers (by
+completion) are dropped first, down to 3/4 of it, counted in
 ``catalyst_proxy_idempotency_answers_dropped_total``, and their records stay, so a
 retry under such a key is told ``409 idempotency-replay-unavailable``, as for an
-answer too large to record: never forwarded again. A record without its body is a
-few hundred bytes, so large answers cannot push records out (128 answers of 64
-KiB would have, under one bound for both). The records themselves are bounded by
-count and bytes: past a bound the oldest records (by reservation) go first,
-counted in ``catalyst_proxy_idempotency_evictions_total``; a retry under an
-evicted key is forwarded again. That takes a flood (~11,000 purchases in a
-process within the TTL, at the defaults). A reservation is
+answer too large to record: never forwarded again. An answer larger than a
+quarter of the budget is not kept at all (as if too large to record), so that one
+answer cannot empty the store of all the others. Without its answer a record is a
+few hundred bytes, whatever the SME gateway sends, so answers cannot push records
+out. The records themselves are bounded by count and bytes: past a bound the
+oldest records (by reservation) go first, counted in
+``catalyst_proxy_idempotency_evictions_total``; a retry under an evicted key is
+forwarded again. That takes a flood (~10,000 purchases in a process within the
+TTL, at the defaults). A reservation is
 not dropped for room: in this store it belongs to a request of this process,
 still in flight however long its answer streams (dropping it would let a retry
 through twice). Within its lease that holds without exception; past it, for at
@@ -42,18 +45,24 @@ from collections.abc import Callable, Iterable
 from itertools import chain
 from typing import Final
 
+from ..headers import replayable
 from .records import COMPLETED, RESERVED, Record
 
 MAX_RECORDS = 20_000
 MAX_IN_FLIGHT = 1_100  # the contract's defaults: 100 upstream connections, 1,000 waiting
-MAX_BYTES = 8 * 1024 * 1024  # records without their bodies: ~11,000 with 5 header fields
-MAX_ANSWER_BYTES = 8 * 1024 * 1024  # the answers' bodies: 128 of 64 KiB, 4,000 of 2 KiB
-# An entry's bytes besides its slot's characters and its header bytes, which are added to
-# it: the tuple, the objects it holds (the body's object, not its bytes: those count against
-# MAX_ANSWER_BYTES) and its place in the dict (measured with tracemalloc: 870 bytes in all
-# for a 121-character slot, 118 header bytes and a 120-byte body, when the records were in
-# an OrderedDict; ~45 bytes less in a plain dict, so the figure errs on the heavy side).
+MAX_BYTES = 6 * 1024 * 1024  # records without their answers: ~10,000 (121-character slots)
+MAX_ANSWER_BYTES = 8 * 1024 * 1024  # answers: ~120 of 64 KiB, ~3,900 of 2 KiB
+# An entry's bytes besides its slot's characters, which are added to it: the tuple, the
+# objects it holds (the answer's objects, not their bytes: those count against
+# MAX_ANSWER_BYTES) and its places in the dicts (measured with tracemalloc: 870 bytes in
+# all for a 121-character slot, 118 header bytes and a 120-byte body, when the records
+# were in an OrderedDict; ~45 bytes less in a plain dict, so the figure errs on the heavy
+# side).
 ENTRY_WEIGHT = 512
+# An answer's header fields are kept as they came (a replay filters them, as it does the
+# first answer's), but past this many bytes only those a replay sends are kept: an SME
+# gateway's cookies must not take the room of other answers.
+HEAD_FILTERED = 1024
 
 _SEPARATOR = b"\0"  # between the header fields' names and values
 _BARE = Record(RESERVED, "", 0.0)[3:]  # what a reservation leaves at the defaults
@@ -94,12 +103,14 @@ class MemoryRecords:
         self._low_bytes = max_bytes - max_bytes // 32
         self._max_answer_bytes = max_answer_bytes
         self._low_answer_bytes = max_answer_bytes - max_answer_bytes // 4
+        self._largest_answer = max_answer_bytes // 4  # one larger is not kept
         self._clock = clock
         self._on_evict = on_evict
         self._on_drop_answers = on_drop_answers
         self._records: dict[str, Entry] = {}  # slot → entry, oldest reservation first
         self._bytes = 0  # the entries' weights
-        self._answer_bytes = 0  # their bodies' bytes
+        self._answer_bytes = 0  # their answers' bytes (header fields and bodies)
+        self._answers: dict[str, None] = {}  # the slots holding an answer, oldest first
         self._owners = itertools.count(1)
 
     def __len__(self) -> int:
@@ -167,17 +178,21 @@ class MemoryRecords:
         if entry is None or entry[_OWNER] != owner or entry[_EXPIRES] <= now:  # (a fault)
             return self._replace(slot, owner, COMPLETED, 0.0, fingerprint, status, head, body)
         # Our reservation, as on every request: in its place, the answer.
-        weight = ENTRY_WEIGHT + len(slot) + len(head)
+        if len(head) > HEAD_FILTERED:
+            head = _replayable(head)
+        size = len(head) + len(body) if body is not None else 0
+        if body is None or size > self._largest_answer:
+            head, body, size = b"", None, 0  # not kept: never replayed
         records[slot] = (COMPLETED, owner, 0.0, fingerprint, status, head, body,
-                         now + self._ttl, weight)  # fmt: skip
-        self._bytes += weight - entry[_WEIGHT]
-        if body:
-            held = entry[_BODY]  # (a reservation's: empty)
-            self._answer_bytes += len(body) - (len(held) if held else 0)
+                         now + self._ttl, entry[_WEIGHT])  # fmt: skip
+        if entry[_BODY] or entry[_HEAD]:  # (not a bare reservation: not the guard's way)
+            self._answer_bytes -= _answer_size(entry)
+            self._answers.pop(slot, None)
+        self._answer_bytes += size
+        if size:
+            self._answers[slot] = None
             if self._answer_bytes > self._max_answer_bytes:
                 self._drop_answers()
-        if self._bytes > self._max_bytes:
-            self._bound()
         return True
 
     def renew_now(self, slot: str, owner: str, lease_until: float) -> bool:
@@ -216,16 +231,24 @@ class MemoryRecords:
         if entry is not None and entry[_OWNER] != owner:
             return False  # another request's record: never overwritten
         # Ours, or none left (it expired or was evicted): the answer is known, keep it.
-        weight = ENTRY_WEIGHT + len(slot) + len(head)
+        if len(head) > HEAD_FILTERED:
+            head = _replayable(head)
+        size = len(head) + len(body) if body is not None else 0
+        if body is None or size > self._largest_answer:
+            head, body, size = b"", None, 0  # not kept: never replayed
+        weight = ENTRY_WEIGHT + len(slot)
         records[slot] = (state, owner, lease_until, fingerprint, status, head, body,
                          now + self._ttl, weight)  # fmt: skip
         self._bytes += weight
-        self._answer_bytes += len(body) if body else 0
+        self._answer_bytes += size
         if entry is not None:
             self._bytes -= entry[_WEIGHT]
-            self._answer_bytes -= _body_bytes(entry)
-        if self._answer_bytes > self._max_answer_bytes:
-            self._drop_answers()
+            self._answer_bytes -= _answer_size(entry)
+        self._answers.pop(slot, None)
+        if size:
+            self._answers[slot] = None  # (a new answer: the newest)
+            if self._answer_bytes > self._max_answer_bytes:
+                self._drop_answers()
         if self._bytes > self._max_bytes or len(records) > self._max_records:
             self._bound()
         return True
@@ -233,27 +256,26 @@ class MemoryRecords:
     def _drop(self, slot: str) -> None:
         entry = self._records.pop(slot)
         self._bytes -= entry[_WEIGHT]
-        self._answer_bytes -= _body_bytes(entry)
+        if self._answers.pop(slot, 0) is None:
+            self._answer_bytes -= _answer_size(entry)
 
     def _drop_answers(self) -> None:
-        """Drop the oldest records' bodies until the answers are back under 3/4 of their
-        bound: the records stay, each now an answer that cannot be replayed (409
+        """Drop the oldest answers (by completion) until they are back under 3/4 of their
+        bound: their records stay, each now an answer that cannot be replayed (409
         replay-unavailable, never forwarded again). Down to 3/4 rather than just under the
-        bound, so that this pass (which walks the oldest records, those already without a
-        body too) runs once per quarter of the bound, not on every large answer."""
-        records = self._records
+        bound, so that a pass runs once per quarter of the bound, not on every answer."""
+        records, answers = self._records, self._answers
         size, low = self._answer_bytes, self._low_answer_bytes
-        emptied: list[tuple[str, Entry]] = []
-        for slot, entry in records.items():
+        emptied: list[str] = []
+        for slot in answers:
             if size <= low:
                 break
-            body = entry[_BODY]
-            if body:
-                emptied.append((slot, entry))
-                size -= len(body)
-        for slot, entry in emptied:
-            state, owner, lease_until, fingerprint, status, head, _, expires, weight = entry
-            records[slot] = (state, owner, lease_until, fingerprint, status, head, None,
+            emptied.append(slot)
+            size -= _answer_size(records[slot])
+        for slot in emptied:
+            del answers[slot]
+            state, owner, lease_until, fingerprint, status, _, _, expires, weight = records[slot]
+            records[slot] = (state, owner, lease_until, fingerprint, status, b"", None,
                              expires, weight)  # fmt: skip
         self._answer_bytes = size
         if emptied and self._on_drop_answers is not None:
@@ -284,8 +306,11 @@ class MemoryRecords:
             size -= entry[_WEIGHT]
             if entry[_EXPIRES] <= now:
                 expired += 1
+        answers = self._answers
         for slot in victims:
-            self._answer_bytes -= _body_bytes(records.pop(slot))
+            entry = records.pop(slot)
+            if answers.pop(slot, 0) is None:
+                self._answer_bytes -= _answer_size(entry)
         for slot in spared:
             records[slot] = records.pop(slot)
         self._bytes = size
@@ -294,9 +319,16 @@ class MemoryRecords:
             self._on_evict(evicted)
 
 
-def _body_bytes(entry: Entry) -> int:
+def _replayable(head: bytes) -> bytes:
+    """The header block ``head`` with only the fields a replay sends."""
+    parts = head.split(_SEPARATOR)
+    pairs = zip(parts[0::2], parts[1::2], strict=True)
+    return _SEPARATOR.join(chain.from_iterable(replayable(pairs)))
+
+
+def _answer_size(entry: Entry) -> int:
     body = entry[_BODY]
-    return len(body) if body else 0
+    return len(entry[_HEAD]) + len(body) if body is not None else 0
 
 
 def _record(entry: Entry) -> Record:

@@ -5,10 +5,13 @@
   request under uvloop; here a wait is one dict entry, and one timer ticking
   every ``TICK`` while anything waits expires the overdue ones: a deadline
   fires at most ``TICK`` late, which against budgets of seconds is noise.
-  An overdue wait expires only after one more pass over the sockets: the loop
-  runs its timers before it reads, so after a stall past a deadline (a paused
+  A wait expires only at the second look that finds it overdue, a short timer
+  after the first, once the loop has read its sockets in between: the loop runs
+  its timers before it reads, so after a stall past a deadline (a paused
   process, a starved CPU, a VM held) an answer that was in the socket in time
   would otherwise read as a timeout, and a purchase done as "outcome unknown".
+  Each wait gets its own second look: one that fell due during a stall is not
+  expired by a look meant for another.
 - Spin: the SME gateway usually answers within a few hundred microseconds.
   Blocking in the kernel at once costs a sleep and a wake-up per answer (in a
   VM, a halted vCPU's wake-up is tens of microseconds); for up to ``SPIN``
@@ -55,7 +58,7 @@ class Watchdog:
         self._credit = SPIN_MISSES  # misses left before spinning stops
         self._skipped = 0  # waits not spun for since spinning stopped
         self._answered = False  # a wait ended during the current spin
-        self._deferred = False  # overdue waits found, their expiry put off for one read
+        self._overdue: set[Waiter] = set()  # found overdue once: expired at the next look
 
     @property
     def spinning(self) -> bool:
@@ -73,11 +76,14 @@ class Watchdog:
     def unwatch(self, waiter: Waiter) -> None:
         if self._waiting.pop(waiter, None) is not None and self._spin_until:
             self._answered = True
+        if self._overdue:
+            self._overdue.discard(waiter)  # (its next wait gets its own two looks)
 
     def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._overdue.clear()
 
     def _worth_spinning(self) -> bool:
         if self._credit > 0:
@@ -98,13 +104,20 @@ class Watchdog:
 
     def _check(self) -> None:
         now = self._loop.time()
-        overdue = [waiter for waiter, deadline in self._waiting.items() if deadline <= now]
-        if overdue and not self._deferred:
-            self._deferred = True  # expire them once the loop has read what its sockets hold
-            self._timer = self._loop.call_later(RECHECK, self._check)
-            return
-        self._deferred = False
-        for waiter in overdue:
+        seen = self._overdue
+        expired: list[Waiter] = []
+        found: set[Waiter] = set()
+        for waiter, deadline in self._waiting.items():
+            if deadline <= now:
+                if waiter in seen:
+                    expired.append(waiter)
+                else:
+                    found.add(waiter)
+        self._overdue = found
+        for waiter in expired:
             del self._waiting[waiter]
             waiter.expire()
-        self._timer = self._loop.call_later(self._tick, self._check) if self._waiting else None
+        if found:  # looked at again once the loop has read its sockets
+            self._timer = self._loop.call_later(RECHECK, self._check)
+        else:
+            self._timer = self._loop.call_later(self._tick, self._check) if self._waiting else None

@@ -207,8 +207,20 @@ class KeySet:
         except TimeoutError:
             raise JWKSError("timeout", f"no complete answer within {self._timeout} s") from None
         except aiohttp.ClientError as exc:
-            raise JWKSError("error", f"{type(exc).__name__}: {exc}") from None
+            reason = self._without_url(f"{type(exc).__name__}: {exc}")  # (it may quote the URL)
+            raise JWKSError("error", reason) from None
         return parse_jwks(bytes(body))
+
+    def _without_url(self, text: str) -> str:
+        """``text`` (an aiohttp error's: some quote the request's URL) without the URL's user
+        info or query, in whatever spelling: each replaced by ``...``."""
+        assert self.jwks_url is not None
+        url = URL(self.jwks_url)
+        parts = (url.raw_query_string, url.query_string, url.raw_password, url.password,
+                 url.raw_user, url.user, url.raw_fragment, url.fragment)  # fmt: skip
+        for part in sorted({part for part in parts if part}, key=len, reverse=True):
+            text = text.replace(part, "...")
+        return text
 
     async def _refresh_loop(self) -> None:
         failures = 0

@@ -18,8 +18,10 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
+from structlog.testing import capture_logs
 
 from catalyst_proxy.devtools.keys import new_private_key, public_jwk
+from catalyst_proxy.jwks import KeySet
 
 from .auth_support import PURCHASE, Clock, WatchedJWKS, claims, metric, present
 from .conftest import Assurance
@@ -560,3 +562,38 @@ async def test_readyz_never_shows_the_jwks_urls_query(gateway, jwks, key_a):
     assert status == 200
     assert b"s3cr3t-q" not in body
     assert json.loads(body)["operator_keys"]["jwks_url"] == jwks.url + "?..."
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [b"HTTP/1.1 2x0 OK\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: abc\r\n\r\n{}",
+     b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"],
+    ids=["status-line", "content-length", "chunk-size"],
+)  # fmt: skip
+async def test_a_failed_fetch_never_logs_the_urls_query_or_password(answer):
+    """aiohttp's error for a malformed JWKS answer quotes the request's URL: the reason
+    logged (``jwks.refresh``) holds neither its query nor its user info, whatever the
+    error's spelling of them."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    keys = KeySet(jwks_url=f"http://reader:pw-s3cr3t@127.0.0.1:{port}/certs?access_token=q-s3cr3t",
+                  timeout=2)  # fmt: skip
+    try:
+        with capture_logs() as lines:
+            await keys.start()
+            await keys.wait_refreshes(1)
+    finally:
+        await keys.close()
+        server.close()
+        await server.wait_closed()
+    refresh = [line for line in lines if line["event"] == "jwks.refresh"]
+    assert refresh[0]["result"] == "error"
+    assert "127.0.0.1" in refresh[0]["reason"]  # the URL is quoted, less its secrets
+    assert "s3cr3t" not in json.dumps(lines)

@@ -380,7 +380,7 @@ class Proxy:
         head_only = request.method == "HEAD"
         framed_by_close = request.version < HttpVersion11 and response.content_length is None
         if framed_by_close and not head_only:
-            _reset_if_cut(request, True)
+            _framed_by_close(request, streaming=True)
         kept: bytearray | None = bytearray() if attempt is not None else None
         limit = self._idem.max_body_bytes if self._idem is not None else 0
         # With an attempt each piece goes out once the next one is here: the last waits
@@ -446,8 +446,8 @@ class Proxy:
                 info.error = "client-stalled"
                 _abort(request.transport, reset=framed_by_close)
                 return response
-        if framed_by_close:
-            _reset_if_cut(request, False)  # whole: the close that follows ends it
+        if framed_by_close and not head_only:
+            _framed_by_close(request, streaming=False)  # whole: the close that follows ends it
         return response
 
     async def _record(
@@ -594,14 +594,16 @@ def close_with_reset(transport: asyncio.BaseTransport) -> None:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
 
 
-def _reset_if_cut(request: web.BaseRequest, on: bool) -> None:
-    """While an answer framed by the connection's end streams, a close for any other reason
-    (the drain's grace running out: aiohttp closes the connection before the cancelled
-    handler runs again) must be a reset: a FIN would complete the answer. The server's
-    protocol (``runner``) honours the mark; another server ignores it."""
+def _framed_by_close(request: web.BaseRequest, *, streaming: bool) -> None:
+    """Mark the connection's answer as framed by the connection's end: ``streaming`` (a
+    close for any other reason, such as the drain's grace running out, must be a reset:
+    aiohttp closes the connection before the cancelled handler runs again, and a FIN would
+    complete the answer), then handed whole to the transport (a reset only if the server is
+    cut off before the transport has passed it all to the kernel). The server's protocol
+    (``runner``) honours the marks; another server ignores them."""
     protocol = request.protocol
-    if hasattr(protocol, "reset_if_closed"):
-        protocol.reset_if_closed = on
+    if hasattr(protocol, "close_framed"):
+        protocol.close_framed = "streaming" if streaming else "handed"
 
 
 async def _finish(request: web.BaseRequest, response: web.StreamResponse) -> None:

@@ -67,6 +67,14 @@ def _open(body: StreamReader) -> bool:
     return not body.is_eof() and body.exception() is None
 
 
+def cut(runner: web.AppRunner) -> None:
+    """The drain's grace ran out: prepare the connections still open for their close."""
+    server = runner.server
+    for handler in server.connections if server is not None else ():
+        if isinstance(handler, _RequestHandler):
+            handler.cut()
+
+
 def _end_with_an_error(body: StreamReader) -> None:
     """End a request body the parser gave up on: its reader gets the error (never the
     parser's own, whose text quotes the refused bytes: a cookie, a token), and the body
@@ -78,7 +86,7 @@ def _end_with_an_error(body: StreamReader) -> None:
 
 class _RequestHandler(RequestHandler):
     __slots__ = (
-        "_body", "_ended", "_head_bytes", "_head_refused", "_head_timer", "_held", "reset_if_closed"
+        "_body", "_ended", "_head_bytes", "_head_refused", "_head_timer", "_held", "close_framed"
     )  # fmt: skip
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -88,7 +96,8 @@ class _RequestHandler(RequestHandler):
         self._head_refused = False  # over MAX_HEAD_BYTES: answered 431, nothing more parsed
         self._ended: StreamReader | None = None  # a body seen ending on framing alone
         self._held = b""  # the rest of a read that came while aiohttp had stopped reading
-        self.reset_if_closed = False  # an answer framed by the close streams (proxy.py)
+        # An answer framed by the close: "streaming", then "handed" to the transport (proxy.py).
+        self.close_framed: str | None = None
         super().__init__(*args, **kwargs)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -103,9 +112,21 @@ class _RequestHandler(RequestHandler):
         super().connection_lost(exc)
 
     def force_close(self) -> None:
-        if self.reset_if_closed and self.transport is not None:
+        if self.close_framed == "streaming" and self.transport is not None:
             close_with_reset(self.transport)  # mid-answer: a FIN would complete it
         super().force_close()
+
+    def cut(self) -> None:
+        """The drain's grace ran out: the process closes this connection and exits. An answer
+        framed by the close whose last bytes are still in the transport's buffer (not yet
+        the kernel's) would end short with a FIN: it ends in a reset."""
+        transport = self.transport
+        if (
+            self.close_framed == "handed"
+            and transport is not None
+            and transport.get_write_buffer_size()
+        ):
+            close_with_reset(transport)
 
     def _head_overdue(self) -> None:
         self._head_timer = None

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from . import log, native
 from .app import PARTS
-from .runner import Runner
+from .runner import Runner, cut
 from .workers import listen_socket
 
 
@@ -114,6 +114,7 @@ async def serve(
         if left:
             logger.warning(log.SHUTDOWN_GRACE_EXCEEDED, connections=left)
             parts.dispatcher.cutting = True  # what is cancelled now is ours, not the client's
+            cut(runner)  # (an answer framed by the close, not all sent: a reset)
         # 4. what is still running is cancelled (its client sees a closed connection,
         #    never a made-up answer), and the app's cleanup closes the upstream session
         #    and the key set.

@@ -35,6 +35,7 @@ import pytest
 from aiohttp import web
 
 from catalyst_proxy import proxy as proxy_module
+from catalyst_proxy import runner as runner_module
 from catalyst_proxy.devtools.keys import operator_token
 from catalyst_proxy.upstream.client import _host_field
 
@@ -1442,6 +1443,62 @@ async def test_an_http10_client_that_stops_reading_an_answer_framed_by_the_close
             writer.close()
     finally:
         await raw.close()
+
+
+async def test_an_http10_answer_handed_whole_but_still_buffered_at_the_cut_ends_in_a_reset(
+    gateway, bearer
+):
+    """An HTTP/1.0 answer framed by the close, handed whole to the transport, with its last
+    bytes still in the transport's buffer (the client has not taken them) when the drain's
+    grace runs out: the cut (``runner.cut``, then the close shutdown makes) makes that close
+    a reset. The process then exits with those bytes unsent: a FIN would pass the part the
+    client got for the whole answer. (Both sides' kernel buffers are made small, so that
+    48 KiB fill them and the rest waits in the transport's.)"""
+    body = os.urandom(48 * KiB)
+    rest = asyncio.Event()
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n1\r\n-\r\n")  # fmt: skip
+        await writer.drain()
+        await rest.wait()  # the gateway streams it (no length: framed by the close)
+        writer.write(b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+        await writer.drain()
+
+    raw = await RawUpstream(answer).start()
+    async with contextlib.AsyncExitStack() as stack:
+        stack.push_async_callback(raw.close)
+        gw = await gateway(upstream=raw.url)
+        assert gw.runner.server is not None
+        server = gw.runner.server
+        sock = socket.socket()
+        stack.callback(sock.close)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        host, port = urlsplit(gw.url).hostname, urlsplit(gw.url).port
+        await loop.sock_connect(sock, (host, port))
+        await eventually(lambda: len(server.connections) == 1)
+        (handler,) = server.connections
+        assert handler.transport is not None
+        handler.transport.get_extra_info("socket").setsockopt(
+            socket.SOL_SOCKET, socket.SO_SNDBUF, 4096
+        )
+        token = bearer()["Authorization"]
+        await loop.sock_sendall(sock, f"POST {PURCHASE} HTTP/1.0\r\nAuthorization: {token}\r\n"
+                                      "Content-Length: 2\r\n\r\n{}".encode())  # fmt: skip
+        await eventually(lambda: getattr(handler, "close_framed", None) == "streaming")
+        rest.set()
+        await eventually(lambda: gw.parts.dispatcher.in_flight == 0)  # handed whole
+        assert handler.close_framed == "handed"
+        assert handler.transport.get_write_buffer_size() > 0  # not all with the kernel
+        runner_module.cut(gw.runner)
+        handler.force_close()  # as the server's shutdown does next
+        reader, writer = await asyncio.open_connection(sock=sock)
+        stack.callback(writer.close)
+        _, ended = await read_to_the_end(reader, timeout=10)
+        assert ended == "reset"
 
 
 @pytest.mark.parametrize(

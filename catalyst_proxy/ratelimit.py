@@ -26,6 +26,7 @@ When the shared store fails, ``CATALYST_RATE_LIMIT_ON_STORE_ERROR`` decides:
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import OrderedDict
@@ -139,10 +140,15 @@ class RedisCounters:
             if await allowed(item, key):
                 self._store.succeeded()
                 return 0.0
-            stats = await self._limiter.get_window_stats(item, key)
         except (StorageError, OSError, TimeoutError) as exc:
             self._store.failed(getattr(exc, "storage_error", exc))
             raise StoreUnavailable(self._store.last_error or "the store failed") from None
+        try:
+            stats = await self._limiter.get_window_stats(item, key)
+        except (StorageError, OSError, TimeoutError) as exc:
+            # Refused all the same: the store said so. Only the wait is not known: a window.
+            self._store.failed(getattr(exc, "storage_error", exc))
+            return float(rate.seconds)
         self._store.succeeded()
         # At a window's edge limits may report the reset as now: a refusal is never "0".
         return max(stats.reset_time - time.time(), _MIN_WAIT)
@@ -212,9 +218,12 @@ class RateLimiter:
             # this order that is only room in the shorter windows, back within seconds; in
             # the order written, a burst refused by 3/second could spend all of 10/minute.
             for index in policy.counting_order:
-                if await self._counters.hit(keys[index], policy.rates[index]):
-                    await self._refuse_if_over(route, policy, keys)
-                    self._refuse_over(route, policy, index, _MIN_WAIT)  # (room came back)
+                wait = await self._counters.hit(keys[index], policy.rates[index])
+                if wait:
+                    if len(keys) > 1:  # the longest wait, if the store still answers
+                        with contextlib.suppress(StoreUnavailable):
+                            await self._refuse_if_over(route, policy, keys)
+                    self._refuse_over(route, policy, index, wait)
         except StoreUnavailable as exc:
             if self._refuse:
                 self._store_refused.inc()

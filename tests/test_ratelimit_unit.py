@@ -19,6 +19,7 @@ from catalyst_proxy.errors import RateLimited
 from catalyst_proxy.metrics import Metrics
 from catalyst_proxy.ratelimit import MAX_MEMORY_KEYS, MemoryCounters, RateLimiter
 from catalyst_proxy.routes import DEFAULT_ROUTES
+from catalyst_proxy.store import StoreUnavailable
 
 T0 = 86_400.0 * 20_000  # a day boundary, so also a second, minute and hour boundary
 EPSILON = 1e-3  # "just before" / "just after" a moment the counters compute
@@ -334,6 +335,32 @@ async def test_a_burst_refused_by_a_short_rate_does_not_spend_a_long_one(spec):
     assert sorted(burst) == [['"3-per-second";r=0;t=2']] * 17 + [["ok"]] * 3
     clock.advance(2.5)  # the second's window and the one before it: past
     assert await outcomes(rate_limiter, 3) == ["ok"] * 3
+
+
+class RetestFails(RoundTripCounters):
+    """Round-trip counters whose store fails every test made once a counted hit was refused:
+    a store that goes down between the count and the query for the wait."""
+
+    refused = False
+
+    async def hit(self, key: str, rate: Rate, *, count: bool = True) -> float:
+        if not count and self.refused:
+            raise StoreUnavailable("the store went away")
+        wait = await super().hit(key, rate, count=count)
+        self.refused = self.refused or bool(count and wait)
+        return wait
+
+
+async def test_a_request_the_store_refused_stays_refused_if_the_store_then_fails():
+    """A count the store refused, followed by a store error while asking for the longest wait:
+    still 429 (the store said no), never served as if the store were down (``allow``)."""
+    clock = FakeClock()
+    clock.at(0, 0.0)
+    rate_limiter = RateLimiter(DEFAULT_ROUTES, parse_rate_limit("3/second;10/minute"),
+                               RetestFails(clock=clock), refuse_on_store_error=False,
+                               metrics=Metrics())  # fmt: skip
+    burst = await asyncio.gather(*(outcomes(rate_limiter, 1) for _ in range(20)))
+    assert sum(result == ["ok"] for result in burst) == 3
 
 
 async def test_operators_and_routes_have_their_own_budgets():

@@ -24,6 +24,7 @@ from .config import ConfigError, Settings
 from .dispatch import Dispatcher
 from .idempotency import Idempotency, MemoryRecords, RedisRecords, route_modes
 from .idempotency.guard import LEASE_MARGIN
+from .idempotency.memory import answer_budget
 from .jwks import Key, KeySet, load_local_keys
 from .metrics import Metrics
 from .ops import Ops
@@ -133,6 +134,7 @@ def create_app(
             on_evict=lambda count: metrics.idempotency_evictions.add(amount=count),
             on_drop_answers=lambda count: metrics.idempotency_answers_dropped.add(amount=count),
             max_in_flight=settings.upstream_max_connections + settings.upstream_max_pending,
+            max_answer_bytes=answer_budget(settings.idempotency_max_body_bytes),
         )
     )
     idempotency = Idempotency(

@@ -1112,6 +1112,23 @@ async def test_the_memory_store_drops_old_answers_bodies_and_never_forwards_twic
     assert len(keyed_requests(up, "evict-0")) == 1
 
 
+async def test_the_memory_store_replays_every_answer_the_configuration_records(
+    gateway, upstream, bearer
+):
+    """With ``CATALYST_IDEMPOTENCY_MAX_BODY_BYTES`` raised past a quarter of the memory store's
+    default budget for answers (4 MiB), a 3 MiB answer is still recorded and replayed: the
+    budget grows with the setting (an answer over a quarter of it would not be kept)."""
+    large = os.urandom(3 * 1024 * 1024)
+    up = await upstream(ok(large))
+    gw = await gateway(upstream=up.url, idempotency_max_body_bytes=4 * 1024 * 1024)
+    auth = bearer()
+    assert (await post(gw, auth, "three-mib"))[2] == large
+    status, headers, body = await post(gw, auth, "three-mib")
+    assert (status, headers["Idempotent-Replayed"]) == (200, "true")
+    assert body == large
+    assert len(keyed_requests(up, "three-mib")) == 1
+
+
 async def test_the_memory_store_evicts_the_oldest_records_past_its_bound_and_counts_them(
     gateway, upstream, bearer, monkeypatch
 ):

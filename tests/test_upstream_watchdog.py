@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from catalyst_proxy.upstream.watchdog import PROBE_EVERY, SPIN_MISSES, Watchdog
+from catalyst_proxy.upstream.watchdog import PROBE_EVERY, RECHECK, SPIN_MISSES, Watchdog
 
 SPIN = 0.002  # long enough for a loop turn or two to fall inside it on a loaded machine
 
@@ -102,41 +102,66 @@ async def test_a_wait_past_its_deadline_expires_and_is_no_answer() -> None:
         watchdog.close()
 
 
-async def test_a_wait_expires_at_the_second_look_that_finds_it_overdue() -> None:
-    """An overdue wait expires only at the second look that finds it so (the loop reads its
-    sockets in between: an answer that came in time during a stall is read first). A wait
-    that fell due between two looks gets its own second look: the first wait's does not
-    expire it."""
-    loop = asyncio.get_running_loop()
-    watchdog = Watchdog(loop, spin=0)
+class LoopClock:
+    """The watchdog's side of an event loop, with a clock that moves only when told: ``now``,
+    and the timers asked for (the test runs them, as the loop's looks)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.timers: list[float] = []
+
+    def time(self) -> float:
+        return self.now
+
+    def call_later(self, delay: float, callback: object, *args: object) -> asyncio.TimerHandle:
+        self.timers.append(self.now + delay)
+        return asyncio.get_running_loop().call_later(3600, lambda: None)  # cancelled by close()
+
+    def call_soon(self, callback: object, *args: object) -> None:
+        raise AssertionError("no spin here")
+
+
+async def test_a_deadline_passed_since_the_last_look_expires_at_the_next() -> None:
+    """A wait expires at a look only if its deadline had passed by the look before (the loop
+    has read its sockets since: an answer that came in time during a stall is read first).
+    One whose deadline passed since the last look gets another look, RECHECK later; a wait
+    that fell due during a stall is not expired by a look meant for another."""
+    clock = LoopClock()
+    watchdog = Watchdog(clock, spin=0)  # type: ignore[arg-type]
     first, second = Wait(), Wait()
     try:
-        watchdog.watch(first, deadline=loop.time() - 1)
+        watchdog.watch(first, deadline=5.0)
+        watchdog.watch(second, deadline=6.5)
+        clock.now = 6.0
         watchdog._check()
-        assert not first.expired  # found overdue: looked at again after a read
-        watchdog.watch(second, deadline=loop.time() - 1)  # fell due since (a stall)
+        assert not first.expired  # due since the last look (at 0): read first
+        assert clock.timers[-1] == 6.0 + RECHECK
+        clock.now = 7.0  # (a stall: the next look comes late)
         watchdog._check()
         assert first.expired
-        assert not second.expired
+        assert not second.expired  # fell due during the stall, after the look at 6
+        clock.now = 7.0 + RECHECK
         watchdog._check()
         assert second.expired
     finally:
         watchdog.close()
 
 
-async def test_a_wait_answered_between_the_two_looks_is_not_expired() -> None:
-    """A wait found overdue and then answered (unwatched) before the second look is never
-    expired; its connection's next wait gets two looks of its own."""
-    loop = asyncio.get_running_loop()
-    watchdog = Watchdog(loop, spin=0)
+async def test_waiting_again_with_the_same_deadline_gets_no_new_look() -> None:
+    """A connection that waits again with the same deadline (a head trickling in, a byte at a
+    time) is expired on the deadline's looks, not given a new second look with each wait:
+    the budget holds, a tick or two late at most."""
+    clock = LoopClock()
+    watchdog = Watchdog(clock, spin=0)  # type: ignore[arg-type]
     wait = Wait()
     try:
-        watchdog.watch(wait, deadline=loop.time() - 1)
-        watchdog._check()
-        watchdog.unwatch(wait)  # the answer was read
-        watchdog.watch(wait, deadline=loop.time() - 1)  # the next wait, on the same connection
+        watchdog.watch(wait, deadline=5.0)
+        clock.now = 5.5
         watchdog._check()
         assert not wait.expired
+        watchdog.unwatch(wait)  # a byte came: the wait ends, and begins again
+        watchdog.watch(wait, deadline=5.0)
+        clock.now = 5.5 + RECHECK
         watchdog._check()
         assert wait.expired
     finally:

@@ -51,7 +51,7 @@ from .records import COMPLETED, RESERVED, Record
 MAX_RECORDS = 20_000
 MAX_IN_FLIGHT = 1_100  # the contract's defaults: 100 upstream connections, 1,000 waiting
 MAX_BYTES = 6 * 1024 * 1024  # records without their answers: ~10,000 (121-character slots)
-MAX_ANSWER_BYTES = 8 * 1024 * 1024  # answers: ~120 of 64 KiB, ~3,900 of 2 KiB
+MAX_ANSWER_BYTES = 8 * 1024 * 1024  # answers: ~120 of 64 KiB, ~3,900 of 2 KiB (answer_budget)
 # An entry's bytes besides its slot's characters, which are added to it: the tuple, the
 # objects it holds (the answer's objects, not their bytes: those count against
 # MAX_ANSWER_BYTES) and its places in the dicts (measured with tracemalloc: 870 bytes in
@@ -63,6 +63,16 @@ ENTRY_WEIGHT = 512
 # first answer's), but past this many bytes only those a replay sends are kept: an SME
 # gateway's cookies must not take the room of other answers.
 HEAD_FILTERED = 1024
+
+HEAD_ALLOWANCE = 32 * 1024  # an answer's header block at most (the upstream client's bound)
+
+
+def answer_budget(max_body_bytes: int) -> int:
+    """The answers' budget for a recordable body of ``max_body_bytes``: ``MAX_ANSWER_BYTES``,
+    or room for four of the largest answers if that is more (an answer over a quarter of
+    the budget is not kept: every answer the configuration says is recorded must fit)."""
+    return max(MAX_ANSWER_BYTES, 4 * (max_body_bytes + HEAD_ALLOWANCE))
+
 
 _SEPARATOR = b"\0"  # between the header fields' names and values
 _BARE = Record(RESERVED, "", 0.0)[3:]  # what a reservation leaves at the defaults

@@ -5,13 +5,14 @@
   request under uvloop; here a wait is one dict entry, and one timer ticking
   every ``TICK`` while anything waits expires the overdue ones: a deadline
   fires at most ``TICK`` late, which against budgets of seconds is noise.
-  A wait expires only at the second look that finds it overdue, a short timer
-  after the first, once the loop has read its sockets in between: the loop runs
-  its timers before it reads, so after a stall past a deadline (a paused
-  process, a starved CPU, a VM held) an answer that was in the socket in time
-  would otherwise read as a timeout, and a purchase done as "outcome unknown".
-  Each wait gets its own second look: one that fell due during a stall is not
-  expired by a look meant for another.
+  A wait expires at a look only if its deadline had passed by the look before:
+  the loop has read its sockets since then. (It runs its timers before it
+  reads, so after a stall past a deadline, a paused process, a starved CPU, a
+  VM held, an answer that was in the socket in time would otherwise read as a
+  timeout, and a purchase done as "outcome unknown".) A deadline that passed
+  since the last look gets another look a short timer later. The rule is the
+  deadline's, not the wait's: a connection that waits again (a head that
+  trickles in) with the same deadline is not given a new second look.
 - Spin: the SME gateway usually answers within a few hundred microseconds.
   Blocking in the kernel at once costs a sleep and a wake-up per answer (in a
   VM, a halted vCPU's wake-up is tens of microseconds); for up to ``SPIN``
@@ -58,7 +59,7 @@ class Watchdog:
         self._credit = SPIN_MISSES  # misses left before spinning stops
         self._skipped = 0  # waits not spun for since spinning stopped
         self._answered = False  # a wait ended during the current spin
-        self._overdue: set[Waiter] = set()  # found overdue once: expired at the next look
+        self._last_look = 0.0  # the loop's time at the last look (or when the looks began)
 
     @property
     def spinning(self) -> bool:
@@ -67,6 +68,7 @@ class Watchdog:
     def watch(self, waiter: Waiter, deadline: float) -> None:
         self._waiting[waiter] = deadline
         if self._timer is None:
+            self._last_look = self._loop.time()
             self._timer = self._loop.call_later(self._tick, self._check)
         if not self._spin_until and self._spin and self._worth_spinning():
             self._spin_until = self._loop.time() + self._spin
@@ -76,14 +78,11 @@ class Watchdog:
     def unwatch(self, waiter: Waiter) -> None:
         if self._waiting.pop(waiter, None) is not None and self._spin_until:
             self._answered = True
-        if self._overdue:
-            self._overdue.discard(waiter)  # (its next wait gets its own two looks)
 
     def close(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._overdue.clear()
 
     def _worth_spinning(self) -> bool:
         if self._credit > 0:
@@ -104,20 +103,18 @@ class Watchdog:
 
     def _check(self) -> None:
         now = self._loop.time()
-        seen = self._overdue
+        read_since, self._last_look = self._last_look, now
         expired: list[Waiter] = []
-        found: set[Waiter] = set()
+        due = False  # a deadline passed since the last look: look again, after a read
         for waiter, deadline in self._waiting.items():
-            if deadline <= now:
-                if waiter in seen:
-                    expired.append(waiter)
-                else:
-                    found.add(waiter)
-        self._overdue = found
+            if deadline <= read_since:
+                expired.append(waiter)
+            elif deadline <= now:
+                due = True
         for waiter in expired:
             del self._waiting[waiter]
             waiter.expire()
-        if found:  # looked at again once the loop has read its sockets
+        if due:
             self._timer = self._loop.call_later(RECHECK, self._check)
         else:
             self._timer = self._loop.call_later(self._tick, self._check) if self._waiting else None

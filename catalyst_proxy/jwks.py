@@ -206,19 +206,31 @@ class KeySet:
                         raise JWKSError("invalid", f"document larger than {MAX_JWKS_BYTES} bytes")
         except TimeoutError:
             raise JWKSError("timeout", f"no complete answer within {self._timeout} s") from None
+        except aiohttp.ClientResponseError as exc:
+            # Its text quotes the URL and the bytes refused (what the server sent: maybe an
+            # echo of the request line): the status and the first line of the message only.
+            first = str(exc.message).split("\n", 1)[0]
+            raise JWKSError("error", f"{type(exc).__name__}: {exc.status}, {first}") from None
         except aiohttp.ClientError as exc:
             reason = self._without_url(f"{type(exc).__name__}: {exc}")  # (it may quote the URL)
             raise JWKSError("error", reason) from None
         return parse_jwks(bytes(body))
 
     def _without_url(self, text: str) -> str:
-        """``text`` (an aiohttp error's: some quote the request's URL) without the URL's user
-        info or query, in whatever spelling: each replaced by ``...``."""
+        """``text`` (an aiohttp error's: some quote the request's URL, or what the server
+        echoed of the request line) without the URL's query or user info, in any spelling
+        seen (raw, decoded, as ``repr()`` escapes them): each replaced by ``...``. Parts of
+        fewer than 4 characters are left (they would garble the text, and hold no secret)."""
         assert self.jwks_url is not None
         url = URL(self.jwks_url)
-        parts = (url.raw_query_string, url.query_string, url.raw_password, url.password,
-                 url.raw_user, url.user, url.raw_fragment, url.fragment)  # fmt: skip
-        for part in sorted({part for part in parts if part}, key=len, reverse=True):
+        parts = {url.raw_query_string, url.query_string, url.raw_password or "",
+                 url.password or "", url.raw_user or "", url.user or ""}  # fmt: skip
+        spellings = parts | {
+            escaped
+            for part in parts
+            for escaped in (repr(part)[1:-1], part.replace("\\", "\\\\").replace("'", "\\'"))
+        }
+        for part in sorted((part for part in spellings if len(part) >= 4), key=len, reverse=True):
             text = text.replace(part, "...")
         return text
 

@@ -231,11 +231,15 @@ class RateLimiter:
             self._store_allowed.inc()
 
     async def _refuse_if_over(self, route: str, policy: _Policy, keys: list[str]) -> None:
-        """RateLimited with the longest wait if any rate has no room (nothing counted)."""
-        waits = [
-            await self._counters.hit(keys[index], rate, count=False)
-            for index, rate in enumerate(policy.rates)
-        ]
+        """RateLimited with the longest wait if any rate has no room (nothing counted). A
+        store that fails after a rate was found without room: refused all the same."""
+        waits: list[float] = []
+        try:
+            for index, rate in enumerate(policy.rates):
+                waits.append(await self._counters.hit(keys[index], rate, count=False))
+        except StoreUnavailable:
+            if not any(waits):
+                raise
         longest = max(range(len(waits)), key=waits.__getitem__)
         if waits[longest]:
             self._refuse_over(route, policy, longest, waits[longest])

@@ -21,6 +21,7 @@ time (``HEAD_TIMEOUT``).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from typing import Any
 
 from aiohttp import web
@@ -67,10 +68,10 @@ def _open(body: StreamReader) -> bool:
     return not body.is_eof() and body.exception() is None
 
 
-def cut(runner: web.AppRunner) -> None:
-    """The drain's grace ran out: prepare the connections still open for their close."""
-    server = runner.server
-    for handler in server.connections if server is not None else ():
+def cut(handlers: Iterable[RequestHandler]) -> None:
+    """The server is done and the process exits: ``handlers``' connections, some still
+    flushing their buffers, are about to be dropped with it."""
+    for handler in handlers:
         if isinstance(handler, _RequestHandler):
             handler.cut()
 
@@ -86,7 +87,8 @@ def _end_with_an_error(body: StreamReader) -> None:
 
 class _RequestHandler(RequestHandler):
     __slots__ = (
-        "_body", "_ended", "_head_bytes", "_head_refused", "_head_timer", "_held", "close_framed"
+        "_body", "_closed", "_ended", "_head_bytes", "_head_refused", "_head_timer", "_held",
+        "close_framed",
     )  # fmt: skip
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -98,6 +100,7 @@ class _RequestHandler(RequestHandler):
         self._held = b""  # the rest of a read that came while aiohttp had stopped reading
         # An answer framed by the close: "streaming", then "handed" to the transport (proxy.py).
         self.close_framed: str | None = None
+        self._closed: asyncio.Transport | None = None  # closed by force_close(), maybe flushing
         super().__init__(*args, **kwargs)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -114,13 +117,14 @@ class _RequestHandler(RequestHandler):
     def force_close(self) -> None:
         if self.close_framed == "streaming" and self.transport is not None:
             close_with_reset(self.transport)  # mid-answer: a FIN would complete it
+        self._closed = self.transport or self._closed  # (aiohttp forgets it here)
         super().force_close()
 
     def cut(self) -> None:
-        """The drain's grace ran out: the process closes this connection and exits. An answer
-        framed by the close whose last bytes are still in the transport's buffer (not yet
-        the kernel's) would end short with a FIN: it ends in a reset."""
-        transport = self.transport
+        """The process exits, and this connection with it. An answer framed by the close
+        whose last bytes are still in the transport's buffer (not yet the kernel's: what
+        the kernel has, it still delivers) would end short with a FIN: a reset."""
+        transport = self.transport or self._closed
         if (
             self.close_framed == "handed"
             and transport is not None

@@ -111,14 +111,17 @@ async def serve(
         # 3. idle keep-alive connections close now (_drain), busy ones right after their answer;
         #    in-flight requests get up to the grace period to finish;
         left = await _drain(runner, settings.shutdown_grace_seconds)
+        still_open = runner.server.connections if runner.server is not None else []
         if left:
             logger.warning(log.SHUTDOWN_GRACE_EXCEEDED, connections=left)
             parts.dispatcher.cutting = True  # what is cancelled now is ours, not the client's
-            cut(runner)  # (an answer framed by the close, not all sent: a reset)
         # 4. what is still running is cancelled (its client sees a closed connection,
         #    never a made-up answer), and the app's cleanup closes the upstream session
         #    and the key set.
         await runner.cleanup()
+        # 5. what is still in a transport's buffer now is never sent: an answer framed by
+        #    the close with bytes left there ends in a reset (a FIN would complete it).
+        cut(still_open)
         logger.info(log.SHUTDOWN_DONE)
         log.flush()  # every line written before the process goes
 

@@ -363,6 +363,32 @@ async def test_a_request_the_store_refused_stays_refused_if_the_store_then_fails
     assert sum(result == ["ok"] for result in burst) == 3
 
 
+class FailsAfterARefusal(MemoryCounters):
+    """Counters whose store fails at the next question once one test has found no room."""
+
+    refused = False
+
+    async def hit(self, key: str, rate: Rate, *, count: bool = True) -> float:
+        if self.refused:
+            raise StoreUnavailable("the store went away")
+        wait = await super().hit(key, rate, count=count)
+        self.refused = bool(not count and wait)
+        return wait
+
+
+async def test_a_rate_found_full_stays_a_refusal_if_the_store_fails_on_the_next_rate():
+    """The test of every rate before counting: one rate found without room, then a store
+    error on the next: 429 all the same (the store said no), never served as if the store
+    were down (``allow``)."""
+    clock = FakeClock()
+    clock.at(0, 0.0)
+    counters = FailsAfterARefusal(clock=clock)
+    rate_limiter = RateLimiter(DEFAULT_ROUTES, parse_rate_limit("3/second;100/minute"), counters,
+                               refuse_on_store_error=False, metrics=Metrics())  # fmt: skip
+    assert await outcomes(rate_limiter, 3) == ["ok"] * 3
+    assert await outcomes(rate_limiter, 1) == ['"3-per-second";r=0;t=2']
+
+
 async def test_operators_and_routes_have_their_own_budgets():
     """The limiter keys counters by route and operator: neither shares another's budget."""
     clock = FakeClock()

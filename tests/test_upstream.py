@@ -1493,8 +1493,8 @@ async def test_an_http10_answer_handed_whole_but_still_buffered_at_the_cut_ends_
         await eventually(lambda: gw.parts.dispatcher.in_flight == 0)  # handed whole
         assert handler.close_framed == "handed"
         assert handler.transport.get_write_buffer_size() > 0  # not all with the kernel
-        runner_module.cut(gw.runner)
-        handler.force_close()  # as the server's shutdown does next
+        handler.force_close()  # as the server's shutdown does
+        runner_module.cut([handler])  # and then, the process about to exit
         reader, writer = await asyncio.open_connection(sock=sock)
         stack.callback(writer.close)
         _, ended = await read_to_the_end(reader, timeout=10)

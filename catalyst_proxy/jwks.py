@@ -208,9 +208,10 @@ class KeySet:
             raise JWKSError("timeout", f"no complete answer within {self._timeout} s") from None
         except aiohttp.ClientResponseError as exc:
             # Its text quotes the URL and the bytes refused (what the server sent: maybe an
-            # echo of the request line): the status and the first line of the message only.
-            first = str(exc.message).split("\n", 1)[0]
-            raise JWKSError("error", f"{type(exc).__name__}: {exc.status}, {first}") from None
+            # echo of the request target, whole or cut short): the status and what went
+            # wrong, up to the first colon of the message, after which aiohttp quotes them.
+            what = str(exc.message).split("\n", 1)[0].split(":", 1)[0]
+            raise JWKSError("error", f"{type(exc).__name__}: {exc.status}, {what}") from None
         except aiohttp.ClientError as exc:
             reason = self._without_url(f"{type(exc).__name__}: {exc}")  # (it may quote the URL)
             raise JWKSError("error", reason) from None

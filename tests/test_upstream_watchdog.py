@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+from catalyst_proxy.upstream.connection import Connection
 from catalyst_proxy.upstream.watchdog import PROBE_EVERY, RECHECK, SPIN_MISSES, Watchdog
 
 SPIN = 0.002  # long enough for a loop turn or two to fall inside it on a loaded machine
@@ -164,5 +165,27 @@ async def test_waiting_again_with_the_same_deadline_gets_no_new_look() -> None:
         clock.now = 5.5 + RECHECK
         watchdog._check()
         assert wait.expired
+    finally:
+        watchdog.close()
+
+
+async def test_a_deadline_expired_while_news_woke_the_wait_stays_expired() -> None:
+    """A read that woke a wait in the loop turn of the watchdog's expiry (which then found it
+    woken) does not save the deadline: the next wait for it (a head still incomplete) ends
+    at once, rather than as a new wait with a new look for every byte a head trickles."""
+    loop = asyncio.get_running_loop()
+    watchdog = Watchdog(loop, spin=0)
+    connection = Connection(loop, lambda _: None, watchdog)
+    deadline = loop.time() - 1
+    try:
+        first = asyncio.ensure_future(connection._wait(deadline))
+        await asyncio.sleep(0)  # one loop turn: the wait is watched
+        connection._wake()  # a byte came ...
+        connection.expire()  # ... and the watchdog's look, in the same turn
+        assert await first is True
+        again = asyncio.ensure_future(connection._wait(deadline))
+        await asyncio.sleep(0)  # one loop turn, no look of the watchdog's in it
+        assert again.done()
+        assert again.result() is False
     finally:
         watchdog.close()

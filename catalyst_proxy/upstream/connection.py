@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import math
 import os
 import select
 from collections.abc import Callable
@@ -125,6 +126,8 @@ class Connection(asyncio.Protocol):
         self._failure: str | None = None
         self._body_error: BaseException | None = None
         self._head_received = 0
+        self._deadline = 0.0  # the current wait's
+        self._expired_at = -math.inf  # the latest deadline the watchdog expired
         self._head_size = 0
         self._trailer_size = 0
         self._codings: list[bytes] = []  # Transfer-Encoding values
@@ -438,7 +441,14 @@ class Connection(asyncio.Protocol):
         return not any(name.lower() == b"content-length" for name, _ in self.headers)
 
     async def _wait(self, deadline: float) -> bool:
-        """Wait for news (bytes, close, a body failure); False if ``deadline`` passed first."""
+        """Wait for news (bytes, close, a body failure); False if ``deadline`` passed first.
+
+        A deadline the watchdog has expired stays expired, even when news came first in the
+        same loop turn (it woke the wait, and the expiry found it woken): a head trickled
+        a byte at a time must not win a new wait, and a new look, with every byte."""
+        if deadline <= self._expired_at:
+            return False
+        self._deadline = deadline
         waiter = self._waiter = self._loop.create_future()
         self._watchdog.watch(self, deadline)
         try:
@@ -449,6 +459,7 @@ class Connection(asyncio.Protocol):
 
     def expire(self) -> None:
         """The watchdog: the deadline of the current wait passed."""
+        self._expired_at = max(self._expired_at, self._deadline)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(False)

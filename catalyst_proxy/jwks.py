@@ -206,34 +206,9 @@ class KeySet:
                         raise JWKSError("invalid", f"document larger than {MAX_JWKS_BYTES} bytes")
         except TimeoutError:
             raise JWKSError("timeout", f"no complete answer within {self._timeout} s") from None
-        except aiohttp.ClientResponseError as exc:
-            # Its text quotes the URL and the bytes refused (what the server sent: maybe an
-            # echo of the request target, whole or cut short): the status and what went
-            # wrong, up to the first colon of the message, after which aiohttp quotes them.
-            what = str(exc.message).split("\n", 1)[0].split(":", 1)[0]
-            raise JWKSError("error", f"{type(exc).__name__}: {exc.status}, {what}") from None
         except aiohttp.ClientError as exc:
-            reason = self._without_url(f"{type(exc).__name__}: {exc}")  # (it may quote the URL)
-            raise JWKSError("error", reason) from None
+            raise JWKSError("error", _fault(exc)) from None
         return parse_jwks(bytes(body))
-
-    def _without_url(self, text: str) -> str:
-        """``text`` (an aiohttp error's: some quote the request's URL, or what the server
-        echoed of the request line) without the URL's query or user info, in any spelling
-        seen (raw, decoded, as ``repr()`` escapes them): each replaced by ``...``. Parts of
-        fewer than 4 characters are left (they would garble the text, and hold no secret)."""
-        assert self.jwks_url is not None
-        url = URL(self.jwks_url)
-        parts = {url.raw_query_string, url.query_string, url.raw_password or "",
-                 url.password or "", url.raw_user or "", url.user or ""}  # fmt: skip
-        spellings = parts | {
-            escaped
-            for part in parts
-            for escaped in (repr(part)[1:-1], part.replace("\\", "\\\\").replace("'", "\\'"))
-        }
-        for part in sorted((part for part in spellings if len(part) >= 4), key=len, reverse=True):
-            text = text.replace(part, "...")
-        return text
 
     async def _refresh_loop(self) -> None:
         failures = 0
@@ -318,3 +293,18 @@ def _shown(url: str) -> str:
     parsed = URL(url)
     shown = str(parsed.with_user(None).with_query(None).with_fragment(None))
     return shown + "?..." if parsed.raw_query_string else shown
+
+
+def _fault(exc: aiohttp.ClientError) -> str:
+    """What went wrong in a fetch, in aiohttp's and the system's words: never in its text,
+    which may quote the URL (a query may hold a credential) or the bytes the server sent
+    (one may echo the request line), with or without aiohttp's compiled parser."""
+    words = type(exc).__name__
+    if isinstance(exc, aiohttp.ClientResponseError):
+        words += f": {exc.status}"
+    elif isinstance(exc, aiohttp.ClientOSError) and exc.strerror:
+        words += f": {exc.strerror}"
+    cause: BaseException = exc
+    while (inner := cause.__cause__ or cause.__context__) is not None:
+        cause = inner
+    return words if cause is exc else f"{words}, {type(cause).__name__}"

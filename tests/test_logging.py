@@ -321,6 +321,38 @@ async def test_a_jwks_urls_query_is_never_logged(servers, stand_in, jwks_server,
     assert "s3cr3t-q" not in proc.output
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled-parser", "python-parser"])
+async def test_a_jwks_server_echoing_the_request_line_gets_no_secret_logged(
+    servers, stand_in, compiled
+):
+    """A JWKS server that sends the request line back as its status line: aiohttp's error
+    quotes it (the URL's query with it) in its text, with the compiled parser or without.
+    The ``jwks.refresh`` warning names the fault, and no line holds the query."""
+
+    async def echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        writer.write(head.split(b"\r\n", 1)[0] + b"\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(echo, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    _, sme_url = stand_in
+    extra = {} if compiled else {"AIOHTTP_NO_EXTENSIONS": "1"}
+    url = f"http://127.0.0.1:{port}/certs?client_secret=TopSecretValue123"
+    try:
+        proc = await servers(base_env(url, sme_url + "/", **extra))
+        refresh = await proc.wait_for_event("jwks.refresh")
+        proc.signal(signal.SIGTERM)
+        assert await proc.wait() == 0
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert refresh["result"] == "error"
+    assert refresh["reason"].startswith("ClientResponseError: 400")
+    assert "TopSecretValue123" not in proc.output
+
+
 async def test_jwks_failure_is_logged(servers, stand_in, jwks_server):
     """A failed JWKS fetch is logged as a warning with its result."""
     _, sme_url = stand_in

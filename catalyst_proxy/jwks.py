@@ -305,6 +305,9 @@ def _fault(exc: aiohttp.ClientError) -> str:
     elif isinstance(exc, aiohttp.ClientOSError) and exc.strerror:
         words += f": {exc.strerror}"
     cause: BaseException = exc
-    while (inner := cause.__cause__ or cause.__context__) is not None:
+    for _ in range(8):  # (a chain is short; a bound, in case one loops)
+        inner = cause.__cause__ or cause.__context__
+        if inner is None:
+            break
         cause = inner
     return words if cause is exc else f"{words}, {type(cause).__name__}"

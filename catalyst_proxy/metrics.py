@@ -200,9 +200,9 @@ class Metrics:
         )
         self.idempotency_answers_dropped = Tally(
             "catalyst_proxy_idempotency_answers_dropped",
-            "Recorded answers whose bodies the memory store dropped, oldest first, to keep "
-            "its answers in bounds; their records stay (a retry gets 409 "
-            "idempotency-replay-unavailable, never a second purchase).",
+            "Recorded answers the memory store dropped, oldest first, to keep its answers in "
+            "bounds; their records stay (a retry gets 409 idempotency-replay-unavailable, "
+            "never a second purchase).",
             r,
         )
         # Bound children by label values. Route and method are checked against the

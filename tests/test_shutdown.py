@@ -20,7 +20,7 @@ from catalyst_proxy.config import Settings
 from catalyst_proxy.idempotency.guard import CLOSE_LEAST, CLOSE_PATIENCE
 from catalyst_proxy.server import serve
 
-from .rawhttp import raw_client, read_response, request_bytes
+from .rawhttp import partial_answer, raw_client, read_response, request_bytes
 from .redis_server import RedisServer
 from .serve_proc import ServeProcess
 from .support import start_app
@@ -281,18 +281,7 @@ async def test_an_answer_framed_by_the_close_cut_at_the_grace_ends_in_a_reset(
     """An HTTP/1.0 client whose answer has no length (the SME gateway's is chunked) knows its
     end only by the connection's end: cut when the grace runs out, it ends in a reset (RST),
     never the FIN that would make the part it got look like the whole answer."""
-    release = asyncio.Event()
-
-    async def respond(
-        seen: object, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> bool:
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n6\r\n{\"a\":1\r\n")  # fmt: skip
-        await writer.drain()
-        await release.wait()
-        return False
-
-    up = await upstream(respond)
+    up = await upstream(partial_answer(b'{"a":1}', b'{"a":1', chunked=True, then="stall"))
     server = await start_server(up.url, public_key_file, 0.5)
     try:
         base = await server.wait_listening()
@@ -310,7 +299,6 @@ async def test_an_answer_framed_by_the_close_cut_at_the_grace_ends_in_a_reset(
         writer.close()
         assert await server.wait(timeout=10) == 0
     finally:
-        release.set()
         await server.stop()
     cut = [(line["status"], line["error"]) for line in server.json_lines()
            if line["event"] == "request" and line.get("path") == PURCHASE]  # fmt: skip

@@ -15,7 +15,7 @@ class Wait:
 
     expired = False
 
-    def expire(self) -> None:
+    def expire(self, deadline: float) -> None:
         self.expired = True
 
 
@@ -181,7 +181,7 @@ async def test_a_deadline_expired_while_news_woke_the_wait_stays_expired() -> No
         first = asyncio.ensure_future(connection._wait(deadline))
         await asyncio.sleep(0)  # one loop turn: the wait is watched
         connection._wake()  # a byte came ...
-        connection.expire()  # ... and the watchdog's look, in the same turn
+        connection.expire(deadline)  # ... and the watchdog's look, in the same turn
         assert await first is True
         again = asyncio.ensure_future(connection._wait(deadline))
         await asyncio.sleep(0)  # one loop turn, no look of the watchdog's in it

@@ -126,7 +126,6 @@ class Connection(asyncio.Protocol):
         self._failure: str | None = None
         self._body_error: BaseException | None = None
         self._head_received = 0
-        self._deadline = 0.0  # the current wait's
         self._expired_at = -math.inf  # the latest deadline the watchdog expired
         self._head_size = 0
         self._trailer_size = 0
@@ -448,7 +447,6 @@ class Connection(asyncio.Protocol):
         a byte at a time must not win a new wait, and a new look, with every byte."""
         if deadline <= self._expired_at:
             return False
-        self._deadline = deadline
         waiter = self._waiter = self._loop.create_future()
         self._watchdog.watch(self, deadline)
         try:
@@ -457,9 +455,9 @@ class Connection(asyncio.Protocol):
             self._watchdog.unwatch(self)
             self._waiter = None
 
-    def expire(self) -> None:
-        """The watchdog: the deadline of the current wait passed."""
-        self._expired_at = max(self._expired_at, self._deadline)
+    def expire(self, deadline: float) -> None:
+        """The watchdog: ``deadline``, the current wait's, passed."""
+        self._expired_at = max(self._expired_at, deadline)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(False)

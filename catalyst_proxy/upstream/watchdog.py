@@ -42,8 +42,8 @@ PROBE_EVERY = 32  # with spinning stopped, every 32nd wait spins anyway
 
 
 class Waiter(Protocol):
-    def expire(self) -> None:
-        """The deadline passed: wake the wait with "timed out"."""
+    def expire(self, deadline: float) -> None:
+        """``deadline`` (the wait's) passed: wake the wait with "timed out"."""
 
 
 class Watchdog:
@@ -104,16 +104,16 @@ class Watchdog:
     def _check(self) -> None:
         now = self._loop.time()
         read_since, self._last_look = self._last_look, now
-        expired: list[Waiter] = []
+        expired: list[tuple[Waiter, float]] = []
         due = False  # a deadline passed since the last look: look again, after a read
         for waiter, deadline in self._waiting.items():
             if deadline <= read_since:
-                expired.append(waiter)
+                expired.append((waiter, deadline))
             elif deadline <= now:
                 due = True
-        for waiter in expired:
+        for waiter, deadline in expired:
             del self._waiting[waiter]
-            waiter.expire()
+            waiter.expire(deadline)
         if due:
             self._timer = self._loop.call_later(RECHECK, self._check)
         else:

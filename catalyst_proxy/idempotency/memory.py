@@ -188,11 +188,7 @@ class MemoryRecords:
         if entry is None or entry[_OWNER] != owner or entry[_EXPIRES] <= now:  # (a fault)
             return self._replace(slot, owner, COMPLETED, 0.0, fingerprint, status, head, body)
         # Our reservation, as on every request: in its place, the answer.
-        if len(head) > HEAD_FILTERED:
-            head = _replayable(head)
-        size = len(head) + len(body) if body is not None else 0
-        if body is None or size > self._largest_answer:
-            head, body, size = b"", None, 0  # not kept: never replayed
+        head, body, size = self._kept(head, body)
         records[slot] = (COMPLETED, owner, 0.0, fingerprint, status, head, body,
                          now + self._ttl, entry[_WEIGHT])  # fmt: skip
         if entry[_BODY] or entry[_HEAD]:  # (not a bare reservation: not the guard's way)
@@ -241,11 +237,7 @@ class MemoryRecords:
         if entry is not None and entry[_OWNER] != owner:
             return False  # another request's record: never overwritten
         # Ours, or none left (it expired or was evicted): the answer is known, keep it.
-        if len(head) > HEAD_FILTERED:
-            head = _replayable(head)
-        size = len(head) + len(body) if body is not None else 0
-        if body is None or size > self._largest_answer:
-            head, body, size = b"", None, 0  # not kept: never replayed
+        head, body, size = self._kept(head, body)
         weight = ENTRY_WEIGHT + len(slot)
         records[slot] = (state, owner, lease_until, fingerprint, status, head, body,
                          now + self._ttl, weight)  # fmt: skip
@@ -262,6 +254,17 @@ class MemoryRecords:
         if self._bytes > self._max_bytes or len(records) > self._max_records:
             self._bound()
         return True
+
+    def _kept(self, head: bytes, body: bytes | None) -> tuple[bytes, bytes | None, int]:
+        """What of an answer is kept (its header block, its body) and their size. A long header
+        block keeps only the fields a replay sends; an answer over a quarter of the budget, or
+        one with no body (too large to record), is not kept: it is never replayed."""
+        if len(head) > HEAD_FILTERED:
+            head = _replayable(head)
+        size = len(head) + len(body) if body is not None else 0
+        if body is None or size > self._largest_answer:
+            return b"", None, 0
+        return head, body, size
 
     def _drop(self, slot: str) -> None:
         entry = self._records.pop(slot)

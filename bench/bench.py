@@ -360,6 +360,11 @@ class Bench:
         for proc in reversed(self.procs):
             common.stop(proc)
 
+    def forget_work(self) -> None:
+        """Remove the work dir, if it is a temp dir of this run's (no ``--workdir``)."""
+        if not self.args.workdir:
+            shutil.rmtree(self.work, ignore_errors=True)
+
     # ------------------------------------------------------------ helpers
     def upstream_requests(self) -> int:
         """nginx's request counter (it counts this /__stats request too)."""
@@ -869,8 +874,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     if args.json:
         common.dump(Path(args.json), [m.__dict__ for m in results])
-    if not args.workdir:
-        shutil.rmtree(bench.work, ignore_errors=True)
+    bench.forget_work()
     return 0 if ok else 1
 
 

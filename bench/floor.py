@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -170,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr, flush=True)  # fmt: skip
     finally:
         run.stop()
-        shutil.rmtree(run.work, ignore_errors=True)  # a temp dir of make bench's: nothing kept
+        run.forget_work()  # (a temp dir: these tools take no --workdir)
     print(report(p50, p99, args))
     for problem in problems:
         print(f"PROBLEM: {problem}")

@@ -16,7 +16,6 @@ count; ``make bench`` is the run that checks the answers.
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import sys
 from pathlib import Path
@@ -71,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr, flush=True)  # fmt: skip
     finally:
         run.stop()
-        shutil.rmtree(run.work, ignore_errors=True)  # a temp dir of make bench's: nothing kept
+        run.forget_work()  # (a temp dir: these tools take no --workdir)
     print(report(cpu, args))
     return 0
 

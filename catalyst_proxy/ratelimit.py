@@ -53,6 +53,7 @@ from .store import Store, StoreUnavailable
 
 MAX_MEMORY_KEYS = 100_000  # per process; the least recently used counters go first
 _MIN_WAIT = 0.001  # a refused hit's wait is never 0 (0 means allowed)
+_STORE_ERRORS = (StorageError, OSError, TimeoutError)  # what limits lets through of a store's
 _ITEMS: dict[str, type[RateLimitItem]] = {
     "second": RateLimitItemPerSecond,
     "minute": RateLimitItemPerMinute,
@@ -140,12 +141,12 @@ class RedisCounters:
             if await allowed(item, key):
                 self._store.succeeded()
                 return 0.0
-        except (StorageError, OSError, TimeoutError) as exc:
+        except _STORE_ERRORS as exc:
             self._store.failed(getattr(exc, "storage_error", exc))
             raise StoreUnavailable(self._store.last_error or "the store failed") from None
         try:
             stats = await self._limiter.get_window_stats(item, key)
-        except (StorageError, OSError, TimeoutError) as exc:
+        except _STORE_ERRORS as exc:
             # Refused all the same: the store said so. Only the wait is not known: a window.
             self._store.failed(getattr(exc, "storage_error", exc))
             return float(rate.seconds)

@@ -658,6 +658,27 @@ async def test_memory_drops_the_oldest_answers_bodies_before_any_record():
     assert sum(dropped) == 10 - len(kept)
 
 
+async def test_memory_answers_of_expired_records_go_with_their_records_uncounted():
+    """A pass over the answers' bound that meets the answer of a record already past its TTL
+    drops that record whole and does not count it: the dropped-answers metric counts only
+    answers a retry could still have been replayed from."""
+    clock = Clock(NOW)
+    dropped: list[int] = []
+    records, evicted = memory(clock, max_answer_bytes=4000, on_drop_answers=dropped.append)
+    for index in range(3):
+        await records.reserve(S(f"old{index}"), completed(hex_id(), b"o" * 900))
+    clock.now += 61  # the three are past the TTL (60 s), still in the store
+    for index in range(2):
+        await records.reserve(S(f"new{index}"), completed(hex_id(), b"n" * 900))  # a pass
+    assert dropped == []
+    assert evicted == []
+    assert len(records) == 3  # old0 and old1 went whole (down to 3/4 of 4000); old2 waits
+    for index in range(2):
+        found = await records.reserve(S(f"new{index}"), reservation(clock))
+        assert found is not None
+        assert found.body == b"n" * 900
+
+
 async def test_memory_drops_answers_oldest_by_completion_not_by_reservation():
     """The answers dropped first are the oldest answers: a request reserved long ago whose
     answer (a long stream) came last keeps it over answers that came before."""

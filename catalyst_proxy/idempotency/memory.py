@@ -275,8 +275,9 @@ class MemoryRecords:
     def _drop_answers(self) -> None:
         """Drop the oldest answers (by completion) until they are back under 3/4 of their
         bound: their records stay, each now an answer that cannot be replayed (409
-        replay-unavailable, never forwarded again). Down to 3/4 rather than just under the
-        bound, so that a pass runs once per quarter of the bound, not on every answer."""
+        replay-unavailable, never forwarded again), unless already expired (those go, and
+        are not counted). Down to 3/4 rather than just under the bound, so that a pass runs
+        once per quarter of the bound, not on every answer."""
         records, answers = self._records, self._answers
         size, low = self._answer_bytes, self._low_answer_bytes
         emptied: list[str] = []
@@ -285,14 +286,21 @@ class MemoryRecords:
                 break
             emptied.append(slot)
             size -= _answer_size(records[slot])
+        now = self._clock()
+        dropped = 0
         for slot in emptied:
             del answers[slot]
             state, owner, lease_until, fingerprint, status, _, _, expires, weight = records[slot]
+            if expires <= now:  # expired: as good as gone, so it goes, and is not counted
+                del records[slot]
+                self._bytes -= weight
+                continue
+            dropped += 1
             records[slot] = (state, owner, lease_until, fingerprint, status, b"", None,
                              expires, weight)  # fmt: skip
         self._answer_bytes = size
-        if emptied and self._on_drop_answers is not None:
-            self._on_drop_answers(len(emptied))
+        if dropped and self._on_drop_answers is not None:
+            self._on_drop_answers(dropped)
 
     def _bound(self) -> None:
         """Drop the oldest records until the set is back under both bounds, with a margin."""

@@ -11,7 +11,11 @@ Lifecycle of the JWKS part:
    ``MISS_REFRESH_INTERVAL`` seconds, so junk ``kid`` values cannot drive the
    identity provider.
 3. A fetch is a plain aiohttp GET with a time limit and a size cap. A document
-   that is not a JWKS or yields no usable signing key counts as a failure.
+   that is not a JWKS (not JSON, no ``keys`` list) counts as a failure. A JWKS
+   is the identity provider's word, even with no usable signing key in it: its
+   keys replace the set, so a key withdrawn (a compromised key removed, the
+   realm left with an encryption key only) stops verifying at once. Until a JWKS
+   holds a usable key again it is fetched as after a failure (1, 2, 5... s).
 
 Keys are never taken from a token (``jku``, ``x5u``, ``jwk``, ``x5c`` are ignored).
 """
@@ -86,6 +90,7 @@ class KeySet:
         self.generation = 0  # bumped whenever the JWKS keys change
         self.refreshes = 0  # fetches completed, good or failed
         self._refreshed = asyncio.Event()  # set (and replaced) when a fetch completes
+        self._emptied = asyncio.Event()  # set when a fetch found no usable key (_refresh_loop)
         self._last_miss_refresh = -MISS_REFRESH_INTERVAL
         self._inflight: asyncio.Task[None] | None = None
         self._loop_task: asyncio.Task[None] | None = None
@@ -185,6 +190,14 @@ class KeySet:
         self._jwks = keys
         self._fetched_ok = True
         self._update_gauge()
+        if not keys:  # every key withdrawn: nothing verifies with the JWKS from now on
+            self._emptied.set()
+            self._metrics.jwks_refreshes.labels("empty").inc()
+            self._log.warning(
+                log.JWKS_REFRESH, result="empty", reason="the JWKS holds no usable signing key",
+                keys=0, url=self.shown_url,
+            )  # fmt: skip
+            return
         self._metrics.jwks_refreshes.labels("ok").inc()
         self._log.info(
             log.JWKS_REFRESH, result="ok", keys=len(keys), kids=sorted(keys), url=self.shown_url
@@ -217,20 +230,25 @@ class KeySet:
             # Whatever a fetch raised was counted and logged; the loop must outlive it.
             with contextlib.suppress(Exception):
                 await asyncio.shield(task)
-            if not task.cancelled() and task.exception() is None:
+            if not task.cancelled() and task.exception() is None and self._jwks:
                 failures = 0
-                delay = self._cache_seconds
-            else:
-                delay = _RETRY_BACKOFF[min(failures, len(_RETRY_BACKOFF) - 1)]
-                failures += 1
-            await asyncio.sleep(delay)
+                self._emptied.clear()
+                # Until the next refresh, or until another fetch (a token's unknown kid)
+                # finds the keys withdrawn: then the failure schedule, not the cache's.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._emptied.wait(), self._cache_seconds)
+                if not self._emptied.is_set():
+                    continue
+            await asyncio.sleep(_RETRY_BACKOFF[min(failures, len(_RETRY_BACKOFF) - 1)])
+            failures += 1
 
     def _update_gauge(self) -> None:
         self._metrics.keys_available.set(1 if self.usable else 0)
 
 
 def parse_jwks(document: bytes) -> dict[str, Key]:
-    """Usable signing keys of a JWKS document by ``kid``; JWKSError if there are none."""
+    """Usable signing keys of a JWKS document by ``kid`` (maybe none); JWKSError if the
+    document is not a JWKS."""
     try:
         data = json.loads(document)
     except (ValueError, RecursionError):
@@ -253,8 +271,6 @@ def parse_jwks(document: bytes) -> dict[str, Key]:
         keys.setdefault(
             entry["kid"], Key(parsed.key, entry["kty"], alg if isinstance(alg, str) else None)
         )
-    if not keys:
-        raise JWKSError("invalid", "no usable signing key")
     return keys
 
 

@@ -38,7 +38,7 @@ AUTH_FAILURE_REASONS = (
     "missing", "ambiguous", "malformed", "invalid", "expired", "not_yet_valid",
     "bad_claims", "unknown_key", "bad_signature", "bad_cookie_signature", "keys_unavailable",
 )  # fmt: skip
-JWKS_RESULTS = ("ok", "error", "timeout", "invalid")
+JWKS_RESULTS = ("ok", "empty", "error", "timeout", "invalid")
 BREAKER_STATES = ("closed", "open", "half-open")
 IDEMPOTENCY_OUTCOMES = ("new", "replayed", "in-use", "reused", "unknown", "store-error")
 STORE_ERROR_ACTIONS = ("allowed", "refused")
@@ -130,7 +130,8 @@ class Metrics:
         )
         self.jwks_refreshes = Counter(
             "catalyst_proxy_jwks_refreshes",
-            "JWKS fetches, by result.",
+            "JWKS fetches, by result: ok, empty (a JWKS with no usable signing key: every key "
+            "withdrawn), error, timeout, invalid.",
             ("result",),
             registry=r,
         )

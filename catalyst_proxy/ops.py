@@ -43,7 +43,9 @@ class Ops:
         if self.draining:
             reasons.append("shutting down")
         if not self._keys.usable:
-            reasons.append("no operator verification key is usable yet (JWKS not fetched)")
+            reasons.append(
+                "no operator verification key is usable (the JWKS not fetched, or holding none)"
+            )
         bridge = "set" if self._secret.get() is not None else "unset"
         body = {
             "status": "not-ready" if reasons else "ready",

@@ -333,7 +333,7 @@ def _bad_documents(key_a: rsa.RSAPrivateKey, key_b: rsa.RSAPrivateKey) -> dict[s
         "html-200": ("raw", b"<html><body>Service Unavailable</body></html>", "invalid"),
         "not-an-object": ("raw", b'[{"kty": "RSA"}]', "invalid"),
         "keys-not-a-list": ("raw", b'{"keys": {"b": 1}}', "invalid"),
-        "empty-key-list": ("raw", b'{"keys": []}', "invalid"),
+        "empty-key-list": ("raw", b'{"keys": []}', "empty"),
         "no-keys-member": ("raw", b"{}", "invalid"),
         "keys-missing-members": (
             "raw",
@@ -348,28 +348,28 @@ def _bad_documents(key_a: rsa.RSAPrivateKey, key_b: rsa.RSAPrivateKey) -> dict[s
                     ]
                 }
             ).encode(),
-            "invalid",
+            "empty",
         ),
-        "use-enc": ("raw", json.dumps({"keys": [{**good, "use": "enc"}]}).encode(), "invalid"),
-        "private-d": ("raw", json.dumps({"keys": [with_d]}).encode(), "invalid"),
+        "use-enc": ("raw", json.dumps({"keys": [{**good, "use": "enc"}]}).encode(), "empty"),
+        "private-d": ("raw", json.dumps({"keys": [with_d]}).encode(), "empty"),
         "symmetric-oct": (
             "raw",
             json.dumps(
                 {"keys": [{"kty": "oct", "kid": "b", "k": "c2VjcmV0", "alg": "HS256"}]}
             ).encode(),
-            "invalid",
+            "empty",
         ),
         "alg-none-jwk": (
             "raw",
             json.dumps({"keys": [{**good, "alg": "none"}]}).encode(),
-            "invalid",
+            "empty",
         ),
         "alg-hs256-rsa-jwk": (
             "raw",
             json.dumps({"keys": [{**good, "alg": "HS256"}]}).encode(),
-            "invalid",
+            "empty",
         ),
-        "kid-not-a-string": ("raw", json.dumps({"keys": [{**good, "kid": 7}]}).encode(), "invalid"),
+        "kid-not-a-string": ("raw", json.dumps({"keys": [{**good, "kid": 7}]}).encode(), "empty"),
         "nesting-bomb": ("raw", b'{"keys": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "invalid"),
         "endless": ("endless", b"", "invalid"),
         "hang": ("hang", b"", "timeout"),
@@ -378,15 +378,21 @@ def _bad_documents(key_a: rsa.RSAPrivateKey, key_b: rsa.RSAPrivateKey) -> dict[s
 
 
 BAD_DOCUMENTS = [
-    "error-page", "html-200", "not-an-object", "keys-not-a-list", "empty-key-list",
-    "no-keys-member", "keys-missing-members", "use-enc", "private-d", "symmetric-oct",
-    "alg-none-jwk", "alg-hs256-rsa-jwk", "kid-not-a-string", "nesting-bomb", "endless", "hang",
+    "error-page", "html-200", "not-an-object", "keys-not-a-list", "no-keys-member",
+    "nesting-bomb", "endless", "hang",
+]  # fmt: skip
+# A JWKS (a JSON object with a "keys" list) holding no usable signing key: the realm's keys
+# are withdrawn, not the endpoint down.
+WITHDRAWING_DOCUMENTS = [
+    "empty-key-list", "keys-missing-members", "use-enc", "private-d", "symmetric-oct",
+    "alg-none-jwk", "alg-hs256-rsa-jwk", "kid-not-a-string",
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize("name", BAD_DOCUMENTS)
 async def test_failed_refresh_keeps_the_last_good_keys(gateway, jwks, key_a, key_b, name):
-    """A refresh that yields no usable signing key counts as failed and keeps the last keys."""
+    """A refresh that fails, or answers something that is not a JWKS, is counted by its
+    result and keeps the last good keys serving."""
     mode, body, result = _bad_documents(key_a, key_b)[name]
     gw = await jwks_only(gateway, jwks)
     jwks.mode, jwks.raw_body = mode, body
@@ -402,6 +408,56 @@ async def test_failed_refresh_keeps_the_last_good_keys(gateway, jwks, key_a, key
     status, _, body = await purchase(gw, tok(key_a, "a"))
     assert status == 200, body
     assert len(gw.sme.received) == 1
+    assert (await gw.request("GET", "/readyz"))[0] == 200
+
+
+@pytest.mark.parametrize("name", WITHDRAWING_DOCUMENTS)
+async def test_a_jwks_with_no_usable_key_withdraws_the_keys_it_replaces(
+    gateway, jwks, key_a, key_b, name
+):
+    """A JWKS holding no usable signing key (the realm's key removed, say after a compromise)
+    replaces the key set: a token of the withdrawn key, verified and cached before, is refused
+    at once (503 operator-keys-unavailable: no key is left), ``/readyz`` says why, the fetch
+    counts as ``empty``, and it is fetched again on the failure schedule until a key is back."""
+    mode, body, result = _bad_documents(key_a, key_b)[name]
+    assert result == "empty"
+    gw = await jwks_only(gateway, jwks)
+    old = tok(key_a, "a")
+    assert (await purchase(gw, old))[0] == 200  # verified, and cached
+    jwks.mode, jwks.raw_body = mode, body
+    # Key "b" is not (usably) in the new document: asking for it forces the refresh.
+    status, headers, answer = await purchase(gw, tok(key_b, "b"))
+    assert (status, json.loads(answer)) == (503, {"error": "operator-keys-unavailable"})
+    await gw.parts.keys.wait_refreshes(2)
+    status, headers, answer = await purchase(gw, old)
+    assert (status, json.loads(answer)) == (503, {"error": "operator-keys-unavailable"})
+    assert headers["X-Catalyst-Forwarded"] == "no"
+    assert len(gw.sme.received) == 1
+    status, _, ready = await gw.request("GET", "/readyz")
+    assert status == 503
+    assert json.loads(ready)["reasons"] == [
+        "no operator verification key is usable (the JWKS not fetched, or holding none)"
+    ]
+    text = await gw.metrics_text()
+    assert metric(text, REFRESHES, result="empty") == 1
+    assert metric(text, REFRESHES, result="invalid") == 0
+    jwks.mode = "ok"  # the key is published again: the next scheduled fetch (1 s) finds it
+    await gw.parts.keys.wait_refreshes(3)
+    assert (await purchase(gw, old))[0] == 200
+    assert len(gw.sme.received) == 2
+
+
+async def test_a_withdrawn_jwks_key_falls_back_to_the_local_keys(gateway, jwks, key_a, rsa_key):
+    """With a local key configured, a JWKS that withdraws every key leaves the local key
+    verifying: a token of the withdrawn JWKS key is 401, a local key's token still 200."""
+    gw = await loaded(await gateway(jwks_url=jwks.url))
+    old = tok(key_a, "a")
+    assert (await purchase(gw, old))[0] == 200
+    jwks.mode, jwks.raw_body = "raw", b'{"keys": []}'
+    assert refused(await purchase(gw, tok(key_a, "other")))  # forces the refresh
+    await gw.parts.keys.wait_refreshes(2)
+    assert refused(await purchase(gw, old))
+    assert (await purchase(gw, tok(rsa_key)))[0] == 200
     assert (await gw.request("GET", "/readyz"))[0] == 200
 
 

@@ -125,13 +125,18 @@ def _workers(text: str) -> int:
     return cpu_count() if text == "auto" else _whole(text, 1, 64, "number of workers")
 
 
+MAX_TOKEN_TTL = 10 * 365 * 86400  # s: a token's lifetime past this is a typo, or infinite
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0: {text!r}")
+    if not 0 < value <= MAX_TOKEN_TTL:  # (nan fails this too)
+        raise argparse.ArgumentTypeError(
+            f"must be greater than 0 and at most {MAX_TOKEN_TTL} (10 years): {text!r}"
+        )
     return value
 
 

@@ -204,6 +204,10 @@ async def test_config_error_never_echoes_a_secret(public_key_file):
         ["token", "--key", "{private}", "--sub", "s", "--email", "e", "--iss", "i\udcff"],
         ["token", "--key", "k.pem", "--sub", "s", "--email", "e", "--ttl", "0"],
         ["token", "--key", "k.pem", "--sub", "s", "--email", "e", "--ttl", "1h"],
+        *(
+            ["token", "--key", "{private}", "--sub", "s", "--email", "e", "--ttl", ttl]
+            for ttl in ("nan", "inf", "1e309", "1e300", "315360001")
+        ),  # not finite, or absurd
         ["token", "--key", "/nonexistent/k.pem", "--sub", "s", "--email", "e"],
         ["token", "--key", "pyproject.toml", "--sub", "s", "--email", "e"],
         ["token", "--key", "{public}", "--sub", "s", "--email", "e"],

@@ -87,11 +87,24 @@ def only_chunked(values: Iterable[str] | Iterable[bytes]) -> bool:
 
 
 def request_id(headers: Any) -> str:
-    """The client's X-Request-ID when it is one sane token of ≤128 characters, else a new one."""
+    """The client's X-Request-ID when it is one sane token of ≤128 characters and not named
+    in the client's ``Connection`` header (a hop-by-hop field, RFC 9110 §7.6.1), else a new one."""
     values = headers.getall(REQUEST_ID, ())
-    if len(values) == 1 and _SANE_REQUEST_ID.fullmatch(values[0]):
+    if (
+        len(values) == 1
+        and _SANE_REQUEST_ID.fullmatch(values[0])
+        and not _connection_names(headers, "x-request-id")
+    ):
         return str(values[0])
     return hex_id()
+
+
+def _connection_names(headers: Any, lowered: str) -> bool:
+    return any(
+        token.strip().lower() == lowered
+        for value in headers.getall("Connection", ())
+        for token in value.split(",")
+    )
 
 
 def upstream_request_head(

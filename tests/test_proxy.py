@@ -305,6 +305,24 @@ async def test_request_id_with_control_or_non_ascii_bytes_is_replaced(
     assert raw_value.decode("latin-1") not in upstream_id
 
 
+@pytest.mark.parametrize(
+    "connection", ["X-Request-ID", "keep-alive, x-request-id ", "te,X-REQUEST-ID"]
+)
+async def test_a_request_id_the_connection_header_names_is_replaced(gateway, bearer, connection):
+    """An X-Request-ID the client's Connection header names is hop-by-hop (RFC 9110 §7.6.1),
+    like every other field so named: a fresh ID is made, the same on both sides."""
+    gw = await gateway()
+    status, headers, _ = await gw.request(
+        "POST", PURCHASE, data=b"{}",
+        headers={**bearer(), "X-Request-ID": "client-rid-1", "Connection": connection},
+    )  # fmt: skip
+    assert status == 200
+    upstream_id = gw.sme.received[0].headers["X-Request-ID"]
+    assert upstream_id != "client-rid-1"
+    assert headers["X-Request-ID"] == upstream_id
+    assert SANE_ID.fullmatch(upstream_id)
+
+
 async def test_two_request_ids_are_replaced_and_fresh_ids_differ(gateway, bearer):
     """Two X-Request-ID headers are not a sane token: a new ID is made, and each request gets its
     own."""

@@ -63,6 +63,17 @@ HEAD_SLICE = 16 * 1024  # a longer read is parsed in slices of this (see data_re
 _parse = RequestHandler.data_received
 
 
+def _head_size(message: Any) -> int:
+    """At least the bytes of a parsed request head: its request line and header lines, as
+    parsed (the spaces the parser trimmed not counted). 0 for a refusal."""
+    if not isinstance(message, RawRequestMessage):
+        return 0
+    size = len(message.method) + len(message.path) + 14  # 2 spaces, HTTP/1.1, 2 CRLFs
+    for name, value in message.raw_headers:
+        size += len(name) + len(value) + 4  # ": " and CRLF
+    return size
+
+
 def _open(body: StreamReader) -> bool:
     """Still being delivered: not ended, and not failed."""
     return not body.is_eof() and body.exception() is None
@@ -160,6 +171,14 @@ class _RequestHandler(RequestHandler):
         fed = 0 if body is None else body.total_bytes
         _parse(self, data)  # aiohttp's (super() would cost a lookup on every read)
         if len(messages) != queued:  # a head, or bytes refused: else a piece of a body
+            if (
+                self._head_bytes + len(data) > MAX_HEAD_BYTES
+                and _head_size(messages[queued][0]) > MAX_HEAD_BYTES
+            ):  # (a head that began in an earlier read, ended in this one)
+                for _ in range(len(messages) - queued):
+                    messages.pop()  # it, and what followed it: never handled
+                self._refuse_head()
+                return
             self._head_bytes = 0
             self._parsed()
         elif body is not None and body.total_bytes != fed:

@@ -31,6 +31,8 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import RawRequestMessage
 from structlog.testing import capture_logs
 
+from catalyst_proxy.runner import MAX_HEAD_BYTES
+
 from .conftest import Assurance
 from .rawhttp import (
     Respond,
@@ -1110,6 +1112,54 @@ async def test_a_head_past_64_kib_in_all_is_431_at_once(gateway, upstream, beare
     assert up.requests == []
     [line] = [e for e in logs if e["event"] == "request"]
     assert (line["status"], line["route"]) == (431, "none")
+
+
+def head_of(size: int, authorization: str) -> bytes:
+    """A whole purchase head (2-byte body declared) of exactly ``size`` bytes, padded with
+    header lines of at most 15,000 bytes (under the line limit)."""
+    base = b"POST %s HTTP/1.1\r\nHost: g\r\nAuthorization: %s\r\nContent-Length: 2\r\n" % (
+        PURCHASE.encode(), authorization.encode())  # fmt: skip
+    room, lines, n = size - len(base) - 2, [], 0
+    while room:
+        line_bytes = min(room, 15_000)
+        if room - line_bytes and room - line_bytes < 20:  # no line too short for its name
+            line_bytes -= 20
+        name = b"X-Pad-%d: " % n
+        lines.append(name + b"p" * (line_bytes - len(name) - 2) + b"\r\n")
+        room, n = room - line_bytes, n + 1
+    head = base + b"".join(lines) + b"\r\n"
+    assert len(head) == size
+    return head
+
+
+@pytest.mark.parametrize("piece", [None, 8192, 4096], ids=["one-write", "8k", "4k"])
+@pytest.mark.parametrize(("size", "served"), [(MAX_HEAD_BYTES, True), (MAX_HEAD_BYTES + 1, False)])
+async def test_a_whole_head_is_bound_at_64_kib_however_its_bytes_arrive(
+    gateway, upstream, bearer, piece, size, served
+):
+    """The bound is the head's own size, whatever pieces TCP cut it into: a head of 64 KiB is
+    served and one byte more is 431 and reaches nothing, also when its last bytes come in
+    the read that completes it (that read was not counted: up to 16 KiB over, reaching the
+    SME gateway)."""
+    up = await upstream(answer())
+    gw = await gateway(upstream=up.url)
+    request = head_of(size, bearer()["Authorization"]) + b"{}"
+    reader, writer = await raw_client(gw.url)
+    step = piece or len(request)
+    for start in range(0, len(request), step):
+        writer.write(request[start : start + step])
+        await writer.drain()
+    async with asyncio.timeout(5):
+        if served:
+            response = await read_response(reader)
+            assert response is not None
+            assert response.status == 200
+            assert len(up.requests) == 1
+        else:
+            received = await reader.read(-1)  # to the connection's end: it must close
+            assert re.match(rb"HTTP/1\.[01] 431 ", received), received[:60]
+            assert up.requests == []
+    writer.close()
 
 
 @pytest.mark.parametrize("before", ["a-whole-get", "a-whole-purchase"])

@@ -26,7 +26,7 @@ dev: $(STAMP)
 	$(VENV)/bin/catalyst-proxy dev --port $(PORT)
 
 ## test: lint, type-check, every test (chart checks included), then the container for real;
-## the tests' Debian packages (tests/test-packages.txt: redis-server) are installed first
+## the tests' Debian packages (tests/test-packages.txt: redis-server, curl) are installed first
 test: $(STAMP) lint deploy-tools
 	bash tests/install-test-packages.sh
 	$(PY) -m pytest -q

@@ -1187,14 +1187,14 @@ async def test_a_head_begun_in_the_read_that_ends_a_request_is_counted_too(
     assert re.search(rb"HTTP/1\.[01] 431 ", received), received[:200]  # then the bound
 
 
-@pytest.mark.parametrize("with_a_token", [False, True])
+@pytest.mark.parametrize(("with_a_token", "status"), [(False, b"401"), (True, b"400")])
 async def test_a_trailer_section_past_64_kib_is_refused_at_once(
-    gateway, upstream, bearer, with_a_token
+    gateway, upstream, bearer, with_a_token, status
 ):
     """A chunked body's trailer section is kept by the parser as a head is, and is bounded the
-    same: past 64 KiB the request is refused (400 while its body is read, 431 else) and the
-    connection closed, nothing forwarded whole. It was held, ~4 MB a connection, until
-    aiohttp's lingering (10 s) or the time budget ended."""
+    same: past 64 KiB the connection is closed and nothing forwarded whole, after the 401
+    already answered (no token), or with a 400 while the purchase's body is read. It was
+    held, ~4 MB a connection, until aiohttp's lingering (10 s) or the time budget ended."""
     up = await upstream(answer())
     gw = await gateway(upstream=up.url)
     auth = [("Authorization", bearer()["Authorization"])] if with_a_token else []
@@ -1209,7 +1209,7 @@ async def test_a_trailer_section_past_64_kib_is_refused_at_once(
     async with asyncio.timeout(5):
         received = await reader.read(-1)  # to the connection's end: it must close
     writer.close()
-    assert re.match(rb"HTTP/1\.[01] (400|401|431) ", received), received[:60]
+    assert received.startswith(b"HTTP/1.1 %s " % status), received[:60]
     assert received.count(b"HTTP/1.") == 1
     assert up.complete == []  # its body never ended: nothing forwarded whole
 

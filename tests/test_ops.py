@@ -146,8 +146,9 @@ async def test_readyz_503_from_the_moment_shutdown_begins(held, public_key_file,
         ready = await ops.readyz(None)  # type: ignore[arg-type]
         assert ready.status == 200
         stop.set()
-        while not ops.draining:  # shutdown begins on the next turn of the loop
-            await asyncio.sleep(0)
+        async with asyncio.timeout(5):
+            while not ops.draining:  # shutdown begins on the next turn of the loop
+                await asyncio.sleep(0)
         drained = await ops.readyz(None)  # type: ignore[arg-type]
         assert drained.status == 503
         assert "shutting down" in json.loads(drained.body)["reasons"]  # type: ignore[arg-type]

@@ -13,6 +13,7 @@ import os
 import socket
 
 import pytest
+import uvloop  # a dependency on Linux (pyproject.toml): its race test is never skipped
 
 from catalyst_proxy.upstream import Breaker
 from catalyst_proxy.upstream.client import Client
@@ -98,7 +99,6 @@ def test_a_connect_cancelled_as_it_completes_leaves_no_socket_open() -> None:
     protocol's ``connection_lost()``. The connection's second descriptor of the socket (kept
     to read an early answer after a reset) must not outlive it: no descriptor stays open in
     the gateway, and every connection the upstream accepted is closed from our side."""
-    uvloop = pytest.importorskip("uvloop")  # a dependency on Linux: skipped nowhere it matters
     trials = 50
 
     def descriptors() -> int:

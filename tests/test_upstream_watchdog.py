@@ -94,8 +94,9 @@ async def test_a_wait_past_its_deadline_expires_and_is_no_answer() -> None:
         for _ in range(SPIN_MISSES):
             wait = Wait()
             watchdog.watch(wait, deadline=loop.time())  # due at once
-            while not wait.expired:
-                await asyncio.sleep(0.001)  # the tick's own period: the event under test
+            async with asyncio.timeout(5):
+                while not wait.expired:
+                    await asyncio.sleep(0.001)  # the tick's own period: the event under test
             await _until_the_spin_ends(watchdog)
             watchdog.unwatch(wait)
         assert not await _outlasting_the_spin(watchdog)

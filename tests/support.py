@@ -18,6 +18,7 @@ import json
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -303,3 +304,18 @@ async def eventually(predicate: Callable[[], object], timeout: float = 5.0) -> N
     async with asyncio.timeout(timeout):
         while not predicate():
             await asyncio.sleep(0.005)
+
+
+def memory(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (the peak) of a process, in bytes."""
+    found = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM"):
+            found[name] = int(value.split()[0]) * 1024
+    return found
+
+
+def reset_peak(pid: int) -> None:
+    """Set the process's VmHWM (peak RSS) to its current RSS (Linux 4.0+)."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")

@@ -264,14 +264,13 @@ async def test_valid_requests_stay_fast_while_unknown_kids_wait(gateway, jwks, k
     flood = asyncio.ensure_future(_flood(gw, 1_000, width=50))
     await jwks.wait_fetches(2)  # the flood's one refresh is now hanging
     good = tok(key_a, "a")
-    slowest = 0.0
     for _ in range(20):
-        started = time.perf_counter()
         status, _, _ = await purchase(gw, good)
-        slowest = max(slowest, time.perf_counter() - started)
         assert status == 200
-    assert not flood.done()  # the flood really was waiting while we were served
-    assert slowest < 0.5
+    # All twenty were served while the flood still waited on the fetch (it ends at the
+    # JWKS timeout, 2 s): none of them waited on it.
+    assert not flood.done()
+    assert gw.parts.keys.refreshes == 1  # the start-up fetch only: the flood's still hangs
     assert await flood == [401] * 1_000
     assert jwks.fetches == 2
     assert len(gw.sme.received) == 20
@@ -556,14 +555,12 @@ async def test_no_usable_keys_answers_503_with_retry_after(gateway, jwks, key_a,
 async def test_hanging_jwks_at_startup_leaves_healthz_instant(gateway, jwks, key_a):
     """A JWKS that hangs at start-up: /healthz instant, /readyz 503, requests bounded by timeout."""
     jwks.mode = "hang"
-    started = time.perf_counter()
     gw = await gateway(jwks_url=jwks.url, public_key_file=None, jwks_timeout_seconds=JWKS_TIMEOUT)
-    assert time.perf_counter() - started < JWKS_TIMEOUT - 0.1  # start-up does not wait for the IdP
+    assert gw.parts.keys.refreshes == 0  # serving, and the start-up fetch not over: no wait
     await jwks.wait_fetches(1)  # the start-up fetch is now hanging
-    started = time.perf_counter()
     status, _, body = await gw.request("GET", "/healthz")
-    assert time.perf_counter() - started < 0.2
     assert (status, json.loads(body)) == (200, {"status": "ok"})
+    assert gw.parts.keys.refreshes == 0  # answered while the fetch still hangs
     status, _, body = await gw.request("GET", "/readyz")
     assert status == 503
     assert json.loads(body)["status"] == "not-ready"

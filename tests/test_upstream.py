@@ -26,7 +26,6 @@ import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -59,8 +58,10 @@ from .support import (
     RawUpstream,
     eventually,
     free_socket,
+    memory,
     read_chunked,
     read_request,
+    reset_peak,
     start_app,
 )
 
@@ -1235,21 +1236,6 @@ RSS_GROWTH_LIMIT = 20 * MiB
 # pushing back would let the writer run 40 MiB (upload) or 190 MiB (download) ahead.
 AHEAD_LIMIT = 16 * MiB
 PIECE = 64 * KiB
-
-
-def memory(pid: int) -> dict[str, int]:
-    """VmRSS and VmHWM of a process, in bytes."""
-    found = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        name, _, value = line.partition(":")
-        if name in ("VmRSS", "VmHWM"):
-            found[name] = int(value.split()[0]) * KiB
-    return found
-
-
-def reset_peak(pid: int) -> None:
-    """Set the process's VmHWM (peak RSS) to its current RSS (Linux 4.0+)."""
-    Path(f"/proc/{pid}/clear_refs").write_text("5")
 
 
 StartChild = Callable[..., Awaitable[tuple[int, str]]]

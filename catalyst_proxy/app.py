@@ -4,8 +4,8 @@ The app owns the upstream client (and its pool) and the key set: both are
 created when the app starts and closed when it stops (``cleanup_ctx``), never
 module globals. Requests do not go through aiohttp's router or middlewares:
 ``Runner`` serves the app's ``Dispatcher`` with aiohttp's low-level server, and
-the app is the lifecycle around it. Tests pass their own ``clock`` instead of
-patching.
+the app is the lifecycle around it. Tests pass their own ``clock``, and their own
+``Tuning``, instead of patching.
 """
 
 from __future__ import annotations
@@ -24,17 +24,28 @@ from .config import ConfigError, Settings
 from .dispatch import Dispatcher
 from .idempotency import Idempotency, MemoryRecords, RedisRecords, route_modes
 from .idempotency.guard import LEASE_MARGIN
-from .idempotency.memory import answer_budget
+from .idempotency.memory import MAX_BYTES, MAX_RECORDS, answer_budget
 from .jwks import Key, KeySet, load_local_keys
 from .metrics import Metrics
 from .ops import Ops
-from .proxy import Proxy
+from .proxy import SEND_PATIENCE, Proxy
 from .ratelimit import MemoryCounters, RateLimiter, RedisCounters
 from .routes import DEFAULT_ROUTES, Route, RoutesFileError, RouteTable, load_routes
 from .store import Store
 from .upstream import Breaker, Client
 
-__all__ = ["PARTS", "Parts", "create_app"]
+__all__ = ["PARTS", "Parts", "Tuning", "create_app"]
+
+
+@dataclass(frozen=True, slots=True)
+class Tuning:
+    """Fixed values that are not configuration (each documented where it is defined), which
+    tests shorten to reach their behaviour in a moment."""
+
+    lease_margin: float = LEASE_MARGIN  # s past the budget before an orphan reads unknown
+    send_patience: float = SEND_PATIENCE  # s a client may take none of an answer
+    memory_max_records: int = MAX_RECORDS  # the memory idempotency store's bounds
+    memory_max_bytes: int = MAX_BYTES
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +97,7 @@ def create_app(
     clock: Callable[[], float] = time.time,
     monotonic: Callable[[], float] = time.monotonic,
     workers: int = 1,
+    tuning: Tuning = Tuning(),  # (frozen: one shared default is safe)
 ) -> web.Application:
     """Build the app; raises ConfigError for a bad routes file, key file or password file,
     or an idempotency mode ``workers`` processes cannot honour without a shared store."""
@@ -124,7 +136,7 @@ def create_app(
         metrics=metrics,
     )
     modes, off_reason = route_modes(settings, table.routes, workers=workers)
-    lease = settings.upstream_timeout_seconds + LEASE_MARGIN
+    lease = settings.upstream_timeout_seconds + tuning.lease_margin
     records = (
         RedisRecords(store, settings.idempotency_ttl_seconds, lease=lease)
         if store is not None
@@ -135,6 +147,8 @@ def create_app(
             on_drop_answers=lambda count: metrics.idempotency_answers_dropped.add(amount=count),
             max_in_flight=settings.upstream_max_connections + settings.upstream_max_pending,
             max_answer_bytes=answer_budget(settings.idempotency_max_body_bytes),
+            max_records=tuning.memory_max_records,
+            max_bytes=tuning.memory_max_bytes,
         )
     )
     idempotency = Idempotency(
@@ -157,7 +171,10 @@ def create_app(
             refuse_on_store_error=settings.rate_limit_on_store_error == "refuse",
         )
     )
-    proxy = Proxy(settings, authenticator, secret, metrics, client, limiter, idempotency)
+    proxy = Proxy(
+        settings, authenticator, secret, metrics, client, limiter, idempotency,
+        send_patience=tuning.send_patience,
+    )  # fmt: skip
     dispatcher = Dispatcher(table, ops.routes(), proxy, metrics)
     app = web.Application(handler_args=None)
     app[PARTS] = Parts(

@@ -126,8 +126,11 @@ class Proxy:
         client: Client,
         limiter: RateLimiter | None = None,
         idempotency: Idempotency | None = None,
+        *,
+        send_patience: float = SEND_PATIENCE,
     ) -> None:
         self._settings = settings
+        self._patience = send_patience  # (SEND_PATIENCE; tests shorten it)
         self._idem = idempotency if idempotency is not None and idempotency.active else None
         self._limiter = limiter if limiter is not None and limiter.active else None
         self._auth = authenticator
@@ -396,13 +399,13 @@ class Proxy:
                 if head_only:
                     continue
                 if attempt is None:
-                    await _send(request, response, chunk)
+                    await _send(request, response, chunk, self._patience)
                     continue
                 if held:
-                    await _send(request, response, held)
+                    await _send(request, response, held, self._patience)
                 held = chunk
             if held and not progress.sent:  # an early answer goes first (see _record)
-                await _send(request, response, held)
+                await _send(request, response, held, self._patience)
                 held = b""
         except _ClientStalled:
             info.error = "client-stalled"
@@ -441,7 +444,7 @@ class Proxy:
                                body, response)  # fmt: skip
         if held:
             try:
-                await _send(request, response, held)
+                await _send(request, response, held, self._patience)
             except _ClientStalled:  # (recorded already: a retry gets the replay)
                 info.error = "client-stalled"
                 _abort(request.transport, reset=framed_by_close)
@@ -517,15 +520,18 @@ class _ClientStalled(Exception):
     """The client took none of a streamed answer for ``SEND_PATIENCE`` seconds."""
 
 
-async def _send(request: web.BaseRequest, response: web.StreamResponse, piece: bytes) -> None:
+async def _send(
+    request: web.BaseRequest, response: web.StreamResponse, piece: bytes, patience: float
+) -> None:
     """One piece of a streamed answer to the client. A client that takes none of the answer
-    for ``SEND_PATIENCE`` (it stopped reading) would hold the SME gateway's connection, and
-    its place in the pool, for ever: _ClientStalled, and the transfer is aborted. One that
-    reads, however slowly, is never cut off: its patience starts again whenever it has taken
-    some (a piece can take a slow client longer than the window)."""
+    for ``patience`` seconds (``SEND_PATIENCE``: it stopped reading) would hold the SME
+    gateway's connection, and its place in the pool, for ever: _ClientStalled, and the
+    transfer is aborted. One that reads, however slowly, is never cut off: its patience
+    starts again whenever it has taken some (a piece can take a slow client longer than
+    the window)."""
     try:
         async with asyncio.timeout(None) as window:  # expired by _Progress only
-            watch = _Progress(window, request.transport, len(piece))
+            watch = _Progress(window, request.transport, len(piece), patience)
             try:
                 await response.write(piece)
             finally:
@@ -541,18 +547,23 @@ class _Progress:
     windows after the last it took, or after the write began to wait. (The looks alone judge:
     a deadline racing them would ignore what the client took in its window's last quarter.)"""
 
-    __slots__ = ("_handle", "_left", "_loop", "_since", "_transport", "_window")
+    __slots__ = ("_handle", "_left", "_loop", "_patience", "_since", "_transport", "_window")
 
     def __init__(
-        self, window: asyncio.Timeout, transport: asyncio.Transport | None, size: int
+        self,
+        window: asyncio.Timeout,
+        transport: asyncio.Transport | None,
+        size: int,
+        patience: float,
     ) -> None:
         self._loop = asyncio.get_running_loop()
+        self._patience = patience
         self._window = window
         self._transport = transport
         self._since = self._loop.time()  # when it was last seen to take some
         # What waits for the client once this piece is written, if it takes none of it.
         self._left = (transport.get_write_buffer_size() if transport is not None else 0) + size
-        self._handle = self._loop.call_later(SEND_PATIENCE / PATIENCE_CHECKS, self._look)
+        self._handle = self._loop.call_later(self._patience / PATIENCE_CHECKS, self._look)
 
     def _look(self) -> None:
         # A closing transport is looked at like any other: a client that half-closed its end
@@ -563,10 +574,10 @@ class _Progress:
         if left < self._left:
             self._left = left
             self._since = now
-        elif now - self._since >= SEND_PATIENCE * _ALMOST:
+        elif now - self._since >= self._patience * _ALMOST:
             self._window.reschedule(now)  # expires it: the write is cancelled
             return
-        self._handle = self._loop.call_later(SEND_PATIENCE / PATIENCE_CHECKS, self._look)
+        self._handle = self._loop.call_later(self._patience / PATIENCE_CHECKS, self._look)
 
     def stop(self) -> None:
         self._handle.cancel()

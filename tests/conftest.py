@@ -26,7 +26,7 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from catalyst_proxy.app import create_app
+from catalyst_proxy.app import Tuning, create_app
 from catalyst_proxy.config import Settings
 from catalyst_proxy.devtools.keys import new_private_key, operator_token, public_pem
 from catalyst_proxy.devtools.sme import SME
@@ -96,7 +96,7 @@ async def gateway(
     sme: tuple[SME, str], public_key_file: Path
 ) -> AsyncIterator[Callable[..., Awaitable[RunningGateway]]]:
     """Factory: ``await gateway(**settings_overrides, upstream=URL, clock=..., metrics=...,
-    server={Runner options})``."""
+    tuning=Tuning(...), server={Runner options})``."""
     stand_in, sme_url = sme
     started: list[Gateway] = []
 
@@ -106,6 +106,7 @@ async def gateway(
         clock: Callable[[], float] | None = None,
         monotonic: Callable[[], float] | None = None,
         server: dict[str, Any] | None = None,
+        tuning: Tuning | None = None,
         **overrides: Any,
     ) -> RunningGateway:
         settings = Settings(
@@ -119,6 +120,8 @@ async def gateway(
             kwargs["clock"] = clock
         if monotonic is not None:
             kwargs["monotonic"] = monotonic
+        if tuning is not None:
+            kwargs["tuning"] = tuning
         app: web.Application = create_app(settings, **kwargs)
         gw = await start_gateway(app, **(server or {}))
         gw.__class__ = RunningGateway

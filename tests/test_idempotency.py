@@ -29,11 +29,12 @@ from aiohttp import web
 from structlog.testing import capture_logs
 
 from catalyst_proxy import log
+from catalyst_proxy.app import Tuning
 from catalyst_proxy.config import Rate, Settings
 from catalyst_proxy.idempotency import redis_records
 from catalyst_proxy.idempotency.guard import LEASE_MARGIN
 from catalyst_proxy.idempotency.keys import scope, slot
-from catalyst_proxy.idempotency.memory import ENTRY_WEIGHT, MemoryRecords
+from catalyst_proxy.idempotency.memory import ENTRY_WEIGHT
 from catalyst_proxy.idempotency.memory import MAX_ANSWER_BYTES as MEMORY_MAX_ANSWER_BYTES
 
 from .auth_support import Clock, metric
@@ -1130,14 +1131,13 @@ async def test_the_memory_store_replays_every_answer_the_configuration_records(
 
 
 async def test_the_memory_store_evicts_the_oldest_records_past_its_bound_and_counts_them(
-    gateway, upstream, bearer, monkeypatch
+    gateway, upstream, bearer
 ):
     """Past the memory store's bound for records (here made small: 64 KiB, ~85 records) the
     oldest records go, counted in ``catalyst_proxy_idempotency_evictions_total``: an evicted
     key is new again (the bound's documented cost), the latest are still replayed."""
-    monkeypatch.setitem(MemoryRecords.__init__.__kwdefaults__, "max_bytes", 65536)
     up = await upstream(ok())
-    gw = await gateway(upstream=up.url)
+    gw = await gateway(upstream=up.url, tuning=Tuning(memory_max_bytes=65536))
     auth = bearer()
     count = 65536 // ENTRY_WEIGHT + 8
     for index in range(count):
@@ -1262,13 +1262,12 @@ async def test_a_ttl_shorter_than_the_exchange_never_lets_a_retry_through(
 
 
 async def test_an_answer_streaming_past_the_lease_keeps_its_key_however_full_the_store(
-    gateway, upstream, bearer, monkeypatch
+    gateway, upstream, bearer
 ):
     """An answer still streaming when its reservation's lease is over: a retry is 409 outcome
     unknown, and stays so when other purchases fill the store past its bound for records
     (made small here: 64 KiB; a reservation of this process is never evicted for room): the
     SME gateway sees the purchase once."""
-    monkeypatch.setitem(MemoryRecords.__init__.__kwdefaults__, "max_bytes", 65536)
     clock = Clock()
     rest = asyncio.Event()
     large = b"x" * 65536  # recorded whole (the record's limit)
@@ -1288,7 +1287,10 @@ async def test_an_answer_streaming_past_the_lease_keeps_its_key_however_full_the
 
     up = await upstream(respond)
     budget = 30.0  # real seconds per piece: the test's clock jumps, the stream does not stall
-    gw = await gateway(upstream=up.url, clock=clock, upstream_timeout_seconds=budget)
+    gw = await gateway(
+        upstream=up.url, clock=clock, upstream_timeout_seconds=budget,
+        tuning=Tuning(memory_max_bytes=65536),
+    )  # fmt: skip
     auth = bearer()
     first = asyncio.create_task(post(gw, auth, "slow"))
     await up.until(lambda: len(keyed_requests(up, "slow")) == 1)
@@ -1306,14 +1308,11 @@ async def test_an_answer_streaming_past_the_lease_keeps_its_key_however_full_the
     assert len(keyed_requests(up, "slow")) == 1
 
 
-async def test_a_long_streaming_answer_keeps_its_reservation_alive(
-    start, upstream, bearer, monkeypatch
-):
+async def test_a_long_streaming_answer_keeps_its_reservation_alive(start, upstream, bearer):
     """An answer that streams for longer than its reservation's lease and TTL together (each
     piece within the budget): the reservation is renewed while the request is alive, so a
     retry in the meantime is 409 in use (not unknown, not forwarded again), and a retry
     after the answer is replayed. The SME gateway sees the purchase once."""
-    monkeypatch.setattr("catalyst_proxy.app.LEASE_MARGIN", 0.0)  # the lease is the budget
     budget, ttl, piece = 1.0, 1.0, 0.1  # the reservation held 2 s unless renewed
     past_the_hold, done = asyncio.Event(), asyncio.Event()
 
@@ -1334,7 +1333,12 @@ async def test_a_long_streaming_answer_keeps_its_reservation_alive(
         return True
 
     up = await upstream(respond)
-    gw = await start(up.url, upstream_timeout_seconds=budget, idempotency_ttl_seconds=ttl)
+    gw = await start(
+        up.url,
+        upstream_timeout_seconds=budget,
+        idempotency_ttl_seconds=ttl,
+        tuning=Tuning(lease_margin=0.0),
+    )  # the lease is the budget; fmt: skip
     auth = bearer()
     first = asyncio.create_task(post(gw, auth, "long"))
     async with asyncio.timeout(10):
@@ -1358,7 +1362,6 @@ async def test_a_streamed_answer_whose_head_cannot_go_out_is_unknown(
     """The SME gateway answered, but the client's connection failed as the answer's head went
     out (the client left between the upstream's head and ours): the purchase was acted on,
     so its key reads 409 outcome unknown, not in use forever by a reservation still renewed."""
-    monkeypatch.setattr("catalyst_proxy.app.LEASE_MARGIN", 0.0)
     failing = {"left": 1}
     prepare = web.StreamResponse.prepare
 
@@ -1370,7 +1373,8 @@ async def test_a_streamed_answer_whose_head_cannot_go_out_is_unknown(
 
     monkeypatch.setattr(web.StreamResponse, "prepare", prepare_once_failing)
     up = await upstream(partial_answer(b"{}", b"{", chunked=True, then="stall"))
-    gw = await start(up.url, upstream_timeout_seconds=1.0, idempotency_ttl_seconds=60.0)
+    gw = await start(up.url, upstream_timeout_seconds=1.0, idempotency_ttl_seconds=60.0,
+                     tuning=Tuning(lease_margin=0.0))  # fmt: skip
     auth = bearer()
     with contextlib.suppress(aiohttp.ClientError):
         await post(gw, auth, "head-lost")
@@ -1380,19 +1384,21 @@ async def test_a_streamed_answer_whose_head_cannot_go_out_is_unknown(
     assert len(keyed_requests(up, "head-lost")) == 1
 
 
-async def test_a_body_streaming_on_after_an_early_answer_keeps_its_reservation_alive(
-    start, bearer, monkeypatch
-):
+async def test_a_body_streaming_on_after_an_early_answer_keeps_its_reservation_alive(start, bearer):
     """The SME gateway answers before it has the body (an early answer) and the client keeps
     sending it for longer than the reservation's lease and TTL together (each piece within
     the budget: the record waits for the whole body's fingerprint). The reservation is
     renewed meanwhile: a retry is 409 in use, never forwarded; once the body is in, the
     answer is recorded and replayed."""
-    monkeypatch.setattr("catalyst_proxy.app.LEASE_MARGIN", 0.0)  # the lease is the budget
     budget, ttl, piece = 1.0, 1.0, 0.1  # the reservation held 2 s unless renewed
     up = await RawUpstream(answer_after_head).start()
     try:
-        gw = await start(up.url, upstream_timeout_seconds=budget, idempotency_ttl_seconds=ttl)
+        gw = await start(
+            up.url,
+            upstream_timeout_seconds=budget,
+            idempotency_ttl_seconds=ttl,
+            tuning=Tuning(lease_margin=0.0),
+        )  # the lease is the budget; fmt: skip
         auth = bearer()
         lines = keyed_lines(auth, "slow-body", CHUNKED)
         reader, writer = await raw_client(gw.url)

@@ -35,6 +35,7 @@ from aiohttp import web
 
 from catalyst_proxy import proxy as proxy_module
 from catalyst_proxy import runner as runner_module
+from catalyst_proxy.app import Tuning
 from catalyst_proxy.devtools.keys import operator_token
 from catalyst_proxy.upstream.client import _host_field
 
@@ -1358,18 +1359,18 @@ async def test_200_mb_answer_to_a_slow_reader_holds_the_upstream_back_in_flat_me
 
 @pytest.mark.parametrize("half_closed", [False, True], ids=["open", "half-closed"])
 async def test_a_client_that_stops_reading_a_streamed_answer_lets_go_of_the_upstream(
-    gateway, bearer, monkeypatch, half_closed
+    gateway, bearer, half_closed
 ):
     """A client that takes none of a streamed answer for ``SEND_PATIENCE`` (0.3 s here; 60 s in
     production, nginx's send_timeout) has its transfer aborted: the SME gateway's connection,
     the only one in the pool, goes on to serve the next request instead of being held for as
     long as that client stays connected. Also when it has half-closed its end first (aiohttp
     then closes the gateway's, which waits for its buffer to empty: for ever, unread)."""
-    monkeypatch.setattr(proxy_module, "SEND_PATIENCE", 0.3)
     upstream_side = BigAnswer(64 * MiB, os.urandom(PIECE))
     raw = await RawUpstream(upstream_side.script).start()
     try:
-        gw = await gateway(upstream=raw.url, upstream_max_connections=1, upstream_max_pending=0)
+        gw = await gateway(upstream=raw.url, upstream_max_connections=1, upstream_max_pending=0,
+                           tuning=Tuning(send_patience=0.3))  # fmt: skip
         reader, writer = await small_buffer_client(gw.url, socket.SO_RCVBUF)
         try:
             writer.write(purchase(bearer(), "stalls"))
@@ -1394,12 +1395,11 @@ async def test_a_client_that_stops_reading_a_streamed_answer_lets_go_of_the_upst
 
 
 async def test_an_http10_client_that_stops_reading_an_answer_framed_by_the_close_gets_a_reset(
-    gateway, bearer, monkeypatch
+    gateway, bearer
 ):
     """An HTTP/1.0 client whose answer is framed by the connection's end (the SME gateway's
     is chunked) and which stops reading: its transfer is aborted with a reset, so that it
     never takes the part it got, followed by a FIN, for the whole answer."""
-    monkeypatch.setattr(proxy_module, "SEND_PATIENCE", 0.3)
 
     async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
@@ -1413,7 +1413,7 @@ async def test_an_http10_client_that_stops_reading_an_answer_framed_by_the_close
 
     raw = await RawUpstream(endless).start()
     try:
-        gw = await gateway(upstream=raw.url)
+        gw = await gateway(upstream=raw.url, tuning=Tuning(send_patience=0.3))
         reader, writer = await small_buffer_client(gw.url, socket.SO_RCVBUF)
         try:
             token = bearer()["Authorization"]
@@ -1493,7 +1493,7 @@ async def test_an_http10_answer_handed_whole_but_still_buffered_at_the_cut_ends_
     ids=["a-piece-outlasts-the-window", "each-read-late-in-the-window"],
 )
 async def test_a_client_reading_a_streamed_answer_slowly_gets_all_of_it(
-    gateway, bearer, monkeypatch, patience, pace, bite, pieces
+    gateway, bearer, patience, pace, bite, pieces
 ):
     """A client that reads steadily gets the whole answer, however slowly, as long as it
     takes some within every ``SEND_PATIENCE`` (shortened here): its patience starts again
@@ -1501,12 +1501,11 @@ async def test_a_client_reading_a_streamed_answer_slowly_gets_all_of_it(
     and more) that takes it longer than the window (~200 KB/s against 0.2 s), and reads that
     each come late in the window (64 KiB every 0.35 s against 0.4 s: the last quarter of a
     window counts too). Only a client that takes nothing is let go (the test above)."""
-    monkeypatch.setattr(proxy_module, "SEND_PATIENCE", patience)
     size = pieces * PIECE
     upstream_side = BigAnswer(size, os.urandom(PIECE))
     raw = await RawUpstream(upstream_side.script).start()
     try:
-        gw = await gateway(upstream=raw.url)
+        gw = await gateway(upstream=raw.url, tuning=Tuning(send_patience=patience))
         # The gateway's kernel buffer toward the client small too (an accepted socket takes
         # the listener's), as over a long path: what the client has not read waits in the
         # gateway's own buffer, where the patience looks.
@@ -1541,13 +1540,12 @@ async def test_a_client_reading_a_streamed_answer_slowly_gets_all_of_it(
         await raw.close()
 
 
-async def test_a_send_to_a_half_closed_client_that_reads_nothing_ends(monkeypatch):
+async def test_a_send_to_a_half_closed_client_that_reads_nothing_ends():
     """``_send`` on its own, where nothing cancels the handler when the client half-closes:
     aiohttp then closes the transport, which waits for its buffer to empty, for ever if the
     client reads nothing. The patience still looks at a closing transport, so the send ends
     as stalled (in the gateway, the handler is also cancelled at the client's end of input:
     the test above)."""
-    monkeypatch.setattr(proxy_module, "SEND_PATIENCE", 0.3)
     outcome: asyncio.Future[str] = asyncio.get_running_loop().create_future()
 
     async def handler(request: web.Request) -> web.StreamResponse:
@@ -1558,7 +1556,7 @@ async def test_a_send_to_a_half_closed_client_that_reads_nothing_ends(monkeypatc
         response.content_length = 8 * MiB
         await response.prepare(request)
         try:
-            await proxy_module._send(request, response, bytes(8 * MiB))
+            await proxy_module._send(request, response, bytes(8 * MiB), 0.3)
             outcome.set_result("sent whole")
         except proxy_module._ClientStalled:
             outcome.set_result("stalled")

@@ -35,7 +35,7 @@ def map_role(claims: Mapping[str, Any], operator_email: str | None = None) -> st
     """The SME role for an operator's claims (reference.md: *The SME role*). Pure."""
     roles = _realm_roles(claims)
     tier = claims.get("tier")
-    tier = tier.strip().lower() if isinstance(tier, str) else None
+    tier = _trimmed_folded(tier) if isinstance(tier, str) else None
     if operator_email and _is_operator(claims, operator_email):
         roles = ("catalyst-owner", *roles)
         tier = "owner"
@@ -54,19 +54,21 @@ def _realm_roles(claims: Mapping[str, Any]) -> tuple[str, ...]:
     roles = realm_access.get("roles")
     if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
         return ()
-    return tuple(r.strip().lower() for r in roles)
+    return tuple(_trimmed_folded(r) for r in roles)
 
 
 def _is_operator(claims: Mapping[str, Any], operator_email: str) -> bool:
     email = claims.get("email")
     if not isinstance(email, str) or claims.get("email_verified") is False:
         return False
-    return _ascii_fold(email.strip(_ASCII_SPACE)) == _ascii_fold(operator_email.strip(_ASCII_SPACE))
+    return _trimmed_folded(email) == _trimmed_folded(operator_email)
 
 
-def _ascii_fold(text: str) -> str:
-    # ASCII-only case folding: "İ".lower() or "K" (Kelvin) must not turn into a match.
-    return text.translate(_ASCII_LOWER)
+def _trimmed_folded(text: str) -> str:
+    """``text`` as roles, tiers and addresses are compared: trimmed of ASCII white space and
+    case-folded in ASCII only ("İ".lower() or "K" (Kelvin), a no-break space or U+3000 must
+    not turn a look-alike into a match)."""
+    return text.strip(_ASCII_SPACE).translate(_ASCII_LOWER)
 
 
 _ASCII_LOWER = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}

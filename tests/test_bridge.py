@@ -66,6 +66,13 @@ ROLE_TABLE: list[tuple[dict[str, Any], str]] = [
     ({"tier": {"name": "owner"}}, "member"),
     ({"tier": 1}, "member"),
     ({"realm_access": {"roles": ["catalyst-owner-lite", "xcatalyst-admin"]}}, "member"),
+    # trimmed of ASCII white space and case-folded in ASCII only: look-alikes never match
+    ({"realm_access": {"roles": ["catalyst-owner\u00a0"]}}, "member"),
+    ({"realm_access": {"roles": ["\u3000catalyst-admin"]}}, "member"),
+    ({"realm_access": {"roles": ["\tcatalyst-admin\r\n"]}}, "sovereign-admin"),
+    ({"realm_access": {"roles": ["application-admın"]}}, "member"),  # dotless i
+    ({"tier": "owner\u2028"}, "member"),
+    ({"tier": "OWNER\x0b"}, "superadmin"),
     ({"resource_access": {"console": {"roles": ["catalyst-owner"]}}}, "member"),
 ]  # fmt: skip
 

@@ -53,7 +53,14 @@ from .errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from .idempotency import Attempt, Idempotency, Record, fingerprinter
+from .idempotency import (
+    Attempt,
+    Idempotency,
+    Record,
+    covered,
+    fingerprinter,
+    partial_fingerprint,
+)
 from .metrics import Metrics
 from .ratelimit import RateLimiter
 from .routes import Match
@@ -196,7 +203,10 @@ class Proxy:
             attempt.check_pending()  # 409 in use / unknown: whatever the body
             if request.headers.get("Expect"):
                 await _invite_body(request)
-            fingerprint = await self._fingerprint(request, exchange)
+            assert attempt.existing is not None  # (completed: check_pending passed)
+            fingerprint = await self._fingerprint(
+                request, exchange, covered(attempt.existing.fingerprint)
+            )
             return self._replay(info, attempt.judge(fingerprint))
         finally:
             info.idempotency = attempt.outcome or None
@@ -259,12 +269,27 @@ class Proxy:
                 # head failed to go out, say) was acted on: unknown, and no more renewals.
                 attempt.settle_later(sent=True)
 
-    async def _fingerprint(self, request: web.BaseRequest, exchange: _Exchange) -> bytes:
-        """A repeated key's request: its fingerprint, reading (never forwarding) its body."""
+    async def _fingerprint(
+        self, request: web.BaseRequest, exchange: _Exchange, prefix: int | None = None
+    ) -> bytes:
+        """A repeated key's request: its fingerprint, reading (never forwarding) its body.
+        Against a record of an early answer (``prefix``: the body bytes its fingerprint
+        covers), the fingerprint of that much of this body: a body shorter than that is
+        another request (b"", which matches nothing)."""
         hasher = fingerprinter(exchange.method, exchange.target)
         body, _ = self._body(request, exchange.upload)
+        room = prefix if prefix is not None else -1  # body bytes still to hash (-1: all)
+
+        def take(chunk: bytes) -> None:
+            nonlocal room
+            if room < 0:
+                hasher.update(chunk)
+            elif room:
+                hasher.update(chunk[:room])
+                room -= min(room, len(chunk))
+
         if isinstance(body, bytes):
-            hasher.update(body)
+            take(body)
         elif body is not None:
             budget = self._settings.upstream_timeout_seconds
             pieces = aiter(body)
@@ -274,12 +299,14 @@ class Proxy:
                         chunk = await anext(pieces, None)
                     if chunk is None:
                         break
-                    hasher.update(chunk)
+                    take(chunk)
             except _TooLarge:
                 raise BodyTooLarge(self._limit) from None
             except (TimeoutError, HttpProcessingError) as exc:
                 raise BadRequest(f"the request body: {type(exc).__name__}") from None
-        return hasher.digest()
+        if prefix is None:
+            return hasher.digest()
+        return partial_fingerprint(hasher, prefix) if room == 0 else b""
 
     def _replay(self, info: RequestInfo, record: Record) -> Answer:
         """The recorded answer again: same status, headers and body, a new X-Request-ID.
@@ -404,9 +431,6 @@ class Proxy:
                 if held:
                     await _send(request, response, held, self._patience)
                 held = chunk
-            if held and not progress.sent:  # an early answer goes first (see _record)
-                await _send(request, response, held, self._patience)
-                held = b""
         except _ClientStalled:
             info.error = "client-stalled"
             _abort(request.transport, reset=framed_by_close)
@@ -472,48 +496,31 @@ class Proxy:
         with the memory store). The upstream connection is given back first.
 
         An early answer (the SME gateway answered before the whole body was sent) is
-        the exception: the client may be waiting for it before it sends the rest, so
-        the answer goes first, then the rest of the body is read (never forwarded) for
-        the fingerprint, and the record follows.
+        recorded the same way, at once: the client may be waiting for it before it sends
+        the rest of its body, or never send it, or leave. If the body is not all in, its
+        fingerprint covers the bytes that came (``partial_fingerprint``), and a retry
+        whose body begins with them gets the answer replayed; what more comes is left
+        to aiohttp to read and drop.
         """
         assert self._idem is not None
         if body is not None and len(body) > self._idem.max_body_bytes:
             body = None
-        early = not progress.sent
-        try:
-            if early:
-                await upstream.stop_sending()
-            upstream.release()
-            if early:
-                await _finish(request, response)
-                try:
-                    await self._hash_rest(request, exchange, hasher)
-                except (TimeoutError, ConnectionError, HttpProcessingError):
-                    await attempt.unknown()  # the rest never came: no whole fingerprint
-                    return
-        except BaseException:
-            attempt.settle_later(sent=True)  # acted on, but it cannot be recorded whole
-            raise
-        write = attempt.complete(hasher.digest(), upstream.status, upstream.headers, body)
+        fingerprint = None
+        if not progress.sent:
+            try:
+                await upstream.stop_sending()  # (the hasher has had what was read, no more)
+            except BaseException:
+                attempt.settle_later(sent=True)  # acted on, and not recorded
+                raise
+            content = request.content
+            if not content.at_eof() or content.exception() is not None:
+                fingerprint = partial_fingerprint(hasher, exchange.upload.sent)
+        upstream.release()
+        write = attempt.complete(
+            fingerprint or hasher.digest(), upstream.status, upstream.headers, body
+        )
         if write is not None:  # a shared store
             await write
-
-    async def _hash_rest(
-        self, request: web.BaseRequest, exchange: _Exchange, hasher: hashlib._Hash
-    ) -> None:
-        """Feed ``hasher`` the rest of the client's body (up to the limit), forwarding nothing."""
-        upload = exchange.upload
-        budget = self._settings.upstream_timeout_seconds
-        while True:
-            async with asyncio.timeout(budget):  # a client that stalls: TimeoutError, unknown
-                chunk = await request.content.readany()
-            if not chunk:
-                _raise_if_failed(request.content)  # (see _stream_body)
-                return
-            upload.sent += len(chunk)
-            if upload.sent > upload.limit:
-                return  # over the limit: a retry of this body gets 413 before any judging
-            hasher.update(chunk)
 
 
 class _ClientStalled(Exception):
@@ -615,14 +622,6 @@ def _framed_by_close(request: web.BaseRequest, *, streaming: bool) -> None:
     protocol = request.protocol
     if hasattr(protocol, "close_framed"):
         protocol.close_framed = "streaming" if streaming else "handed"
-
-
-async def _finish(request: web.BaseRequest, response: web.StreamResponse) -> None:
-    """End the client's transfer (a client gone by now changes nothing)."""
-    with contextlib.suppress(ConnectionError):
-        if not response.prepared:
-            await response.prepare(request)
-        await response.write_eof()
 
 
 async def _hashing(body: AsyncIterable[bytes], hasher: hashlib._Hash) -> AsyncIterator[bytes]:

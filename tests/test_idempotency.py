@@ -1384,46 +1384,42 @@ async def test_a_streamed_answer_whose_head_cannot_go_out_is_unknown(
     assert len(keyed_requests(up, "head-lost")) == 1
 
 
-async def test_a_body_streaming_on_after_an_early_answer_keeps_its_reservation_alive(start, bearer):
-    """The SME gateway answers before it has the body (an early answer) and the client keeps
-    sending it for longer than the reservation's lease and TTL together (each piece within
-    the budget: the record waits for the whole body's fingerprint). The reservation is
-    renewed meanwhile: a retry is 409 in use, never forwarded; once the body is in, the
-    answer is recorded and replayed."""
-    budget, ttl, piece = 1.0, 1.0, 0.1  # the reservation held 2 s unless renewed
+@pytest.mark.parametrize("then", ["streams-on", "leaves", "stalls"])
+async def test_an_early_answer_is_recorded_before_the_body_is_in(start, bearer, then):
+    """The SME gateway answers before it has the body (an early answer). The record is
+    complete as soon as the answer is, whatever the client does with the rest of its body:
+    streams it on, leaves, or stalls past the budget. A retry whose body begins with the
+    bytes the first attempt had sent gets the answer replayed; one whose body begins
+    otherwise is 422; the SME gateway sees the purchase once. (It read "outcome unknown"
+    when the client left or stalled: the record waited for the whole body.)"""
+    budget = 1.0
     up = await RawUpstream(answer_after_head).start()
     try:
-        gw = await start(
-            up.url,
-            upstream_timeout_seconds=budget,
-            idempotency_ttl_seconds=ttl,
-            tuning=Tuning(lease_margin=0.0),
-        )  # the lease is the budget; fmt: skip
+        gw = await start(up.url, upstream_timeout_seconds=budget)
         auth = bearer()
-        lines = keyed_lines(auth, "slow-body", CHUNKED)
+        lines = keyed_lines(auth, "early-partial", SIZED)
         reader, writer = await raw_client(gw.url)
         try:
-            writer.write(request_bytes("POST", PURCHASE, lines) + b"1\r\n \r\n")
+            writer.write(request_bytes("POST", PURCHASE, lines) + ORDER[:5])  # 5 bytes of it
             async with asyncio.timeout(5):
                 first = await read_response(reader)
             assert first is not None
             assert (first.status, first.body) == (400, EARLY)
-            began = asyncio.get_running_loop().time()
-            sent = 1
-            while asyncio.get_running_loop().time() - began < budget + ttl + 0.3:
-                writer.write(b"1\r\n \r\n")  # the client's pace: slow, within the budget
-                sent += 1
-                await asyncio.sleep(piece)
-            status, headers, body = await post(gw, auth, "slow-body", b" " * sent)
-            assert (status, error_of(body)) == (409, "idempotency-key-in-use")
-            assert headers["X-Catalyst-Forwarded"] == "no"
-            writer.write(b"0\r\n\r\n")
-            await writer.drain()
+            if then == "streams-on":
+                writer.write(ORDER[5:8])  # and more to come
+                await writer.drain()
+            elif then == "leaves":
+                writer.transport.abort()
+            # "stalls": nothing more, the connection held open
+            status, headers, body = await post(gw, auth, "early-partial")  # the whole ORDER
+            assert (status, headers.get("Idempotent-Replayed"), body) == (400, "true", EARLY)
+            assert headers["X-Catalyst-Forwarded"] == "yes"
+            status, _, body = await post(gw, auth, "early-partial", b'{"xku": "starter"}')
+            assert (status, error_of(body)) == (422, "idempotency-key-reused")
+            status, _, body = await post(gw, auth, "early-partial", ORDER[:4])  # shorter
+            assert (status, error_of(body)) == (422, "idempotency-key-reused")
         finally:
             writer.close()
-        await settled(gw)
-        status, headers, body = await post(gw, auth, "slow-body", b" " * sent)
-        assert (status, headers["Idempotent-Replayed"], body) == (400, "true", EARLY)
         assert up.connections == 1
     finally:
         await up.close()
@@ -1633,12 +1629,13 @@ async def test_a_streamed_answer_is_never_complete_before_its_record(
         await scripts.close()
 
 
-async def test_a_client_leaving_as_the_last_piece_of_an_early_answer_waits_is_unknown(
+async def test_a_client_leaving_as_the_last_piece_of_an_early_answer_waits_gets_it_replayed(
     gateway, bearer, monkeypatch
 ):
     """An early answer (the SME gateway answers before the whole body is in) that streams,
     and a client that stops reading just as its last piece is written, then leaves: the
-    attempt is settled as unknown (it was acted on), never left reserved (409 in use)."""
+    answer was recorded before that piece (as any answer is), so a retry gets it replayed,
+    never forwarded again, never left reserved (409 in use)."""
     head_seen, last_blocked = asyncio.Event(), asyncio.Event()
 
     async def early_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -1673,9 +1670,10 @@ async def test_a_client_leaving_as_the_last_piece_of_an_early_answer_waits_is_un
         await asyncio.wait_for(last_blocked.wait(), 5)
         writer.transport.abort()  # the client leaves
         await settled(gw)
-        assert metric(await gw.metrics_text(), IDEM_TOTAL, outcome="unknown") == 1
-        status, _, body = await post(gw, auth, "early")
-        assert (status, error_of(body)) == (409, "idempotency-outcome-unknown")
+        assert metric(await gw.metrics_text(), IDEM_TOTAL, outcome="unknown") == 0
+        status, headers, body = await post(gw, auth, "early")
+        assert (status, headers.get("Idempotent-Replayed"), body) == (400, "true", b"firstlast")
+        assert up.connections == 1
     finally:
         await up.close()
 

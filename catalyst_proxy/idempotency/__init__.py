@@ -7,7 +7,7 @@
 """
 
 from .guard import Attempt, Idempotency, route_modes
-from .keys import fingerprinter, parse_key
+from .keys import covered, fingerprinter, parse_key, partial_fingerprint
 from .memory import MemoryRecords
 from .records import Record, Records
 from .redis_records import RedisRecords
@@ -19,7 +19,9 @@ __all__ = [
     "Record",
     "Records",
     "RedisRecords",
+    "covered",
     "fingerprinter",
     "parse_key",
+    "partial_fingerprint",
     "route_modes",
 ]

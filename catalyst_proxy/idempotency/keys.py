@@ -71,3 +71,15 @@ def slot(scope: str) -> str:
 def fingerprinter(method: bytes, target: bytes) -> hashlib._Hash:
     """A SHA-256 already fed the request's method and target; feed it the body."""
     return hashlib.sha256(b"".join((method, b" ", target, b"\n")))  # (cheaper than a %)
+
+
+def partial_fingerprint(hasher: hashlib._Hash, covered: int) -> bytes:
+    """The fingerprint of a request whose body never came whole (it stopped, or its client
+    left, after an early answer): the digest of what came, then how many body bytes that
+    was. A retry matches it when its body begins with those bytes (``covered()``)."""
+    return hasher.digest() + covered.to_bytes(8, "big")
+
+
+def covered(fingerprint: bytes) -> int | None:
+    """How many body bytes a partial fingerprint covers; None for a whole one."""
+    return int.from_bytes(fingerprint[32:], "big") if len(fingerprint) > 32 else None

@@ -63,15 +63,12 @@ HEAD_SLICE = 16 * 1024  # a longer read is parsed in slices of this (see data_re
 _parse = RequestHandler.data_received
 
 
-def _head_size(message: Any) -> int:
-    """At least the bytes of a parsed request head: its request line and header lines, as
-    parsed (the spaces the parser trimmed not counted). 0 for a refusal."""
-    if not isinstance(message, RawRequestMessage):
-        return 0
-    size = len(message.method) + len(message.path) + 14  # 2 spaces, HTTP/1.1, 2 CRLFs
-    for name, value in message.raw_headers:
-        size += len(name) + len(value) + 4  # ": " and CRLF
-    return size
+def _head_end(before: bytes, data: bytes) -> int:
+    """How many of ``data``'s bytes the head in progress takes: up to and with its blank
+    line, found with the last bytes read ``before`` it (aiohttp's parser ends lines with
+    CRLF only); all of them if there is none (a more lenient parser)."""
+    end = (before + data).find(b"\r\n\r\n")
+    return end + 4 - len(before) if end >= 0 else len(data)
 
 
 def _open(body: StreamReader) -> bool:
@@ -99,13 +96,14 @@ def _end_with_an_error(body: StreamReader) -> None:
 class _RequestHandler(RequestHandler):
     __slots__ = (
         "_body", "_closed", "_ended", "_head_bytes", "_head_refused", "_head_timer", "_held",
-        "close_framed",
+        "_last3", "close_framed",
     )  # fmt: skip
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         self._body: StreamReader | None = None  # the last request's body on this connection
         self._head_timer: asyncio.TimerHandle | None = None  # until the first head is in
         self._head_bytes = 0  # a head's bytes (or a trailer section's) since the last message
+        self._last3 = b""  # the last 3 bytes parsed: a head's blank line may span two reads
         self._head_refused = False  # over MAX_HEAD_BYTES: answered 431, nothing more parsed
         self._ended: StreamReader | None = None  # a body seen ending on framing alone
         self._held = b""  # the rest of a read that came while aiohttp had stopped reading
@@ -169,12 +167,14 @@ class _RequestHandler(RequestHandler):
         queued = len(messages)
         body = self._body
         fed = 0 if body is None else body.total_bytes
+        before = self._last3
+        self._last3 = data[-3:] if len(data) >= 3 else (before + data)[-3:]
         _parse(self, data)  # aiohttp's (super() would cost a lookup on every read)
         if len(messages) != queued:  # a head, or bytes refused: else a piece of a body
             if (
                 self._head_bytes + len(data) > MAX_HEAD_BYTES
-                and _head_size(messages[queued][0]) > MAX_HEAD_BYTES
-            ):  # (a head that began in an earlier read, ended in this one)
+                and self._head_bytes + _head_end(before, data) > MAX_HEAD_BYTES
+            ):  # (a head that began in an earlier read, ended in this one: by its bytes)
                 for _ in range(len(messages) - queued):
                     messages.pop()  # it, and what followed it: never handled
                 self._refuse_head()

@@ -630,6 +630,29 @@ async def test_memory_drops_the_oldest_record_past_the_count_bound():
     assert await records.reserve(S("c"), reservation(clock)) is not None
 
 
+async def test_memory_drops_expired_records_before_a_live_one_reserved_earlier():
+    """Records expire out of reservation order (an answer that took long to come expires
+    late): past the count bound, the expired go before a live record reserved before them,
+    uncounted, and the live one is still replayed. (It was evicted, and counted, while 27
+    expired records stayed: a retry under its key would have been forwarded again.)"""
+    clock = Clock(NOW)
+    records, evicted = memory(clock, max_records=32)
+    slow = hex_id()
+    assert records.reserve_now(S("slow"), slow, NOW + LEASE) is None
+    for index in range(28):
+        await records.reserve(S(f"b{index}"), completed(hex_id()))
+    clock.now += 20
+    assert records.complete_now(S("slow"), slow, b"f" * 32, 200, (), b"late answer")
+    clock.now += 50  # the b records are past their TTL (60 s); slow is not (its ends at +80)
+    for index in range(5):
+        await records.reserve(S(f"new{index}"), completed(hex_id()))
+    assert evicted == []
+    assert len(records) == 6
+    found = await records.reserve(S("slow"), reservation(clock))
+    assert found is not None
+    assert found.body == b"late answer"
+
+
 async def test_memory_drops_the_oldest_answers_bodies_before_any_record():
     """Past ``max_answer_bytes`` the oldest answers lose their bodies (down to 3/4 of the
     bound), counted; their records stay, completed without a body (a replay is refused,

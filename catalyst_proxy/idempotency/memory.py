@@ -64,6 +64,9 @@ ENTRY_WEIGHT = 512
 # gateway's cookies must not take the room of other answers.
 HEAD_FILTERED = 1024
 
+# A full store walks all of itself for expired records at most this often (s; a quarter
+# of the TTL if shorter): a walk of ~10,000 records is ~0.5 ms, too much for every pass.
+SWEEP_EVERY = 60.0
 HEAD_ALLOWANCE = 32 * 1024  # an answer's header block at most (the upstream client's bound)
 
 
@@ -122,6 +125,10 @@ class MemoryRecords:
         self._answer_bytes = 0  # their answers' bytes (header fields and bodies)
         self._answers: dict[str, None] = {}  # the slots holding an answer, oldest first
         self._owners = itertools.count(1)
+        # When a full store next walks all of itself for expired records (_bound): those
+        # go before any live one, though records expire out of reservation order.
+        self._next_sweep = 0.0
+        self._sweep_every = min(SWEEP_EVERY, ttl / 4)
 
     def __len__(self) -> int:
         return len(self._records)
@@ -303,9 +310,15 @@ class MemoryRecords:
             self._on_drop_answers(dropped)
 
     def _bound(self) -> None:
-        """Drop the oldest records until the set is back under both bounds, with a margin."""
+        """Drop the oldest records until the set is back under both bounds, with a margin:
+        the expired first (all of them, at most once per ``SWEEP_EVERY``), then the oldest
+        by reservation."""
         records = self._records
         now = self._clock()
+        if now >= self._next_sweep:
+            self._next_sweep = now + self._sweep_every
+            for slot in [slot for slot, entry in records.items() if entry[_EXPIRES] <= now]:
+                self._drop(slot)  # as good as gone: not counted as evicted
         count, size = len(records), self._bytes
         low_records, low_bytes = self._low_records, self._low_bytes
         victims: list[str] = []

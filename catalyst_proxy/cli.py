@@ -133,9 +133,9 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 < value <= MAX_TOKEN_TTL:  # (nan fails this too)
+    if not 1 <= value <= MAX_TOKEN_TTL:  # (nan fails this too; exp is whole seconds)
         raise argparse.ArgumentTypeError(
-            f"must be greater than 0 and at most {MAX_TOKEN_TTL} (10 years): {text!r}"
+            f"must be at least 1 and at most {MAX_TOKEN_TTL} (10 years): {text!r}"
         )
     return value
 

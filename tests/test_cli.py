@@ -205,7 +205,7 @@ async def test_config_error_never_echoes_a_secret(public_key_file):
         ["token", "--key", "k.pem", "--sub", "s", "--email", "e", "--ttl", "1h"],
         *(
             ["token", "--key", "{private}", "--sub", "s", "--email", "e", "--ttl", ttl]
-            for ttl in ("nan", "inf", "1e309", "1e300", "315360001")
+            for ttl in ("nan", "inf", "1e309", "1e300", "315360001", "0.5", "1e-300")
         ),  # not finite, or absurd
         ["token", "--key", "/nonexistent/k.pem", "--sub", "s", "--email", "e"],
         ["token", "--key", "pyproject.toml", "--sub", "s", "--email", "e"],

@@ -105,7 +105,7 @@ class _RequestHandler(RequestHandler):
         self._head_bytes = 0  # a head's bytes (or a trailer section's) since the last message
         self._last3 = b""  # the last 3 bytes parsed: a head's blank line may span two reads
         self._head_refused = False  # over MAX_HEAD_BYTES: answered 431, nothing more parsed
-        self._ended: StreamReader | None = None  # a body seen ending on framing alone
+        self._ended: StreamReader | None = None  # the last body seen at its end
         self._held = b""  # the rest of a read that came while aiohttp had stopped reading
         # An answer framed by the close: "streaming", then "handed" to the transport (proxy.py).
         self.close_framed: str | None = None
@@ -183,6 +183,8 @@ class _RequestHandler(RequestHandler):
             self._parsed()
         elif body is not None and body.total_bytes != fed:
             self._head_bytes = 0  # the body's content moved on
+            if body.is_eof():
+                self._ended = body  # (to its end: what comes next is a head, counted)
         elif not data or self._reading_paused or self._closing():
             pass  # (paused for a body's reader, the parser keeps what it is given unparsed)
         elif body is not None and body is not self._ended and body.is_eof():
@@ -232,6 +234,8 @@ class _RequestHandler(RequestHandler):
         message, payload = self._messages[-1]
         if isinstance(message, RawRequestMessage):
             self._body = payload
+            if payload.is_eof():  # no body, or all of it in this read: not ended later
+                self._ended = payload
             return
         # The parser refused these bytes (aiohttp queues an answer to them). Inside a body
         # it was delivering (a bad chunk size, a trailer section over the limits), it drops

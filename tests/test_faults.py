@@ -1174,6 +1174,45 @@ async def test_a_whole_head_is_bound_at_64_kib_however_its_bytes_arrive(
     writer.close()
 
 
+@pytest.mark.parametrize("before", ["a-get", "a-sized-purchase", "a-chunked-purchase"])
+async def test_the_next_head_on_a_kept_alive_connection_is_counted_from_its_first_read(
+    gateway, upstream, bearer, before
+):
+    """After a request answered whole, the next head on the connection (its own reads, not
+    pipelined) is counted from its first byte: a 78,000-byte head is 431 and reaches
+    nothing. (Its first read, up to 16 KiB, went uncounted after a request whose body had
+    ended with its content, or that had none: heads up to 80 KiB were served.)"""
+    up = await upstream(answer())
+    gw = await gateway(upstream=up.url)
+    auth = bearer()["Authorization"]
+    first = {
+        "a-get": request_bytes("GET", "/healthz", []),
+        "a-sized-purchase": request_bytes(
+            "POST", PURCHASE, [("Authorization", auth), ("Content-Length", "2")], b"{}"
+        ),
+        "a-chunked-purchase": request_bytes(
+            "POST", PURCHASE, [("Authorization", auth), ("Transfer-Encoding", "chunked")],
+            b"2\r\n{}\r\n0\r\n\r\n",
+        ),
+    }[before]  # fmt: skip
+    reader, writer = await raw_client(gw.url)
+    writer.write(first)
+    async with asyncio.timeout(5):
+        response = await read_response(reader)
+    assert response is not None
+    assert response.status == 200
+    forwarded = len(up.requests)
+    head = head_of(78_000, auth)
+    for start in range(0, len(head), 16_000):  # reads of its own, after the answer
+        writer.write(head[start : start + 16_000])
+        await writer.drain()
+    async with asyncio.timeout(5):
+        received = await reader.read(-1)  # to the connection's end: it must close
+    writer.close()
+    assert re.match(rb"HTTP/1\.[01] 431 ", received), received[:60]
+    assert len(up.requests) == forwarded
+
+
 @pytest.mark.parametrize("before", ["a-whole-get", "a-whole-purchase"])
 async def test_a_head_begun_in_the_read_that_ends_a_request_is_counted_too(
     gateway, upstream, bearer, before

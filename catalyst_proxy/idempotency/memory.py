@@ -65,7 +65,7 @@ ENTRY_WEIGHT = 512
 HEAD_FILTERED = 1024
 
 # A full store walks all of itself for expired records at most this often (s; a quarter
-# of the TTL if shorter): a walk of ~10,000 records is ~0.5 ms, too much for every pass.
+# of the TTL if shorter): a walk of ~10,000 records is ~1 ms, too much for every pass.
 SWEEP_EVERY = 60.0
 HEAD_ALLOWANCE = 32 * 1024  # an answer's header block at most (the upstream client's bound)
 

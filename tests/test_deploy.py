@@ -206,6 +206,52 @@ def test_rendered_manifests_validate_against_kubernetes_schemas(
     assert crds == (["PrometheusRule", "ServiceMonitor"] if values else [])
 
 
+SCALAR_LOOKALIKES: dict[str, Any] = {  # strings YAML would read as numbers, booleans, null
+    "fullnameOverride": "123",
+    "nameOverride": "456",
+    "serviceAccount": {"name": "789"},
+    "bridge": {"secretName": "2024", "key": "123"},
+    "auth": {
+        "publicKey": {"secretName": "2048", "key": "1.5"},
+        "sessionCookieSecret": {"secretName": "true", "key": "null"},
+    },
+    "redis": {"url": "redis://r:6379", "passwordSecret": {"secretName": "1234", "key": "true"}},
+    "routes": {"existingConfigMap": {"name": "123", "key": "routes.toml"}},
+    "priorityClassName": "a: b",
+    "topologySpreadConstraints": [
+        {"maxSkew": 1, "topologyKey": "a: b", "whenUnsatisfiable": "DoNotSchedule"}
+    ],
+}
+
+
+def test_names_and_keys_render_as_strings_whatever_they_look_like(
+    helm: Helm, tmp_path: Path
+) -> None:
+    """Secret, ConfigMap and object names and keys the schema accepts reach the manifest as
+    the strings they are, never as a number, boolean or null (the API server refuses those),
+    and a value holding ': ' does not break the YAML. (They were written unquoted.)"""
+    manifests = helm.render(extra=SCALAR_LOOKALIKES)
+    assert kubernetes_validate(manifests, NEWEST, tmp_path) == []
+    env = manifests.env
+    assert env["CATALYST_SME_JWT_SECRET"]["valueFrom"]["secretKeyRef"] == {
+        "name": "2024", "key": "123", "optional": True,
+    }  # fmt: skip
+    assert env["CATALYST_SESSION_COOKIE_SECRET"]["valueFrom"]["secretKeyRef"] == {
+        "name": "true", "key": "null",
+    }  # fmt: skip
+    volumes = {volume["name"]: volume for volume in manifests.pod["volumes"]}
+    assert volumes["session-keys"]["secret"]["secretName"] == "2048"
+    assert volumes["session-keys"]["secret"]["items"] == [{"key": "1.5", "path": "1.5"}]
+    assert volumes["redis-password"]["secret"]["items"] == [{"key": "true", "path": "true"}]
+    assert volumes["routes"]["configMap"]["name"] == "123"
+    assert manifests.pod["serviceAccountName"] == "789"
+    assert manifests.pod["priorityClassName"] == "a: b"
+    assert manifests.pod["topologySpreadConstraints"][0]["topologyKey"] == "a: b"
+    deployment = manifests.one("Deployment")
+    assert deployment["metadata"]["name"] == "123"
+    assert deployment["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] == "456"
+
+
 def test_validation_catches_a_field_the_oldest_release_lacks(helm: Helm, tmp_path: Path) -> None:
     """The strict validation has teeth: the preStop sleep action (1.30+) fails on 1.25."""
     manifests = helm.render(kube=NEWEST)

@@ -22,8 +22,8 @@
 {{- end }}
 
 {{- define "catalyst-proxy.selectorLabels" -}}
-app.kubernetes.io/name: {{ include "catalyst-proxy.name" . }}
-app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/name: {{ include "catalyst-proxy.name" . | quote }}
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
 {{- end }}
 
 {{- define "catalyst-proxy.labels" -}}
@@ -202,31 +202,31 @@ CATALYST_SME_JWT_SECRET,CATALYST_ORG_JWT_SECRET,CATALYST_SESSION_COOKIE_SECRET,C
 - name: CATALYST_SME_JWT_SECRET
   valueFrom:
     secretKeyRef:
-      name: {{ $v.bridge.secretName }}
-      key: {{ $v.bridge.key }}
+      name: {{ $v.bridge.secretName | quote }}
+      key: {{ $v.bridge.key | quote }}
       optional: {{ $v.bridge.optional }}
 {{- end }}
 {{- if $v.bridge.orgSecret.secretName }}
 - name: CATALYST_ORG_JWT_SECRET
   valueFrom:
     secretKeyRef:
-      name: {{ $v.bridge.orgSecret.secretName }}
-      key: {{ $v.bridge.orgSecret.key }}
+      name: {{ $v.bridge.orgSecret.secretName | quote }}
+      key: {{ $v.bridge.orgSecret.key | quote }}
       optional: {{ $v.bridge.optional }}
 {{- end }}
 {{- if $v.auth.sessionCookieSecret.secretName }}
 - name: CATALYST_SESSION_COOKIE_SECRET
   valueFrom:
     secretKeyRef:
-      name: {{ $v.auth.sessionCookieSecret.secretName }}
-      key: {{ $v.auth.sessionCookieSecret.key }}
+      name: {{ $v.auth.sessionCookieSecret.secretName | quote }}
+      key: {{ $v.auth.sessionCookieSecret.key | quote }}
 {{- end }}
 {{- if $v.redis.urlSecret.secretName }}
 - name: CATALYST_REDIS_URL
   valueFrom:
     secretKeyRef:
-      name: {{ $v.redis.urlSecret.secretName }}
-      key: {{ $v.redis.urlSecret.key }}
+      name: {{ $v.redis.urlSecret.secretName | quote }}
+      key: {{ $v.redis.urlSecret.key | quote }}
 {{- end }}
 {{- with $v.extraEnv }}
 {{ toYaml . }}
@@ -313,30 +313,30 @@ CATALYST_SME_JWT_SECRET,CATALYST_ORG_JWT_SECRET,CATALYST_SESSION_COOKIE_SECRET,C
 {{- if .Values.auth.publicKey.secretName }}
 - name: session-keys
   secret:
-    secretName: {{ .Values.auth.publicKey.secretName }}
+    secretName: {{ .Values.auth.publicKey.secretName | quote }}
     defaultMode: 0444
     items:
-      - key: {{ .Values.auth.publicKey.key }}
-        path: {{ .Values.auth.publicKey.key }}
+      - key: {{ .Values.auth.publicKey.key | quote }}
+        path: {{ .Values.auth.publicKey.key | quote }}
 {{- end }}
 {{- if and .Values.bridge.secretName (eq .Values.bridge.mode "file") }}
 # Mounted as a folder, not by subPath, so the kubelet swaps in a rotated secret.
 - name: bridge-secret
   secret:
-    secretName: {{ .Values.bridge.secretName }}
+    secretName: {{ .Values.bridge.secretName | quote }}
     optional: {{ .Values.bridge.optional }}
     defaultMode: 0444
     items:
-      - key: {{ .Values.bridge.key }}
-        path: {{ .Values.bridge.key }}
+      - key: {{ .Values.bridge.key | quote }}
+        path: {{ .Values.bridge.key | quote }}
 {{- end }}
 {{- if .Values.routes.existingConfigMap.name }}
 - name: routes
   configMap:
-    name: {{ .Values.routes.existingConfigMap.name }}
+    name: {{ .Values.routes.existingConfigMap.name | quote }}
     items:
-      - key: {{ .Values.routes.existingConfigMap.key }}
-        path: {{ .Values.routes.existingConfigMap.key }}
+      - key: {{ .Values.routes.existingConfigMap.key | quote }}
+        path: {{ .Values.routes.existingConfigMap.key | quote }}
 {{- else if .Values.routes.aliases }}
 - name: routes
   configMap:
@@ -346,10 +346,10 @@ CATALYST_SME_JWT_SECRET,CATALYST_ORG_JWT_SECRET,CATALYST_SESSION_COOKIE_SECRET,C
 # CATALYST_REDIS_PASSWORD_FILE: a file, so the password is never in the environment.
 - name: redis-password
   secret:
-    secretName: {{ .Values.redis.passwordSecret.secretName }}
+    secretName: {{ .Values.redis.passwordSecret.secretName | quote }}
     defaultMode: 0444
     items:
-      - key: {{ .Values.redis.passwordSecret.key }}
-        path: {{ .Values.redis.passwordSecret.key }}
+      - key: {{ .Values.redis.passwordSecret.key | quote }}
+        path: {{ .Values.redis.passwordSecret.key | quote }}
 {{- end }}
 {{- end }}

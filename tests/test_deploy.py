@@ -252,6 +252,26 @@ def test_names_and_keys_render_as_strings_whatever_they_look_like(
     assert deployment["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"] == "456"
 
 
+@pytest.mark.parametrize(
+    ("interval", "timeout", "accepted"),
+    [("10s", "30s", False), ("90s", "1m31s", False), ("1m30s", "90s", True), ("1h", "500ms", True)],
+)
+def test_a_scrape_timeout_longer_than_its_interval_is_refused(
+    helm: Helm, interval: str, timeout: str, accepted: bool
+) -> None:
+    """Prometheus refuses a scrape config whose timeout is longer than its interval (nothing
+    would be scraped, no alert would fire): the chart refuses to render one, saying why,
+    and compares the durations by their length, not their spelling."""
+    extra = {"metrics": {"serviceMonitor": {"enabled": True, "interval": interval,
+                                            "scrapeTimeout": timeout}}}  # fmt: skip
+    if accepted:
+        [endpoint] = helm.render(extra=extra).one("ServiceMonitor")["spec"]["endpoints"]
+        assert (endpoint["interval"], endpoint["scrapeTimeout"]) == (interval, timeout)
+    else:
+        error = helm.refuse(extra=extra)
+        assert f"scrapeTimeout ({timeout}) is longer than its interval ({interval})" in error
+
+
 def test_validation_catches_a_field_the_oldest_release_lacks(helm: Helm, tmp_path: Path) -> None:
     """The strict validation has teeth: the preStop sleep action (1.30+) fails on 1.25."""
     manifests = helm.render(kube=NEWEST)

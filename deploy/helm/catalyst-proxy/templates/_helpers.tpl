@@ -60,6 +60,17 @@ files give Helm float64s, and 1048576 would otherwise print as 1.048576e+06).
 {{- end }}
 
 {{/* Where the mounted files live in the container. */}}
+{{/* A Prometheus duration (values.schema.json: "duration", e.g. 1h30m) in milliseconds. */}}
+{{- define "catalyst-proxy.durationMs" -}}
+{{- $factors := dict "ms" 1 "s" 1000 "m" 60000 "h" 3600000 "d" 86400000 "w" 604800000 "y" 31536000000 -}}
+{{- $total := 0 -}}
+{{- range regexFindAll "[0-9]+(ms|s|m|h|d|w|y)" . -1 -}}
+{{- $unit := regexFind "(ms|s|m|h|d|w|y)$" . -}}
+{{- $total = add $total (mul (trimSuffix $unit . | int64) (get $factors $unit)) -}}
+{{- end -}}
+{{- $total -}}
+{{- end }}
+
 {{- define "catalyst-proxy.publicKeyDir" -}}/etc/catalyst-proxy/session-keys{{- end }}
 {{- define "catalyst-proxy.bridgeDir" -}}/var/run/secrets/catalyst-proxy/bridge{{- end }}
 {{- define "catalyst-proxy.routesDir" -}}/etc/catalyst-proxy/routes{{- end }}

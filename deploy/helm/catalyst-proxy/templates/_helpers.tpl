@@ -59,7 +59,6 @@ files give Helm float64s, and 1048576 would otherwise print as 1.048576e+06).
 {{- if eq (float64 .) (floor .) }}{{ int64 . }}{{ else }}{{ . }}{{ end }}
 {{- end }}
 
-{{/* Where the mounted files live in the container. */}}
 {{/* A Prometheus duration (values.schema.json: "duration", e.g. 1h30m) in milliseconds. */}}
 {{- define "catalyst-proxy.durationMs" -}}
 {{- $factors := dict "ms" 1 "s" 1000 "m" 60000 "h" 3600000 "d" 86400000 "w" 604800000 "y" 31536000000 -}}
@@ -71,6 +70,7 @@ files give Helm float64s, and 1048576 would otherwise print as 1.048576e+06).
 {{- $total -}}
 {{- end }}
 
+{{/* Where the mounted files live in the container. */}}
 {{- define "catalyst-proxy.publicKeyDir" -}}/etc/catalyst-proxy/session-keys{{- end }}
 {{- define "catalyst-proxy.bridgeDir" -}}/var/run/secrets/catalyst-proxy/bridge{{- end }}
 {{- define "catalyst-proxy.routesDir" -}}/etc/catalyst-proxy/routes{{- end }}

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
 
 from catalyst_proxy.upstream.connection import Connection
 from catalyst_proxy.upstream.watchdog import PROBE_EVERY, RECHECK, SPIN_MISSES, Watchdog
@@ -122,52 +125,57 @@ class LoopClock:
     def call_soon(self, callback: object, *args: object) -> None:
         raise AssertionError("no spin here")
 
+    def look(self, watchdog: Watchdog, at: float) -> None:
+        """The clock moved to ``at``, and the watchdog's look that the loop runs then."""
+        self.now = at
+        watchdog._check()
 
-async def test_a_deadline_passed_since_the_last_look_expires_at_the_next() -> None:
+
+@pytest.fixture
+async def stepped() -> AsyncIterator[tuple[LoopClock, Watchdog]]:
+    """A watchdog (no spin) on a ``LoopClock``, closed after the test."""
+    clock = LoopClock()
+    watchdog = Watchdog(clock, spin=0)  # type: ignore[arg-type]
+    yield clock, watchdog
+    watchdog.close()
+
+
+async def test_a_deadline_passed_since_the_last_look_expires_at_the_next(
+    stepped: tuple[LoopClock, Watchdog],
+) -> None:
     """A wait expires at a look only if its deadline had passed by the look before (the loop
     has read its sockets since: an answer that came in time during a stall is read first).
     One whose deadline passed since the last look gets another look, RECHECK later; a wait
     that fell due during a stall is not expired by a look meant for another."""
-    clock = LoopClock()
-    watchdog = Watchdog(clock, spin=0)  # type: ignore[arg-type]
+    clock, watchdog = stepped
     first, second = Wait(), Wait()
-    try:
-        watchdog.watch(first, deadline=5.0)
-        watchdog.watch(second, deadline=6.5)
-        clock.now = 6.0
-        watchdog._check()
-        assert not first.expired  # due since the last look (at 0): read first
-        assert clock.timers[-1] == 6.0 + RECHECK
-        clock.now = 7.0  # (a stall: the next look comes late)
-        watchdog._check()
-        assert first.expired
-        assert not second.expired  # fell due during the stall, after the look at 6
-        clock.now = 7.0 + RECHECK
-        watchdog._check()
-        assert second.expired
-    finally:
-        watchdog.close()
+    watchdog.watch(first, deadline=5.0)
+    watchdog.watch(second, deadline=6.5)
+    clock.look(watchdog, at=6.0)
+    assert not first.expired  # due since the last look (at 0): read first
+    assert clock.timers[-1] == 6.0 + RECHECK
+    clock.look(watchdog, at=7.0)  # (a stall: the next look comes late)
+    assert first.expired
+    assert not second.expired  # fell due during the stall, after the look at 6
+    clock.look(watchdog, at=7.0 + RECHECK)
+    assert second.expired
 
 
-async def test_waiting_again_with_the_same_deadline_gets_no_new_look() -> None:
+async def test_waiting_again_with_the_same_deadline_gets_no_new_look(
+    stepped: tuple[LoopClock, Watchdog],
+) -> None:
     """A connection that waits again with the same deadline (a head trickling in, a byte at a
     time) is expired on the deadline's looks, not given a new second look with each wait:
     the budget holds, a tick or two late at most."""
-    clock = LoopClock()
-    watchdog = Watchdog(clock, spin=0)  # type: ignore[arg-type]
+    clock, watchdog = stepped
     wait = Wait()
-    try:
-        watchdog.watch(wait, deadline=5.0)
-        clock.now = 5.5
-        watchdog._check()
-        assert not wait.expired
-        watchdog.unwatch(wait)  # a byte came: the wait ends, and begins again
-        watchdog.watch(wait, deadline=5.0)
-        clock.now = 5.5 + RECHECK
-        watchdog._check()
-        assert wait.expired
-    finally:
-        watchdog.close()
+    watchdog.watch(wait, deadline=5.0)
+    clock.look(watchdog, at=5.5)
+    assert not wait.expired
+    watchdog.unwatch(wait)  # a byte came: the wait ends, and begins again
+    watchdog.watch(wait, deadline=5.0)
+    clock.look(watchdog, at=5.5 + RECHECK)
+    assert wait.expired
 
 
 async def test_a_deadline_expired_while_news_woke_the_wait_stays_expired() -> None:

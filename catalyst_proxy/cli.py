@@ -13,6 +13,7 @@ from typing import NoReturn
 
 from . import __version__, log
 from .config import ConfigError, Settings
+from .numerals import decimal, whole
 
 USAGE_ERROR = 2
 DESCRIPTION = (
@@ -92,7 +93,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _whole(text: str, low: int, high: int, what: str) -> int:
     try:
-        value = int(text)
+        value = whole(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a {what}: {text!r}") from None
     if not low <= value <= high:
@@ -130,7 +131,7 @@ MAX_TOKEN_TTL = 10 * 365 * 86400  # s: a token's lifetime past this is a typo, o
 
 def _seconds(text: str) -> float:
     try:
-        value = float(text)
+        value = decimal(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if not 1 <= value <= MAX_TOKEN_TTL:  # (nan fails this too; exp is whole seconds)

@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from .numerals import decimal, whole
+
 DEFAULT_GATEWAY_URL = "http://gateway.org-services.svc.cluster.local:8080"
 DEFAULT_REALM = "sovereign"
 _REALM = re.compile(r"[A-Za-z0-9._~-]+")
@@ -313,7 +315,7 @@ class _Env:
         if raw is None:
             return default
         try:
-            value = float(raw)
+            value = decimal(raw)
         except ValueError:
             raise ConfigError(name, f"must be a number of seconds, got {raw!r}") from None
         if not math.isfinite(value) or value < minimum or (positive and value == 0):
@@ -332,7 +334,7 @@ class _Env:
         if raw is None:
             return default
         try:
-            value = int(raw)
+            value = whole(raw)
         except ValueError:
             raise ConfigError(name, f"must be a whole number of {unit}, got {raw!r}") from None
         if value < minimum:

@@ -19,6 +19,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
+from catalyst_proxy import cli
+
 from .serve_proc import ServeProcess, child_env, run_cli
 
 
@@ -203,6 +205,7 @@ async def test_config_error_never_echoes_a_secret(public_key_file):
         ["token", "--key", "{private}", "--sub", "s", "--email", "e", "--iss", "i\udcff"],
         ["token", "--key", "k.pem", "--sub", "s", "--email", "e", "--ttl", "0"],
         ["token", "--key", "k.pem", "--sub", "s", "--email", "e", "--ttl", "1h"],
+        ["token", "--key", "{private}", "--sub", "s", "--email", "e", "--ttl", "36_00"],
         *(
             ["token", "--key", "{private}", "--sub", "s", "--email", "e", "--ttl", ttl]
             for ttl in ("nan", "inf", "1e309", "1e300", "315360001", "0.5", "1e-300")
@@ -221,6 +224,20 @@ async def test_usage_error_exits_2_with_one_line(keys_dir, args):
     assert stdout == ""
     assert len(stderr.splitlines()) == 1, stderr
     assert "error" in stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "what"),
+    [(["--port", "8_080"], "port number"), (["--port", " 8080"], "port number"),
+     (["--workers", "\uff12"], "number of workers"), (["--workers", "0x2"], "number of workers")],
+)  # fmt: skip
+def test_numbers_in_options_are_plain_digits(capsys, args, what):
+    """``--port`` and ``--workers`` take ASCII digits only: ``8_080`` or a fullwidth digit is a
+    usage error naming the option's kind, not port 8080 or two workers."""
+    with pytest.raises(SystemExit) as caught:
+        cli._parser().parse_args(["serve", *args])
+    assert caught.value.code == 2
+    assert what in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])

@@ -235,7 +235,26 @@ BAD_VALUES = [
     ("CATALYST_LOG_FORMAT", "xml"),
     ("CATALYST_LOG_LEVEL", "verbose"),
     ("CATALYST_TOKEN_ALGORITHMS", "HS256"),
+    # what int() and float() read but nobody writes as a number: refused, not guessed at
+    ("CATALYST_MAX_BODY_BYTES", "1_048_576"),
+    ("CATALYST_UPSTREAM_MAX_CONNECTIONS", "\u0661\u0660"),  # Arabic-Indic "10"
+    ("CATALYST_BREAKER_FAILURES", "0x10"),
+    ("CATALYST_UPSTREAM_TIMEOUT_SECONDS", "5_0"),
+    ("CATALYST_SHUTDOWN_GRACE_SECONDS", "\uff15"),  # a fullwidth 5
+    ("CATALYST_IDEMPOTENCY_TTL_SECONDS", "infinity"),
+    ("CATALYST_UPSTREAM_IDLE_SECONDS", "1 5"),
 ]
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"), [("5", 5.0), ("2.5", 2.5), (".5", 0.5), ("2.", 2.0), ("+3", 3.0),
+                           ("1e1", 10.0), ("1.5E+1", 15.0), (" 7 ", 7.0)]
+)  # fmt: skip
+def test_seconds_take_decimal_notation(value, seconds):
+    """A number of seconds may have a sign, a fraction and an exponent, and white space
+    around it (the variable is trimmed)."""
+    settings = Settings.from_env({**BASE, "CATALYST_UPSTREAM_TIMEOUT_SECONDS": value})
+    assert settings.upstream_timeout_seconds == seconds
 
 
 @pytest.mark.parametrize(("variable", "value"), BAD_VALUES)

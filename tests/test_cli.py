@@ -83,6 +83,23 @@ async def test_keygen_tightens_an_existing_private_key_file(tmp_path):
     assert stat.S_IMODE((tmp_path / "private.pem").stat().st_mode) == 0o600
 
 
+async def test_keygen_replaces_a_link_at_the_key_instead_of_following_it(tmp_path):
+    """A symbolic link planted at private.pem (pointing at a file someone else can read) is
+    replaced by the new key file; the file it pointed at is left as it was, and no temporary
+    file is left behind."""
+    out, elsewhere = tmp_path / "keys", tmp_path / "planted"
+    out.mkdir()
+    elsewhere.write_text("not a key")
+    (out / "private.pem").symlink_to(elsewhere)
+    status, _, _ = await run_cli("keygen", "--out", str(out))
+    assert status == 0
+    assert elsewhere.read_text() == "not a key"
+    assert not (out / "private.pem").is_symlink()
+    assert (out / "private.pem").read_bytes().startswith(b"-----BEGIN PRIVATE KEY-----")
+    assert stat.S_IMODE((out / "private.pem").stat().st_mode) == 0o600
+    assert sorted(path.name for path in out.iterdir()) == ["jwks.json", "private.pem", "public.pem"]
+
+
 async def test_keygen_unwritable_dir_is_one_line(tmp_path):
     """keygen into a path that cannot be a directory exits 2 with one line."""
     blocker = tmp_path / "file"

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
 import secrets
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -59,18 +61,34 @@ def public_pem(key: rsa.RSAPrivateKey | rsa.RSAPublicKey) -> bytes:
 
 
 def keygen(out: Path) -> str:
-    """Write private.pem (0600), public.pem and jwks.json into ``out``; return the kid."""
+    """Write private.pem (0600), public.pem and jwks.json into ``out``; return the kid.
+
+    Each file is written whole under a fresh name and then renamed over the old one: a
+    crash leaves the old key or the new one, never half of one, and a symbolic link
+    planted at ``out/private.pem`` is replaced, not followed (the key never lands in a
+    file someone else made)."""
     out.mkdir(parents=True, exist_ok=True)
     key = new_private_key()
     jwk = public_jwk(key)
-    # Owner-only from the first byte, even over an existing, looser file.
-    fd = os.open(out / "private.pem", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as private:
-        os.fchmod(fd, 0o600)
-        private.write(private_pem(key))
-    (out / "public.pem").write_bytes(public_pem(key))
-    (out / "jwks.json").write_text(json.dumps({"keys": [jwk]}, indent=2) + "\n")
+    _replace(out / "private.pem", private_pem(key), 0o600)  # owner-only from its first byte
+    _replace(out / "public.pem", public_pem(key), 0o644)
+    _replace(out / "jwks.json", (json.dumps({"keys": [jwk]}, indent=2) + "\n").encode(), 0o644)
     return jwk["kid"]
+
+
+def _replace(path: Path, data: bytes, mode: int) -> None:
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # O_EXCL, 0600
+    try:
+        with os.fdopen(fd, "wb") as file:
+            os.fchmod(fd, mode)
+            file.write(data)
+            file.flush()
+            os.fsync(fd)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 def load_private_key(path: Path) -> rsa.RSAPrivateKey:

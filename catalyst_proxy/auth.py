@@ -177,9 +177,8 @@ class Authenticator:
         alg, kid = unverified.alg, unverified.kid
         candidates: list[Key] = []
         if kid is not None:
-            key = self._keys.cached(kid) or await self._keys.lookup(kid)
-            if key is not None and key.fits(alg):
-                candidates.append(key)
+            named = self._keys.cached(kid) or await self._keys.lookup(kid)
+            candidates.extend(key for key in named if key.fits(alg))
         candidates.extend(k for k in self._keys.local_keys if k.fits(alg))
         if not candidates:
             if not self._keys.usable:

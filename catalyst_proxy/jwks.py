@@ -85,7 +85,7 @@ class KeySet:
         self._metrics = metrics or Metrics()
         self._clock = clock
         self._log = log.get_logger()
-        self._jwks: dict[str, Key] = {}
+        self._jwks: dict[str, tuple[Key, ...]] = {}
         self._fetched_ok = False
         self.generation = 0  # bumped whenever the JWKS keys change
         self.refreshes = 0  # fetches completed, good or failed
@@ -140,25 +140,25 @@ class KeySet:
             await self._refreshed.wait()
 
     # --- lookups ----------------------------------------------------------
-    def cached(self, kid: str | None) -> Key | None:
-        return self._jwks.get(kid) if kid is not None else None
+    def cached(self, kid: str | None) -> tuple[Key, ...]:
+        return self._jwks.get(kid, ()) if kid is not None else ()
 
-    async def lookup(self, kid: str) -> Key | None:
-        """The JWKS key named ``kid``, refreshing once if it is unknown (rate-limited)."""
-        key = self._jwks.get(kid)
-        if key is not None or self.jwks_url is None:
-            return key
+    async def lookup(self, kid: str) -> tuple[Key, ...]:
+        """The JWKS keys named ``kid``, refreshing once if it is unknown (rate-limited)."""
+        keys = self._jwks.get(kid, ())
+        if keys or self.jwks_url is None:
+            return keys
         task = self._inflight
         if task is None:
             now = self._clock()
             if now - self._last_miss_refresh < MISS_REFRESH_INTERVAL:
-                return None
+                return ()
             self._last_miss_refresh = now
             task = self._start_fetch()
         # Shield: one caller giving up (client gone) must not cancel the shared fetch.
         with contextlib.suppress(Exception):  # a failed fetch was counted and logged already
             await asyncio.wait_for(asyncio.shield(task), self._timeout + 0.5)
-        return self._jwks.get(kid)
+        return self._jwks.get(kid, ())
 
     # --- fetching ---------------------------------------------------------
     def _start_fetch(self) -> asyncio.Task[None]:
@@ -185,7 +185,7 @@ class KeySet:
                 serving_keys=len(self._jwks),
             )  # fmt: skip
             raise
-        if set(keys) != set(self._jwks) or any(keys[k] != self._jwks[k] for k in keys):
+        if keys != self._jwks:  # (Key compares its public key by value)
             self.generation += 1
         self._jwks = keys
         self._fetched_ok = True
@@ -203,7 +203,7 @@ class KeySet:
             log.JWKS_REFRESH, result="ok", keys=len(keys), kids=sorted(keys), url=self.shown_url
         )
 
-    async def _fetch(self) -> dict[str, Key]:
+    async def _fetch(self) -> dict[str, tuple[Key, ...]]:
         assert self._session is not None
         assert self.jwks_url is not None
         try:
@@ -246,16 +246,17 @@ class KeySet:
         self._metrics.keys_available.set(1 if self.usable else 0)
 
 
-def parse_jwks(document: bytes) -> dict[str, Key]:
+def parse_jwks(document: bytes) -> dict[str, tuple[Key, ...]]:
     """Usable signing keys of a JWKS document by ``kid`` (maybe none); JWKSError if the
-    document is not a JWKS."""
+    document is not a JWKS. A ``kid`` may name several keys (RFC 7517 allows it for keys
+    of different types): a token is checked against those that fit its ``alg``."""
     try:
         data = json.loads(document)
     except (ValueError, RecursionError):
         raise JWKSError("invalid", "not JSON") from None
     if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
         raise JWKSError("invalid", 'no "keys" list')
-    keys: dict[str, Key] = {}
+    keys: dict[str, tuple[Key, ...]] = {}
     for entry in data["keys"]:
         if not isinstance(entry, dict) or not isinstance(entry.get("kid"), str):
             continue
@@ -268,9 +269,8 @@ def parse_jwks(document: bytes) -> dict[str, Key]:
             parsed = jwt.PyJWK(entry)
         except Exception:  # noqa: S112 - an entry PyJWK cannot read is skipped, never fatal
             continue  # (e.g. "alg": "none" raises NotImplementedError, not a PyJWTError)
-        keys.setdefault(
-            entry["kid"], Key(parsed.key, entry["kty"], alg if isinstance(alg, str) else None)
-        )
+        key = Key(parsed.key, entry["kty"], alg if isinstance(alg, str) else None)
+        keys[entry["kid"]] = (*keys.get(entry["kid"], ()), key)
     return keys
 
 

@@ -17,7 +17,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from jwt.algorithms import ECAlgorithm
 from structlog.testing import capture_logs
 
 from catalyst_proxy.devtools.keys import new_private_key, public_jwk
@@ -120,6 +121,22 @@ async def test_known_kid_with_local_key_signature_falls_back(gateway, jwks, rsa_
     gw = await loaded(await gateway(jwks_url=jwks.url))
     assert (await purchase(gw, tok(rsa_key, "a")))[0] == 200
     assert jwks.fetches == 1
+
+
+async def test_a_kid_naming_two_keys_verifies_with_the_one_that_fits(gateway, key_a):
+    """RFC 7517 lets one kid name keys of different types: with an EC key listed first under
+    the kid ``a`` and the RSA key after it, an RS256 token of ``a`` verifies with the RSA key
+    (the first entry does not shadow the second)."""
+    ec_jwk = json.loads(ECAlgorithm.to_jwk(ec.generate_private_key(ec.SECP256R1()).public_key()))
+    server = await WatchedJWKS(keys=[{**ec_jwk, "kid": "a", "use": "sig"},
+                                     public_jwk(key_a, "a")]).start()  # fmt: skip
+    try:
+        gw = await jwks_only(gateway, server)
+        status, _, body = await purchase(gw, tok(key_a, "a"))
+        assert status == 200, body
+        assert len(gw.sme.received) == 1
+    finally:
+        await server.close()
 
 
 async def test_jwks_only_token_without_kid_is_refused(gateway, jwks, key_a):

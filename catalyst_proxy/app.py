@@ -190,8 +190,7 @@ def create_app(
         if store is not None:
             if isinstance(records, RedisRecords) and idempotency.active:
                 # Each time the store comes up: at start-up, or later if it was down then.
-                shared = records
-                store.on_up.append(lambda: idempotency.later(shared.check_policy()))
+                store.on_up.append(records.check_policy)
             await store.start()
         await keys.start()
         yield

@@ -129,6 +129,7 @@ class Store:
             self.pool = BlockingConnectionPool.from_url(
                 self.url, max_connections=MAX_CONNECTIONS, timeout=COMMAND_TIMEOUT, **options
             )
+            self.pool.connection_class = _closed_is_lost(self.pool.connection_class)
             # An option redis-py does not know only fails when a connection is made: make
             # one here (it does not connect), so that it is a start-up error, not a 500.
             self.pool.connection_class(**self.pool.connection_kwargs)
@@ -142,9 +143,13 @@ class Store:
         self._dropping: set[asyncio.Task[None]] = set()  # idle connections being dropped
         self._probe: asyncio.Task[None] | None = None
         self._logger = log.get_logger()
-        # Called each time the store comes up (start-up, and after an outage): a restarted
-        # server may have come back with another configuration.
-        self.on_up: list[Callable[[], object]] = []
+        # Run each time the store comes up (start-up, and after an outage): a restarted
+        # server may have come back with another configuration. Tasks of the store's own:
+        # close() waits for those running and starts no more (one that ran on after it
+        # would connect afresh, on a pool already closed).
+        self.on_up: list[Callable[[], Awaitable[object]]] = []
+        self._checks: set[asyncio.Task[None]] = set()
+        self._closing = False
 
     def describe(self) -> str:
         """The URL without credentials (for logs and /readyz)."""
@@ -168,8 +173,11 @@ class Store:
         self._probe = asyncio.get_running_loop().create_task(self._first_ping())
 
     async def close(self) -> None:
+        self._closing = True
         if self._probe is not None and not self._probe.done():
             self._probe.cancel()
+        if self._checks:
+            await asyncio.gather(*self._checks, return_exceptions=True)
         if self._dropping:
             await asyncio.gather(*self._dropping, return_exceptions=True)
         await self.redis.aclose()
@@ -219,11 +227,19 @@ class Store:
             self._down_until = 0.0
             self.last_error = None
             self._logger.info(log.STORE, state=self.state, url=self.describe())
-            for callback in self.on_up:
-                try:
-                    callback()
-                except Exception:  # a callback's failure is its own: the command succeeded
-                    self._logger.exception(log.STORE, state=self.state, callback="failed")
+            if self._closing:
+                return
+            for check in self.on_up:
+                with contextlib.suppress(RuntimeError):  # no loop running: nothing to check with
+                    task = asyncio.get_running_loop().create_task(self._check(check))
+                    self._checks.add(task)
+                    task.add_done_callback(self._checks.discard)
+
+    async def _check(self, check: Callable[[], Awaitable[object]]) -> None:
+        try:
+            await check()
+        except Exception:  # a check's failure is its own: the command succeeded
+            self._logger.exception(log.STORE, state=self.state, callback="failed")
 
     def _drop_idle(self) -> None:
         """Take the pool's idle connections out of reach now (redis-py's own list: no command
@@ -259,6 +275,41 @@ class Store:
     async def _first_ping(self) -> None:
         with contextlib.suppress(StoreUnavailable):  # logged by failed(); the next one retries
             await self.run(self.redis.ping)
+
+
+def _closed_is_lost(base: type[AbstractConnection]) -> type[AbstractConnection]:
+    """``base`` (redis-py's connection, plain or TLS) with a closed transport read as a lost
+    connection.
+
+    A connection the server reset while it sat idle is closed by the event loop, but
+    redis-py still holds it as connected. Under uvloop the next command's write then raises
+    ``RuntimeError`` ("unable to perform operation on <TCPTransport closed=True>"), which
+    nothing expects: a 500 where the contract has a 503, and a completed purchase's record
+    left reserved. (The default loop raises an ``OSError``, which redis-py translates.) So:
+    the pool's check of an idle connection it hands out (``can_read()``, the one that
+    already replaces a connection the server closed with a FIN) replaces one found closed,
+    before any byte of the command is written; and a write that meets a closed transport
+    all the same is a lost connection (``redis.ConnectionError``), like any other."""
+
+    class ClosedIsLost(base):  # type: ignore[misc,valid-type]  # a class made at run time
+        async def can_read(self) -> bool:
+            writer = self._writer
+            if writer is not None and writer.transport.is_closing():
+                return True  # (as a connection with data pending: the pool reconnects it)
+            result: bool = await super().can_read()
+            return result
+
+        async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+            try:
+                await super().send_packed_command(command, check_health)
+            except RuntimeError:  # (redis-py has disconnected it)
+                raise RedisConnectionError("the connection was closed") from None
+
+    ClosedIsLost.__name__ = ClosedIsLost.__qualname__ = f"ClosedIsLost{base.__name__}"
+    return _CLOSED_IS_LOST.setdefault(base, ClosedIsLost)
+
+
+_CLOSED_IS_LOST: dict[type[AbstractConnection], type[AbstractConnection]] = {}
 
 
 async def _disconnect(connections: list[AbstractConnection]) -> None:

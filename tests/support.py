@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import json
 import socket
+import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -261,13 +262,26 @@ async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
 class SlowLink:
     """A TCP relay on 127.0.0.1 to ``port`` whose replies can be held back ``reply_delay``
     seconds: a server reached over a slow network (requests pass at once, answers late).
-    A ``RawUpstream`` whose script is the relay."""
+    ``reset()`` resets (RST) every connection its clients hold, as a sidecar, a load
+    balancer or conntrack in front of the server may. A ``RawUpstream`` whose script is the
+    relay."""
 
     def __init__(self, port: int) -> None:
         self.port = port
         self.reply_delay = 0.0
         self.url = ""
         self._server = RawUpstream(self._relay)
+        self._clients: set[asyncio.StreamWriter] = set()
+
+    def reset(self) -> int:
+        """Reset every client connection now (linger 0, then close: a RST, not a FIN); how
+        many there were."""
+        clients, self._clients = self._clients, set()
+        for writer in clients:
+            sock = writer.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            writer.transport.abort()
+        return len(clients)
 
     async def start(self) -> SlowLink:
         await self._server.start()
@@ -276,12 +290,14 @@ class SlowLink:
 
     async def _relay(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
         server_r, server_w = await asyncio.open_connection("127.0.0.1", self.port)
+        self._clients.add(client_w)
         try:
             await asyncio.gather(
                 self._pipe(client_r, server_w, late=False),
                 self._pipe(server_r, client_w, late=True),
             )
         finally:
+            self._clients.discard(client_w)
             server_w.close()
 
     async def _pipe(

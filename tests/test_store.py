@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvloop
+from redis.exceptions import ConnectionError as RedisConnectionError
 from structlog.testing import capture_logs
 
 from catalyst_proxy import log
@@ -33,7 +35,7 @@ from catalyst_proxy.store import (
 )
 
 from .redis_server import RedisServer
-from .support import free_socket
+from .support import SlowLink, free_socket
 
 PASSWORD = "pw-one-8e1f0c2b"
 ROTATED = "pw-two-5d7a9e44"
@@ -252,6 +254,61 @@ async def test_a_connection_the_server_closed_while_idle_is_replaced(
     assert not store.down
 
 
+LOOPS = pytest.mark.parametrize(
+    "new_loop", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"]
+)
+
+
+@LOOPS
+def test_a_connection_reset_while_idle_is_replaced_before_a_command(redis_server, new_loop):
+    """A pooled connection reset (RST) while it sat idle (by a sidecar, a load balancer,
+    conntrack in front of Redis) is replaced when a command takes it, before a byte is
+    written: the command succeeds and the store does not pause. (Under uvloop the write on
+    the closed transport raised RuntimeError: a 500, and a purchase's record left reserved;
+    on the default loop a failure and a pause.) Both loops: serve runs on uvloop."""
+
+    async def scenario() -> None:
+        redis_server.start()
+        link = await SlowLink(int(redis_server.url.rsplit(":", 1)[1].split("/")[0])).start()
+        store = store_for(link.url, clock=FakeClock())
+        try:
+            await ping(store)
+            (idle,) = store.pool._available_connections
+            assert link.reset() == 1
+            await until(lambda: idle._writer is None or idle._writer.transport.is_closing())
+            assert await store.run(lambda: store.redis.set("after-reset", "1")) is True
+            assert (store.state, store.down) == ("ok", False)
+        finally:
+            await store.close()
+            await link.close()
+
+    with asyncio.Runner(loop_factory=new_loop) as runner:
+        runner.run(scenario())
+
+
+@LOOPS
+def test_a_write_on_a_closed_connection_is_a_lost_connection(redis_server, new_loop):
+    """Should a command's write still meet a closed transport, it fails as a lost connection
+    (redis-py's ConnectionError, which the store translates into StoreUnavailable), never as
+    uvloop's RuntimeError, which nothing expects."""
+
+    async def scenario() -> None:
+        redis_server.start()
+        store = store_for(redis_server.url, clock=FakeClock())
+        try:
+            connection = await store.pool.get_connection()
+            connection._writer.transport.abort()
+            await until(lambda: connection._writer.transport.is_closing())
+            with pytest.raises(RedisConnectionError):
+                await connection.send_packed_command(b"PING\r\n", check_health=False)
+            await store.pool.release(connection)
+        finally:
+            await store.close()
+
+    with asyncio.Runner(loop_factory=new_loop) as runner:
+        runner.run(scenario())
+
+
 async def test_a_connection_closed_under_a_command_does_not_pause_a_store_that_answers(
     stores, redis_server, redis_url
 ):
@@ -339,22 +396,50 @@ async def test_readyz_follows_an_outage_and_a_recovery_with_no_traffic(
 async def test_a_failing_on_up_callback_neither_fails_the_command_nor_stops_the_others(
     stores, redis_url
 ):
-    """The callbacks run when the store comes up (the eviction-policy check) are not the
+    """The checks run when the store comes up (the eviction-policy check) are not the
     command's business: one that raises is logged, the command that brought the store up
-    still succeeds, and the callbacks after it still run."""
+    still succeeds, and the checks after it still run."""
     ran: list[str] = []
 
-    def broken() -> None:
+    async def broken() -> None:
         ran.append("broken")
-        raise RuntimeError("a callback's own bug")
+        raise RuntimeError("a check's own bug")
+
+    async def next_one() -> None:
+        ran.append("next")
 
     store = stores(redis_url)
-    store.on_up += [broken, lambda: ran.append("next")]
+    store.on_up += [broken, next_one]
     with capture_logs() as logs:
         assert await ping(store) is True
-    assert store.state == "ok"
-    assert ran == ["broken", "next"]
-    assert any(e.get("callback") == "failed" for e in store_events(logs))
+        assert store.state == "ok"
+        await until(lambda: len(ran) == 2)
+        await until(lambda: any(e.get("callback") == "failed" for e in store_events(logs)))
+    assert sorted(ran) == ["broken", "next"]
+
+
+async def test_close_waits_for_the_checks_running_and_starts_no_more(stores, redis_url):
+    """A check still running when the store closes is waited for (it would otherwise run on,
+    and connect afresh, on a pool already closed); a store coming up while it closes starts
+    none."""
+    started, finished = asyncio.Event(), asyncio.Event()
+    calls: list[str] = []
+
+    async def slow_check() -> None:
+        calls.append("check")
+        started.set()
+        await asyncio.sleep(0.05)  # a command on its way (the check's own work, not a wait)
+        finished.set()
+
+    store = stores(redis_url)
+    store.on_up.append(slow_check)
+    assert await ping(store) is True
+    await asyncio.wait_for(started.wait(), DEADLINE)
+    await store.close()
+    assert finished.is_set()
+    store.state = "unavailable"  # as if it came up again while closing
+    store.succeeded()
+    assert calls == ["check"]
 
 
 async def test_the_reason_of_a_failure_is_its_kind(stores, redis_server, redis_url):

@@ -20,6 +20,9 @@ from catalyst_proxy.upstream.client import Client
 from catalyst_proxy.upstream.failures import PoolOverloaded
 from catalyst_proxy.upstream.pool import Pool
 
+from .support import eventually
+from .test_breaker import black_hole
+
 
 async def test_a_turn_that_comes_as_the_budget_runs_out_is_overloaded_not_unreachable() -> None:
     """The only connection is busy; a request waits with its budget all but spent; the busy
@@ -46,6 +49,57 @@ async def test_a_turn_that_comes_as_the_budget_runs_out_is_overloaded_not_unreac
         pool.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_turn_with_less_than_a_tenth_of_the_budget_left_is_overloaded() -> None:
+    """With a budget of 1 s, a request whose turn in line comes with 50 ms left (under the
+    floor, a tenth of the budget) is refused as overloaded, nothing connected or sent: written
+    then, its answer could hardly come in time (a 504, "outcome unknown" for a purchase)."""
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(asyncio.Protocol, "127.0.0.1", 0)  # accepts, says nothing
+    port = server.sockets[0].getsockname()[1]
+    breaker = Breaker(1, 60.0)
+    pool = Pool("127.0.0.1", port, tls=None, max_connections=1, max_pending=10,
+                idle_seconds=15, breaker=breaker, budget=1.0)  # fmt: skip
+    try:
+        busy = await pool.acquire(loop.time() + 5)
+        waiting = asyncio.create_task(pool.acquire(loop.time() + 0.05))
+        await asyncio.sleep(0)  # it runs up to its wait in line (this turn, before us)
+        assert pool.waiting == 1
+        busy.abort()  # its place goes to the one in line, with ~50 ms of its budget left
+        with pytest.raises(PoolOverloaded):
+            await waiting
+        assert (breaker.state, breaker.failures, pool.open) == ("closed", 0, 0)
+    finally:
+        pool.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_connect_cut_short_by_the_wait_in_line_is_overloaded_not_unreachable() -> None:
+    """A request waits in line while the only connection attempt hangs (a host that drops
+    SYNs); the attempt is given up and the request's turn comes with 0.3 s of its 1 s budget
+    left: its own connect then times out, having had less than half the budget. The wait cut it
+    short, not the SME gateway: PoolOverloaded (503 overloaded, nothing sent), and the breaker,
+    which one failure would open, counts nothing."""
+    loop = asyncio.get_running_loop()
+    breaker = Breaker(1, 60.0)
+    with black_hole() as hole:
+        pool = Pool("127.0.0.1", hole.port, tls=None, max_connections=1, max_pending=10,
+                    idle_seconds=15, breaker=breaker, budget=1.0)  # fmt: skip
+        try:
+            first = asyncio.create_task(pool.acquire(loop.time() + 5))
+            await eventually(lambda: hole.attempts() == 1)
+            waiting = asyncio.create_task(pool.acquire(loop.time() + 0.3))
+            await eventually(lambda: pool.waiting == 1)
+            first.cancel()  # given up (its client left): the slot goes to the one in line
+            with contextlib.suppress(asyncio.CancelledError):
+                await first
+            with pytest.raises(PoolOverloaded):
+                await waiting
+            assert (breaker.state, breaker.failures) == ("closed", 0)
+        finally:
+            pool.close()
 
 
 async def test_a_connection_handed_over_as_the_budget_runs_out_is_passed_on_unused() -> None:

@@ -146,6 +146,7 @@ class Client:
             max_pending=max_pending,
             idle_seconds=idle_seconds,
             breaker=self.breaker,
+            budget=self._timeout,
         )
 
     async def close(self) -> None:

@@ -35,11 +35,22 @@ class _Slot:
 
 
 SLOT: Final = _Slot()
-# Less budget than this left when a waiter's turn comes (a connection, or the right to open
-# one): its budget ran out while it waited (503 overloaded, nothing sent). A connect that
-# could not succeed in time must not read as the SME gateway unreachable, nor count against
-# it in the breaker; a request written with no time left for the answer would be a 504.
+# A waiter whose turn comes (a connection, or the right to open one) with less of its budget
+# left than its floor has, in effect, spent its budget waiting: 503 overloaded, nothing sent.
+# Written with next to no time left for the answer it would be a 504 (for a keyed purchase,
+# "outcome unknown" where a safe refusal was possible); a connect that could not succeed in
+# time would read as the SME gateway unreachable, and count against it in the breaker. The
+# floor is a tenth of the budget, at most a quarter of a second (at least a millisecond).
+FLOOR_SHARE: Final = 0.1
+FLOOR_MOST: Final = 0.25
 CONNECT_FLOOR: Final = 0.001
+# A connect begun after a wait in line that then times out having had less than this (or
+# than half the budget) is cut short by the wait, not failed by the SME gateway (a connect to
+# a host that does not answer its SYN takes a second to retry it): overloaded, and not
+# counted by the breaker.
+FAIR_CONNECT: Final = 1.0
+
+
 _TIMEOUT: Final = object()  # the waiter's budget ran out
 _RECHECK: Final = object()  # the breaker opened: look again (and be refused)
 
@@ -60,8 +71,15 @@ class Pool:
         max_pending: int,
         idle_seconds: float,
         breaker: Breaker,
+        budget: float | None = None,
     ) -> None:
+        """``budget``: the requests' time budget (None: CONNECT_FLOOR and FAIR_CONNECT)."""
         self._host = host
+        self._floor = CONNECT_FLOOR  # see FLOOR_SHARE
+        self._fair = FAIR_CONNECT
+        if budget is not None:
+            self._floor = max(min(budget * FLOOR_SHARE, FLOOR_MOST), CONNECT_FLOOR)
+            self._fair = min(FAIR_CONNECT, budget / 2)
         self._port = port
         self._tls = tls
         self._max = max_connections
@@ -102,11 +120,11 @@ class Pool:
                 self._slots += 1
                 return await self._connect(deadline)
             granted = await self._wait(deadline)
-            if deadline - self._loop.time() < CONNECT_FLOOR:  # handed over too late to use
+            if deadline - self._loop.time() < self._floor:  # handed over too late to use
                 self._pass_on(granted)
                 raise PoolOverloaded("the time budget ran out waiting for an upstream connection")
             if granted is SLOT:
-                return await self._connect(deadline)
+                return await self._connect(deadline, waited=True)
             if isinstance(granted, Connection) and granted.reserve():
                 return granted
             # It closed while handed over (its place went on to the next in line), or the
@@ -191,7 +209,7 @@ class Pool:
         self._idle.append(conn)
         self._schedule_sweep()
 
-    async def _connect(self, deadline: float) -> Connection:
+    async def _connect(self, deadline: float, *, waited: bool = False) -> Connection:
         """Open a new connection on a slot already counted; the slot is freed on failure."""
         try:
             self.breaker.attempt()
@@ -199,6 +217,7 @@ class Pool:
             self._free_slot()
             raise
         made: list[Connection] = []
+        cut_short = waited and deadline - self._loop.time() < self._fair
 
         def protocol() -> Connection:
             conn = Connection(self._loop, self._closed_connection, self._watchdog)
@@ -218,6 +237,11 @@ class Pool:
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             _give_up(made)
             self._free_slot()
+            if cut_short and isinstance(exc, TimeoutError):  # the wait's doing: FAIR_CONNECT
+                self.breaker.abandon()
+                raise PoolOverloaded(
+                    "the time budget ran out waiting for an upstream connection"
+                ) from None
             self.breaker.failure()
             if self.breaker.state == OPEN:
                 self._breaker_opened()

@@ -176,9 +176,20 @@ def upstream_request_head(
 
 
 def replayable(upstream: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    """The answer's header fields a replay may send (the allow-list), as received: what a
-    shared store keeps of them (never a ``Set-Cookie`` or anything else off the list)."""
-    return [(name, value) for name, value in upstream if name.lower() in _FORWARD_DOWN]
+    """The answer's header fields a replay may send (the allow-list, less any field the
+    answer's ``Connection`` header names), as received: what a shared store keeps of them
+    (never a ``Set-Cookie`` or anything else off the list)."""
+    upstream = list(upstream)
+    hop = _hop_by_hop(value for name, value in upstream if name.lower() == b"connection")
+    return [(name, value) for name, value in upstream
+            if (lowered := name.lower()) in _FORWARD_DOWN and lowered not in hop]  # fmt: skip
+
+
+def _hop_by_hop(connection: Iterable[bytes]) -> frozenset[bytes]:
+    """The allowed fields that ``Connection`` header values name: hop-by-hop, RFC 9110
+    §7.6.1, so not passed on (for example ``Connection: keep-alive, ETag``)."""
+    named = {token.strip().lower() for value in connection for token in value.split(b",")}
+    return frozenset(named.intersection(_FORWARD_DOWN))
 
 
 def answer_fields(
@@ -201,6 +212,7 @@ def answer_fields(
     fields: list[tuple[bytes, bytes]] = []
     length: int | None = None
     chunked = typed = False
+    connection: list[bytes] = []
     for name, value in upstream:
         lowered = name.lower()
         canonical = _FORWARD_DOWN.get(lowered)
@@ -212,6 +224,10 @@ def answer_fields(
             length = int(value)
         elif lowered == b"transfer-encoding":
             chunked = True
+        elif lowered == b"connection":
+            connection.append(value)
+    if connection and (hop := _hop_by_hop(connection)):
+        fields = [(name, value) for name, value in fields if name.lower() not in hop]
     if not typed and status >= 200 and status not in _NO_BODY:
         fields.append(_DEFAULT_TYPE)
     fields += ((_REQUEST_ID_NAME, request_id.encode()), _FORWARDED_YES)

@@ -296,6 +296,23 @@ async def test_a_completed_answer_is_replayed_byte_for_byte_without_a_second_req
     assert up.requests[0].headers.getall("Idempotency-Key") == ["order-8e03978e"]
 
 
+async def test_a_field_the_answers_connection_header_names_is_not_recorded(start, upstream, bearer):
+    """An allowed field the recorded answer's ``Connection`` header named (hop-by-hop) is not
+    in its replay either."""
+    headers = [("Connection", "ETag"), ("ETag", '"ord-1-v1"'), ("Retry-After", "7")]
+    up = await upstream(answer(201, ORDER_ANSWER, headers))
+    gw = await start(up.url)
+    auth = bearer()
+    first = await raw_post(gw, auth, [("Idempotency-Key", "order-hop-1")])
+    second = await raw_post(gw, auth, [("Idempotency-Key", "order-hop-1")])
+    assert second.headers["Idempotent-Replayed"] == "true"
+    assert second.body == first.body == ORDER_ANSWER
+    for replied in (first, second):
+        assert "ETag" not in replied.headers
+        assert replied.headers["Retry-After"] == "7"
+    assert len(up.requests) == 1
+
+
 async def test_a_replay_keeps_the_clients_own_request_id(start, upstream, bearer):
     """A replayed answer carries the X-Request-ID of the request it answers."""
     up = await upstream(ok())

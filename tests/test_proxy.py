@@ -398,6 +398,32 @@ async def test_every_error_answer_carries_the_request_id(
 # --- response headers ------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("size", [300, 300_000], ids=["whole", "streamed"])
+async def test_allowed_fields_the_answers_connection_header_names_are_dropped(
+    gateway, bearer, upstream, size
+):
+    """A field on the allow-list that the SME gateway's ``Connection`` header names is
+    hop-by-hop (RFC 9110 §7.6.1) and never reaches the client; the others still do. Both for
+    an answer that comes whole and for one streamed back."""
+    payload = os.urandom(size)
+    fields = [
+        ("Connection", "keep-alive, ETag"),
+        ("Connection", " cache-control"),
+        ("ETag", '"v1"'),
+        ("Cache-Control", "no-store"),
+        ("Location", "/api/billing/orders/ord_1"),
+    ]
+    up = await upstream(answer(200, payload, fields))
+    gw = await gateway(upstream=up.url)
+    async with gw.http.post(gw.url + PURCHASE, headers=bearer(), data=b"{}") as resp:
+        assert await resp.read() == payload
+        headers = resp.headers
+    assert "ETag" not in headers
+    assert "Cache-Control" not in headers
+    assert headers["Location"] == "/api/billing/orders/ord_1"
+    assert headers["Content-Type"] == "application/json"
+
+
 async def test_only_allow_listed_response_headers_reach_the_client(gateway, bearer, upstream):
     """Content-Type, Content-Encoding, Cache-Control, Location, Retry-After and ETag pass verbatim;
     Set-Cookie, Server, hop-by-hop and the rest are dropped."""

@@ -76,14 +76,22 @@ _REQUEST_ID_NAME, _FORWARDED_YES = REQUEST_ID.encode(), (FORWARDED.encode(), b"y
 
 
 def only_chunked(values: Iterable[str] | Iterable[bytes]) -> bool:
-    """Whether ``Transfer-Encoding`` field values name exactly one coding, ``chunked``
-    (empty list elements ignored, RFC 9110 §5.6.1.2): the only coding the gateway
-    handles, on a request (a str from aiohttp) or an answer (bytes from httptools)."""
+    """Whether ``Transfer-Encoding`` field values name exactly one coding, ``chunked``: the
+    only coding the gateway handles, on a request (a str from aiohttp) or an answer (bytes
+    from httptools).
+
+    Empty list elements are ignored (RFC 9110 §5.6.1.2) before ``chunked`` but not after it:
+    both parsers (llhttp) frame a body by chunks only when the field ends with ``chunked``,
+    and ``chunked,`` would be framed by the connection's end, the chunks passed on as the
+    body. What the parser does not frame by chunks is not called chunked here either."""
     codings = []
+    last = ""
     for value in values:
         text = value.decode("latin-1") if isinstance(value, bytes) else value
-        codings += [coding.strip().lower() for coding in text.split(",") if coding.strip()]
-    return codings == ["chunked"]
+        elements = text.split(",")
+        last = elements[-1].strip().lower()
+        codings += [coding.strip().lower() for coding in elements if coding.strip()]
+    return codings == ["chunked"] and last == "chunked"
 
 
 def request_id(headers: Any) -> str:

@@ -165,6 +165,7 @@ async def test_an_empty_element_in_a_chunked_transfer_encoding_is_ignored(gatewa
     [
         ("gzip, chunked", 415, "unsupported-content-encoding"),
         ("chunked, chunked", 400, "bad-request"),  # refused by the server's parser itself
+        ("chunked,", 400, "bad-request"),  # (the parser would not frame it by chunks)
     ],
 )
 async def test_a_transfer_coding_besides_chunked_is_415_and_reaches_nothing(

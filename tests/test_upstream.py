@@ -667,6 +667,9 @@ NOT_PASSED_ON = {
     "gzip-then-chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
     b"2\r\nok\r\n0\r\n\r\n",
     "gzip-only": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nConnection: close\r\n\r\nok",
+    # chunked, then an empty element: llhttp frames it by the connection's end, not by chunks
+    "chunked-then-empty": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, \r\n\r\n"
+    b"2\r\nok\r\n0\r\n\r\n",
 }
 
 

@@ -49,7 +49,7 @@ from .config import Rate
 from .errors import RateLimited, RateLimitStoreUnavailable
 from .metrics import Metrics
 from .routes import Route
-from .store import Store, StoreUnavailable
+from .store import KEY_ERROR, Store, StoreUnavailable, key_error
 
 MAX_MEMORY_KEYS = 100_000  # per process; the least recently used counters go first
 _MIN_WAIT = 0.001  # a refused hit's wait is never 0 (0 means allowed)
@@ -142,13 +142,18 @@ class RedisCounters:
                 self._store.succeeded()
                 return 0.0
         except _STORE_ERRORS as exc:
-            self._store.failed(getattr(exc, "storage_error", exc))
+            cause = getattr(exc, "storage_error", exc)
+            if key_error(cause):  # this operator's counters alone: no pause for the rest
+                raise StoreUnavailable(KEY_ERROR) from None
+            self._store.failed(cause)
             raise StoreUnavailable(self._store.last_error or "the store failed") from None
         try:
             stats = await self._limiter.get_window_stats(item, key)
         except _STORE_ERRORS as exc:
             # Refused all the same: the store said so. Only the wait is not known: a window.
-            self._store.failed(getattr(exc, "storage_error", exc))
+            cause = getattr(exc, "storage_error", exc)
+            if not key_error(cause):
+                self._store.failed(cause)
             return float(rate.seconds)
         self._store.succeeded()
         # At a window's edge limits may report the reset as now: a refusal is never "0".

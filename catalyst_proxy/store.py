@@ -190,6 +190,8 @@ class Store:
         try:
             result = await command()
         except ResponseError as exc:
+            if key_error(exc):
+                raise StoreRefused(KEY_ERROR) from None
             self.failed(exc)
             raise StoreRefused(self.last_error or "the store refused") from None
         except (RedisError, OSError, TimeoutError) as exc:
@@ -315,6 +317,16 @@ _CLOSED_IS_LOST: dict[type[AbstractConnection], type[AbstractConnection]] = {}
 async def _disconnect(connections: list[AbstractConnection]) -> None:
     # A connection that fails to close cleanly is closed all the same: nothing to report.
     await asyncio.gather(*(c.disconnect() for c in connections), return_exceptions=True)
+
+
+KEY_ERROR = "a value of another type is stored under this key"
+
+
+def key_error(exc: BaseException) -> bool:
+    """An error reply about one key, not about the server: a value of another type there
+    (``WRONGTYPE``; inside a script too), written by another program sharing the server.
+    It refuses what uses that key, and does not pause the store for everyone else."""
+    return isinstance(exc, ResponseError) and "WRONGTYPE" in str(exc)
 
 
 def _reason(exc: BaseException) -> str:

@@ -1709,6 +1709,30 @@ async def test_redis_never_holds_the_clients_key(
     assert b"client-key-77f1" not in redis_server.command("GET", name)
 
 
+@pytest.mark.parametrize(
+    "foreign",
+    [("SET", b"1"), ("SET", b"0" * 32 + b"not a record"),
+     ("SET", b"0" * 32 + b'{"state":"completed"}'), ("RPUSH", b"a list: WRONGTYPE")],
+)  # fmt: skip
+async def test_a_value_that_is_no_record_refuses_its_key_alone(
+    gateway, upstream, bearer, redis_url, redis_server, foreign
+):
+    """A value under a key's record that is not a record (another program writing into the
+    gateway's keyspace, a truncated write) refuses that key: 503 idempotency-store-unavailable,
+    nothing forwarded, never a 500; the store is not paused, so other keys go on."""
+    up = await upstream(ok())
+    gw = await gateway(upstream=up.url, redis_url=redis_url, monotonic=Clock(1000.0))
+    auth = bearer(sub="op-9")
+    name = PREFIX + slot(scope(None, "op-9", "POST", "/api/billing/purchase", "k-foreign"))
+    command, value = foreign
+    redis_server.command(command, name, value)
+    status, headers, body = await post(gw, auth, "k-foreign")
+    assert (status, error_of(body)) == (503, "idempotency-store-unavailable")
+    assert headers["X-Catalyst-Forwarded"] == "no"
+    assert keyed_requests(up, "k-foreign") == []
+    await assert_forwarded_once(gw, up, auth, "k-other")  # the clock stands: no pause
+
+
 async def test_redis_down_is_503_for_a_key_and_plain_proxying_without(
     gateway, upstream, bearer, redis_url, redis_server
 ):

@@ -384,6 +384,28 @@ async def test_gateways_sharing_a_redis_enforce_one_limit(gateway, bearer, redis
     assert redis_server.command("KEYS", "catalyst-ratelimit*")  # the counters are in Redis
 
 
+async def test_counters_of_another_type_refuse_that_operator_alone(
+    gateway, bearer, redis_server, redis_url
+):
+    """An operator whose counters another program has overwritten with a value of another
+    type (WRONGTYPE) is served as the store-error setting says (``refuse``: 503), and the
+    store is not paused: other operators' requests are counted and served as before."""
+    gw = await gateway(rate_limit=THREE_A_MINUTE, redis_url=redis_url,
+                       rate_limit_on_store_error="refuse")  # fmt: skip
+    victim, other = bearer(sub="op-wrongtype"), bearer(sub="op-fine")
+    assert (await call(gw, victim)).status == 200
+    counters = redis_server.command("KEYS", "catalyst-ratelimit*op-wrongtype*")
+    assert counters
+    for name in counters:
+        redis_server.command("DEL", name)
+        redis_server.command("HSET", name, "field", "value")
+    refused = await call(gw, victim)
+    assert (refused.status, refused.headers["X-Catalyst-Forwarded"]) == (503, "no")
+    assert (await call(gw, other)).status == 200
+    assert (await until_store(gw, "ok"))["last_error"] is None
+    assert await store_errors(gw) == {"allowed": 0, "refused": 1}
+
+
 async def test_the_counters_use_the_password_file(gateway, bearer, password_server, tmp_path):
     """With CATALYST_REDIS_PASSWORD_FILE the counters authenticate with the file's password."""
     secret = tmp_path / "redis-password"

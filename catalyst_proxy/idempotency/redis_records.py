@@ -47,7 +47,7 @@ import orjson
 
 from .. import log
 from ..ids import hex_id
-from ..store import Store, StoreUnavailable
+from ..store import Store, StoreRefused, StoreUnavailable
 from .keys import slot
 from .records import OWNER_LENGTH, RESERVED, Record
 
@@ -150,7 +150,13 @@ class RedisRecords:
         keys = [PREFIX + slot, taken(slot, record.owner)]
         found: Any = await self._store.run(lambda: self._reserve(keys=keys, args=args))
         if isinstance(found, bytes):
-            return Record.decode(found)
+            try:
+                return Record.decode(found)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                # Not a record of ours (another program writes into this keyspace, or it was
+                # truncated): this key is refused (503, nothing forwarded) until it expires,
+                # and the store is not paused for every other key.
+                raise StoreRefused("a record under this key could not be read") from None
         if found == 1:
             return None
         if found == 2:  # only a reservation no one waits for any more gets here

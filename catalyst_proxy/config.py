@@ -430,8 +430,11 @@ def _redis_url(env: _Env) -> str | None:
     if parts.scheme not in ("redis", "rediss") or not parts.hostname:
         raise ConfigError(name, "must be a redis:// or rediss:// URL with a host")
     database = parts.path.strip("/")
-    if database and not database.isdigit():
+    if database and not (database.isascii() and database.isdigit()):
         raise ConfigError(name, "the path, if any, must be a database number (/0)")
+    if any(option.partition("=")[0] == "db" for option in parts.query.split("&")):
+        # (redis-py takes it over the path: the logs and /readyz would name another one)
+        raise ConfigError(name, "give the database number as the path (/5), not as db=")
     return raw
 
 

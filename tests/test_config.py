@@ -243,6 +243,9 @@ BAD_VALUES = [
     ("CATALYST_SHUTDOWN_GRACE_SECONDS", "\uff15"),  # a fullwidth 5
     ("CATALYST_IDEMPOTENCY_TTL_SECONDS", "infinity"),
     ("CATALYST_UPSTREAM_IDLE_SECONDS", "1 5"),
+    ("CATALYST_REDIS_URL", "redis://127.0.0.1:6379/\u00b3"),  # a superscript 3: not a database
+    ("CATALYST_REDIS_URL", "redis://127.0.0.1:6379/0?db=5"),  # which one? said in one place
+    ("CATALYST_REDIS_URL", "redis://127.0.0.1:6379?socket_timeout=1&db=5"),
 ]
 
 

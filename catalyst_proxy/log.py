@@ -30,6 +30,7 @@ import select
 import stat
 import sys
 import time
+import traceback
 from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any, TextIO
 
@@ -190,10 +191,17 @@ def configure(*, fmt: str = "json", level: str = "info", stream: TextIO | None =
         logger_factory=lambda *_: _SinkLogger(sink),
         cache_logger_on_first_use=True,
     )
-    # aiohttp's own loggers (e.g. unhandled-exception reports) go to stderr at WARNING,
-    # redacted: aiohttp quotes the start of a header line it refused, token and all.
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_RedactingFormatter("%(name)s: %(message)s"))
+    # aiohttp's own loggers (e.g. unhandled-exception reports), at WARNING, redacted:
+    # aiohttp quotes the start of a header line it refused, token and all. In the JSON
+    # format they are lines of ours, one JSON object each (a collector reads a container's
+    # stdout and stderr as one stream: a plain multi-line traceback there breaks it); in
+    # the console format, text on stderr.
+    handler: logging.Handler
+    if fmt == "json":
+        handler = _ToStructlog()
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(_RedactingFormatter("%(name)s: %(message)s"))
     logging.basicConfig(level=logging.WARNING, handlers=[handler], force=True)
 
 
@@ -296,6 +304,20 @@ def console_renderer() -> Callable[[Any, str, MutableMapping[str, Any]], str]:
         return str(render(logger, name, event))
 
     return redacting
+
+
+class _ToStructlog(logging.Handler):
+    """A standard-library log record as a line of ours: its logger, level, message and
+    traceback (``exception``), through the same processors (redaction included)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            fields: dict[str, Any] = {"logger": record.name}
+            if record.exc_info and record.exc_info[0] is not None:
+                fields["exception"] = "".join(traceback.format_exception(*record.exc_info))
+            get_logger(record.name).log(record.levelno, record.getMessage(), **fields)
+        except Exception:  # (logging's own convention: a failure to log is reported, not raised)
+            self.handleError(record)
 
 
 class _RedactingFormatter(logging.Formatter):

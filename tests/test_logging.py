@@ -502,6 +502,27 @@ def test_json_exceptions_carry_their_traceback_redacted(json_log: io.StringIO) -
     assert "eyJ" not in stream.getvalue()
 
 
+def test_aiohttps_own_log_records_are_json_lines_too(json_log: io.StringIO) -> None:
+    """In the JSON format a standard-library record (aiohttp's "Error handling request" with
+    its traceback) is one JSON line of ours, with its logger, level and traceback, tokens in
+    its message or traceback redacted; not plain text on stderr, which a collector reading
+    the container's two streams as one would take for several broken lines."""
+    stream = json_log
+    jws = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJvcC0xIn0.c2lnbmF0dXJl"
+    try:
+        raise RuntimeError(f"a handler's bug near {jws}")
+    except RuntimeError:
+        logging.getLogger("aiohttp.server").exception("Error handling request %s", jws)
+    logging.getLogger("aiohttp.access").info("below WARNING: not written")
+    log.flush()
+    (line,) = [json.loads(text) for text in stream.getvalue().splitlines()]
+    assert (line["logger"], line["level"]) == ("aiohttp.server", "error")
+    assert line["event"].startswith("Error handling request")
+    assert line["exception"].startswith("Traceback (most recent call last):")
+    assert "RuntimeError: a handler's bug near" in line["exception"]
+    assert "eyJ" not in stream.getvalue()
+
+
 def test_a_value_orjson_refuses_still_makes_one_json_line(json_log: io.StringIO) -> None:
     """A lone surrogate (an environment variable's byte that is not UTF-8) or an integer past
     64 bits in a field costs nothing: the line is written, valid JSON, escaped. (Such a

@@ -64,6 +64,7 @@ class Parts:
     store: Store | None
     limiter: RateLimiter
     idempotency: Idempotency
+    tuning: Tuning
 
 
 PARTS = web.AppKey("catalyst_proxy.parts", Parts)
@@ -179,7 +180,7 @@ def create_app(
     app = web.Application(handler_args=None)
     app[PARTS] = Parts(
         settings, metrics, keys, secret, authenticator, ops, table, client, dispatcher,
-        store, limiter, idempotency,
+        store, limiter, idempotency, tuning,
     )  # fmt: skip
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:

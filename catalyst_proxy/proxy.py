@@ -86,7 +86,8 @@ _LINGER_RESET = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends a re
 # toward it, ~64 KiB and the kernel's, is written without waiting)
 SEND_PATIENCE = 60.0
 PATIENCE_CHECKS = 4
-_ALMOST = 0.999  # (PATIENCE_CHECKS looks' delays, added as floats, may fall short of it by a hair)
+# (PATIENCE_CHECKS looks' delays, added as floats, may fall short of the patience by a hair)
+PATIENCE_ALMOST = 0.999
 
 # The client's failures, as the contract's answers (reference.md: "The upstream exchange").
 _FAILURES: tuple[tuple[type[UpstreamFailure], type[ProxyError]], ...] = (
@@ -581,7 +582,7 @@ class _Progress:
         if left < self._left:
             self._left = left
             self._since = now
-        elif now - self._since >= self._patience * _ALMOST:
+        elif now - self._since >= self._patience * PATIENCE_ALMOST:
             self._window.reschedule(now)  # expires it: the write is cancelled
             return
         self._handle = self._loop.call_later(self._patience / PATIENCE_CHECKS, self._look)

@@ -35,7 +35,7 @@ from .app import PARTS
 from .dispatch import Dispatcher, error_response
 from .errors import BadRequest, HeaderFieldsTooLarge, InternalError, ProxyError
 from .ids import hex_id
-from .proxy import close_with_reset
+from .proxy import PATIENCE_ALMOST, PATIENCE_CHECKS, SEND_PATIENCE, close_with_reset
 
 # Server-side protocol settings (web.AppRunner keyword arguments).
 SERVER_OPTIONS: dict[str, Any] = {
@@ -96,7 +96,7 @@ def _end_with_an_error(body: StreamReader) -> None:
 class _RequestHandler(RequestHandler):
     __slots__ = (
         "_body", "_closed", "_ended", "_head_bytes", "_head_refused", "_head_timer", "_held",
-        "_last3", "close_framed",
+        "_last3", "_send_left", "_send_since", "_send_watch", "close_framed",
     )  # fmt: skip
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -110,6 +110,9 @@ class _RequestHandler(RequestHandler):
         # An answer framed by the close: "streaming", then "handed" to the transport (proxy.py).
         self.close_framed: str | None = None
         self._closed: asyncio.Transport | None = None  # closed by force_close(), maybe flushing
+        self._send_watch: asyncio.TimerHandle | None = None  # while the client is not reading
+        self._send_left = 0  # what waited for the client when it was last seen to take some
+        self._send_since = 0.0  # ... and when
         super().__init__(*args, **kwargs)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -121,7 +124,52 @@ class _RequestHandler(RequestHandler):
         if self._head_timer is not None:
             self._head_timer.cancel()
             self._head_timer = None
+        if self._send_watch is not None:
+            self._send_watch.cancel()
+            self._send_watch = None
         super().connection_lost(exc)
+
+    # A client that stops reading (a stream of pipelined requests whose answers it never
+    # takes; any answer, the gateway's own as much as the SME gateway's) would hold its
+    # connection, and the answers buffered for it, for ever: aiohttp waits for the buffer to
+    # drain with no time limit. While the transport's buffer is over its high-water mark, it
+    # is looked at PATIENCE_CHECKS times per send patience (60 s, nginx's send_timeout), and
+    # a client seen to take nothing for that long is let go: the connection is aborted (a
+    # close would wait for the buffer it does not read). A streamed answer also has its own
+    # watch (proxy._send), which ends its transfer in the answer's framing first.
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        transport = self.transport
+        if self._send_watch is None and transport is not None:
+            self._send_left = transport.get_write_buffer_size()
+            self._send_since = self._loop.time()
+            self._send_watch = self._loop.call_later(self._patience() / PATIENCE_CHECKS,
+                                                     self._look_at_sending)  # fmt: skip
+
+    def resume_writing(self) -> None:
+        if self._send_watch is not None:
+            self._send_watch.cancel()
+            self._send_watch = None
+        super().resume_writing()
+
+    def _patience(self) -> float:
+        return float(getattr(self._manager, "send_patience", SEND_PATIENCE))
+
+    def _look_at_sending(self) -> None:
+        self._send_watch = None
+        transport = self.transport or self._closed
+        if transport is None or not transport.get_write_buffer_size():
+            return  # nothing waits for the client
+        now, left = self._loop.time(), transport.get_write_buffer_size()
+        if left != self._send_left:
+            # Less: the client took some. More: an answer's write went on after the pause
+            # began (its drain waits next, so this happens once per write, not at will).
+            self._send_left, self._send_since = left, now
+        elif now - self._send_since >= self._patience() * PATIENCE_ALMOST:
+            transport.abort()  # it took nothing for the whole patience: let go
+            return
+        self._send_watch = self._loop.call_later(self._patience() / PATIENCE_CHECKS,
+                                                 self._look_at_sending)  # fmt: skip
 
     def force_close(self) -> None:
         if self.close_framed == "streaming" and self.transport is not None:
@@ -319,6 +367,7 @@ class Runner(web.AppRunner):
         server = await super()._make_server()  # runs the app's start-up
         server.__class__ = _Server  # same server, our protocol handler class
         server.head_timeout = self._head_timeout  # type: ignore[attr-defined]
+        server.send_patience = self.app[PARTS].tuning.send_patience  # type: ignore[attr-defined]
         server.request_handler = self.app[PARTS].dispatcher
         server.request_factory = server._make_request  # a plain BaseRequest
         return server

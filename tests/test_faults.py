@@ -30,6 +30,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.http_parser import RawRequestMessage
 from structlog.testing import capture_logs
 
+from catalyst_proxy.app import Tuning
 from catalyst_proxy.runner import MAX_HEAD_BYTES
 
 from .conftest import Assurance
@@ -1012,6 +1013,32 @@ async def test_a_bad_chunk_after_an_early_answer_began_is_not_blamed_on_the_sme_
 
 
 SHORT = {"head_timeout": 0.3, "keepalive_timeout": 0.3}  # the production ones: 60 s and 75 s
+
+
+@pytest.mark.parametrize(
+    ("path", "count"), [("/openapi.json", 2_000), ("/nowhere", 50_000)], ids=["own", "404s"]
+)
+async def test_a_client_that_never_reads_its_answers_is_let_go(gateway, path, count):
+    """A client that pipelines requests and never reads an answer (no token needed: the
+    gateway's own answers, or 404s) is let go once it has taken nothing for the send patience
+    (nginx's send_timeout): its connection, and the answers buffered for it, are not held for
+    ever. (aiohttp waits for a client's buffer to drain with no time limit; the head and
+    keep-alive timeouts do not run while a request is answered.)"""
+    gw = await gateway(tuning=Tuning(send_patience=0.3))
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", int(gw.url.rsplit(":", 1)[1])))
+        request = f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+        with contextlib.suppress(TimeoutError):  # (the gateway stops reading: fine)
+            async with asyncio.timeout(3):  # (enough answers to fill every buffer on the way)
+                await loop.sock_sendall(sock, request * count)
+        await eventually(lambda: gw.runner.server.connections, timeout=2)
+        await eventually(lambda: not gw.runner.server.connections, timeout=10)
+    finally:
+        sock.close()
 
 
 async def test_a_bad_chunk_in_a_body_nobody_reads_is_never_logged(gateway, caplog):

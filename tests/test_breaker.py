@@ -23,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import resource
 import signal
 import socket
 import struct
@@ -44,6 +46,7 @@ from .rawhttp import (
     answer,
     never_answer,
     raw_client,
+    read_response,
     request_bytes,
     write_then_close,
 )
@@ -304,6 +307,55 @@ async def test_a_quiet_breaker_reads_half_open_once_its_cooldown_is_over(
     assert (view["state"], view["retry_after_seconds"]) == ("half-open", 0.0)
     assert_unreachable(await purchase(gw, headers), retry_after=None)  # the trial: a real try
     assert (await breaker_view(gw))["state"] == "open"
+
+
+@contextlib.contextmanager
+def out_of_descriptors() -> Iterator[None]:
+    """This process can open no new file descriptor (the soft limit at the lowest one free)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (_lowest_free_descriptor(), hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _lowest_free_descriptor() -> int:
+    fd = 0
+    while True:
+        try:
+            os.fstat(fd)  # (opens nothing, as listing /proc/self/fd would)
+        except OSError:
+            return fd
+        fd += 1
+
+
+async def test_a_connect_that_fails_for_want_of_descriptors_is_overloaded_not_unreachable(
+    gateway, bearer, upstream
+):
+    """A connect that fails because this process is out of file descriptors (EMFILE: a flood
+    of clients) is the gateway's own limit, not the SME gateway's: 503 gateway-overloaded,
+    nothing sent, and the breaker (one failure would open it) counts nothing, so that once
+    the flood is gone the next purchase goes through."""
+    up = await upstream(answer(200, b'{"ok": true}'))
+    gw = await gateway(upstream=up.url, breaker_failures=1, monotonic=FakeClock())
+    reader, writer = await raw_client(gw.url)  # (its descriptors, before they run out)
+    try:
+        request = request_bytes(
+            "POST", PURCHASE, [*bearer().items(), ("Content-Length", "2")], b"{}"
+        )
+        with out_of_descriptors():
+            writer.write(request)
+            async with asyncio.timeout(10):
+                refused = await read_response(reader)
+        assert refused is not None
+        assert (refused.status, json.loads(refused.body)["error"]) == (503, "gateway-overloaded")
+        assert refused.headers["X-Catalyst-Forwarded"] == "no"
+        assert up.requests == []
+        assert (await breaker_view(gw))["state"] == "closed"
+        assert (await purchase(gw, bearer())).status == 200
+    finally:
+        writer.close()
 
 
 async def test_requests_that_got_no_connection_are_not_upstream_latency(gateway, bearer, dead_port):

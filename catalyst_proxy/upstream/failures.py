@@ -9,8 +9,9 @@ connection, or a final answer had begun): an answer after that says
 ::
 
     UpstreamFailure              when                                   answer
-    ├── PoolOverloaded           too many waiting, or the budget ran    503 gateway-overloaded
-    │                            out waiting for a connection
+    ├── PoolOverloaded           too many waiting, the budget ran out   503 gateway-overloaded
+    │                            waiting for a connection, or this
+    │                            process out of descriptors or ports
     ├── BreakerOpen              the breaker is open (nothing tried)    503 sme-gateway-unreachable
     ├── ConnectFailed            no connection (DNS, refused, timeout)  503 sme-gateway-unreachable
     ├── ResponseTimeout          no response head within the budget     504 sme-gateway-timeout

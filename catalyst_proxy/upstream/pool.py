@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import socket
 import ssl
 from collections import deque
@@ -51,6 +52,16 @@ CONNECT_FLOOR: Final = 0.001
 FAIR_CONNECT: Final = 1.0
 
 
+# A connect that failed for want of this process's or this host's resources, not the SME
+# gateway's fault: overloaded (nothing sent, safe to retry), and not counted by the breaker
+# (which would refuse everyone for its cooldown after the flood is gone).
+_OUR_LIMITS: Final = {
+    errno.EMFILE: "file descriptors",
+    errno.ENFILE: "file descriptors (the host's)",
+    errno.ENOBUFS: "socket buffers",
+    errno.ENOMEM: "memory",
+    errno.EADDRNOTAVAIL: "local ports",
+}
 _TIMEOUT: Final = object()  # the waiter's budget ran out
 _RECHECK: Final = object()  # the breaker opened: look again (and be refused)
 
@@ -242,6 +253,10 @@ class Pool:
                 raise PoolOverloaded(
                     "the time budget ran out waiting for an upstream connection"
                 ) from None
+            lacking = _OUR_LIMITS.get(getattr(exc, "errno", None) or 0)
+            if lacking is not None:
+                self.breaker.abandon()
+                raise PoolOverloaded(f"this process is out of {lacking}") from None
             self.breaker.failure()
             if self.breaker.state == OPEN:
                 self._breaker_opened()

@@ -12,7 +12,7 @@ from aiohttp import web
 from . import log, native
 from .app import PARTS
 from .runner import Runner, cut
-from .workers import listen_socket
+from .workers import BACKLOG, listen_socket
 
 
 class ListenError(Exception):
@@ -49,9 +49,9 @@ async def serve(
         if sock is None and ":" in host:  # an IPv6 address: dual stack, as with --workers
             sock = listen_socket(host, port, reuse_port=False)
         site: web.BaseSite = (
-            web.SockSite(runner, sock)
+            web.SockSite(runner, sock, backlog=BACKLOG)
             if sock is not None
-            else web.TCPSite(runner, host, port, backlog=1024)
+            else web.TCPSite(runner, host, port, backlog=BACKLOG)
         )
         await site.start()
     except OSError as exc:

@@ -43,6 +43,9 @@ RESTART_MOST = 30.0  # s between replacements of a worker that keeps dying young
 YOUNG = 10.0  # s: a worker that dies younger than this is in a crash loop
 USAGE_ERROR = 2  # a worker's exit status for a failure a restart cannot mend
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+# The listen queue of each worker's socket (the kernel caps it at net.core.somaxconn). Its
+# server listens again on it when it starts: it must be given this again (aiohttp's 128).
+BACKLOG = 1024
 
 
 def listen_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:
@@ -56,7 +59,7 @@ def listen_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:
     if reuse_port:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
-    sock.listen(1024)
+    sock.listen(BACKLOG)
     sock.set_inheritable(False)
     return sock
 

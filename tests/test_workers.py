@@ -19,7 +19,7 @@ import pytest
 
 from catalyst_proxy import log
 from catalyst_proxy.devtools.sme import SME
-from catalyst_proxy.workers import _PR_SET_PDEATHSIG
+from catalyst_proxy.workers import _PR_SET_PDEATHSIG, BACKLOG
 
 from .conftest import BRIDGE_SECRET
 from .support import start_app
@@ -86,6 +86,34 @@ async def _wait_serving(port: int, proc: subprocess.Popen[bytes]) -> None:
 
 async def _exit_code(proc: subprocess.Popen[bytes], timeout: float) -> int:
     return await asyncio.wait_for(asyncio.to_thread(proc.wait), timeout)
+
+
+def _listen_queues(port: int) -> list[int]:
+    """The listen queue of each socket listening on ``port`` (``ss``: its Send-Q)."""
+    listing = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True,
+                             text=True, check=True).stdout  # fmt: skip
+    return [int(line.split()[2]) for line in listing.splitlines()]
+
+
+async def test_each_worker_listens_with_the_full_backlog(
+    public_key_file: Path, sme_url: str
+) -> None:
+    """Each worker's socket keeps a listen queue of BACKLOG (1024, or the kernel's cap), not
+    aiohttp's default of 128: its server listens again on the socket it is given, and a burst
+    of connections while the workers are busy must wait in the queue, not be dropped."""
+    port = _free_port()
+    proc = await _start(port, public_key_file, sme_url, "2")
+    try:
+        expected = min(BACKLOG, int(Path("/proc/sys/net/core/somaxconn").read_text()))
+        for _ in range(200):
+            queues = _listen_queues(port)
+            if len(queues) == 2 and expected in queues:  # both workers are listening
+                break
+            await asyncio.sleep(0.05)  # polling processes we do not control
+        assert queues == [expected, expected]
+    finally:
+        os.kill(proc.pid, signal.SIGTERM)
+        assert await _exit_code(proc, 15) == 0
 
 
 async def test_two_workers_serve_one_port_and_stop_on_one_sigterm(

@@ -292,15 +292,14 @@ class Proxy:
         if isinstance(body, bytes):
             take(body)
         elif body is not None:
+            # The whole body within the time budget, as a forwarded one must reach the SME
+            # gateway within it: a client trickling a byte now and then must not hold the
+            # connection for as long as it likes (each read alone bounded was not enough).
             budget = self._settings.upstream_timeout_seconds
-            pieces = aiter(body)
             try:
-                while True:
-                    async with asyncio.timeout(budget):  # a client that stalls: not forever
-                        chunk = await anext(pieces, None)
-                    if chunk is None:
-                        break
-                    take(chunk)
+                async with asyncio.timeout(budget):
+                    async for chunk in body:
+                        take(chunk)
             except _TooLarge:
                 raise BodyTooLarge(self._limit) from None
             except (TimeoutError, HttpProcessingError) as exc:

@@ -228,6 +228,10 @@ class _RequestHandler(RequestHandler):
                 self._refuse_head()
                 return
             self._head_bytes = 0
+            for index in range(queued, len(messages)):
+                message, payload = messages[index]
+                if isinstance(message, RawRequestMessage) and message.chunked:
+                    self._last_on_this_connection(index, message, payload)
             self._parsed()
         elif body is not None and body.total_bytes != fed:
             self._head_bytes = 0  # the body's content moved on
@@ -257,6 +261,22 @@ class _RequestHandler(RequestHandler):
         ):
             held, self._held = self._held, b""
             self.data_received(held)
+
+    def _last_on_this_connection(
+        self, index: int, message: RawRequestMessage, payload: StreamReader
+    ) -> None:
+        """A request with a chunked body is answered with ``Connection: close`` and ends its
+        connection: nothing after it on the connection is handled.
+
+        aiohttp's compiled parser reads the trailer section of a chunked body with the same
+        callbacks as a head's fields, and never files the last trailer field when the body
+        ends: it is filed with the next request's headers. An ``Authorization`` trailer
+        then authenticated the request after it (one that came with no credential, or with
+        another operator's cookie), an ``Idempotency-Key`` trailer keyed it. The next
+        request, already parsed (pipelined) or parsed while this one is answered, is never
+        handled: the client, told the connection closes, sends it again on a new one."""
+        if not message.should_close:
+            self._messages[index] = (message._replace(should_close=True), payload)
 
     def _closing(self) -> bool:
         return self._close or self._force_close  # (aiohttp parses nothing more then)

@@ -8,6 +8,7 @@ Upstream-side facts come from the SME stand-in's ``received`` or from an
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import hashlib
 import json
@@ -183,6 +184,38 @@ async def test_a_transfer_coding_besides_chunked_is_415_and_reaches_nothing(
     assert json.loads(response.body) == {"error": error}
     assert response.headers["X-Catalyst-Forwarded"] == "no"
     assert gw.sme.received == []
+
+
+@pytest.mark.parametrize("pipelined", [True, False], ids=["pipelined", "after-the-answer"])
+async def test_a_trailer_field_never_becomes_a_field_of_the_next_request(
+    gateway, bearer, pipelined
+):
+    """A request with a chunked body ends its connection (``Connection: close``), and the
+    request sent after it on that connection is never handled. aiohttp's parser files a
+    chunked body's last trailer field with the next request's headers: an ``Authorization``
+    trailer of one operator's token made the next request, sent with no credential at all,
+    a purchase in that operator's name."""
+    gw = await gateway()
+    chunked = request_bytes("POST", PURCHASE, [*bearer(sub="op-b").items(),
+                                               ("Transfer-Encoding", "chunked")])  # fmt: skip
+    trailer = "Authorization: " + bearer(sub="op-a")["Authorization"]
+    first = chunked + f"2\r\n{{}}\r\n0\r\n{trailer}\r\n\r\n".encode()
+    second = request_bytes("POST", PURCHASE, [("Content-Length", "2")], b"{}")
+    reader, writer = await raw_client(gw.url)
+    try:
+        async with asyncio.timeout(10):
+            writer.write(first + second if pipelined else first)
+            answered = await read_response(reader)
+            assert answered is not None
+            assert answered.status == 200
+            assert answered.headers["Connection"].lower() == "close"
+            if not pipelined:
+                with contextlib.suppress(ConnectionError):
+                    writer.write(second)
+            assert await read_response(reader) is None  # closed: the second is not answered
+    finally:
+        writer.close()
+    assert [seen.claims["sub"] for seen in gw.sme.received] == ["op-b"]
 
 
 async def test_a_tracestate_split_over_lines_reaches_the_upstream_whole(gateway, bearer):

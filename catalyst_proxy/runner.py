@@ -230,7 +230,7 @@ class _RequestHandler(RequestHandler):
             self._head_bytes = 0
             for index in range(queued, len(messages)):
                 message, payload = messages[index]
-                if isinstance(message, RawRequestMessage) and message.chunked:
+                if isinstance(message, RawRequestMessage) and (message.chunked or message.upgrade):
                     self._last_on_this_connection(index, message, payload)
             self._parsed()
         elif body is not None and body.total_bytes != fed:
@@ -274,7 +274,14 @@ class _RequestHandler(RequestHandler):
         then authenticated the request after it (one that came with no credential, or with
         another operator's cookie), an ``Idempotency-Key`` trailer keyed it. The next
         request, already parsed (pipelined) or parsed while this one is answered, is never
-        handled: the client, told the connection closes, sends it again on a new one."""
+        handled: the client, told the connection closes, sends it again on a new one.
+
+        So does a request asking to upgrade the connection (``Upgrade: h2c`` with
+        ``Connection: Upgrade``, as ``curl --http2`` sends on ``http://``): it is served as
+        any request (the upgrade is not made, nor forwarded), but the parser stops at its
+        end and aiohttp keeps what follows as the upgraded protocol's bytes: the requests
+        after it went unanswered until the keep-alive timeout, or, parsed again later from
+        the middle of one (a body's bytes as a request of their own), desynchronized."""
         if not message.should_close:
             self._messages[index] = (message._replace(should_close=True), payload)
 

@@ -218,6 +218,38 @@ async def test_a_trailer_field_never_becomes_a_field_of_the_next_request(
     assert [seen.claims["sub"] for seen in gw.sme.received] == ["op-b"]
 
 
+async def test_a_request_asking_to_upgrade_is_served_and_ends_its_connection(gateway, bearer):
+    """A request asking to upgrade the connection (``Upgrade: h2c``, as ``curl --http2``
+    sends on ``http://``) is served as any other (the upgrade neither made nor forwarded) and
+    is the last on its connection: what follows it is not parsed as requests. (aiohttp kept
+    the bytes after it as the upgraded protocol's: a request head sent with it was lost, and
+    its body, sent later, was parsed as a request of its own and forwarded.)"""
+    gw = await gateway()
+    auth = bearer()
+    upgrading = request_bytes("GET", "/api/v1/sme/billing/vouchers/list",
+                              [*auth.items(), ("X-Request-ID", "upgrading"),
+                               ("Connection", "Upgrade"), ("Upgrade", "h2c")])  # fmt: skip
+    inner = request_bytes("POST", PURCHASE, [*auth.items(), ("X-Request-ID", "inner"),
+                                             ("Content-Length", "2")], b"{}")  # fmt: skip
+    outer = request_bytes("POST", "/api/v1/sme/billing/vouchers/issue",
+                          [*auth.items(), ("Content-Length", str(len(inner)))])  # fmt: skip
+    reader, writer = await raw_client(gw.url)
+    try:
+        async with asyncio.timeout(10):
+            writer.write(upgrading + outer)  # the second request's head, its body to come
+            answered = await read_response(reader)
+            assert answered is not None
+            assert (answered.status, answered.headers["X-Request-ID"]) == (200, "upgrading")
+            assert answered.headers["Connection"].lower() == "close"
+            with contextlib.suppress(ConnectionError):
+                writer.write(inner)  # the body: a whole request in itself
+            assert await reader.read() == b""
+    finally:
+        writer.close()
+    assert [seen.headers["X-Request-ID"] for seen in gw.sme.received] == ["upgrading"]
+    assert "Upgrade" not in gw.sme.received[0].headers
+
+
 async def test_a_tracestate_split_over_lines_reaches_the_upstream_whole(gateway, bearer):
     """W3C Trace Context: tracestate may come in several lines, which are one list; every
     entry reaches the SME gateway (in one line, in order), where other fields pass their

@@ -58,6 +58,12 @@ HEAD_TIMEOUT = 60.0
 # the head timeout, with no token needed. (Envoy's default is 60 KiB, nginx's 4 x 8 KiB.)
 MAX_HEAD_BYTES = 64 * 1024
 HEAD_SLICE = 16 * 1024  # a longer read is parsed in slices of this (see data_received)
+# All the unfinished heads a process holds, together (their bytes, as counted for
+# MAX_HEAD_BYTES). Each costs ~2.5 times its bytes in memory until it ends or its timeout:
+# 2,000 connections each holding 64 KB of a head that never ends, no token needed, took
+# ~310 MB, past a pod's memory limit. A connection whose unfinished head would take the
+# total past this is closed, unanswered. A head that arrives in one read is never counted.
+HEADS_BUDGET = 16 * 1024 * 1024
 
 
 _parse = RequestHandler.data_received
@@ -127,6 +133,8 @@ class _RequestHandler(RequestHandler):
         if self._send_watch is not None:
             self._send_watch.cancel()
             self._send_watch = None
+        if self._head_bytes:
+            self._holding(0)
         super().connection_lost(exc)
 
     # A client that stops reading (a stream of pipelined requests whose answers it never
@@ -227,14 +235,14 @@ class _RequestHandler(RequestHandler):
                     messages.pop()  # it, and what followed it: never handled
                 self._refuse_head()
                 return
-            self._head_bytes = 0
+            self._holding(0)
             for index in range(queued, len(messages)):
                 message, payload = messages[index]
                 if isinstance(message, RawRequestMessage) and (message.chunked or message.upgrade):
                     self._last_on_this_connection(index, message, payload)
             self._parsed()
         elif body is not None and body.total_bytes != fed:
-            self._head_bytes = 0  # the body's content moved on
+            self._holding(0)  # the body's content moved on
             if body.is_eof():
                 self._ended = body  # (to its end: what comes next is a head, counted)
         elif not data or self._reading_paused or self._closing():
@@ -244,13 +252,14 @@ class _RequestHandler(RequestHandler):
             # request is whole, and its handler has it. The rest of this read, if any, begins
             # a head; it is not counted (a slice at most). Nothing to refuse.
             self._ended = body
-            self._head_bytes = 0
+            self._holding(0)
         else:
             # A head's bytes (no body, or its body is over), or a body's framing with no
             # content: a chunked body's trailer section, which the parser keeps as it keeps a
             # head, or chunk extensions. (Also while aiohttp's queue of pipelined requests is
             # full: the parser still parses what it is given, up to the next request.)
-            self._head_bytes += len(data)
+            if not self._holding(self._head_bytes + len(data)):
+                return  # over the heads' budget: closed
             if self._head_bytes > MAX_HEAD_BYTES:
                 self._refuse_head()
         if (
@@ -284,6 +293,20 @@ class _RequestHandler(RequestHandler):
         the middle of one (a body's bytes as a request of their own), desynchronized."""
         if not message.should_close:
             self._messages[index] = (message._replace(should_close=True), payload)
+
+    def _holding(self, size: int) -> bool:
+        """This connection's unfinished head is now ``size`` bytes; False (and the connection
+        closed, unanswered) if that takes the process's heads past HEADS_BUDGET."""
+        manager: Any = self._manager
+        held = manager.heads_held = manager.heads_held + size - self._head_bytes
+        self._head_bytes = size
+        if held <= manager.heads_budget or not size:
+            return True
+        self._holding(0)
+        self._head_refused = True  # nothing more is parsed from it
+        if self.transport is not None:
+            self.transport.close()
+        return False
 
     def _closing(self) -> bool:
         return self._close or self._force_close  # (aiohttp parses nothing more then)
@@ -385,15 +408,23 @@ class Runner(web.AppRunner):
     """``web.AppRunner`` with SERVER_OPTIONS and the non-echoing protocol handler."""
 
     def __init__(
-        self, app: web.Application, *, head_timeout: float = HEAD_TIMEOUT, **kwargs: Any
+        self,
+        app: web.Application,
+        *,
+        head_timeout: float = HEAD_TIMEOUT,
+        heads_budget: int = HEADS_BUDGET,
+        **kwargs: Any,
     ) -> None:
         super().__init__(app, **{**SERVER_OPTIONS, **kwargs})
         self._head_timeout = head_timeout
+        self._heads_budget = heads_budget
 
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()  # runs the app's start-up
         server.__class__ = _Server  # same server, our protocol handler class
         server.head_timeout = self._head_timeout  # type: ignore[attr-defined]
+        server.heads_budget = self._heads_budget  # type: ignore[attr-defined]
+        server.heads_held = 0  # type: ignore[attr-defined]  # (see _RequestHandler._holding)
         server.send_patience = self.app[PARTS].tuning.send_patience  # type: ignore[attr-defined]
         server.request_handler = self.app[PARTS].dispatcher
         server.request_factory = server._make_request  # a plain BaseRequest

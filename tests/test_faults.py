@@ -1015,6 +1015,39 @@ async def test_a_bad_chunk_after_an_early_answer_began_is_not_blamed_on_the_sme_
 SHORT = {"head_timeout": 0.3, "keepalive_timeout": 0.3}  # the production ones: 60 s and 75 s
 
 
+async def test_unfinished_heads_past_the_process_budget_are_closed(gateway, bearer):
+    """The unfinished heads a process holds have one budget together (shortened here to
+    100,000 bytes): a connection whose unfinished head would take them past it is closed,
+    unanswered, while the others wait on, a request whose head comes whole is served, and a
+    head let go makes room again. (2,000 connections each holding 64 KB of a head that never
+    ends, no token needed, took ~310 MB.)"""
+    gw = await gateway(server={"heads_budget": 100_000})
+    part = b"POST /api/v1/billing/purchase HTTP/1.1\r\nHost: x\r\n" + b"".join(
+        b"X-Pad-%d: %s\r\n" % (n, b"p" * 4_000) for n in range(10)
+    )  # ~40 KB, and never the blank line
+
+    async def holding() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        reader, writer = await raw_client(gw.url)
+        writer.write(part)
+        await writer.drain()
+        return reader, writer
+
+    first, second = await holding(), await holding()
+    await eventually(lambda: gw.runner.server.heads_held >= 2 * len(part) - 32_000)
+    third = await holding()
+    async with asyncio.timeout(5):
+        assert await third[0].read() == b""  # closed, unanswered
+    third[1].close()
+    assert (await gw.request("POST", PURCHASE, headers=bearer(), data=b"{}"))[0] == 200
+    first[1].close()
+    await eventually(lambda: gw.runner.server.heads_held == len(part))  # the second's
+    fourth = await holding()
+    await eventually(lambda: gw.runner.server.heads_held == 2 * len(part))  # it waits on too
+    for _, writer in (second, fourth):
+        writer.close()
+    await eventually(lambda: gw.runner.server.heads_held == 0)
+
+
 @pytest.mark.parametrize(
     ("path", "count"), [("/openapi.json", 2_000), ("/nowhere", 50_000)], ids=["own", "404s"]
 )

@@ -846,6 +846,37 @@ async def test_a_repeat_whose_body_stalls_is_400_not_a_handler_waiting_forever(
     assert len(up.requests) == 1
 
 
+async def test_a_repeat_whose_body_trickles_is_400_within_the_budget(start, upstream, bearer):
+    """The whole of a repeated key's body must come within the time budget, as a forwarded
+    body must: a client trickling a byte now and then (each within the budget) is answered
+    400 while it still trickles, not held for as long as it cares to send. (Each read alone
+    was bounded: a 1 MiB body at a byte every 2 s held a connection for weeks.)"""
+    up = await upstream(ok())
+    gw = await start(up.url, upstream_timeout_seconds=0.3)
+    auth = bearer()
+    assert (await post(gw, auth, "trickled"))[0] == 200
+    reader, writer = await raw_client(gw.url)
+
+    async def trickle() -> None:
+        writer.write(request_bytes("POST", PURCHASE, keyed_lines(auth, "trickled", CHUNKED)))
+        for _ in range(40):  # 4 s of it, a chunk of one byte every 0.1 s
+            writer.write(b"1\r\nx\r\n")
+            await asyncio.sleep(0.1)  # the client's pace, not a wait for anything
+
+    trickling = asyncio.create_task(trickle())
+    try:
+        async with asyncio.timeout(10):
+            response = await read_response(reader)
+        assert not trickling.done()  # answered while the body still trickled in
+    finally:
+        trickling.cancel()
+        writer.close()
+    assert response is not None
+    assert (response.status, error_of(response.body)) == (400, "bad-request")
+    assert response.headers["X-Catalyst-Forwarded"] == "no"
+    assert len(up.requests) == 1
+
+
 # --- which routes, which keys ------------------------------------------------------------
 
 

@@ -26,6 +26,7 @@ When the shared store fails, ``CATALYST_RATE_LIMIT_ON_STORE_ERROR`` decides:
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import time
@@ -49,7 +50,7 @@ from .config import Rate
 from .errors import RateLimited, RateLimitStoreUnavailable
 from .metrics import Metrics
 from .routes import Route
-from .store import KEY_ERROR, Store, StoreUnavailable, key_error
+from .store import COMMAND_TIMEOUT, KEY_ERROR, Store, StoreUnavailable, key_error
 
 MAX_MEMORY_KEYS = 100_000  # per process; the least recently used counters go first
 _MIN_WAIT = 0.001  # a refused hit's wait is never 0 (0 means allowed)
@@ -119,7 +120,7 @@ class RedisCounters:
     """The same counters in Redis/Valkey (``limits``' sliding window, one script per hit)."""
 
     def __init__(self, store: Store) -> None:
-        self._store = store
+        self._store = self.store = store
         storage = RedisStorage(
             "async+" + store.url,
             implementation="redispy",
@@ -179,6 +180,7 @@ class RateLimiter:
         metrics: Metrics,
     ) -> None:
         self._counters = counters
+        self._store = counters.store if isinstance(counters, RedisCounters) else None
         self._refuse = refuse_on_store_error
         self._metrics = metrics
         self._policies: dict[str, _Policy] = {}
@@ -211,30 +213,46 @@ class RateLimiter:
             return
         key = route + "/" + sub.replace("%", "%25").replace("/", "%2F")
         keys = [f"{key}/{index}" for index in range(len(policy.rates))]
+        store = self._store
         try:
-            if len(keys) > 1:
-                # Every rate first, then count in all: a request one rate refuses must
-                # not spend the others' budgets. Refused, it is told the longest wait of
-                # the rates it is over: a client that waits that long is not refused again
-                # by another (5/second;100/hour spent: not "1 s" for most of an hour).
-                await self._refuse_if_over(route, policy, keys)
-            # Counted shortest window first. With a shared store the test above and the
-            # counts are separate round trips: a concurrent request may take a rate's last
-            # room in between, and what was counted before its refusal stays counted. In
-            # this order that is only room in the shorter windows, back within seconds; in
-            # the order written, a burst refused by 3/second could spend all of 10/minute.
-            for index in policy.counting_order:
-                wait = await self._counters.hit(keys[index], policy.rates[index])
-                if wait:
-                    if len(keys) > 1:  # the longest wait, if the store still answers
-                        with contextlib.suppress(StoreUnavailable):
-                            await self._refuse_if_over(route, policy, keys)
-                    self._refuse_over(route, policy, index, wait)
+            if store is None:
+                await self._count(route, policy, keys)
+            else:
+                # One bound for all of a request's round trips (two a rate with several
+                # rates), not only for each: a store that answers each just under its own
+                # timeout took seconds, with no failure ever counted (4 rates: 3.6 s).
+                try:
+                    async with asyncio.timeout(COMMAND_TIMEOUT):
+                        await self._count(route, policy, keys)
+                except TimeoutError:
+                    store.failed(TimeoutError())  # slow: skipped for a while, as if down
+                    raise StoreUnavailable(store.last_error or "the store is slow") from None
         except StoreUnavailable as exc:
             if self._refuse:
                 self._store_refused.inc()
                 raise RateLimitStoreUnavailable(str(exc)) from None
             self._store_allowed.inc()
+
+    async def _count(self, route: str, policy: _Policy, keys: list[str]) -> None:
+        """Test every rate (several), then count the request in each; RateLimited if over."""
+        if len(keys) > 1:
+            # Every rate first, then count in all: a request one rate refuses must
+            # not spend the others' budgets. Refused, it is told the longest wait of
+            # the rates it is over: a client that waits that long is not refused again
+            # by another (5/second;100/hour spent: not "1 s" for most of an hour).
+            await self._refuse_if_over(route, policy, keys)
+        # Counted shortest window first. With a shared store the test above and the
+        # counts are separate round trips: a concurrent request may take a rate's last
+        # room in between, and what was counted before its refusal stays counted. In
+        # this order that is only room in the shorter windows, back within seconds; in
+        # the order written, a burst refused by 3/second could spend all of 10/minute.
+        for index in policy.counting_order:
+            wait = await self._counters.hit(keys[index], policy.rates[index])
+            if wait:
+                if len(keys) > 1:  # the longest wait, if the store still answers
+                    with contextlib.suppress(StoreUnavailable):
+                        await self._refuse_if_over(route, policy, keys)
+                self._refuse_over(route, policy, index, wait)
 
     async def _refuse_if_over(self, route: str, policy: _Policy, keys: list[str]) -> None:
         """RateLimited with the longest wait if any rate has no room (nothing counted). A

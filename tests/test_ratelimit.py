@@ -32,7 +32,7 @@ from catalyst_proxy.store import Store
 from .conftest import BRIDGE_SECRET
 from .redis_server import RedisServer
 from .serve_proc import ServeProcess, run_cli
-from .support import free_socket
+from .support import SlowLink, free_socket
 
 PURCHASE = "/api/v1/billing/purchase"
 ALIAS = "/api/v1/sme/billing/purchase"  # same upstream, its own row: its own budget
@@ -404,6 +404,29 @@ async def test_counters_of_another_type_refuse_that_operator_alone(
     assert (await call(gw, other)).status == 200
     assert (await until_store(gw, "ok"))["last_error"] is None
     assert await store_errors(gw) == {"allowed": 0, "refused": 1}
+
+
+async def test_a_store_that_answers_each_command_slowly_is_a_store_error_within_one_bound(
+    gateway, bearer, redis_server, redis_url
+):
+    """With four rates a request makes eight round trips to the store. Each reply held back
+    0.2 s (under the command timeout) made a request take 1.6 s, the store never counted as
+    failing; all of a request's round trips now have one command timeout together: past it
+    the request is a store error (allowed here, by the default setting) and the store is
+    skipped for a while, as if down."""
+    link = await SlowLink(redis_server.port).start()
+    try:
+        gw = await gateway(rate_limit=parse_rate_limit("100/second;1000/minute;10000/hour;"
+                                                       "100000/day"),
+                           redis_url=link.url)  # fmt: skip
+        headers = bearer()
+        assert (await call(gw, headers)).status == 200  # the scripts are loaded, at full speed
+        link.reply_delay = 0.2
+        assert (await call(gw, headers)).status == 200
+        assert await store_errors(gw) == {"allowed": 1, "refused": 0}
+        assert (await readyz(gw))[1]["store"]["state"] == "unavailable"
+    finally:
+        await link.close()
 
 
 async def test_the_counters_use_the_password_file(gateway, bearer, password_server, tmp_path):

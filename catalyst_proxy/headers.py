@@ -150,7 +150,8 @@ def upstream_request_head(
                 seen.add(lowered)
                 lines.append(b"%s: %s\r\n" % (canonical, value))
         elif lowered == b"x-forwarded-for":
-            forwarded_for.append(value)
+            if value.strip(b" \t"):  # (an empty line is no list member either)
+                forwarded_for.append(value)
         elif lowered == b"x-forwarded-proto":
             forwarded_proto = forwarded_proto or value
         elif lowered == b"x-forwarded-host":

@@ -75,6 +75,9 @@ _CONNECTION_MAY_NAME = frozenset(
 _REQUEST_ID_NAME, _FORWARDED_YES = REQUEST_ID.encode(), (FORWARDED.encode(), b"yes")
 
 
+_OWS = " \t"  # the only white space around list elements (RFC 9110 §5.6.1), not str.strip()'s
+
+
 def only_chunked(values: Iterable[str] | Iterable[bytes]) -> bool:
     """Whether ``Transfer-Encoding`` field values name exactly one coding, ``chunked``: the
     only coding the gateway handles, on a request (a str from aiohttp) or an answer (bytes
@@ -89,8 +92,8 @@ def only_chunked(values: Iterable[str] | Iterable[bytes]) -> bool:
     for value in values:
         text = value.decode("latin-1") if isinstance(value, bytes) else value
         elements = text.split(",")
-        last = elements[-1].strip().lower()
-        codings += [coding.strip().lower() for coding in elements if coding.strip()]
+        last = elements[-1].lstrip(_OWS).lower()  # (llhttp: nothing may follow "chunked")
+        codings += [coding.strip(_OWS).lower() for coding in elements if coding.strip(_OWS)]
     return codings == ["chunked"] and last == "chunked"
 
 

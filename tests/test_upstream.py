@@ -670,6 +670,13 @@ NOT_PASSED_ON = {
     # chunked, then an empty element: llhttp frames it by the connection's end, not by chunks
     "chunked-then-empty": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, \r\n\r\n"
     b"2\r\nok\r\n0\r\n\r\n",
+    # white space after it, or a byte str.strip() takes for white space (NBSP, NEL): the same
+    "chunked-then-blanks": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked \t\r\n\r\n"
+    b"2\r\nok\r\n0\r\n\r\n",
+    "chunked-then-nbsp": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\xa0\r\n\r\n"
+    b"2\r\nok\r\n0\r\n\r\n",
+    "nel-then-chunked": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: \x85chunked\r\n\r\n"
+    b"2\r\nok\r\n0\r\n\r\n",
 }
 
 

@@ -312,10 +312,14 @@ class _ToStructlog(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
+            # Redacted as the text format redacts them (a credential of any shape, not only
+            # what the JSON renderer looks for): aiohttp quotes a refused header line whole.
             fields: dict[str, Any] = {"logger": record.name}
             if record.exc_info and record.exc_info[0] is not None:
-                fields["exception"] = "".join(traceback.format_exception(*record.exc_info))
-            get_logger(record.name).log(record.levelno, record.getMessage(), **fields)
+                trace = "".join(traceback.format_exception(*record.exc_info))
+                fields["exception"] = redact_text(trace)
+            message = redact_text(record.getMessage())
+            get_logger(record.name).log(record.levelno, message, **fields)
         except Exception:  # (logging's own convention: a failure to log is reported, not raised)
             self.handleError(record)
 

@@ -509,18 +509,21 @@ def test_aiohttps_own_log_records_are_json_lines_too(json_log: io.StringIO) -> N
     the container's two streams as one would take for several broken lines."""
     stream = json_log
     jws = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJvcC0xIn0.c2lnbmF0dXJl"
+    opaque = "Bearer opaque-0a1b2c3d4e5f-token; Cookie: catalyst_session=c00k1e-value-9f8e"
     try:
-        raise RuntimeError(f"a handler's bug near {jws}")
+        raise RuntimeError(f"a handler's bug near {jws} {opaque}")
     except RuntimeError:
-        logging.getLogger("aiohttp.server").exception("Error handling request %s", jws)
+        logging.getLogger("aiohttp.server").exception("Error handling %s %s", jws, opaque)
     logging.getLogger("aiohttp.access").info("below WARNING: not written")
     log.flush()
     (line,) = [json.loads(text) for text in stream.getvalue().splitlines()]
     assert (line["logger"], line["level"]) == ("aiohttp.server", "error")
-    assert line["event"].startswith("Error handling request")
+    assert line["event"].startswith("Error handling")
     assert line["exception"].startswith("Traceback (most recent call last):")
     assert "RuntimeError: a handler's bug near" in line["exception"]
     assert "eyJ" not in stream.getvalue()
+    assert "opaque-0a1b2c3d4e5f-token" not in stream.getvalue()
+    assert "c00k1e-value-9f8e" not in stream.getvalue()
 
 
 def test_a_value_orjson_refuses_still_makes_one_json_line(json_log: io.StringIO) -> None:

@@ -14,7 +14,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from .numerals import decimal, whole
 
@@ -432,7 +432,7 @@ def _redis_url(env: _Env) -> str | None:
     database = parts.path.strip("/")
     if database and not (database.isascii() and database.isdigit()):
         raise ConfigError(name, "the path, if any, must be a database number (/0)")
-    if any(option.partition("=")[0] == "db" for option in parts.query.split("&")):
+    if any(name == "db" for name, _ in parse_qsl(parts.query, keep_blank_values=True)):
         # (redis-py takes it over the path: the logs and /readyz would name another one)
         raise ConfigError(name, "give the database number as the path (/5), not as db=")
     return raw

@@ -246,6 +246,7 @@ BAD_VALUES = [
     ("CATALYST_REDIS_URL", "redis://127.0.0.1:6379/\u00b3"),  # a superscript 3: not a database
     ("CATALYST_REDIS_URL", "redis://127.0.0.1:6379/0?db=5"),  # which one? said in one place
     ("CATALYST_REDIS_URL", "redis://127.0.0.1:6379?socket_timeout=1&db=5"),
+    ("CATALYST_REDIS_URL", "redis://127.0.0.1:6379/0?d%62=5"),  # redis-py decodes the name
 ]
 
 

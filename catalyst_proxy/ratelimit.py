@@ -148,12 +148,14 @@ class RedisCounters:
                 raise StoreUnavailable(KEY_ERROR) from None
             self._store.failed(cause)
             raise StoreUnavailable(self._store.last_error or "the store failed") from None
+        except ValueError:  # (limits reading a counter that holds no number: the same)
+            raise StoreUnavailable(KEY_ERROR) from None
         try:
             stats = await self._limiter.get_window_stats(item, key)
-        except _STORE_ERRORS as exc:
+        except (*_STORE_ERRORS, ValueError) as exc:
             # Refused all the same: the store said so. Only the wait is not known: a window.
             cause = getattr(exc, "storage_error", exc)
-            if not key_error(cause):
+            if not isinstance(cause, ValueError) and not key_error(cause):
                 self._store.failed(cause)
             return float(rate.seconds)
         self._store.succeeded()

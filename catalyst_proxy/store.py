@@ -324,9 +324,13 @@ KEY_ERROR = "a value of another type is stored under this key"
 
 def key_error(exc: BaseException) -> bool:
     """An error reply about one key, not about the server: a value of another type there
-    (``WRONGTYPE``; inside a script too), written by another program sharing the server.
-    It refuses what uses that key, and does not pause the store for everyone else."""
-    return isinstance(exc, ResponseError) and "WRONGTYPE" in str(exc)
+    (``WRONGTYPE``), or one that is not the number a counter holds, inside a script too:
+    written by another program sharing the server. It refuses what uses that key, and does
+    not pause the store for everyone else."""
+    return isinstance(exc, ResponseError) and any(marker in str(exc) for marker in _KEY_ERRORS)
+
+
+_KEY_ERRORS = ("WRONGTYPE", "not an integer", "not a valid float")
 
 
 def _reason(exc: BaseException) -> str:

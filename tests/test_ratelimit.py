@@ -384,13 +384,17 @@ async def test_gateways_sharing_a_redis_enforce_one_limit(gateway, bearer, redis
     assert redis_server.command("KEYS", "catalyst-ratelimit*")  # the counters are in Redis
 
 
+@pytest.mark.parametrize("rates", ["3/minute", "3/minute;100/hour"])
+@pytest.mark.parametrize("foreign", [("HSET", "field", "value"), ("SET", "not-a-number")],
+                         ids=["another-type", "not-a-number"])  # fmt: skip
 async def test_counters_of_another_type_refuse_that_operator_alone(
-    gateway, bearer, redis_server, redis_url
+    gateway, bearer, redis_server, redis_url, rates, foreign
 ):
-    """An operator whose counters another program has overwritten with a value of another
-    type (WRONGTYPE) is served as the store-error setting says (``refuse``: 503), and the
-    store is not paused: other operators' requests are counted and served as before."""
-    gw = await gateway(rate_limit=THREE_A_MINUTE, redis_url=redis_url,
+    """An operator whose counters another program has overwritten (a value of another type:
+    WRONGTYPE; or a string that is no number) is served as the store-error setting says
+    (``refuse``: 503, never a 500), and the store is not paused: other operators' requests
+    are counted and served as before."""
+    gw = await gateway(rate_limit=parse_rate_limit(rates), redis_url=redis_url,
                        rate_limit_on_store_error="refuse")  # fmt: skip
     victim, other = bearer(sub="op-wrongtype"), bearer(sub="op-fine")
     assert (await call(gw, victim)).status == 200
@@ -398,7 +402,7 @@ async def test_counters_of_another_type_refuse_that_operator_alone(
     assert counters
     for name in counters:
         redis_server.command("DEL", name)
-        redis_server.command("HSET", name, "field", "value")
+        redis_server.command(foreign[0], name, *foreign[1:])
     refused = await call(gw, victim)
     assert (refused.status, refused.headers["X-Catalyst-Forwarded"]) == (503, "no")
     assert (await call(gw, other)).status == 200

@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from redis.asyncio import BlockingConnectionPool, Redis
-from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.connection import AbstractConnection, RedisSSLContext
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.credentials import CredentialProvider
@@ -294,6 +294,18 @@ def _closed_is_lost(base: type[AbstractConnection]) -> type[AbstractConnection]:
     all the same is a lost connection (``redis.ConnectionError``), like any other."""
 
     class ClosedIsLost(base):  # type: ignore[misc,valid-type]  # a class made at run time
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            # redis-py builds a TLS context per connection (the CA store loaded each time:
+            # ~35 ms of the event loop's time): 30 connections at once took over a second,
+            # past the commands' bound, and a burst on rediss:// failed (review rev9f).
+            # Connections with the same settings share one.
+            made = getattr(self, "ssl_context", None)
+            if isinstance(made, RedisSSLContext):
+                settings = repr([getattr(made, name) for name in made.__slots__
+                                 if name != "context"])  # fmt: skip
+                self.ssl_context = _SSL_CONTEXTS.setdefault(settings, made)
+
         async def can_read(self) -> bool:
             writer = self._writer
             if writer is not None and writer.transport.is_closing():
@@ -312,6 +324,7 @@ def _closed_is_lost(base: type[AbstractConnection]) -> type[AbstractConnection]:
 
 
 _CLOSED_IS_LOST: dict[type[AbstractConnection], type[AbstractConnection]] = {}
+_SSL_CONTEXTS: dict[str, RedisSSLContext] = {}  # (see ClosedIsLost.__init__)
 
 
 async def _disconnect(connections: list[AbstractConnection]) -> None:

@@ -286,6 +286,16 @@ def test_a_connection_reset_while_idle_is_replaced_before_a_command(redis_server
         runner.run(scenario())
 
 
+def test_tls_connections_share_one_context():
+    """Connections to a ``rediss://`` store share one TLS context: redis-py made one per
+    connection, loading the CA store each time (~35 ms of the loop's time apiece), so that a
+    burst of new connections took longer than the commands' bound."""
+    store = store_for("rediss://127.0.0.1:6380/0")
+    first, second = store.pool.make_connection(), store.pool.make_connection()
+    assert first.ssl_context is second.ssl_context
+    assert first.ssl_context.get() is second.ssl_context.get()
+
+
 @LOOPS
 def test_a_write_on_a_closed_connection_is_a_lost_connection(redis_server, new_loop):
     """Should a command's write still meet a closed transport, it fails as a lost connection

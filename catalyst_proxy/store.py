@@ -180,8 +180,12 @@ class Store:
             await asyncio.gather(*self._checks, return_exceptions=True)
         if self._dropping:
             await asyncio.gather(*self._dropping, return_exceptions=True)
-        await self.redis.aclose()
-        await self.pool.disconnect()
+        # A server that does not answer may not let a TLS connection close in time either
+        # (redis-py raises its TimeoutError): the process is stopping all the same.
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            await self.redis.aclose()
+        with contextlib.suppress(RedisError, OSError, TimeoutError):
+            await self.pool.disconnect()
 
     async def run(self, command: Callable[[], Awaitable[T]]) -> T:
         """Run one store command; StoreUnavailable if the store is down or fails."""

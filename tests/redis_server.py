@@ -23,6 +23,8 @@ redis-server when it is missing.
 from __future__ import annotations
 
 import contextlib
+import datetime
+import ipaddress
 import shutil
 import signal
 import socket
@@ -65,8 +67,9 @@ def find_binary() -> str:
 class RedisServer:
     """One redis-server process on 127.0.0.1; see the module docstring."""
 
-    def __init__(self, *, password: str | None = None) -> None:
+    def __init__(self, *, password: str | None = None, tls: bool = False) -> None:
         self.password = password
+        self.tls_port: int | None = None  # with ``tls``: a TLS port too (``tls_url``)
         # Bound (SO_REUSEADDR) but never listening: redis-server, which also sets
         # SO_REUSEADDR, can bind and listen on the port, and while it is stopped
         # the port is still ours, refusing connections.
@@ -74,6 +77,17 @@ class RedisServer:
         self.port: int = self._reservation.getsockname()[1]
         self.directory = Path(tempfile.mkdtemp(prefix="catalyst-redis-"))
         self._proc: subprocess.Popen[bytes] | None = None
+        if tls:
+            self._tls_reservation = free_socket()
+            self.tls_port = self._tls_reservation.getsockname()[1]
+            _self_signed(self.directory)
+
+    @property
+    def tls_url(self) -> str:
+        """``rediss://127.0.0.1:TLS_PORT/0`` trusting this server's own certificate."""
+        assert self.tls_port is not None, "this server has no TLS port"
+        ca = quote(str(self.directory / "tls.crt"), safe="")
+        return f"rediss://127.0.0.1:{self.tls_port}/0?ssl_ca_certs={ca}"
 
     @property
     def url(self) -> str:
@@ -125,6 +139,11 @@ class RedisServer:
         ]  # fmt: skip
         if self.password is not None:
             arguments += ["--requirepass", self.password]
+        if self.tls_port is not None:
+            cert, key = self.directory / "tls.crt", self.directory / "tls.key"
+            arguments += ["--tls-port", str(self.tls_port), "--tls-cert-file", str(cert),
+                          "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
+                          "--tls-auth-clients", "no"]  # fmt: skip
         return arguments
 
     def _wait_until_ready(self, proc: subprocess.Popen[bytes]) -> None:
@@ -185,6 +204,8 @@ class RedisServer:
         """Stop the server, release the port and delete its directory."""
         self.stop()
         self._reservation.close()
+        if self.tls_port is not None:
+            self._tls_reservation.close()
         shutil.rmtree(self.directory, ignore_errors=True)
 
     def __enter__(self) -> RedisServer:
@@ -247,3 +268,29 @@ def read_reply(stream: BinaryIO) -> Any:
         count = int(rest)
         return None if count < 0 else [read_reply(stream) for _ in range(count)]
     raise RedisReplyError(f"not a RESP2 reply: {line!r}")
+
+
+def _self_signed(directory: Path) -> None:
+    """``tls.crt`` and ``tls.key`` in ``directory``: a certificate for 127.0.0.1, its own CA."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(
+            "127.0.0.1"))]), critical=False)
+        .sign(key, hashes.SHA256())
+    )  # fmt: skip
+    (directory / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / "tls.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))  # fmt: skip

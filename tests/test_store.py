@@ -286,6 +286,36 @@ def test_a_connection_reset_while_idle_is_replaced_before_a_command(redis_server
         runner.run(scenario())
 
 
+@pytest.fixture
+def tls_server() -> Iterator[RedisServer]:
+    """A redis-server of this test's own with a TLS port (its own self-signed certificate)."""
+    with RedisServer(tls=True) as server:
+        yield server
+
+
+async def test_a_burst_of_new_tls_connections_fits_the_command_bound(tls_server):
+    """Thirty commands at once on a fresh ``rediss://`` store (thirty new TLS connections)
+    all succeed: with a TLS context made per connection they took over a second of the
+    loop's time together, past the commands' bound, and most were StoreUnavailable."""
+    store = store_for(tls_server.tls_url)
+    try:
+        results = await asyncio.gather(*(ping(store) for _ in range(30)), return_exceptions=True)
+        assert results == [True] * 30
+    finally:
+        await store.close()
+
+
+async def test_closing_a_tls_store_whose_server_stalls_ends_quietly(tls_server):
+    """A ``rediss://`` store whose server stopped answering closes without an exception (its
+    TLS connections cannot close in time: redis-py raised TimeoutError, and the process
+    exited 1 with a traceback instead of 0)."""
+    store = store_for(tls_server.tls_url, clock=FakeClock())
+    assert await ping(store) is True
+    with tls_server.stalled():
+        async with asyncio.timeout(10):
+            await store.close()
+
+
 def test_tls_connections_share_one_context():
     """Connections to a ``rediss://`` store share one TLS context: redis-py made one per
     connection, loading the CA store each time (~35 ms of the loop's time apiece), so that a

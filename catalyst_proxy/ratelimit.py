@@ -50,7 +50,15 @@ from .config import Rate
 from .errors import RateLimited, RateLimitStoreUnavailable
 from .metrics import Metrics
 from .routes import Route
-from .store import COMMAND_TIMEOUT, KEY_ERROR, Store, StoreUnavailable, key_error
+from .store import (
+    COMMAND_TIMEOUT,
+    KEY_ERROR,
+    POOL_BUSY,
+    Store,
+    StoreUnavailable,
+    key_error,
+    pool_busy,
+)
 
 MAX_MEMORY_KEYS = 100_000  # per process; the least recently used counters go first
 _MIN_WAIT = 0.001  # a refused hit's wait is never 0 (0 means allowed)
@@ -146,6 +154,8 @@ class RedisCounters:
             cause = getattr(exc, "storage_error", exc)
             if key_error(cause):  # this operator's counters alone: no pause for the rest
                 raise StoreUnavailable(KEY_ERROR) from None
+            if pool_busy(cause):
+                raise StoreUnavailable(POOL_BUSY) from None
             self._store.failed(cause)
             raise StoreUnavailable(self._store.last_error or "the store failed") from None
         except ValueError:  # (limits reading a counter that holds no number: the same)
@@ -155,7 +165,7 @@ class RedisCounters:
         except (*_STORE_ERRORS, ValueError) as exc:
             # Refused all the same: the store said so. Only the wait is not known: a window.
             cause = getattr(exc, "storage_error", exc)
-            if not isinstance(cause, ValueError) and not key_error(cause):
+            if not isinstance(cause, ValueError) and not key_error(cause) and not pool_busy(cause):
                 self._store.failed(cause)
             return float(rate.seconds)
         self._store.succeeded()
@@ -222,13 +232,14 @@ class RateLimiter:
             else:
                 # One bound for all of a request's round trips (two a rate with several
                 # rates), not only for each: a store that answers each just under its own
-                # timeout took seconds, with no failure ever counted (4 rates: 3.6 s).
+                # timeout took seconds (4 rates: 3.6 s). Past it, this request is a store
+                # error; the store is not paused for everyone (a burst of this process's own
+                # requests waiting for connections gets here too, the store being fine).
                 try:
                     async with asyncio.timeout(COMMAND_TIMEOUT):
                         await self._count(route, policy, keys)
                 except TimeoutError:
-                    store.failed(TimeoutError())  # slow: skipped for a while, as if down
-                    raise StoreUnavailable(store.last_error or "the store is slow") from None
+                    raise StoreUnavailable("the store's answers took too long") from None
         except StoreUnavailable as exc:
             if self._refuse:
                 self._store_refused.inc()

@@ -199,6 +199,8 @@ class Store:
             self.failed(exc)
             raise StoreRefused(self.last_error or "the store refused") from None
         except (RedisError, OSError, TimeoutError) as exc:
+            if pool_busy(exc):
+                raise StoreUnavailable(POOL_BUSY) from None
             self.failed(exc)
             raise StoreUnavailable(self.last_error or "the store failed") from None
         self.succeeded()
@@ -337,6 +339,15 @@ async def _disconnect(connections: list[AbstractConnection]) -> None:
 
 
 KEY_ERROR = "a value of another type is stored under this key"
+POOL_BUSY = "every connection to the store is in use"
+
+
+def pool_busy(exc: BaseException) -> bool:
+    """No connection of the pool came free within the command timeout: this process's own
+    congestion (a burst of requests), not the store failing. That request is refused, as any
+    store error, but the store is not paused for everyone (the commands in flight fail on
+    their own if the store is at fault)."""
+    return isinstance(exc, RedisConnectionError) and str(exc) == "No connection available."
 
 
 def key_error(exc: BaseException) -> bool:

@@ -27,6 +27,7 @@ from catalyst_proxy import log
 from catalyst_proxy.config import ConfigError, Settings
 from catalyst_proxy.store import (
     COMMAND_TIMEOUT,
+    MAX_CONNECTIONS,
     PROBE_AFTER,
     RETRY_AFTER,
     Store,
@@ -314,6 +315,24 @@ async def test_closing_a_tls_store_whose_server_stalls_ends_quietly(tls_server):
     with tls_server.stalled():
         async with asyncio.timeout(10):
             await store.close()
+
+
+async def test_no_free_connection_in_time_is_a_store_error_but_no_pause(stores, redis_url):
+    """When every connection of the pool is in use past the command timeout (a burst of this
+    process's own requests), the command is StoreUnavailable, but the store is not paused:
+    the store itself did not fail, and pausing it refused everyone's keyed requests for a
+    second (and, with rate limits allowed on a store error, let a flood through them)."""
+    store = stores(redis_url, clock=FakeClock())
+    await ping(store)
+    held = [await store.pool.get_connection() for _ in range(MAX_CONNECTIONS)]
+    try:
+        with pytest.raises(StoreUnavailable):
+            await ping(store)
+        assert (store.state, store.down) == ("ok", False)
+    finally:
+        for connection in held:
+            await store.pool.release(connection)
+    assert await ping(store) is True
 
 
 def test_tls_connections_share_one_context():

@@ -152,9 +152,8 @@ def upstream_request_head(
             elif lowered not in seen:
                 seen.add(lowered)
                 lines.append(b"%s: %s\r\n" % (canonical, value))
-        elif lowered == b"x-forwarded-for":
-            if value.strip(b" \t"):  # (an empty line is no list member either)
-                forwarded_for.append(value)
+        elif lowered == b"x-forwarded-for":  # its members, empty ones left out (RFC 9110 §5.6.1)
+            forwarded_for += [m for member in value.split(b",") if (m := member.strip(b" \t"))]
         elif lowered == b"x-forwarded-proto":
             forwarded_proto = forwarded_proto or value
         elif lowered == b"x-forwarded-host":

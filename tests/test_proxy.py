@@ -129,17 +129,20 @@ async def test_only_allow_listed_request_headers_reach_the_upstream(gateway, bea
 
 
 async def test_an_empty_x_forwarded_for_line_adds_no_member(gateway, bearer):
-    """An empty ``X-Forwarded-For`` line is no list member: the upstream gets the peer alone
-    (not ", 127.0.0.1"), and around a real one no empty member either."""
+    """An empty ``X-Forwarded-For`` line, or an empty member in one, is no list member: the
+    upstream gets the peer alone (not ", 127.0.0.1"), and around a real one no empty member
+    either."""
     gw = await gateway()
     for lines in ([("X-Forwarded-For", "")],
-                  [("X-Forwarded-For", " "), ("X-Forwarded-For", "203.0.113.7")]):  # fmt: skip
+                  [("X-Forwarded-For", " "), ("X-Forwarded-For", "203.0.113.7,")],
+                  [("X-Forwarded-For", ", ,")]):  # fmt: skip
         headers = [*bearer().items(), *lines, ("Content-Length", "2")]
         [response] = await exchange(gw.url, request_bytes("POST", PURCHASE, headers, b"{}"))
         assert response.status == 200
-    first, second = gw.sme.received
+    first, second, third = gw.sme.received
     assert first.headers["X-Forwarded-For"] == "127.0.0.1"
     assert second.headers["X-Forwarded-For"] == "203.0.113.7, 127.0.0.1"
+    assert third.headers["X-Forwarded-For"] == "127.0.0.1"
 
 
 async def test_gateway_states_its_own_forwarding_view_when_the_client_gives_none(gateway, bearer):

@@ -196,6 +196,10 @@ def replayable(upstream: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, byt
             if (lowered := name.lower()) in _FORWARD_DOWN and lowered not in hop]  # fmt: skip
 
 
+# The Connection values nearly every answer has, naming no field: not looked into.
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
+
+
 def _hop_by_hop(connection: Iterable[bytes]) -> frozenset[bytes]:
     """The allowed fields that ``Connection`` header values name: hop-by-hop, RFC 9110
     §7.6.1, so not passed on (for example ``Connection: keep-alive, ETag``)."""
@@ -235,7 +239,7 @@ def answer_fields(
             length = int(value)
         elif lowered == b"transfer-encoding":
             chunked = True
-        elif lowered == b"connection":
+        elif lowered == b"connection" and value not in _PLAIN_CONNECTION:
             connection.append(value)
     if connection and (hop := _hop_by_hop(connection)):
         fields = [(name, value) for name, value in fields if name.lower() not in hop]

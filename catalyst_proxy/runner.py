@@ -235,14 +235,16 @@ class _RequestHandler(RequestHandler):
                     messages.pop()  # it, and what followed it: never handled
                 self._refuse_head()
                 return
-            self._holding(0)
+            if self._head_bytes:
+                self._holding(0)
             for index in range(queued, len(messages)):
                 message, payload = messages[index]
                 if isinstance(message, RawRequestMessage) and (message.chunked or message.upgrade):
                     self._last_on_this_connection(index, message, payload)
             self._parsed()
         elif body is not None and body.total_bytes != fed:
-            self._holding(0)  # the body's content moved on
+            if self._head_bytes:
+                self._holding(0)  # the body's content moved on
             if body.is_eof():
                 self._ended = body  # (to its end: what comes next is a head, counted)
         elif not data or self._reading_paused or self._closing():
@@ -252,7 +254,8 @@ class _RequestHandler(RequestHandler):
             # request is whole, and its handler has it. The rest of this read, if any, begins
             # a head; it is not counted (a slice at most). Nothing to refuse.
             self._ended = body
-            self._holding(0)
+            if self._head_bytes:
+                self._holding(0)
         else:
             # A head's bytes (no body, or its body is over), or a body's framing with no
             # content: a chunked body's trailer section, which the parser keeps as it keeps a

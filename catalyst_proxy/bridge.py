@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import binascii
 import contextlib
+import errno
 import functools
 import hashlib
 import importlib
@@ -77,6 +78,9 @@ _ASCII_LOWER = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}
 _ASCII_SPACE = " \t\r\n\f\v"
 
 
+_THIS_PROCESS_SHORT = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+
 class BridgeSecret:
     """The HS256 secret: a fixed value, or a file re-read when it changes."""
 
@@ -127,7 +131,10 @@ class BridgeSecret:
                 value = file.read().strip()
         except OSError as exc:
             self._set_error(f"cannot read the secret file: {exc.strerror}")
-            self._file_value, self._file_read = None, None
+            if exc.errno not in _THIS_PROCESS_SHORT:  # gone or forbidden: no secret any more
+                self._file_value, self._file_read = None, None
+            # (Out of descriptors or memory, this process cannot open it now: the secret it
+            # read last stands, rather than every purchase answered "bridge unwired".)
             return
         if value == self._file_read:
             return

@@ -21,6 +21,7 @@ from catalyst_proxy.config import Settings
 
 from .conftest import BRIDGE_SECRET
 from .support import start_gateway
+from .test_breaker import out_of_descriptors
 
 PURCHASE = "/api/v1/billing/purchase"
 
@@ -315,6 +316,24 @@ def test_secret_file_is_rechecked_at_most_once_per_interval(tmp_path):
     clock.now += 0.5
     assert secret.get() == b"second-secret"
     assert secret.get(now=clock.now + 0.1) == b"second-secret"
+
+
+def test_a_secret_file_this_process_cannot_open_for_want_of_descriptors_stays(tmp_path):
+    """Out of file descriptors (a flood of clients), the secret file cannot be opened: the
+    secret read last stands (every purchase was "bridge unwired", 503, the marketplace said
+    to be off), where a file gone is no secret at all."""
+    path = tmp_path / "JWT_SECRET"
+    path.write_bytes(b"the-secret-0123456789-abcdef")
+    clock = Clock()
+    secret = BridgeSecret(path=str(path), clock=clock, interval=1.0)
+    assert secret.get() == b"the-secret-0123456789-abcdef"
+    clock.now += 1.0
+    with out_of_descriptors():
+        assert secret.get() == b"the-secret-0123456789-abcdef"
+    assert secret.last_error is not None
+    path.unlink()
+    clock.now += 1.0
+    assert secret.get() is None
 
 
 def test_a_rewrite_that_keeps_size_and_mtime_is_still_seen(tmp_path):

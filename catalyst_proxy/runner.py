@@ -149,13 +149,17 @@ class _RequestHandler(RequestHandler):
         super().pause_writing()
         transport = self.transport
         if self._send_watch is None and transport is not None:
-            self._send_left = transport.get_write_buffer_size()
-            self._send_since = self._loop.time()
-            self._send_watch = self._loop.call_later(self._patience() / PATIENCE_CHECKS,
-                                                     self._look_at_sending)  # fmt: skip
+            self._watch_sending(transport)
+
+    def _watch_sending(self, transport: asyncio.Transport) -> None:
+        self._send_left = transport.get_write_buffer_size()
+        self._send_since = self._loop.time()
+        self._send_watch = self._loop.call_later(self._patience() / PATIENCE_CHECKS,
+                                                 self._look_at_sending)  # fmt: skip
 
     def resume_writing(self) -> None:
-        if self._send_watch is not None:
+        closing = self._closed is not None  # (its close waits for the rest: still watched)
+        if self._send_watch is not None and not closing:
             self._send_watch.cancel()
             self._send_watch = None
         super().resume_writing()
@@ -174,7 +178,11 @@ class _RequestHandler(RequestHandler):
             # began (its drain waits next, so this happens once per write, not at will).
             self._send_left, self._send_since = left, now
         elif now - self._send_since >= self._patience() * PATIENCE_ALMOST:
-            transport.abort()  # it took nothing for the whole patience: let go
+            # It took nothing for the whole patience: let go, with a reset (an answer framed
+            # by the connection's end must not look whole: the kernel would send what it
+            # holds, then a FIN).
+            close_with_reset(transport)
+            transport.abort()
             return
         self._send_watch = self._loop.call_later(self._patience() / PATIENCE_CHECKS,
                                                  self._look_at_sending)  # fmt: skip
@@ -182,8 +190,14 @@ class _RequestHandler(RequestHandler):
     def force_close(self) -> None:
         if self.close_framed == "streaming" and self.transport is not None:
             close_with_reset(self.transport)  # mid-answer: a FIN would complete it
-        self._closed = self.transport or self._closed  # (aiohttp forgets it here)
+        transport = self._closed = self.transport or self._closed  # (aiohttp forgets it here)
+        if self._head_bytes:  # nothing more is parsed from it
+            self._holding(0)
         super().force_close()
+        # The close waits for what the buffer holds: a client that does not read would keep
+        # it for ever (the keep-alive timeout's close too). The send watch lets it go.
+        if self._send_watch is None and transport is not None and transport.get_write_buffer_size():
+            self._watch_sending(transport)
 
     def cut(self) -> None:
         """The process exits, and this connection with it. An answer framed by the close

@@ -42,14 +42,12 @@ SLOT: Final = _Slot()
 # "outcome unknown" where a safe refusal was possible); a connect that could not succeed in
 # time would read as the SME gateway unreachable, and count against it in the breaker. The
 # floor is a tenth of the budget, at most a quarter of a second (at least a millisecond).
+# A connect given at least the floor that then times out counts as the SME gateway's, waited
+# or not: one on its network answers a SYN in milliseconds, and with a full pool every
+# connect comes after a wait (sparing those, a gateway gone dark never opened the breaker).
 FLOOR_SHARE: Final = 0.1
 FLOOR_MOST: Final = 0.25
 CONNECT_FLOOR: Final = 0.001
-# A connect begun after a wait in line that then times out having had less than this (or
-# than half the budget) is cut short by the wait, not failed by the SME gateway (a connect to
-# a host that does not answer its SYN takes a second to retry it): overloaded, and not
-# counted by the breaker.
-FAIR_CONNECT: Final = 1.0
 
 
 # A connect that failed for want of this process's or this host's resources, not the SME
@@ -84,13 +82,11 @@ class Pool:
         breaker: Breaker,
         budget: float | None = None,
     ) -> None:
-        """``budget``: the requests' time budget (None: CONNECT_FLOOR and FAIR_CONNECT)."""
+        """``budget``: the requests' time budget (None: a floor of CONNECT_FLOOR)."""
         self._host = host
         self._floor = CONNECT_FLOOR  # see FLOOR_SHARE
-        self._fair = FAIR_CONNECT
         if budget is not None:
             self._floor = max(min(budget * FLOOR_SHARE, FLOOR_MOST), CONNECT_FLOOR)
-            self._fair = min(FAIR_CONNECT, budget / 2)
         self._port = port
         self._tls = tls
         self._max = max_connections
@@ -135,7 +131,7 @@ class Pool:
                 self._pass_on(granted)
                 raise PoolOverloaded("the time budget ran out waiting for an upstream connection")
             if granted is SLOT:
-                return await self._connect(deadline, waited=True)
+                return await self._connect(deadline)
             if isinstance(granted, Connection) and granted.reserve():
                 return granted
             # It closed while handed over (its place went on to the next in line), or the
@@ -220,7 +216,7 @@ class Pool:
         self._idle.append(conn)
         self._schedule_sweep()
 
-    async def _connect(self, deadline: float, *, waited: bool = False) -> Connection:
+    async def _connect(self, deadline: float) -> Connection:
         """Open a new connection on a slot already counted; the slot is freed on failure."""
         try:
             self.breaker.attempt()
@@ -228,7 +224,6 @@ class Pool:
             self._free_slot()
             raise
         made: list[Connection] = []
-        cut_short = waited and deadline - self._loop.time() < self._fair
 
         def protocol() -> Connection:
             conn = Connection(self._loop, self._closed_connection, self._watchdog)
@@ -248,11 +243,6 @@ class Pool:
         except (OSError, TimeoutError, ssl.SSLError) as exc:
             _give_up(made)
             self._free_slot()
-            if cut_short and isinstance(exc, TimeoutError):  # the wait's doing: FAIR_CONNECT
-                self.breaker.abandon()
-                raise PoolOverloaded(
-                    "the time budget ran out waiting for an upstream connection"
-                ) from None
             lacking = _OUR_LIMITS.get(getattr(exc, "errno", None) or 0)
             if lacking is not None:
                 self.breaker.abandon()

@@ -140,11 +140,12 @@ class _RequestHandler(RequestHandler):
     # A client that stops reading (a stream of pipelined requests whose answers it never
     # takes; any answer, the gateway's own as much as the SME gateway's) would hold its
     # connection, and the answers buffered for it, for ever: aiohttp waits for the buffer to
-    # drain with no time limit. While the transport's buffer is over its high-water mark, it
-    # is looked at PATIENCE_CHECKS times per send patience (60 s, nginx's send_timeout), and
-    # a client seen to take nothing for that long is let go: the connection is aborted (a
-    # close would wait for the buffer it does not read). A streamed answer also has its own
-    # watch (proxy._send), which ends its transfer in the answer's framing first.
+    # drain with no time limit, and a close waits for it to empty. While writing is paused
+    # (the transport's buffer over its high-water mark), and while a close waits on what the
+    # buffer holds, it is looked at PATIENCE_CHECKS times per send patience (60 s, nginx's
+    # send_timeout), and a client seen to take nothing for that long is let go: the
+    # connection is aborted, with a reset. A streamed answer also has its own watch
+    # (proxy._send), which ends its transfer in the answer's framing first.
     def pause_writing(self) -> None:
         super().pause_writing()
         transport = self.transport
@@ -321,8 +322,7 @@ class _RequestHandler(RequestHandler):
             return True
         self._holding(0)
         self._head_refused = True  # nothing more is parsed from it
-        if self.transport is not None:
-            self.transport.close()
+        self.force_close()  # (watched while it closes, as any close)
         return False
 
     def _closing(self) -> bool:

@@ -338,7 +338,7 @@ async def _disconnect(connections: list[AbstractConnection]) -> None:
     await asyncio.gather(*(c.disconnect() for c in connections), return_exceptions=True)
 
 
-KEY_ERROR = "a value of another type is stored under this key"
+KEY_ERROR = "a value the gateway cannot use is stored under this key"
 POOL_BUSY = "every connection to the store is in use"
 
 

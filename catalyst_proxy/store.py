@@ -61,6 +61,7 @@ from .config import ConfigError, Settings
 COMMAND_TIMEOUT = 0.5  # a command takes well under a millisecond on a healthy store
 RETRY_AFTER = 1.0
 PROBE_AFTER = 1.0  # /readyz pings a store not heard from for this long (see the module's text)
+RECHECK_EVERY = 60.0  # s: at most this often, a connection the server closed re-runs on_up
 MAX_CONNECTIONS = 64
 
 T = TypeVar("T")
@@ -129,7 +130,9 @@ class Store:
             self.pool = BlockingConnectionPool.from_url(
                 self.url, max_connections=MAX_CONNECTIONS, timeout=COMMAND_TIMEOUT, **options
             )
-            self.pool.connection_class = _closed_is_lost(self.pool.connection_class)
+            self.pool.connection_class = _closed_is_lost(
+                self.pool.connection_class, lambda: self._found_closed()
+            )
             # An option redis-py does not know only fails when a connection is made: make
             # one here (it does not connect), so that it is a start-up error, not a 500.
             self.pool.connection_class(**self.pool.connection_kwargs)
@@ -149,6 +152,7 @@ class Store:
         # would connect afresh, on a pool already closed).
         self.on_up: list[Callable[[], Awaitable[object]]] = []
         self._checks: set[asyncio.Task[None]] = set()
+        self._checked_at = float("-inf")  # when on_up last ran (the clock's time)
         self._closing = False
 
     def describe(self) -> str:
@@ -235,13 +239,25 @@ class Store:
             self._down_until = 0.0
             self.last_error = None
             self._logger.info(log.STORE, state=self.state, url=self.describe())
-            if self._closing:
-                return
-            for check in self.on_up:
-                with contextlib.suppress(RuntimeError):  # no loop running: nothing to check with
-                    task = asyncio.get_running_loop().create_task(self._check(check))
-                    self._checks.add(task)
-                    task.add_done_callback(self._checks.discard)
+            self._run_checks()
+
+    def _found_closed(self) -> None:
+        """A pooled connection the server closed (a restart, its idle timeout, CLIENT KILL),
+        replaced before use, so no command failed and the store never left "ok": a restarted
+        server may have come back with another configuration (an eviction policy, no
+        persistence), so the checks run again, at most once per RECHECK_EVERY."""
+        if self._clock() - self._checked_at >= RECHECK_EVERY:
+            self._run_checks()
+
+    def _run_checks(self) -> None:
+        if self._closing:
+            return
+        self._checked_at = self._clock()
+        for check in self.on_up:
+            with contextlib.suppress(RuntimeError):  # no loop running: nothing to check with
+                task = asyncio.get_running_loop().create_task(self._check(check))
+                self._checks.add(task)
+                task.add_done_callback(self._checks.discard)
 
     async def _check(self, check: Callable[[], Awaitable[object]]) -> None:
         try:
@@ -285,7 +301,9 @@ class Store:
             await self.run(self.redis.ping)
 
 
-def _closed_is_lost(base: type[AbstractConnection]) -> type[AbstractConnection]:
+def _closed_is_lost(
+    base: type[AbstractConnection], found_closed: Callable[[], None]
+) -> type[AbstractConnection]:
     """``base`` (redis-py's connection, plain or TLS) with a closed transport read as a lost
     connection.
 
@@ -297,7 +315,8 @@ def _closed_is_lost(base: type[AbstractConnection]) -> type[AbstractConnection]:
     the pool's check of an idle connection it hands out (``can_read()``, the one that
     already replaces a connection the server closed with a FIN) replaces one found closed,
     before any byte of the command is written; and a write that meets a closed transport
-    all the same is a lost connection (``redis.ConnectionError``), like any other."""
+    all the same is a lost connection (``redis.ConnectionError``), like any other. Each one
+    found closed is told to ``found_closed`` (the store re-runs its checks: see there)."""
 
     class ClosedIsLost(base):  # type: ignore[misc,valid-type]  # a class made at run time
         def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -315,8 +334,11 @@ def _closed_is_lost(base: type[AbstractConnection]) -> type[AbstractConnection]:
         async def can_read(self) -> bool:
             writer = self._writer
             if writer is not None and writer.transport.is_closing():
+                found_closed()
                 return True  # (as a connection with data pending: the pool reconnects it)
             result: bool = await super().can_read()
+            if result:  # closed by the server (a FIN), or with bytes no command asked for
+                found_closed()
             return result
 
         async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
@@ -326,10 +348,9 @@ def _closed_is_lost(base: type[AbstractConnection]) -> type[AbstractConnection]:
                 raise RedisConnectionError("the connection was closed") from None
 
     ClosedIsLost.__name__ = ClosedIsLost.__qualname__ = f"ClosedIsLost{base.__name__}"
-    return _CLOSED_IS_LOST.setdefault(base, ClosedIsLost)
+    return ClosedIsLost  # (one per store: its found_closed)
 
 
-_CLOSED_IS_LOST: dict[type[AbstractConnection], type[AbstractConnection]] = {}
 _SSL_CONTEXTS: dict[str, RedisSSLContext] = {}  # (see ClosedIsLost.__init__)
 
 

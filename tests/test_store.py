@@ -29,6 +29,7 @@ from catalyst_proxy.store import (
     COMMAND_TIMEOUT,
     MAX_CONNECTIONS,
     PROBE_AFTER,
+    RECHECK_EVERY,
     RETRY_AFTER,
     Store,
     StoreRefused,
@@ -475,6 +476,41 @@ async def test_a_failing_on_up_callback_neither_fails_the_command_nor_stops_the_
         await until(lambda: len(ran) == 2)
         await until(lambda: any(e.get("callback") == "failed" for e in store_events(logs)))
     assert sorted(ran) == ["broken", "next"]
+
+
+async def test_a_server_that_closed_the_pools_connections_is_checked_again(
+    stores, redis_server, redis_url
+):
+    """A server that closed the connections the pool kept (a restart between two requests,
+    CLIENT KILL) has them replaced before use, so no command fails and the store never
+    leaves "ok"; it may have come back with another configuration, so the checks run again,
+    at most once per RECHECK_EVERY (a restart with another eviction policy was never
+    warned about)."""
+    clock = FakeClock()
+    ran: list[str] = []
+
+    async def check() -> None:
+        ran.append("check")
+
+    store = stores(redis_url, clock=clock)
+    store.on_up.append(check)
+    assert await ping(store) is True
+    await until(lambda: ran == ["check"])
+
+    async def closed_by_the_server() -> None:
+        (idle,) = store.pool._available_connections
+        assert redis_server.command("CLIENT", "KILL", "TYPE", "normal") >= 1
+        await until(lambda: idle._reader is not None and idle._reader.at_eof())
+        assert await ping(store) is True  # on a new connection: nothing failed
+        assert (store.state, store.down) == ("ok", False)
+
+    clock.advance(RECHECK_EVERY)
+    await closed_by_the_server()
+    await until(lambda: ran == ["check", "check"])
+    clock.advance(1.0)
+    await closed_by_the_server()  # again within RECHECK_EVERY: not checked again
+    assert not store._checks  # none started (nor pending: a task is filed as it starts)
+    assert ran == ["check", "check"]
 
 
 async def test_close_waits_for_the_checks_running_and_starts_no_more(stores, redis_url):

@@ -50,15 +50,7 @@ from .config import Rate
 from .errors import RateLimited, RateLimitStoreUnavailable
 from .metrics import Metrics
 from .routes import Route
-from .store import (
-    COMMAND_TIMEOUT,
-    KEY_ERROR,
-    POOL_BUSY,
-    Store,
-    StoreUnavailable,
-    key_error,
-    pool_busy,
-)
+from .store import COMMAND_TIMEOUT, Store, StoreUnavailable
 
 MAX_MEMORY_KEYS = 100_000  # per process; the least recently used counters go first
 _MIN_WAIT = 0.001  # a refused hit's wait is never 0 (0 means allowed)
@@ -128,7 +120,7 @@ class RedisCounters:
     """The same counters in Redis/Valkey (``limits``' sliding window, one script per hit)."""
 
     def __init__(self, store: Store) -> None:
-        self._store = self.store = store
+        self.store = store
         storage = RedisStorage(
             "async+" + store.url,
             implementation="redispy",
@@ -143,32 +135,22 @@ class RedisCounters:
         item = self._items.get(rate)
         if item is None:
             item = self._items[rate] = _ITEMS[rate.period](rate.amount, namespace="rl")
-        if self._store.down:
-            raise StoreUnavailable(self._store.last_error or "the store is down")
+        if self.store.down:
+            raise StoreUnavailable(self.store.last_error or "the store is down")
         try:
             allowed = self._limiter.hit if count else self._limiter.test
             if await allowed(item, key):
-                self._store.succeeded()
+                self.store.succeeded()
                 return 0.0
-        except _STORE_ERRORS as exc:
-            cause = getattr(exc, "storage_error", exc)
-            if key_error(cause):  # this operator's counters alone: no pause for the rest
-                raise StoreUnavailable(KEY_ERROR) from None
-            if pool_busy(cause):
-                raise StoreUnavailable(POOL_BUSY) from None
-            self._store.failed(cause)
-            raise StoreUnavailable(self._store.last_error or "the store failed") from None
-        except ValueError:  # (limits reading a counter that holds no number: the same)
-            raise StoreUnavailable(KEY_ERROR) from None
+        except (*_STORE_ERRORS, ValueError) as exc:  # (ValueError: limits' int() of a counter)
+            raise self.store.refusal(getattr(exc, "storage_error", exc)) from None
         try:
             stats = await self._limiter.get_window_stats(item, key)
         except (*_STORE_ERRORS, ValueError) as exc:
             # Refused all the same: the store said so. Only the wait is not known: a window.
-            cause = getattr(exc, "storage_error", exc)
-            if not isinstance(cause, ValueError) and not key_error(cause) and not pool_busy(cause):
-                self._store.failed(cause)
+            self.store.refusal(getattr(exc, "storage_error", exc))  # (noted, not raised)
             return float(rate.seconds)
-        self._store.succeeded()
+        self.store.succeeded()
         # At a window's edge limits may report the reset as now: a refusal is never "0".
         return max(stats.reset_time - time.time(), _MIN_WAIT)
 

@@ -131,7 +131,7 @@ class Store:
                 self.url, max_connections=MAX_CONNECTIONS, timeout=COMMAND_TIMEOUT, **options
             )
             self.pool.connection_class = _closed_is_lost(
-                self.pool.connection_class, lambda: self._found_closed()
+                self.pool.connection_class, self._found_closed
             )
             # An option redis-py does not know only fails when a connection is made: make
             # one here (it does not connect), so that it is a start-up error, not a 500.
@@ -197,18 +197,24 @@ class Store:
             raise StorePaused(self.last_error or "the store is down")
         try:
             result = await command()
-        except ResponseError as exc:
-            if key_error(exc):
-                raise StoreRefused(KEY_ERROR) from None
-            self.failed(exc)
-            raise StoreRefused(self.last_error or "the store refused") from None
         except (RedisError, OSError, TimeoutError) as exc:
-            if pool_busy(exc):
-                raise StoreUnavailable(POOL_BUSY) from None
-            self.failed(exc)
-            raise StoreUnavailable(self.last_error or "the store failed") from None
+            raise self.refusal(exc) from None
         self.succeeded()
         return result
+
+    def refusal(self, exc: BaseException) -> StoreUnavailable:
+        """What a command's failure means, for every user of the store (here and a library
+        using the pool): an error about one key, or this process's own congestion, refuses
+        that command alone; anything else is the store's, noted by ``failed()`` (a pause).
+        An error reply is StoreRefused: the command's outcome is known."""
+        if key_error(exc):
+            return StoreRefused(KEY_ERROR)
+        if pool_busy(exc):
+            return StoreUnavailable(POOL_BUSY)
+        self.failed(exc)
+        if isinstance(exc, ResponseError):
+            return StoreRefused(self.last_error or "the store refused")
+        return StoreUnavailable(self.last_error or "the store failed")
 
     def failed(self, exc: BaseException) -> None:
         """Note a failure (from here or from a library using the pool).
@@ -372,10 +378,13 @@ def pool_busy(exc: BaseException) -> bool:
 
 
 def key_error(exc: BaseException) -> bool:
-    """An error reply about one key, not about the server: a value of another type there
-    (``WRONGTYPE``), or one that is not the number a counter holds, inside a script too:
-    written by another program sharing the server. It refuses what uses that key, and does
-    not pause the store for everyone else."""
+    """An error about one key, not about the server: a value of another type there
+    (``WRONGTYPE``), or one that is not the number a counter holds (the server's reply,
+    inside a script too, or ``limits``' own ``int()`` of it: ValueError): written by another
+    program sharing the server. It refuses what uses that key, and does not pause the store
+    for everyone else."""
+    if isinstance(exc, ValueError):
+        return True
     return isinstance(exc, ResponseError) and any(marker in str(exc) for marker in _KEY_ERRORS)
 
 

@@ -135,6 +135,7 @@ def create_app(
         RedisCounters(store) if store is not None else MemoryCounters(),
         refuse_on_store_error=settings.rate_limit_on_store_error == "refuse",
         metrics=metrics,
+        clock=monotonic,
     )
     modes, off_reason = route_modes(settings, table.routes, workers=workers)
     lease = settings.upstream_timeout_seconds + tuning.lease_margin

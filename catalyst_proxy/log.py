@@ -49,6 +49,7 @@ HANDLER_ERROR = "handler.error"
 REFUSED = "request.refused"
 BREAKER = "breaker.state"
 STORE = "store.state"
+RATE_LIMIT_STORE_ERROR = "ratelimit.store_error"  # throttled: ratelimit.STORE_ERROR_LOG_EVERY
 IDEMPOTENCY_OFF = "idempotency.off"
 IDEMPOTENCY_EVICTION = "idempotency.eviction_policy"
 IDEMPOTENCY_NO_PERSISTENCE = "idempotency.no_persistence"  # Redis keeps nothing across a restart

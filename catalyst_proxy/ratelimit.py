@@ -20,8 +20,11 @@ sliding-window strategy (``RedisCounters``), so every worker and replica shares
 them. ``limits``' async memory storage is not used: measured, its expiry task
 scans every key after each hit (~270 µs per request with 10,000 operators).
 When the shared store fails, ``CATALYST_RATE_LIMIT_ON_STORE_ERROR`` decides:
-``allow`` (counted in the metrics; the store logs the outage) or ``refuse``
-(``503 rate-limit-store-unavailable``).
+``allow`` (counted in the metrics) or ``refuse``
+(``503 rate-limit-store-unavailable``). Either way the error is logged
+(``ratelimit.store_error``): the first at once, then at most one line every
+``STORE_ERROR_LOG_EVERY`` seconds, carrying how many requests met one since the
+line before (an outage under load is thousands a second; the metrics count each).
 """
 
 from __future__ import annotations
@@ -46,12 +49,14 @@ from limits.aio.storage import RedisStorage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from limits.errors import StorageError
 
+from . import log
 from .config import Rate
 from .errors import RateLimited, RateLimitStoreUnavailable
 from .metrics import Metrics
 from .routes import Route
 from .store import COMMAND_TIMEOUT, Store, StoreUnavailable
 
+STORE_ERROR_LOG_EVERY = 10.0  # seconds between two ratelimit.store_error lines, at most
 MAX_MEMORY_KEYS = 100_000  # per process; the least recently used counters go first
 _MIN_WAIT = 0.001  # a refused hit's wait is never 0 (0 means allowed)
 _STORE_ERRORS = (StorageError, OSError, TimeoutError)  # what limits lets through of a store's
@@ -172,6 +177,7 @@ class RateLimiter:
         *,
         refuse_on_store_error: bool,
         metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._counters = counters
         self._store = counters.store if isinstance(counters, RedisCounters) else None
@@ -191,6 +197,10 @@ class RateLimiter:
         self._refused = {path: metrics.rate_limited.labels(path) for path in self._policies}
         self._store_allowed = metrics.rate_limit_store_errors.labels("allowed")
         self._store_refused = metrics.rate_limit_store_errors.labels("refused")
+        self._clock = clock
+        self._logger = log.get_logger()
+        self._unlogged = 0  # store errors since the last ratelimit.store_error line
+        self._log_after = float("-inf")  # no line before then (the clock's time)
 
     @property
     def active(self) -> bool:
@@ -223,10 +233,30 @@ class RateLimiter:
                 except TimeoutError:
                     raise StoreUnavailable("the store's answers took too long") from None
         except StoreUnavailable as exc:
+            self._note_store_error(exc)
             if self._refuse:
                 self._store_refused.inc()
                 raise RateLimitStoreUnavailable(str(exc)) from None
             self._store_allowed.inc()
+
+    def _note_store_error(self, exc: StoreUnavailable) -> None:
+        """Log a store error, throttled: the first at once, then one line per
+        STORE_ERROR_LOG_EVERY at most, with the count of errors since the line before.
+        (The store's own ``store.state`` line says when it goes down and comes back; an
+        error about one key or this process's own congestion does not change that state,
+        and is seen here only.)"""
+        self._unlogged += 1
+        now = self._clock()
+        if now < self._log_after:
+            return
+        self._logger.warning(
+            log.RATE_LIMIT_STORE_ERROR,
+            reason=str(exc),
+            decision="refused" if self._refuse else "allowed",
+            requests=self._unlogged,  # this one and those since the line before
+        )
+        self._unlogged = 0
+        self._log_after = now + STORE_ERROR_LOG_EVERY
 
     async def _count(self, route: str, policy: _Policy, keys: list[str]) -> None:
         """Test every rate (several), then count the request in each; RateLimited if over."""

@@ -23,8 +23,9 @@ from typing import Any
 import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 
-from catalyst_proxy import native
+from catalyst_proxy import log, native
 from catalyst_proxy.config import Rate, Settings, parse_rate_limit
 from catalyst_proxy.ratelimit import MemoryCounters, RedisCounters
 from catalyst_proxy.store import Store
@@ -408,6 +409,28 @@ async def test_counters_of_another_type_refuse_that_operator_alone(
     assert (await call(gw, other)).status == 200
     assert (await until_store(gw, "ok"))["last_error"] is None
     assert await store_errors(gw) == {"allowed": 0, "refused": 1}
+
+
+async def test_a_key_error_allowed_through_is_logged(gateway, bearer, redis_server, redis_url):
+    """Under `allow` (the default) a store error is "counted in the metrics and logged",
+    also one that is about one operator's counters alone (the store stays "ok", so no
+    `store.state` line says anything): one `ratelimit.store_error` line, with the reason and
+    the decision; the Redis URL's password and the operator's token are not in it."""
+    gw = await gateway(rate_limit=THREE_A_MINUTE, redis_url=redis_url)
+    victim = bearer(sub="op-wrongtype")
+    assert (await call(gw, victim)).status == 200
+    for name in redis_server.command("KEYS", "catalyst-ratelimit*op-wrongtype*"):
+        redis_server.command("DEL", name)
+        redis_server.command("HSET", name, "field", "value")
+    with capture_logs() as logs:
+        served = await call(gw, victim)
+    assert (served.status, served.headers["X-Catalyst-Forwarded"]) == (200, "yes")
+    assert await store_errors(gw) == {"allowed": 1, "refused": 0}
+    lines = [line for line in logs if line["event"] == log.RATE_LIMIT_STORE_ERROR]
+    assert [(line["decision"], line["requests"]) for line in lines] == [("allowed", 1)]
+    assert "cannot use" in lines[0]["reason"]
+    assert victim["Authorization"].split()[1] not in repr(logs)
+    assert (await until_store(gw, "ok"))["last_error"] is None
 
 
 async def test_a_store_that_answers_each_command_slowly_is_a_store_error_within_one_bound(

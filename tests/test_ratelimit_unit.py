@@ -13,11 +13,18 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from structlog.testing import capture_logs
 
+from catalyst_proxy import log
 from catalyst_proxy.config import Rate, parse_rate_limit
-from catalyst_proxy.errors import RateLimited
+from catalyst_proxy.errors import RateLimited, RateLimitStoreUnavailable
 from catalyst_proxy.metrics import Metrics
-from catalyst_proxy.ratelimit import MAX_MEMORY_KEYS, MemoryCounters, RateLimiter
+from catalyst_proxy.ratelimit import (
+    MAX_MEMORY_KEYS,
+    STORE_ERROR_LOG_EVERY,
+    MemoryCounters,
+    RateLimiter,
+)
 from catalyst_proxy.routes import DEFAULT_ROUTES
 from catalyst_proxy.store import StoreUnavailable
 
@@ -387,6 +394,52 @@ async def test_a_rate_found_full_stays_a_refusal_if_the_store_fails_on_the_next_
                                refuse_on_store_error=False, metrics=Metrics())  # fmt: skip
     assert await outcomes(rate_limiter, 3) == ["ok"] * 3
     assert await outcomes(rate_limiter, 1) == ['"3-per-second";r=0;t=2']
+
+
+class DownCounters:
+    """Counters whose store cannot answer at all (every hit a store error)."""
+
+    async def hit(self, key: str, rate: Rate, *, count: bool = True) -> float:
+        raise StoreUnavailable("a value the gateway cannot use is stored under this key")
+
+
+@pytest.mark.parametrize("refuse", [False, True], ids=["allow", "refuse"])
+async def test_store_errors_are_logged_throttled_with_their_count(refuse):
+    """Every store error is logged (the contract: `allow` is "counted in the metrics and
+    logged"), also one the store's state never shows (a key's own error reply): the first
+    at once, then at most one line per STORE_ERROR_LOG_EVERY seconds, whose `requests`
+    says how many met an error since the line before; nothing of the operator in it."""
+    clock = FakeClock(0.0)
+    metrics = Metrics()
+    rate_limiter = RateLimiter(DEFAULT_ROUTES, parse_rate_limit("3/minute"), DownCounters(),
+                               refuse_on_store_error=refuse, metrics=metrics,
+                               clock=clock)  # fmt: skip
+
+    async def errors(count: int) -> None:
+        for _ in range(count):
+            try:
+                await rate_limiter.check(ROUTE, "op-secretive")
+            except RateLimitStoreUnavailable:
+                assert refuse
+            else:
+                assert not refuse
+
+    with capture_logs() as logs:
+        await errors(5)
+        clock.now += STORE_ERROR_LOG_EVERY - EPSILON
+        await errors(3)
+        clock.now += EPSILON
+        await errors(2)
+    lines = [line for line in logs if line["event"] == log.RATE_LIMIT_STORE_ERROR]
+    decision = "refused" if refuse else "allowed"
+    # The first error at once; the next line at the first error STORE_ERROR_LOG_EVERY later,
+    # counting the 4 + 3 held back and itself; the last one waits for the next line.
+    assert [(line["requests"], line["decision"], line["log_level"]) for line in lines] == [
+        (1, decision, "warning"),
+        (4 + 3 + 1, decision, "warning"),
+    ]
+    assert all(line["reason"].startswith("a value the gateway cannot") for line in lines)
+    assert not any("op-secretive" in repr(line) for line in logs)
 
 
 async def test_operators_and_routes_have_their_own_budgets():

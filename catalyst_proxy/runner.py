@@ -35,7 +35,13 @@ from .app import PARTS
 from .dispatch import Dispatcher, error_response
 from .errors import BadRequest, HeaderFieldsTooLarge, InternalError, ProxyError
 from .ids import hex_id
-from .proxy import PATIENCE_ALMOST, PATIENCE_CHECKS, SEND_PATIENCE, close_with_reset
+from .proxy import (
+    PATIENCE_ALMOST,
+    PATIENCE_CHECKS,
+    SEND_PATIENCE,
+    close_with_reset,
+    waiting_for_client,
+)
 
 # Server-side protocol settings (web.AppRunner keyword arguments).
 SERVER_OPTIONS: dict[str, Any] = {
@@ -142,7 +148,8 @@ class _RequestHandler(RequestHandler):
     # connection, and the answers buffered for it, for ever: aiohttp waits for the buffer to
     # drain with no time limit, and a close waits for it to empty. While writing is paused
     # (the transport's buffer over its high-water mark), and while a close waits on what the
-    # buffer holds, it is looked at PATIENCE_CHECKS times per send patience (60 s, nginx's
+    # buffer holds, what waits for the client (the buffer and the kernel's send queue) is
+    # looked at PATIENCE_CHECKS times per send patience (60 s, nginx's
     # send_timeout), and a client seen to take nothing for that long is let go: the
     # connection is aborted, with a reset. A streamed answer also has its own watch
     # (proxy._send), which ends its transfer in the answer's framing first.
@@ -153,7 +160,7 @@ class _RequestHandler(RequestHandler):
             self._watch_sending(transport)
 
     def _watch_sending(self, transport: asyncio.Transport) -> None:
-        self._send_left = transport.get_write_buffer_size()
+        self._send_left = waiting_for_client(transport)
         self._send_since = self._loop.time()
         self._send_watch = self._loop.call_later(self._patience() / PATIENCE_CHECKS,
                                                  self._look_at_sending)  # fmt: skip
@@ -173,7 +180,7 @@ class _RequestHandler(RequestHandler):
         transport = self.transport or self._closed
         if transport is None or not transport.get_write_buffer_size():
             return  # nothing waits for the client
-        now, left = self._loop.time(), transport.get_write_buffer_size()
+        now, left = self._loop.time(), waiting_for_client(transport)
         if left != self._send_left:
             # Less: the client took some. More: an answer's write went on after the pause
             # began (its drain waits next, so this happens once per write, not at will).

@@ -1074,6 +1074,36 @@ async def test_a_client_that_never_reads_its_answers_is_let_go(gateway, path, co
         sock.close()
 
 
+async def test_a_client_reading_its_pipelined_answers_steadily_gets_them_all(gateway):
+    """The kernel's buffers as they are (loopback's grow to megabytes): a client that pipelines
+    80 requests for /openapi.json (~5 MB of answers, more than the kernel's queue holds) and
+    reads them steadily, 32 KiB every 20 ms, gets every answer. The transport's buffer moves
+    only when the kernel wakes the writer, after the client has taken a third of its send
+    queue: by that alone the client looked as if it took nothing for the patience (0.3 s
+    here), and was let go. The watch counts the kernel's queue too (SIOCOUTQ)."""
+    gw = await gateway(tuning=Tuning(send_patience=0.3))
+    status, _, document = await gw.request("GET", "/openapi.json")
+    assert status == 200
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)  # the rest waits there
+    sock.setblocking(False)
+    count = 80
+    with sock:
+        await loop.sock_connect(sock, ("127.0.0.1", int(gw.url.rsplit(":", 1)[1])))
+        await loop.sock_sendall(sock, b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * count)
+        got = bytearray()
+        while got.count(b"HTTP/1.1 200 ") < count or not got.endswith(document):
+            await asyncio.sleep(0.02)  # the client's pace, not a wait for anything
+            try:
+                piece = await loop.sock_recv(sock, 32 * 1024)
+            except ConnectionError as exc:
+                raise AssertionError(f"cut off after {len(got)} bytes: {exc!r}") from None
+            assert piece, f"cut off after {len(got)} bytes"
+            got += piece
+    assert got.count(document) == count
+
+
 async def test_a_bad_chunk_in_a_body_nobody_reads_is_never_logged(gateway, caplog):
     """A body aiohttp reads on by itself after the answer (a GET /healthz sent with a chunked
     body) that then goes bad is left alone: the parser's error quotes the refused bytes (a

@@ -1550,6 +1550,44 @@ async def test_a_client_reading_a_streamed_answer_slowly_gets_all_of_it(
         await raw.close()
 
 
+async def test_a_client_reading_steadily_past_the_kernels_queue_gets_all_of_it(gateway, bearer):
+    """The kernel's own buffers as they are (loopback's grow to megabytes): a client that
+    reads steadily, 32 KiB every 20 ms, gets the whole 4 MiB answer, though the transport's
+    buffer moves only when the kernel wakes the writer, after the client has taken a third
+    of the kernel's send queue: by that alone it looked as if it took nothing for longer
+    than the patience (0.3 s here), and was cut off. The watch counts the kernel's queue
+    too (SIOCOUTQ), so every read is seen."""
+    pieces = 64  # 4 MiB: more than the kernel's queue holds
+    upstream_side = BigAnswer(pieces * PIECE, os.urandom(PIECE))
+    raw = await RawUpstream(upstream_side.script).start()
+    try:
+        gw = await gateway(upstream=raw.url, tuning=Tuning(send_patience=0.3))
+        loop = asyncio.get_running_loop()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * KiB)  # the rest waits there
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", gw.runner.addresses[0][1]))
+        with sock:
+            await loop.sock_sendall(sock, purchase(bearer(), "steady"))
+            got = bytearray()
+            while b"\r\n\r\n" not in got:
+                got += await loop.sock_recv(sock, 32 * KiB)
+            head, _, body = bytes(got).partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200")
+            got = bytearray(body)
+            while len(got) < pieces * PIECE:
+                await asyncio.sleep(0.02)  # the client's pace, not a wait for anything
+                try:
+                    piece = await loop.sock_recv(sock, 32 * KiB)
+                except ConnectionError as exc:
+                    raise AssertionError(f"cut off after {len(got)} bytes: {exc!r}") from None
+                assert piece, f"cut off after {len(got)} bytes"
+                got += piece
+            assert bytes(got) == upstream_side.piece * pieces
+    finally:
+        await raw.close()
+
+
 async def test_a_send_to_a_half_closed_client_that_reads_nothing_ends():
     """``_send`` on its own, where nothing cancels the handler when the client half-closes:
     aiohttp then closes the transport, which waits for its buffer to empty, for ever if the

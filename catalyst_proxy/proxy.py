@@ -29,7 +29,7 @@ import termios
 import time
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 from aiohttp import HttpVersion11, web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -178,6 +178,9 @@ class Proxy:
         except Exception as exc:
             raise MintFailed(type(exc).__name__) from None
         route = match.route
+        peer = request.remote
+        if peer is None:
+            _reset_already(request)
         exchange = _Exchange(
             route.upstream_method.encode(),
             (route.upstream_target(match.code) + query).encode(errors="surrogateescape"),
@@ -185,7 +188,7 @@ class Proxy:
                 request.raw_headers,
                 bridge_token=token,
                 request_id=info.request_id,
-                peer=request.remote,
+                peer=peer,
                 scheme=request.scheme,
             ),
             _Upload(self._limit),
@@ -630,6 +633,19 @@ def close_with_reset(transport: asyncio.BaseTransport) -> None:
     if sock is not None:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+
+
+def _reset_already(request: web.BaseRequest) -> NoReturn:
+    """The client has reset its connection, and the server has not seen it yet: the
+    socket has no peer address any more (uvloop asks the kernel when it is first wanted).
+    A whole request can be read, and its handler begun, before the reset is noticed, so no
+    cancellation reaches it: it was forwarded all the same, a purchase for a client that
+    can never learn its outcome, with no ``X-Forwarded-For``. Nothing is sent: the
+    connection is closed, and the request ends as one whose client went away (499)."""
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
+    raise ConnectionResetError("the client reset its connection")
 
 
 def _framed_by_close(request: web.BaseRequest, *, streaming: bool) -> None:

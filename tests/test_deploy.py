@@ -18,7 +18,8 @@ from typing import Any
 
 import pytest
 
-from catalyst_proxy.config import VARIABLES, Settings, parse_rate_limit
+from catalyst_proxy.config import MAX_SECONDS, VARIABLES, ConfigError, Settings, parse_rate_limit
+from catalyst_proxy.routes import DEFAULT_ROUTES, OPERATIONS_PATHS, RoutesFileError, load_routes
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "deploy/helm/catalyst-proxy"
@@ -35,7 +36,7 @@ RELEASE, NAMESPACE = "catalyst-proxy", "catalyst"
 CRD_GROUPS = ("monitoring.coreos.com/",)  # ServiceMonitor, PrometheusRule: no upstream schema
 
 try:
-    import yaml
+    import yaml  # type: ignore[import-untyped, unused-ignore]  # PyYAML ships no types
 except ImportError:  # pragma: no cover - the message is the point
     pytest.fail("PyYAML is missing from the venv: run `make deploy-tools`", pytrace=False)
 
@@ -407,6 +408,115 @@ def test_rate_limit_values_follow_the_gateway_syntax(helm: Helm, limit: str, val
         message = helm.refuse(extra=values)
         assert "at '/rateLimit/limit'" in message, message
         assert "at '/routes/aliases/0/rate_limit'" in message, message
+
+
+def at(dotted: str, value: Any) -> dict[str, Any]:
+    """Values that set only the key named by DOTTED (``"a.b"`` → ``{"a": {"b": value}}``)."""
+    for part in reversed(dotted.split(".")):
+        value = {part: value}
+    result: dict[str, Any] = value
+    return result
+
+
+def gateway_takes(environ: dict[str, str]) -> bool:
+    """Does Settings.from_env accept ENVIRON (with a local key file as the key source)?"""
+    try:
+        Settings.from_env({"CATALYST_SESSION_PUBLIC_KEY_FILE": "/keys/public.pem", **environ})
+    except ConfigError:
+        return False
+    return True
+
+
+URL_VALUES = {  # chart value → the variable it sets
+    "upstream.smeGatewayUrl": "CATALYST_SME_GATEWAY_URL",
+    "upstream.orgGatewayUrl": "CATALYST_ORG_GATEWAY_URL",
+    "auth.keycloak.addr": "CATALYST_KC_ADDR",
+    "auth.jwksUrl": "CATALYST_JWKS_URL",
+}
+
+
+@pytest.mark.parametrize(
+    ("port", "valid"),
+    [
+        ("1", True),
+        ("8080", True),
+        ("65535", True),
+        ("08080", True),  # leading zeros: the gateway reads 8080
+        ("", True),  # "host:" with no port: the scheme's
+        ("0", False),
+        ("65536", False),
+        ("99999", False),
+        ("8080:1", False),
+    ],
+)
+@pytest.mark.parametrize("value", URL_VALUES)
+def test_a_port_in_an_http_url_is_taken_exactly_when_the_gateway_takes_it(
+    helm: Helm, value: str, port: str, valid: bool
+) -> None:
+    """A port in the SME gateway's or Keycloak's URL is one of 1-65535 or none, as the
+    gateway takes it; 0 or above 65535 makes the gateway exit 2 at start-up (a crash loop),
+    so the schema refuses it at install, naming the value."""
+    url = f"http://host.test:{port}/base"
+    assert gateway_takes({URL_VALUES[value]: url}) is valid, "the gateway disagrees"
+    if valid:
+        assert helm.render(extra=at(value, url)).plain(URL_VALUES[value]) == url
+    else:
+        message = helm.refuse(extra=at(value, url))
+        assert "don't meet the specifications of the schema" in message, message
+        assert f"at '/{value.replace('.', '/')}'" in message, message
+
+
+@pytest.mark.parametrize(
+    ("port", "valid"),
+    [("6379", True), ("65535", True), ("", True), ("0", False), ("65536", False), ("99999", False)],
+)
+def test_a_port_in_the_redis_url_is_one_a_server_can_listen_on(
+    helm: Helm, port: str, valid: bool
+) -> None:
+    """redis.url takes a port of 1-65535, or none (6379); above 65535 the gateway exits 2 at
+    start-up, and port 0, which it lets through, can never be connected to: both are refused."""
+    url = f"redis://cache.test:{port}/0"
+    if port != "0":
+        assert gateway_takes({"CATALYST_REDIS_URL": url}) is valid, "the gateway disagrees"
+    if valid:
+        assert helm.render(extra=at("redis.url", url)).plain("CATALYST_REDIS_URL") == url
+    else:
+        assert "at '/redis/url'" in helm.refuse(extra=at("redis.url", url))
+
+
+DURATIONS = {  # chart value → the variable it sets; the gateway bounds each by MAX_SECONDS
+    "upstream.timeoutSeconds": "CATALYST_UPSTREAM_TIMEOUT_SECONDS",
+    "upstream.idleSeconds": "CATALYST_UPSTREAM_IDLE_SECONDS",
+    "upstream.breaker.cooldownSeconds": "CATALYST_BREAKER_COOLDOWN_SECONDS",
+    "auth.jwksCacheSeconds": "CATALYST_JWKS_CACHE_SECONDS",
+    "auth.jwksTimeoutSeconds": "CATALYST_JWKS_TIMEOUT_SECONDS",
+    "auth.leewaySeconds": "CATALYST_TOKEN_LEEWAY_SECONDS",
+    "idempotency.ttlSeconds": "CATALYST_IDEMPOTENCY_TTL_SECONDS",
+    "shutdown.graceSeconds": "CATALYST_SHUTDOWN_GRACE_SECONDS",
+}
+
+
+def test_every_duration_the_gateway_reads_has_a_bounded_value() -> None:
+    """Each *_SECONDS variable of catalyst_proxy.config.VARIABLES is one of DURATIONS, so a
+    new one cannot join the chart without a bound."""
+    seconds = {variable.name for variable in VARIABLES if variable.name.endswith("_SECONDS")}
+    assert seconds == set(DURATIONS.values())
+
+
+@pytest.mark.parametrize("value", DURATIONS)
+def test_durations_are_bounded_as_the_gateway_bounds_them(helm: Helm, value: str) -> None:
+    """Every duration the chart sets takes values up to the gateway's own bound (ten years,
+    catalyst_proxy.config.MAX_SECONDS), and the environment it renders then starts the
+    gateway; anything longer, which the gateway refuses at start-up, the schema refuses."""
+    variable, bound = DURATIONS[value], int(MAX_SECONDS)
+    manifests = helm.render(extra=at(value, bound))
+    assert manifests.plain(variable) == str(bound)
+    gateway_settings(manifests)
+    for beyond in (bound + 0.5, bound + 1, 10**12):
+        assert not gateway_takes({variable: str(beyond)}), "the gateway disagrees"
+        message = helm.refuse(extra=at(value, beyond))
+        assert "don't meet the specifications of the schema" in message, message
+        assert f"at '/{value.replace('.', '/')}'" in message, message
 
 
 @pytest.mark.parametrize(
@@ -805,6 +915,101 @@ def test_the_gateway_starts_with_what_the_chart_renders(
     assert str(gateway_settings(production).rate_limit[0]) == "30/minute"
 
 
+LARGE: dict[str, Any] = {  # whole numbers that Helm's float64 would print as 1e+06 and up
+    "upstream": {
+        "timeoutSeconds": 10**6,
+        "maxBodyBytes": 2**53,
+        "maxConnections": 10**15,
+        "maxPending": 10**7,
+        "idleSeconds": 10**6,
+        "breaker": {"failures": 10**6, "cooldownSeconds": int(MAX_SECONDS)},
+    },
+    "auth": {"jwksCacheSeconds": 10**8, "jwksTimeoutSeconds": 10**6, "leewaySeconds": 10**6},
+    "idempotency": {"ttlSeconds": int(MAX_SECONDS), "maxBodyBytes": 10**9},
+    "shutdown": {"graceSeconds": 10**6},
+    "securityContext": {"runAsUser": 1_000_680_000, "runAsGroup": 1_000_680_000},
+    "probes": {
+        probe: {"periodSeconds": 10**6, "failureThreshold": 10**6, "timeoutSeconds": 10**6}
+        for probe in ("startup", "liveness", "readiness")
+    },
+    "topologySpreadConstraints": [
+        {
+            "maxSkew": 10**6,
+            "topologyKey": "kubernetes.io/hostname",
+            "whenUnsatisfiable": "ScheduleAnyway",
+        }
+    ],
+    "podDisruptionBudget": {"enabled": True, "maxUnavailable": 10**6},
+    "metrics": {
+        "prometheusRule": {
+            "enabled": True,
+            "alerts": {"smeGatewayUnreachable": {"threshold": 10**7}},
+        }
+    },
+}
+
+
+def whole(value: Any, expected: int) -> None:
+    """VALUE is the integer EXPECTED, not a float or a string such as "1e+06"."""
+    assert (type(value), value) == (int, expected)
+
+
+@pytest.mark.parametrize("autoscaling", [True, False])
+def test_large_numbers_render_as_integers_everywhere(
+    helm: Helm, tmp_path: Path, autoscaling: bool
+) -> None:
+    """Whole numbers of a million and more reach the environment as plain decimal digits,
+    which the gateway's integer variables require (never 1e+06), and the manifests as
+    integers, which the API server requires (runAsUser 1000680000, as OpenShift assigns,
+    was rendered 1.00068e+09); the gateway starts and the objects validate."""
+    scaling = {
+        "enabled": autoscaling,
+        "minReplicas": 10**6,
+        "maxReplicas": 2 * 10**6,
+        "targetCPUUtilizationPercentage": 70,
+        "targetMemoryUtilizationPercentage": 80,
+    }
+    manifests = helm.render(extra={**LARGE, "autoscaling": scaling, "replicaCount": 10**7})
+    upstream, idempotency = LARGE["upstream"], LARGE["idempotency"]
+    expected = {
+        "CATALYST_MAX_BODY_BYTES": upstream["maxBodyBytes"],
+        "CATALYST_UPSTREAM_MAX_CONNECTIONS": upstream["maxConnections"],
+        "CATALYST_UPSTREAM_MAX_PENDING": upstream["maxPending"],
+        "CATALYST_BREAKER_FAILURES": upstream["breaker"]["failures"],
+        "CATALYST_IDEMPOTENCY_MAX_BODY_BYTES": idempotency["maxBodyBytes"],
+        "CATALYST_UPSTREAM_TIMEOUT_SECONDS": upstream["timeoutSeconds"],
+        "CATALYST_BREAKER_COOLDOWN_SECONDS": upstream["breaker"]["cooldownSeconds"],
+        "CATALYST_JWKS_CACHE_SECONDS": LARGE["auth"]["jwksCacheSeconds"],
+        "CATALYST_IDEMPOTENCY_TTL_SECONDS": idempotency["ttlSeconds"],
+        "CATALYST_SHUTDOWN_GRACE_SECONDS": LARGE["shutdown"]["graceSeconds"],
+    }
+    assert {name: manifests.plain(name) for name in expected} == {
+        name: str(number) for name, number in expected.items()
+    }
+    settings = gateway_settings(manifests)
+    assert (settings.max_body_bytes, settings.upstream_max_connections) == (2**53, 10**15)
+    pod, container = manifests.pod, manifests.container
+    for context in (pod["securityContext"], container["securityContext"]):
+        whole(context["runAsUser"], 1_000_680_000)
+        whole(context["runAsGroup"], 1_000_680_000)
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        for field in ("periodSeconds", "failureThreshold", "timeoutSeconds"):
+            whole(container[probe][field], 10**6)
+    whole(pod["topologySpreadConstraints"][0]["maxSkew"], 10**6)
+    whole(manifests.one("PodDisruptionBudget")["spec"]["maxUnavailable"], 10**6)
+    if autoscaling:
+        hpa = manifests.one("HorizontalPodAutoscaler")["spec"]
+        whole(hpa["minReplicas"], 10**6)
+        whole(hpa["maxReplicas"], 2 * 10**6)
+    else:
+        whole(manifests.one("Deployment")["spec"]["replicas"], 10**7)
+    rules = manifests.one("PrometheusRule")["spec"]["groups"][0]["rules"]
+    (unreachable,) = [r for r in rules if r["alert"] == "CatalystProxySmeGatewayUnreachable"]
+    assert unreachable["expr"].rstrip().endswith("> 10000000"), unreachable["expr"]
+    assert re.search(r"\de[+-]\d", manifests.text) is None, "a number in exponent form"
+    assert kubernetes_validate(manifests, NEWEST, tmp_path) == []
+
+
 def mounted_files(manifests: Manifests) -> Iterator[tuple[str, Path, dict[str, Any]]]:
     """(variable, path, volume) for each *_FILE variable, the volume being the one mounted
     at the path's folder."""
@@ -861,6 +1066,80 @@ def test_routes_from_an_existing_toml_config_map(helm: Helm) -> None:
     )
 
 
+ROUTED_TWICE = [
+    pytest.param(
+        [ALIAS, {**ALIAS, "methods": ["GET"]}],
+        "routes.aliases[1]: /api/v1/org/billing/purchase is routed already, by routes.aliases[0]",
+        id="alias-twice",
+    ),
+    pytest.param(
+        [ALIAS, {**ALIAS, "path": "/api/v1/x"}, {**ALIAS, "path": "/api/v1/x"}],
+        "routes.aliases[2]: /api/v1/x is routed already, by routes.aliases[1]",
+        id="alias-twice-later",
+    ),
+    *[
+        pytest.param(
+            [ALIAS, {**ALIAS, "path": route.path}],
+            f"routes.aliases[1]: {route.path} is one of the gateway's built-in routes",
+            id=f"built-in {route.path}",
+        )
+        for route in DEFAULT_ROUTES
+    ],
+    *[
+        pytest.param(
+            [{**ALIAS, "path": path}],
+            f"routes.aliases[0]: {path} is one of the gateway's own endpoints",
+            id=f"endpoint {path}",
+        )
+        for path in sorted(OPERATIONS_PATHS)
+    ],
+    pytest.param([ALIAS, {**ALIAS, "path": f"{ALIAS['path']}/"}], None, id="another-path"),
+    pytest.param([{**ALIAS, "path": "/API/v1/billing/purchase"}], None, id="case-differs"),
+]
+
+
+@pytest.mark.parametrize(("aliases", "refusal"), ROUTED_TWICE)
+def test_a_path_routed_twice_is_refused_as_the_gateway_refuses_it(
+    helm: Helm, tmp_path: Path, aliases: list[dict[str, Any]], refusal: str | None
+) -> None:
+    """A routes.aliases path that an earlier entry, the built-in route table or one of the
+    gateway's own endpoints has already stops the gateway at start-up (a crash loop): helm
+    refuses it, naming the entry and why; any other path renders a file the gateway loads."""
+    file = tmp_path / "routes.json"
+    file.write_text(json.dumps({"routes": aliases}))
+    try:
+        load_routes(str(file), DEFAULT_ROUTES)
+        loads = True
+    except RoutesFileError:
+        loads = False
+    assert loads is (refusal is None), "the gateway's loader disagrees with this case"
+    if refusal is None:
+        rendered = helm.render(extra={"routes": {"aliases": aliases}})
+        file.write_text(rendered.one("ConfigMap")["data"]["routes.json"])
+        assert [route.path for route in load_routes(str(file), DEFAULT_ROUTES)] == [
+            alias["path"] for alias in aliases
+        ]
+    else:
+        message = helm.refuse(extra={"routes": {"aliases": aliases}})
+        assert refusal in message, message
+        assert "crash-loop" in message, message
+
+
+def test_the_chart_lists_exactly_the_paths_the_gateway_routes_already() -> None:
+    """The chart's lists of built-in routes and of the gateway's own endpoints are the
+    gateway's (catalyst_proxy.routes): one missing would let a crash loop through, one too
+    many would refuse a path the gateway takes."""
+    helpers = (CHART / "templates/_helpers.tpl").read_text()
+
+    def listed(name: str) -> set[str]:
+        found = re.search(rf'define "catalyst-proxy\.{name}" -}}}}\n(.*)\n', helpers)
+        assert found is not None, name
+        return set(found[1].split())
+
+    assert listed("builtinRoutes") == {route.path for route in DEFAULT_ROUTES}
+    assert listed("ownEndpoints") == set(OPERATIONS_PATHS)
+
+
 @pytest.mark.parametrize(
     ("grace", "kube", "pre_stop"),
     [(10, NEWEST, 5), (10, OLDEST, 0), (2.5, NEWEST, 5), (60, NEWEST, 0)],
@@ -904,7 +1183,41 @@ def test_workers_flag_only_when_more_than_one(helm: Helm, default: Manifests) ->
     dual = helm.render(extra={"listenHost": "::"}).container["args"]
     assert dual[:3] == ["serve", "--host", "::"]  # both families (an IPv6 cluster)
     assert "--workers" not in default.container["args"]
-    assert helm.render(extra={"workers": 3}).container["args"][-2:] == ["--workers", "3"]
+    assert helm.render(extra={"workers": 2}).container["args"][-2:] == ["--workers", "2"]
+
+
+@pytest.mark.parametrize(
+    ("workers", "memory", "floor"),
+    [
+        (64, "256Mi", "6144Mi"),  # the default limit: 4Mi each
+        (3, "256Mi", "288Mi"),  # 85.3Mi each: the measured peak, no headroom
+        (2, "256Mi", None),
+        (4, "384Mi", None),  # 96Mi each, the floor
+        (2, "210M", None),
+        (4, "0.3Gi", "384Mi"),
+        (5, 400_000_000, "480Mi"),  # bytes
+        (1, "256m", "96Mi"),  # millibytes: a typo for 256Mi
+        (64, None, None),  # no memory limit: nothing to divide
+    ],
+)
+def test_workers_must_fit_in_the_memory_limit(
+    helm: Helm, workers: int, memory: str | int | None, floor: str | None
+) -> None:
+    """Each worker process needs 96Mi (its measured peak RSS, 83.2 MiB in bench/README.md,
+    and headroom), or the pod is OOM-killed under load: a workers count whose share of
+    resources.limits.memory is below that is refused, saying what limit would do; without
+    a limit nothing is checked."""
+    limits = None if memory is None else {"memory": memory}
+    values = {"workers": workers, "resources": {"limits": limits}}
+    if floor is None:
+        args = helm.render(extra=values).container["args"]
+        assert args[-2:] == (["--workers", str(workers)] if workers > 1 else ["--port", "8080"])
+    else:
+        message = " ".join(helm.refuse(extra=values).split())
+        assert f"workers {workers} with resources.limits.memory {memory} leaves" in message
+        assert "below the 96Mi one needs" in message, message
+        assert "the pod would be OOM-killed under load" in message, message
+        assert f"Raise resources.limits.memory to at least {floor}" in message, message
 
 
 # --- idempotency and rate limits with several processes ---------------------------------
@@ -912,7 +1225,7 @@ def test_workers_flag_only_when_more_than_one(helm: Helm, default: Manifests) ->
 REDIS = {"redis": {"url": "redis://cache.test:6379/0"}}
 ONE_PROCESS = {"autoscaling": {"enabled": False}, "replicaCount": 1, "workers": 1}
 # How a release comes to run more than one gateway process, and how the chart says so.
-SEVERAL_PROCESSES = {
+SEVERAL_PROCESSES: dict[str, tuple[dict[str, Any], str]] = {
     "autoscaling": ({"autoscaling": {"enabled": True}}, "autoscaling.enabled, up to 6 pods"),
     "replicas": ({"autoscaling": {"enabled": False}, "replicaCount": 3}, "replicaCount 3"),
     "workers": ({**ONE_PROCESS, "workers": 2}, "workers 2 per pod"),

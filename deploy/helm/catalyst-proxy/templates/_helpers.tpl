@@ -59,6 +59,39 @@ files give Helm float64s, and 1048576 would otherwise print as 1.048576e+06).
 {{- if eq (float64 .) (floor .) }}{{ int64 . }}{{ else }}{{ . }}{{ end }}
 {{- end }}
 
+{{/*
+A Kubernetes quantity (values.schema.json: "quantity", a number or e.g. 256Mi, 0.5Gi,
+200M) in bytes.
+*/}}
+{{- define "catalyst-proxy.bytes" -}}
+{{- $text := toString . }}
+{{- $suffix := regexFind "[A-Za-z]+$" $text }}
+{{- $factors := dict "" 1 "m" 0.001 "k" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 }}
+{{- mulf (trimSuffix $suffix $text | float64) (get $factors $suffix) }}
+{{- end }}
+
+{{/*
+The memory one gateway worker process needs, in MiB: the largest peak RSS measured per
+worker, 83.2 MiB (bench/README.md: `make bench`, the gateway-idem row, whose memory store
+holds its full 8 MiB of records; VmHWM), plus about 15 % headroom. The parent that
+supervises `--workers N` only forks and waits; its pages are mostly shared with the
+workers (copy-on-write), so it is not counted.
+*/}}
+{{- define "catalyst-proxy.workerMemoryMi" -}}96{{- end }}
+
+{{/*
+Paths the gateway routes before it reads CATALYST_ROUTES_FILE, space-separated: its
+built-in table (catalyst_proxy/routes.py, DEFAULT_ROUTES) and its own endpoints
+(OPERATIONS_PATHS). A routes file that routes one of them again stops the gateway at
+start-up; tests/test_deploy.py checks these lists against the gateway's.
+*/}}
+{{- define "catalyst-proxy.builtinRoutes" -}}
+/api/v1/billing/purchase /api/v1/sme/billing/purchase /api/v1/sme/billing/vouchers/list /api/v1/sme/billing/vouchers/issue /api/v1/sme/billing/vouchers/revoke/{code}
+{{- end }}
+{{- define "catalyst-proxy.ownEndpoints" -}}
+/healthz /readyz /metrics /openapi.json
+{{- end }}
+
 {{/* A Prometheus duration (values.schema.json: "duration", e.g. 1h30m) in milliseconds. */}}
 {{- define "catalyst-proxy.durationMs" -}}
 {{- $factors := dict "ms" 1 "s" 1000 "m" 60000 "h" 3600000 "d" 86400000 "w" 604800000 "y" 31536000000 -}}
@@ -286,6 +319,35 @@ CATALYST_SME_JWT_SECRET,CATALYST_ORG_JWT_SECRET,CATALYST_SESSION_COOKIE_SECRET,C
 {{- if has $mode (list "optional" "required") }}
 {{- fail (printf "routes.aliases[%d] (%s): idempotency %s needs Redis: %s, or drop the entry's idempotency" $i $route.path $mode $why) }}
 {{- end }}
+{{- end }}
+{{- end }}
+{{- /* The gateway refuses a routes file that routes a path twice: the pod would crash-loop. */}}
+{{- $builtin := splitList " " (include "catalyst-proxy.builtinRoutes" .) }}
+{{- $own := splitList " " (include "catalyst-proxy.ownEndpoints" .) }}
+{{- $seen := dict }}
+{{- range $i, $route := $v.routes.aliases }}
+{{- $twice := "the gateway refuses a path routed twice, so the pod would crash-loop" }}
+{{- if hasKey $seen $route.path }}
+{{- fail (printf "routes.aliases[%d]: %s is routed already, by routes.aliases[%d]; %s: give one entry all the path's methods" $i $route.path (get $seen $route.path) $twice) }}
+{{- else if has $route.path $builtin }}
+{{- fail (printf "routes.aliases[%d]: %s is one of the gateway's built-in routes; %s: drop the entry" $i $route.path $twice) }}
+{{- else if has $route.path $own }}
+{{- fail (printf "routes.aliases[%d]: %s is one of the gateway's own endpoints (%s), never a route; the gateway refuses it, so the pod would crash-loop" $i $route.path (join ", " $own)) }}
+{{- end }}
+{{- $_ := set $seen $route.path $i }}
+{{- end }}
+{{- /* Each worker process needs its own memory: too many for the limit and the pod is OOM-killed. */}}
+{{- $limit := dig "limits" "memory" "" ($v.resources | default dict) }}
+{{- if $limit }}
+{{- $floor := include "catalyst-proxy.workerMemoryMi" . | int }}
+{{- $mi := divf (include "catalyst-proxy.bytes" $limit | float64) 1048576 }}
+{{- $workers := int $v.workers }}
+{{- if lt (divf $mi $workers) (float64 $floor) }}
+{{- $fit := floor (divf $mi $floor) | int }}
+{{- $lower := ternary (printf " or lower workers to %d" $fit) "" (gt $fit 0) }}
+{{- $shown := $limit }}
+{{- if not (kindIs "string" $limit) }}{{ $shown = include "catalyst-proxy.number" $limit }}{{ end }}
+{{- fail (printf "workers %d with resources.limits.memory %s leaves %.1fMi per worker process, below the %dMi one needs (its peak RSS measured by make bench, 83 MiB, and headroom: bench/README.md): the pod would be OOM-killed under load. Raise resources.limits.memory to at least %dMi%s" $workers $shown (divf $mi $workers) $floor (mul $workers $floor) $lower) }}
 {{- end }}
 {{- end }}
 {{- $managed := concat (keys (include "catalyst-proxy.plainEnv" . | fromYaml)) (splitList "," (include "catalyst-proxy.secretEnvNames" .)) }}

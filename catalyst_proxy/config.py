@@ -417,6 +417,17 @@ def _rate_limit(env: _Env) -> tuple[Rate, ...]:
         raise ConfigError("CATALYST_RATE_LIMIT", str(exc)) from None
 
 
+# The options CATALYST_REDIS_URL's query may set: the connection's timeouts and keep-alive,
+# its name, and TLS for rediss://. (Not the pool's size or wait, retries, the protocol or
+# the replies' decoding, which the gateway sets; not a user or password: the URL's user
+# info, or CATALYST_REDIS_PASSWORD_FILE.)
+REDIS_OPTIONS = frozenset({
+    "socket_timeout", "socket_connect_timeout", "socket_keepalive", "health_check_interval",
+    "client_name", "ssl_cert_reqs", "ssl_ca_certs", "ssl_ca_path", "ssl_certfile",
+    "ssl_keyfile", "ssl_password", "ssl_check_hostname", "ssl_min_version", "ssl_ciphers",
+})  # fmt: skip
+
+
 def _redis_url(env: _Env) -> str | None:
     name = "CATALYST_REDIS_URL"
     raw = env.text(name)
@@ -432,9 +443,20 @@ def _redis_url(env: _Env) -> str | None:
     database = parts.path.strip("/")
     if database and not (database.isascii() and database.isdigit()):
         raise ConfigError(name, "the path, if any, must be a database number (/0)")
-    if any(name == "db" for name, _ in parse_qsl(parts.query, keep_blank_values=True)):
-        # (redis-py takes it over the path: the logs and /readyz would name another one)
-        raise ConfigError(name, "give the database number as the path (/5), not as db=")
+    for option, _ in parse_qsl(parts.query, keep_blank_values=True):
+        if option == "db":
+            # (redis-py takes it over the path: the logs and /readyz would name another one)
+            raise ConfigError(name, "give the database number as the path (/5), not as db=")
+        if option not in REDIS_OPTIONS:
+            # redis-py passes an option it does not parse itself to the connection as text:
+            # `retry=x` failed at start-up with a traceback, `redis_connect_func=x` with a
+            # 500 on every keyed request, `decode_responses=1` would garble the records.
+            named = repr(option) if re.fullmatch(r"[a-z_]{1,40}", option) else "an option"
+            raise ConfigError(
+                name,
+                f"the query's {named} is not one the gateway takes "
+                f"({', '.join(sorted(REDIS_OPTIONS))})",
+            )
     return raw
 
 

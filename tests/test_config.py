@@ -247,7 +247,27 @@ BAD_VALUES = [
     ("CATALYST_REDIS_URL", "redis://127.0.0.1:6379/0?db=5"),  # which one? said in one place
     ("CATALYST_REDIS_URL", "redis://127.0.0.1:6379?socket_timeout=1&db=5"),
     ("CATALYST_REDIS_URL", "redis://127.0.0.1:6379/0?d%62=5"),  # redis-py decodes the name
+    # options redis-py would hand the connection as text (a traceback at start, a 500 per
+    # keyed request, garbled records), or that the gateway sets itself, or credentials
+    ("CATALYST_REDIS_URL", "redis://127.0.0.1:6379/0?retry=x"),
+    ("CATALYST_REDIS_URL", "redis://127.0.0.1:6379/0?redis_connect_func=x"),
+    ("CATALYST_REDIS_URL", "redis://127.0.0.1:6379/0?decode_responses=1"),
+    ("CATALYST_REDIS_URL", "redis://127.0.0.1:6379/0?max_connections=5"),
+    ("CATALYST_REDIS_URL", "redis://127.0.0.1:6379/0?retry_on_timeout=1"),
+    ("CATALYST_REDIS_URL", "redis://127.0.0.1:6379/0?password=x"),
 ]
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["socket_timeout=1&socket_connect_timeout=2&socket_keepalive=true&client_name=gw",
+     "health_check_interval=5", "ssl_cert_reqs=required&ssl_ca_certs=/ca.pem&ssl_min_version=3"],
+)  # fmt: skip
+def test_the_redis_url_takes_connection_and_tls_options(query):
+    """The query of CATALYST_REDIS_URL may set the connection's timeouts, keep-alive and name,
+    and TLS for rediss:// (REDIS_OPTIONS): the URL is kept as written."""
+    url = f"rediss://127.0.0.1:6379/0?{query}"
+    assert Settings.from_env({**BASE, "CATALYST_REDIS_URL": url}).redis_url == url
 
 
 @pytest.mark.parametrize(

@@ -723,6 +723,9 @@ BAD_VALUES: list[tuple[str, str]] = [
     ("CATALYST_REDIS_URL", f"redis://:{PASSWORD}@cache:6379/0?socket_timeout=abc"),
     ("CATALYST_REDIS_URL", f"rediss://:{PASSWORD}@cache:6379/0?ssl_cert_reqs=bogus"),
     ("CATALYST_REDIS_URL", f"redis://:{PASSWORD}@cache:6379/0?protocol=4"),
+    ("CATALYST_REDIS_URL", f"redis://:{PASSWORD}@cache:6379/0?retry=x"),  # (a traceback)
+    ("CATALYST_REDIS_URL", f"redis://cache:6379/0?password={PASSWORD}"),
+    ("CATALYST_REDIS_URL", f"redis://cache:6379/0?{PASSWORD.lower()}"),  # never repeated
     ("CATALYST_REDIS_PASSWORD_FILE", "/nonexistent/redis-password"),
     ("CATALYST_REDIS_PASSWORD_FILE", "{file} with a password in the URL"),
     ("CATALYST_IDEMPOTENCY", "always"),

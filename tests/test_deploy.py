@@ -18,7 +18,14 @@ from typing import Any
 
 import pytest
 
-from catalyst_proxy.config import MAX_SECONDS, VARIABLES, ConfigError, Settings, parse_rate_limit
+from catalyst_proxy.config import (
+    MAX_SECONDS,
+    REDIS_OPTIONS,
+    VARIABLES,
+    ConfigError,
+    Settings,
+    parse_rate_limit,
+)
 from catalyst_proxy.routes import DEFAULT_ROUTES, OPERATIONS_PATHS, RoutesFileError, load_routes
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -479,6 +486,27 @@ def test_a_port_in_the_redis_url_is_one_a_server_can_listen_on(
     if port != "0":
         assert gateway_takes({"CATALYST_REDIS_URL": url}) is valid, "the gateway disagrees"
     if valid:
+        assert helm.render(extra=at("redis.url", url)).plain("CATALYST_REDIS_URL") == url
+    else:
+        assert "at '/redis/url'" in helm.refuse(extra=at("redis.url", url))
+
+
+@pytest.mark.parametrize(
+    "query",
+    [*sorted(REDIS_OPTIONS), "retry", "decode_responses", "max_connections", "d%62", ""],
+)
+def test_the_redis_url_takes_the_query_options_the_gateway_takes(helm: Helm, query: str) -> None:
+    """redis.url's query may set exactly the options the gateway takes (REDIS_OPTIONS, each
+    alone and all together); any other (an option redis-py would hand the connection as
+    text, one the gateway sets itself, a percent-encoded name) is refused at render, as the
+    gateway refuses it at start-up."""
+    url = f"rediss://cache.test:6380/0?{query}=1"
+    valid = query in REDIS_OPTIONS
+    assert gateway_takes({"CATALYST_REDIS_URL": url}) is valid, "the gateway disagrees"
+    if valid:
+        assert helm.render(extra=at("redis.url", url)).plain("CATALYST_REDIS_URL") == url
+        every = "&".join(f"{option}=1" for option in sorted(REDIS_OPTIONS))
+        url = f"rediss://cache.test:6380/0?{every}"
         assert helm.render(extra=at("redis.url", url)).plain("CATALYST_REDIS_URL") == url
     else:
         assert "at '/redis/url'" in helm.refuse(extra=at("redis.url", url))

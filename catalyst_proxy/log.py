@@ -33,6 +33,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any, TextIO
+from urllib.parse import unquote
 
 import orjson
 import structlog
@@ -68,12 +69,31 @@ _JWS = re.compile(r"eyJ[A-Za-z0-9_-]*\.eyJ[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_-]*)?")
 _SECRET_KEYS = frozenset({"authorization", "cookie", "token", "secret", "password", "set-cookie"})
 
 
+# The user info of a URL (``//user:password@host``): an absolute-form request target has one.
+_USERINFO = re.compile(r"(//)[^/@\s]*@")
+
+
+def masked(value: str) -> str:
+    """``value`` (a field from the client: a path, a request ID) with what looks like a
+    credential masked: a JWS, also when percent-encoded (``%2E`` for its dots), and the user
+    info of a URL (an absolute-form request target, ``http://user:password@host/...``)."""
+    if "%" in value:
+        decoded = unquote(value)
+        if "eyJ" in decoded and _JWS.search(decoded):
+            value = decoded  # (the log shows it decoded, masked)
+    if "eyJ" in value:
+        value = _JWS.sub("[redacted-jws]", value)
+    if "//" in value and "@" in value:
+        value = _USERINFO.sub(r"\1[redacted]@", value)
+    return value
+
+
 def redact(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> Any:
     for key, value in event.items():
         if key.lower() in _SECRET_KEYS:
             event[key] = "[redacted]"
-        elif isinstance(value, str) and "eyJ" in value:
-            event[key] = _JWS.sub("[redacted-jws]", value)
+        elif isinstance(value, str) and ("eyJ" in value or "%" in value or "//" in value):
+            event[key] = masked(value)
     return event
 
 
@@ -249,8 +269,8 @@ def access(fields: dict[str, Any]) -> None:
         return
     for key in _CLIENT_FIELDS:  # the others are ours: numbers and fixed vocabularies
         value = fields.get(key)
-        if isinstance(value, str) and "eyJ" in value:
-            fields[key] = _JWS.sub("[redacted-jws]", value)
+        if isinstance(value, str) and ("eyJ" in value or "%" in value or "//" in value):
+            fields[key] = masked(value)
     fields["event"] = REQUEST
     fields["level"] = "info"
     fields["timestamp"] = _timestamp()
@@ -274,17 +294,25 @@ def _timestamp() -> str:
     return f"{_second_text}.{int((now - second) * 1_000_000):06d}Z"
 
 
-# What a credential looks like in free text: a JWS (even cut short), or the value after
-# "Bearer " / "Basic " / "catalyst_session=".
+# What a credential looks like in free text (a traceback, a library's message): a JWS or a
+# JWE, even cut short, its dots maybe percent-encoded, in either base64 alphabet, its JSON
+# maybe begun '{ "' (eyAi); or the value after "Bearer", "Basic", "catalyst_session",
+# "authorization" or "access_token", whatever separates them (spaces, a tab, a no-break
+# space, ':', '=', a quote, %20).
 _CREDENTIAL = re.compile(
-    r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]*(?:\.[A-Za-z0-9_.-]*)?"
-    r"|(?i:(?<=bearer )|(?<=basic )|(?<=catalyst_session=))[^\s'\";,]+"
+    r"(?<![A-Za-z0-9_+/-])ey[JA][A-Za-z0-9_+/-]*(?:(?:\.|%2[Ee])[A-Za-z0-9_+/.%-]*)?"
+    r"|(?i:(?<=bearer)|(?<=basic)|(?<=catalyst_session)|(?<=authorization)|(?<=access_token))"
+    r"(?P<separator>(?:[\s\u00a0:=\"']|%20)+)[^\s\u00a0'\";,&\\]+"
 )
+
+
+def _credential_masked(found: re.Match[str]) -> str:
+    return (found.group("separator") or "") + "[redacted]"
 
 
 def redact_text(text: str) -> str:
     """``text`` with every credential-looking run replaced by ``[redacted]``."""
-    return _CREDENTIAL.sub("[redacted]", text)
+    return _CREDENTIAL.sub(_credential_masked, text)
 
 
 def console_renderer() -> Callable[[Any, str, MutableMapping[str, Any]], str]:

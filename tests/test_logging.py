@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import json
 import logging
@@ -591,3 +592,72 @@ def test_workers_sharing_a_pipe_never_write_into_each_others_lines() -> None:
         assert line["n"] == seen[line["worker"]]  # and each worker's lines in their order
         seen[line["worker"]] += 1
     assert seen == {1: lines, 2: lines}
+
+
+async def test_a_credential_in_the_request_target_is_masked_in_the_access_line(
+    json_log: io.StringIO, gateway: Any, bearer: Any
+) -> None:
+    """The access line's `path` is the client's: an operator token in it is masked also when
+    its dots are percent-encoded (`%2E`, which the SME gateway decodes, so it is forwarded as
+    the voucher code), and so is the password of an absolute-form target's user info
+    (`DELETE http://user:password@host/...`). Both were logged in clear."""
+    gw = await gateway()
+    token = bearer()["Authorization"].split(" ", 1)[1]
+    signature = token.rsplit(".", 1)[1]
+    revoke = "/api/v1/sme/billing/vouchers/revoke/"
+    targets = [revoke + token.replace(".", "%2E"), revoke + token.replace(".", "%2e"),
+               "http://alice:S3cretPassw0rd@gw/api/v1/billing/purchase"]  # fmt: skip
+    for target in targets:
+        reader, writer = await asyncio.open_connection(URL(gw.url).host, URL(gw.url).port)
+        writer.write(f"DELETE {target} HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n"
+                     f"Authorization: Bearer {token}\r\n\r\n".encode())  # fmt: skip
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 "), head
+        writer.close()
+    log.flush()
+    lines = [json.loads(text) for text in json_log.getvalue().splitlines()]
+    paths = [line["path"] for line in lines if line["event"] == log.REQUEST]
+    assert len(paths) == 3, lines
+    assert signature not in json_log.getvalue()
+    assert "S3cretPassw0rd" not in json_log.getvalue()
+    assert paths[:2] == [revoke + "[redacted-jws]"] * 2
+    assert paths[2] == "http://[redacted]@gw/api/v1/billing/purchase"
+
+
+@pytest.mark.parametrize(
+    "spelling",
+    [
+        "Authorization: Bearer  {opaque}",  # two spaces
+        "Authorization: Bearer\t{opaque}",
+        "Authorization: Bearer\u00a0{opaque}",
+        "Bearer:{opaque}",
+        "Authorization=Bearer%20{opaque}",
+        "authorization={opaque}",
+        "catalyst_session = {opaque}",
+        'Cookie: catalyst_session="{opaque}"',
+        "b'Authorization: Bearer {opaque}\\x01'",  # a bytes repr
+        "{jws_percent}",  # a JWS whose dots are %2E
+        "{jws_spaced}",  # a JWS whose JSON begins '{{ "' (eyAi)
+        "{jws_standard}",  # a JWS in the standard base64 alphabet
+        "eyJhbGciOiJSU0EtT0FFUCJ9.{opaque}.a.b.c",  # a JWE
+    ],
+)
+def test_free_text_is_redacted_whatever_the_spelling(spelling: str) -> None:
+    """``redact_text`` (tracebacks, aiohttp's and other libraries' messages) masks a credential
+    however it is written next to its name: any white space, ':' or '=' or %20 after
+    Bearer, a quoted or spaced cookie, a percent-encoded or otherwise spelt JWS."""
+    opaque = "opaqueSECRET0123456789"
+    segment = base64.urlsafe_b64encode(b'{ "alg": "RS256"}').rstrip(b"=").decode()
+    signature = "c2lnbmF0dXJlLXNlY3JldC0wMTIz-_"
+    jws = f"eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJvcC0xIn0.{signature}"
+    text = spelling.format(
+        opaque=opaque,
+        jws_percent=jws.replace(".", "%2E"),
+        jws_spaced=f"{segment}.{segment}.{signature}",
+        jws_standard=jws.replace("-", "+").replace("_", "/"),
+    )
+    masked = log.redact_text(f"could not handle {text} here")
+    assert opaque not in masked
+    assert signature[:20] not in masked  # (its first 20 are alike in both alphabets)
+    assert masked.startswith("could not handle ")
+    assert masked.endswith(" here")

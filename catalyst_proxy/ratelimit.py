@@ -25,6 +25,8 @@ When the shared store fails, ``CATALYST_RATE_LIMIT_ON_STORE_ERROR`` decides:
 (``ratelimit.store_error``): the first at once, then at most one line every
 ``STORE_ERROR_LOG_EVERY`` seconds, carrying how many requests met one since the
 line before (an outage under load is thousands a second; the metrics count each).
+Errors held back are told by a line at the end of their window even if no error
+follows them.
 """
 
 from __future__ import annotations
@@ -178,6 +180,7 @@ class RateLimiter:
         refuse_on_store_error: bool,
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
+        log_every: float = STORE_ERROR_LOG_EVERY,
     ) -> None:
         self._counters = counters
         self._store = counters.store if isinstance(counters, RedisCounters) else None
@@ -199,8 +202,11 @@ class RateLimiter:
         self._store_refused = metrics.rate_limit_store_errors.labels("refused")
         self._clock = clock
         self._logger = log.get_logger()
+        self._log_every = log_every
         self._unlogged = 0  # store errors since the last ratelimit.store_error line
         self._log_after = float("-inf")  # no line before then (the clock's time)
+        self._last_error = ""  # ... and the latest one's reason
+        self._tell_held: asyncio.TimerHandle | None = None  # a line for those held back
 
     @property
     def active(self) -> bool:
@@ -241,22 +247,35 @@ class RateLimiter:
 
     def _note_store_error(self, exc: StoreUnavailable) -> None:
         """Log a store error, throttled: the first at once, then one line per
-        STORE_ERROR_LOG_EVERY at most, with the count of errors since the line before.
-        (The store's own ``store.state`` line says when it goes down and comes back; an
-        error about one key or this process's own congestion does not change that state,
-        and is seen here only.)"""
+        ``log_every`` at most, with the count of errors since the line before; those held
+        back are told at the end of their window even if no error follows. (The store's own
+        ``store.state`` line says when it goes down and comes back; an error about one key
+        or this process's own congestion does not change that state, and is seen here
+        only.)"""
         self._unlogged += 1
+        self._last_error = str(exc)
         now = self._clock()
-        if now < self._log_after:
-            return
+        if now >= self._log_after:
+            self._log_store_errors(now)
+        elif self._tell_held is None:
+            self._tell_held = asyncio.get_running_loop().call_later(
+                self._log_after - now, self._log_held
+            )
+
+    def _log_held(self) -> None:
+        self._tell_held = None
+        if self._unlogged:
+            self._log_store_errors(self._clock())
+
+    def _log_store_errors(self, now: float) -> None:
         self._logger.warning(
             log.RATE_LIMIT_STORE_ERROR,
-            reason=str(exc),
+            reason=self._last_error,
             decision="refused" if self._refuse else "allowed",
-            requests=self._unlogged,  # this one and those since the line before
+            requests=self._unlogged,  # those since the line before, the latest included
         )
         self._unlogged = 0
-        self._log_after = now + STORE_ERROR_LOG_EVERY
+        self._log_after = now + self._log_every
 
     async def _count(self, route: str, policy: _Policy, keys: list[str]) -> None:
         """Test every rate (several), then count the request in each; RateLimited if over."""

@@ -28,6 +28,8 @@ from catalyst_proxy.ratelimit import (
 from catalyst_proxy.routes import DEFAULT_ROUTES
 from catalyst_proxy.store import StoreUnavailable
 
+from .support import eventually
+
 T0 = 86_400.0 * 20_000  # a day boundary, so also a second, minute and hour boundary
 EPSILON = 1e-3  # "just before" / "just after" a moment the counters compute
 PER_MINUTE = Rate(3, "minute")
@@ -440,6 +442,29 @@ async def test_store_errors_are_logged_throttled_with_their_count(refuse):
     ]
     assert all(line["reason"].startswith("a value the gateway cannot") for line in lines)
     assert not any("op-secretive" in repr(line) for line in logs)
+
+
+async def test_store_errors_held_back_are_logged_at_the_end_of_their_window():
+    """Store errors held back by the throttle are told even when no error follows them (an
+    outage that ends, or a burst): one line at the end of their window, with their count, so
+    that the lines' counts add up to the errors (as the metric counts them)."""
+    loop = asyncio.get_running_loop()
+    rate_limiter = RateLimiter(DEFAULT_ROUTES, parse_rate_limit("3/minute"), DownCounters(),
+                               refuse_on_store_error=False, metrics=Metrics(), clock=loop.time,
+                               log_every=0.05)  # fmt: skip
+
+    def lines() -> list[int]:
+        return [line["requests"] for line in logs if line["event"] == log.RATE_LIMIT_STORE_ERROR]
+
+    with capture_logs() as logs:
+        for _ in range(4):
+            await rate_limiter.check(ROUTE, "op-1")
+        assert lines() == [1]  # the other three held back, and no error comes after them
+        await eventually(lambda: lines() == [1, 3])
+        await rate_limiter.check(ROUTE, "op-1")  # (within the window the last line began)
+        await eventually(lambda: len(lines()) == 3)
+    assert lines() == [1, 3, 1]
+    assert sum(lines()) == 5  # every error, as the metric counts them
 
 
 async def test_operators_and_routes_have_their_own_budgets():

@@ -318,6 +318,9 @@ class _Env:
             value = decimal(raw)
         except ValueError:
             raise ConfigError(name, f"must be a number of seconds, got {raw!r}") from None
+        if value > MAX_SECONDS:  # Redis and the event loop take milliseconds: they must fit
+            # (1e400 too: decimal notation, read as infinity)
+            raise ConfigError(name, f"must be at most {MAX_SECONDS:g} s (ten years), got {raw!r}")
         if not math.isfinite(value) or value < minimum or (positive and value == 0):
             bound = (
                 f"of at least {minimum:g}"
@@ -325,8 +328,6 @@ class _Env:
                 else ("greater than 0" if positive else "0 or more")
             )
             raise ConfigError(name, f"must be a number of seconds {bound}, got {raw!r}")
-        if value > MAX_SECONDS:  # Redis and the event loop take milliseconds: they must fit
-            raise ConfigError(name, f"must be at most {MAX_SECONDS:g} s (ten years), got {raw!r}")
         return value
 
     def integer(self, name: str, default: int, *, unit: str, minimum: int = 0) -> int:

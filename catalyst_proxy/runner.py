@@ -397,16 +397,6 @@ class _RequestHandler(RequestHandler):
         # The parser's refusals come with a message; a handler's exception (which the
         # dispatcher has logged and accounted already) comes without.
         unparsable = isinstance(exc, HttpProcessingError) and message is not None
-        if unparsable:
-            # `message` and `exc` quote the request's bytes: log the kind only.
-            reason = type(exc).__name__
-            log.get_logger().info(
-                log.REFUSED, request_id=request_id, error="unparsable-request", reason=reason
-            )
-        else:
-            self.log_exception("Error handling request", exc_info=exc)
-        if request.writer.output_size > 0:
-            raise ConnectionError("response already started; closing the connection")
         error: ProxyError
         if isinstance(exc, LineTooLong):
             error = HeaderFieldsTooLarge()
@@ -414,6 +404,17 @@ class _RequestHandler(RequestHandler):
             error = InternalError()
         else:
             error = BadRequest()
+        if unparsable:
+            # `message` and `exc` quote the request's bytes: log the kind only. The `error`
+            # is the answer's, as every request.refused line's is.
+            reason = type(exc).__name__
+            log.get_logger().info(
+                log.REFUSED, request_id=request_id, error=error.code, reason=reason
+            )
+        else:
+            self.log_exception("Error handling request", exc_info=exc)
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started; closing the connection")
         if unparsable:  # never reached the dispatcher: its access line and count are here
             dispatcher = self._manager.request_handler  # type: ignore[union-attr]
             if isinstance(dispatcher, Dispatcher):

@@ -69,7 +69,8 @@ async def serve(
         token_algorithms=list(settings.token_algorithms),
         token_issuers=list(settings.token_issuers),
         token_audiences=list(settings.token_audiences),
-        bridge_secret="set" if parts.secret.configured else "unset",
+        # What /readyz says: a secret file that cannot be read (yet) gives no secret.
+        bridge_secret="set" if parts.secret.get() is not None else "unset",
         bridge_secret_file=settings.bridge_secret_file,
         session_cookie_secret="set" if settings.session_cookie_secret else "unset",
         operator_email="set" if settings.operator_email else "unset",

@@ -354,6 +354,16 @@ def test_a_count_or_size_past_int64_is_refused(variable):
     assert "at most" in str(caught.value)
 
 
+@pytest.mark.parametrize("value", ["315360001", "1e400", "1E999"])
+def test_a_duration_too_long_says_so(value):
+    """A duration past the ten-year bound, also one so large that it reads as infinity
+    (1e400), is refused as too long: it was "must be greater than 0", which sends an
+    operator looking the wrong way."""
+    with pytest.raises(ConfigError) as caught:
+        env(CATALYST_UPSTREAM_TIMEOUT_SECONDS=value)
+    assert "at most 3.1536e+08 s (ten years)" in str(caught.value)
+
+
 def test_secrets_keep_the_bytes_the_environment_held():
     """A secret byte that is not UTF-8 (Python hands it over as a surrogate escape) is kept
     as that byte, as the SME gateway reads its copy of the secret; it was a traceback."""

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from catalyst_proxy import errors
+from catalyst_proxy import errors, log
 from catalyst_proxy.config import DECLARED, VARIABLES, ConfigError, Settings, Variable
 from catalyst_proxy.devtools import reference
 from catalyst_proxy.errors import every_error
@@ -237,3 +237,15 @@ def test_nothing_points_outside_the_repository() -> None:
             if any(pattern.search(line) for pattern in OUTSIDE):
                 offenders.append(f"{file.relative_to(ROOT)}:{number}: {line.strip()}")
     assert offenders == []
+
+
+def test_the_reference_names_every_log_event() -> None:
+    """Every event the gateway logs (the names in catalyst_proxy/log.py) is named in
+    docs/reference.md's *Logs*: an operator looking up a line finds it there."""
+    text = (ROOT / "docs/reference.md").read_text()
+    events = {
+        value for name, value in vars(log).items()
+        if name.isupper() and isinstance(value, str) and re.fullmatch(r"[a-z_]+(\.[a-z_]+)?", value)
+    }  # fmt: skip
+    assert len(events) > 20
+    assert sorted(event for event in events if f"`{event}`" not in text) == []

@@ -865,7 +865,7 @@ async def test_a_handler_raising_a_protocol_error_is_accounted_once(gateway, bea
         await eventually(lambda: gw.parts.dispatcher.in_flight == 0)
     lines = [e for e in logs if e["event"] == "request"]
     assert [(e["status"], e["error"]) for e in lines] == [(500, "internal-error")]
-    assert not [e for e in logs if e.get("error") == "unparsable-request"]
+    assert not [e for e in logs if e["event"] == "request.refused"]  # (not the parser's)
     text = await gw.metrics_text()
     counted = [
         line
@@ -1554,3 +1554,35 @@ async def test_hop_by_hop_and_spoofed_identity_headers_never_reach_upstream(
     assert header not in seen.headers
     assert "X-Named-In-Connection" not in seen.headers
     assert "Connection" not in seen.headers
+
+
+@pytest.mark.parametrize(
+    ("head", "status", "error"),
+    [
+        (b"POST /api/v1/billing/purchase HTTP/1.1\r\nHost: gw\r\nBad Name: x\r\n\r\n",
+         400, "bad-request"),
+        (b"GET /healthz HTTP/1.1\r\nHost: gw\r\nX-Long: " + b"a" * 70_000 + b"\r\n\r\n",
+         431, "request-header-fields-too-large"),
+    ],
+    ids=["bad-field-name", "field-too-long"],
+)  # fmt: skip
+async def test_a_parser_refusal_logs_the_answers_error(gateway, head, status, error):
+    """A request the parser refuses is answered 400 bad-request or 431 (its line too long),
+    and its request.refused line names the same `error` as its answer and access line, as
+    every refusal's does (the README: find the request by `error`); it said
+    `unparsable-request`, a code of no answer."""
+    gw = await gateway()
+    with capture_logs() as logs:
+        reader, writer = await raw_client(gw.url)
+        try:
+            writer.write(head)
+            async with asyncio.timeout(5):
+                response = await read_response(reader)
+        finally:
+            writer.close()
+        await eventually(lambda: [e for e in logs if e["event"] == "request"])
+    assert response is not None
+    assert (response.status, json.loads(response.body)["error"]) == (status, error)
+    refused = [e["error"] for e in logs if e["event"] == "request.refused"]
+    answered = [e["error"] for e in logs if e["event"] == "request"]
+    assert (refused, answered) == ([error], [error])

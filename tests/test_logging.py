@@ -307,6 +307,27 @@ async def test_startup_jwks_and_shutdown_events(servers, stand_in, jwks_server, 
     assert proc.stderr_lines == []
 
 
+async def test_the_startup_line_says_unset_for_a_secret_file_that_cannot_be_read(
+    servers, stand_in, jwks_server, tmp_path
+):
+    """The start-up line's `bridge_secret` is what /readyz says: `unset` when the secret is
+    to come from a file that is missing (a Secret not yet mounted), as every proxied request
+    then gets 503 sme-jwt-bridge-unwired; it said `set` (configured), with the file named."""
+    _, sme_url = stand_in
+    missing = tmp_path / "jwt-secret"
+    env = base_env(jwks_server.url, sme_url, CATALYST_SME_JWT_SECRET_FILE=str(missing))
+    del env["CATALYST_SME_JWT_SECRET"]
+    proc = await servers(env)
+    startup = await proc.wait_for_event("startup")
+    url = await proc.wait_listening()
+    async with aiohttp.ClientSession() as http, http.get(url + "/readyz") as resp:
+        ready = await resp.json()
+    proc.signal(signal.SIGTERM)
+    assert await proc.wait() == 0
+    assert (startup["bridge_secret"], ready["bridge_secret"]) == ("unset", "unset")
+    assert startup["bridge_secret_file"] == str(missing)
+
+
 async def test_a_jwks_urls_query_is_never_logged(servers, stand_in, jwks_server, rsa_key):
     """A credential in the JWKS URL's query reaches no log line: both lines show ``?...``."""
     _, sme_url = stand_in

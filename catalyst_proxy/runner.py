@@ -207,6 +207,20 @@ class _RequestHandler(RequestHandler):
         if self._send_watch is None and transport is not None and transport.get_write_buffer_size():
             self._watch_sending(transport)
 
+    async def start(self) -> None:
+        try:
+            await super().start()
+        finally:
+            # After the last answer of a connection not kept alive (`Connection: close`,
+            # HTTP/1.0), aiohttp closes the transport itself, not through force_close(): the
+            # close waits for what the buffer holds, for ever if the client reads nothing
+            # (a zero window answers the kernel's probes). Watched as any close.
+            transport = self.transport
+            if transport is not None and transport.is_closing():
+                self._closed = transport  # (resume_writing() keeps the watch of a close)
+                if self._send_watch is None and transport.get_write_buffer_size():
+                    self._watch_sending(transport)
+
     def cut(self) -> None:
         """The process exits, and this connection with it. An answer framed by the close
         whose last bytes are still in the transport's buffer (not yet the kernel's: what

@@ -627,6 +627,7 @@ async def test_a_credential_in_the_request_target_is_masked_in_the_access_line(
     signature = token.rsplit(".", 1)[1]
     revoke = "/api/v1/sme/billing/vouchers/revoke/"
     targets = [revoke + token.replace(".", "%2E"), revoke + token.replace(".", "%2e"),
+               revoke + token.replace(".", "%252E"),  # encoded twice
                "http://alice:S3cretPassw0rd@gw/api/v1/billing/purchase"]  # fmt: skip
     for target in targets:
         reader, writer = await asyncio.open_connection(URL(gw.url).host, URL(gw.url).port)
@@ -638,11 +639,35 @@ async def test_a_credential_in_the_request_target_is_masked_in_the_access_line(
     log.flush()
     lines = [json.loads(text) for text in json_log.getvalue().splitlines()]
     paths = [line["path"] for line in lines if line["event"] == log.REQUEST]
-    assert len(paths) == 3, lines
+    assert len(paths) == 4, lines
     assert signature not in json_log.getvalue()
     assert "S3cretPassw0rd" not in json_log.getvalue()
-    assert paths[:2] == [revoke + "[redacted-jws]"] * 2
-    assert paths[2] == "http://[redacted]@gw/api/v1/billing/purchase"
+    assert paths[:3] == [revoke + "[redacted-jws]"] * 3
+    assert paths[3] == "http://[redacted]@gw/api/v1/billing/purchase"
+
+
+@pytest.mark.parametrize(
+    "shape",
+    ["{jws}", "{jwe}", "{spaced}", "{jws_twice_encoded}", "x/{jws}/y", "{jws}%2F"],
+)
+def test_a_client_field_is_masked_whatever_the_tokens_shape(shape: str) -> None:
+    """``masked`` (the access line's client fields: path, request ID) masks a JWS, a JWE (five
+    parts, the second not a JSON object), one whose JSON begins '{ "' (eyAi), and one whose
+    dots are percent-encoded twice (%252E); ordinary paths and emails stay as they are."""
+    signature = "c2lnbmF0dXJlLXNlY3JldC0wMTIz-_"
+    jws = f"eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJvcC0xIn0.{signature}"
+    spaced = base64.urlsafe_b64encode(b'{ "alg": "RS256"}').rstrip(b"=").decode()
+    value = shape.format(
+        jws=jws,
+        jwe=f"eyJhbGciOiJSU0EtT0FFUCJ9.a2V5.aXY.{signature}.dGFn",
+        spaced=f"{spaced}.{spaced}.{signature}",
+        jws_twice_encoded=jws.replace(".", "%252E"),
+    )
+    assert signature not in log.masked(value)
+    assert "[redacted-jws]" in log.masked(value)
+    for ordinary in ("/api/v1/sme/billing/vouchers/revoke/SUMMER-24", "op1@example.test",
+                     "/heyJude", "/survey/money", "/revoke/50%25-off"):  # fmt: skip
+        assert log.masked(ordinary) == ordinary
 
 
 @pytest.mark.parametrize(
@@ -660,6 +685,7 @@ async def test_a_credential_in_the_request_target_is_masked_in_the_access_line(
         "{jws_percent}",  # a JWS whose dots are %2E
         "{jws_spaced}",  # a JWS whose JSON begins '{{ "' (eyAi)
         "{jws_standard}",  # a JWS in the standard base64 alphabet
+        "{jws_twice}",  # a JWS whose dots are %252E
         "eyJhbGciOiJSU0EtT0FFUCJ9.{opaque}.a.b.c",  # a JWE
     ],
 )
@@ -676,7 +702,9 @@ def test_free_text_is_redacted_whatever_the_spelling(spelling: str) -> None:
         jws_percent=jws.replace(".", "%2E"),
         jws_spaced=f"{segment}.{segment}.{signature}",
         jws_standard=jws.replace("-", "+").replace("_", "/"),
+        jws_twice=jws.replace(".", "%252E"),
     )
+    assert log.redact_text("Authorization header missing") == "Authorization header missing"
     masked = log.redact_text(f"could not handle {text} here")
     assert opaque not in masked
     assert signature[:20] not in masked  # (its first 20 are alike in both alphabets)

@@ -418,15 +418,27 @@ def _rate_limit(env: _Env) -> tuple[Rate, ...]:
         raise ConfigError("CATALYST_RATE_LIMIT", str(exc)) from None
 
 
-# The options CATALYST_REDIS_URL's query may set: the connection's timeouts and keep-alive,
-# its name, and TLS for rediss://. (Not the pool's size or wait, retries, the protocol or
-# the replies' decoding, which the gateway sets; not a user or password: the URL's user
-# info, or CATALYST_REDIS_PASSWORD_FILE.)
-REDIS_OPTIONS = frozenset({
-    "socket_timeout", "socket_connect_timeout", "socket_keepalive", "health_check_interval",
-    "client_name", "ssl_cert_reqs", "ssl_ca_certs", "ssl_ca_path", "ssl_certfile",
-    "ssl_keyfile", "ssl_password", "ssl_check_hostname", "ssl_min_version", "ssl_ciphers",
-})  # fmt: skip
+# The options CATALYST_REDIS_URL's query may set, and the values each takes (a regular
+# expression): the connection's keep-alive, health checks and name, and TLS for rediss://.
+# Not the timeouts (the gateway's bounds: a keyed request meets 503 within them when Redis
+# does not answer), the pool's size or wait, retries, the protocol or the replies' decoding,
+# which the gateway sets; not a user or password (the URL's user info, or
+# CATALYST_REDIS_PASSWORD_FILE). redis-py reads `socket_keepalive` and `ssl_check_hostname`
+# as false for 0, f, false, n, no (any case) and as true for anything else.
+_YES_NO = r"(?i:true|false|yes|no|1|0)"
+REDIS_OPTIONS: dict[str, str] = {
+    "socket_keepalive": _YES_NO,
+    "health_check_interval": r"[0-9]{1,5}",  # whole seconds
+    "client_name": r"[A-Za-z0-9._:-]{1,64}",  # (Redis refuses a name with spaces)
+    "ssl_cert_reqs": r"(?i:none|optional|required)",
+    "ssl_check_hostname": _YES_NO,
+    "ssl_ca_certs": r"[^\x00]+",  # paths
+    "ssl_ca_path": r"[^\x00]+",
+    "ssl_certfile": r"[^\x00]+",
+    "ssl_keyfile": r"[^\x00]+",
+    "ssl_password": r"[^\x00]+",
+    "ssl_ciphers": r"[ -~]+",  # (OpenSSL reads spaces as separators; + is a space here)
+}
 
 
 def _redis_url(env: _Env) -> str | None:
@@ -444,20 +456,26 @@ def _redis_url(env: _Env) -> str | None:
     database = parts.path.strip("/")
     if database and not (database.isascii() and database.isdigit()):
         raise ConfigError(name, "the path, if any, must be a database number (/0)")
-    for option, _ in parse_qsl(parts.query, keep_blank_values=True):
+    for option, value in parse_qsl(parts.query, keep_blank_values=True):
         if option == "db":
             # (redis-py takes it over the path: the logs and /readyz would name another one)
             raise ConfigError(name, "give the database number as the path (/5), not as db=")
-        if option not in REDIS_OPTIONS:
+        takes = REDIS_OPTIONS.get(option)
+        if takes is None:
             # redis-py passes an option it does not parse itself to the connection as text:
             # `retry=x` failed at start-up with a traceback, `redis_connect_func=x` with a
             # 500 on every keyed request, `decode_responses=1` would garble the records.
-            named = repr(option) if re.fullmatch(r"[a-z_]{1,40}", option) else "an option"
+            named = "an option in the query"  # (a name that is no name may be a secret)
+            if re.fullmatch(r"[a-z_]{1,40}", option):
+                named = f"the query's {option!r}"
             raise ConfigError(
                 name,
-                f"the query's {named} is not one the gateway takes "
-                f"({', '.join(sorted(REDIS_OPTIONS))})",
+                f"{named} is not one the gateway takes ({', '.join(REDIS_OPTIONS)})",
             )
+        if option.startswith("ssl_") and parts.scheme != "rediss":
+            raise ConfigError(name, f"the query's {option!r} is for rediss:// URLs only")
+        if not re.fullmatch(takes, value):  # (the value is not repeated: it may be a secret)
+            raise ConfigError(name, f"the query's {option!r} has a value it does not take")
     return raw
 
 

@@ -260,14 +260,48 @@ BAD_VALUES = [
 
 @pytest.mark.parametrize(
     "query",
-    ["socket_timeout=1&socket_connect_timeout=2&socket_keepalive=true&client_name=gw",
-     "health_check_interval=5", "ssl_cert_reqs=required&ssl_ca_certs=/ca.pem&ssl_min_version=3"],
+    ["socket_keepalive=true&client_name=catalyst-proxy.eu-1", "health_check_interval=30",
+     "ssl_cert_reqs=required&ssl_ca_certs=/etc/ca%20bundle.pem&ssl_check_hostname=no",
+     "ssl_certfile=/c.pem&ssl_keyfile=/k.pem&ssl_password=pw&ssl_ciphers=ECDHE+AESGCM"],
 )  # fmt: skip
 def test_the_redis_url_takes_connection_and_tls_options(query):
-    """The query of CATALYST_REDIS_URL may set the connection's timeouts, keep-alive and name,
-    and TLS for rediss:// (REDIS_OPTIONS): the URL is kept as written."""
+    """The query of CATALYST_REDIS_URL may set the connection's keep-alive, health checks and
+    name, and TLS for rediss:// (REDIS_OPTIONS), each with a value it takes: the URL is kept
+    as written."""
     url = f"rediss://127.0.0.1:6379/0?{query}"
     assert Settings.from_env({**BASE, "CATALYST_REDIS_URL": url}).redis_url == url
+
+
+@pytest.mark.parametrize(
+    ("query", "said"),
+    [("socket_timeout=inf", "'socket_timeout' is not one"),  # the gateway's own bound
+     ("socket_connect_timeout=0", "'socket_connect_timeout' is not one"),
+     ("health_check_interval=-1", "'health_check_interval' has a value"),
+     ("health_check_interval=nan", "'health_check_interval' has a value"),
+     ("client_name=a%20b", "'client_name' has a value"),  # Redis refuses the name
+     ("ssl_cert_reqs=foo", "'ssl_cert_reqs' has a value"),
+     ("socket_keepalive=maybe", "'socket_keepalive' has a value"),
+     ("socket_keepalive=1;decode_responses=1", "'socket_keepalive' has a value"),
+     ("ssl_password=", "'ssl_password' has a value"),
+     ("Socket_Keepalive=1", "an option in the query is not one"),
+     ("ssl_min_version=771", "'ssl_min_version' is not one")],
+)  # fmt: skip
+def test_a_redis_option_the_gateway_cannot_honour_is_refused(query, said):
+    """An option that would override the gateway's own bounds (the timeouts: a keyed request
+    hung for 40 s with `socket_timeout=inf` and Redis stopped), or a value the connection
+    cannot use (a store never usable while /readyz said ready, or a 500 per keyed request),
+    stops start-up with one line saying which; the value itself is not repeated."""
+    with pytest.raises(ConfigError) as caught:
+        env(CATALYST_REDIS_URL=f"rediss://127.0.0.1:6379/0?{query}")
+    assert said in str(caught.value)
+    assert "%20b" not in str(caught.value)
+
+
+def test_tls_options_are_for_rediss_only():
+    """An `ssl_*` option on a plain redis:// URL is refused as such (it was "not an option")."""
+    with pytest.raises(ConfigError) as caught:
+        env(CATALYST_REDIS_URL="redis://127.0.0.1:6379/0?ssl_cert_reqs=none")
+    assert "'ssl_cert_reqs' is for rediss:// URLs only" in str(caught.value)
 
 
 @pytest.mark.parametrize(

@@ -491,25 +491,50 @@ def test_a_port_in_the_redis_url_is_one_a_server_can_listen_on(
         assert "at '/redis/url'" in helm.refuse(extra=at("redis.url", url))
 
 
+REDIS_OPTION_VALUES = {  # a value each REDIS_OPTIONS option takes
+    "socket_keepalive": "True", "health_check_interval": "30", "client_name": "gw-1",
+    "ssl_cert_reqs": "required", "ssl_check_hostname": "no", "ssl_ca_certs": "/ca.pem",
+    "ssl_ca_path": "/certs", "ssl_certfile": "/c.pem", "ssl_keyfile": "/k.pem",
+    "ssl_password": "pw", "ssl_ciphers": "ECDHE:AESGCM",
+}  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "query",
-    [*sorted(REDIS_OPTIONS), "retry", "decode_responses", "max_connections", "d%62", ""],
-)
-def test_the_redis_url_takes_the_query_options_the_gateway_takes(helm: Helm, query: str) -> None:
-    """redis.url's query may set exactly the options the gateway takes (REDIS_OPTIONS, each
-    alone and all together); any other (an option redis-py would hand the connection as
-    text, one the gateway sets itself, a percent-encoded name) is refused at render, as the
-    gateway refuses it at start-up."""
-    url = f"rediss://cache.test:6380/0?{query}=1"
-    valid = query in REDIS_OPTIONS
-    assert gateway_takes({"CATALYST_REDIS_URL": url}) is valid, "the gateway disagrees"
+    [*(f"{option}={value}" for option, value in REDIS_OPTION_VALUES.items()),
+     "retry=1", "decode_responses=1", "max_connections=5", "d%62=1", "=1", "socket_timeout=1",
+     "socket_keepalive=maybe", "health_check_interval=-1", "client_name=a%20b",
+     "ssl_cert_reqs=foo", "socket_keepalive=1;decode_responses=1", "ssl_password="],
+)  # fmt: skip
+@pytest.mark.parametrize("scheme", ["redis", "rediss"])
+def test_the_redis_url_takes_the_query_options_the_gateway_takes(
+    helm: Helm, query: str, scheme: str
+) -> None:
+    """redis.url's query may set exactly what the gateway takes (REDIS_OPTIONS: those options,
+    with values they take, TLS ones on rediss:// only); anything else (an option redis-py
+    would hand the connection as text, one the gateway sets itself, a value the connection
+    cannot use) is refused at render, as the gateway refuses it at start-up."""
+    url = f"{scheme}://cache.test:6380/0?{query}"
+    valid = gateway_takes({"CATALYST_REDIS_URL": url})
     if valid:
-        assert helm.render(extra=at("redis.url", url)).plain("CATALYST_REDIS_URL") == url
-        every = "&".join(f"{option}=1" for option in sorted(REDIS_OPTIONS))
-        url = f"rediss://cache.test:6380/0?{every}"
         assert helm.render(extra=at("redis.url", url)).plain("CATALYST_REDIS_URL") == url
     else:
         assert "at '/redis/url'" in helm.refuse(extra=at("redis.url", url))
+
+
+def test_the_redis_url_examples_cover_every_option() -> None:
+    """Every option the gateway takes has an example above, which the gateway takes (on
+    rediss://), all together too."""
+    assert set(REDIS_OPTION_VALUES) == set(REDIS_OPTIONS)
+    every = "&".join(f"{option}={value}" for option, value in REDIS_OPTION_VALUES.items())
+    assert gateway_takes({"CATALYST_REDIS_URL": f"rediss://cache.test:6380/0?{every}"})
+
+
+def test_the_redis_url_with_every_option_renders(helm: Helm) -> None:
+    """A rediss:// URL setting every option the gateway takes renders as written."""
+    every = "&".join(f"{option}={value}" for option, value in REDIS_OPTION_VALUES.items())
+    url = f"rediss://cache.test:6380/0?{every}"
+    assert helm.render(extra=at("redis.url", url)).plain("CATALYST_REDIS_URL") == url
 
 
 DURATIONS = {  # chart value → the variable it sets; the gateway bounds each by MAX_SECONDS

@@ -199,6 +199,7 @@ def create_app(
         await keys.close()
         await client.close()
         await idempotency.close()  # record updates still on their way
+        limiter.close()  # its store errors not yet logged
         if store is not None:
             await store.close()
 

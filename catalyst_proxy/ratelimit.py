@@ -26,7 +26,7 @@ When the shared store fails, ``CATALYST_RATE_LIMIT_ON_STORE_ERROR`` decides:
 ``STORE_ERROR_LOG_EVERY`` seconds, carrying how many requests met one since the
 line before (an outage under load is thousands a second; the metrics count each).
 Errors held back are told by a line at the end of their window even if no error
-follows them.
+follows them, or at shutdown.
 """
 
 from __future__ import annotations
@@ -261,6 +261,12 @@ class RateLimiter:
             self._tell_held = asyncio.get_running_loop().call_later(
                 self._log_after - now, self._log_held
             )
+
+    def close(self) -> None:
+        """Shutdown: the store errors held back are told now (their timer would not run)."""
+        if self._tell_held is not None:
+            self._tell_held.cancel()
+        self._log_held()
 
     def _log_held(self) -> None:
         self._tell_held = None

@@ -734,6 +734,31 @@ BAD_VALUES: list[tuple[str, str]] = [
 ]
 
 
+async def test_store_errors_held_back_are_logged_at_shutdown(serving, public_key_file, bearer):
+    """Store errors the throttle holds back (one line per 10 s) are told at shutdown too: a pod
+    stopped during an outage (every rolling deploy) logged 1 of 30 before. The lines' counts
+    add up to the requests that met a store error."""
+    dead = free_socket()  # bound, never listening: every connect is refused
+    env = serve_env(public_key_file, CATALYST_SME_JWT_SECRET=BRIDGE_SECRET.decode(),
+                    CATALYST_SME_GATEWAY_URL=f"http://127.0.0.1:{dead.getsockname()[1]}",
+                    CATALYST_RATE_LIMIT="100/minute",
+                    CATALYST_REDIS_URL=f"redis://127.0.0.1:{dead.getsockname()[1]}/0")  # fmt: skip
+    try:
+        proc = await serving(env)
+        url = await proc.wait_listening()
+        async with aiohttp.ClientSession() as http:
+            for _ in range(6):
+                async with http.post(url + PURCHASE, headers=bearer(), data=b"{}") as resp:
+                    assert resp.status == 503  # (the SME gateway is not there either)
+        proc.signal(signal.SIGTERM)
+        assert await proc.wait() == 0
+    finally:
+        dead.close()
+    lines = [line for line in proc.json_lines() if line["event"] == "ratelimit.store_error"]
+    assert [line["requests"] for line in lines] == [1, 5]
+    assert {line["decision"] for line in lines} == {"allowed"}
+
+
 @pytest.mark.parametrize(("variable", "value"), BAD_VALUES)
 async def test_a_bad_value_stops_serve_with_one_line(public_key_file, tmp_path, variable, value):
     """`catalyst-proxy serve` with a bad value exits 2 with one stderr line naming the variable,

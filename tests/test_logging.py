@@ -648,7 +648,16 @@ async def test_a_credential_in_the_request_target_is_masked_in_the_access_line(
 
 @pytest.mark.parametrize(
     "shape",
-    ["{jws}", "{jwe}", "{spaced}", "{jws_twice_encoded}", "x/{jws}/y", "{jws}%2F"],
+    [
+        "{jws}",
+        "{jwe}",
+        "{spaced}",
+        "{jws_twice_encoded}",
+        "{jws_four_times_encoded}",
+        "x/{jws}/y",
+        "{jws}%2F",
+        "x-{jws_encoded}",
+    ],
 )
 def test_a_client_field_is_masked_whatever_the_tokens_shape(shape: str) -> None:
     """``masked`` (the access line's client fields: path, request ID) masks a JWS, a JWE (five
@@ -662,11 +671,20 @@ def test_a_client_field_is_masked_whatever_the_tokens_shape(shape: str) -> None:
         jwe=f"eyJhbGciOiJSU0EtT0FFUCJ9.a2V5.aXY.{signature}.dGFn",
         spaced=f"{spaced}.{spaced}.{signature}",
         jws_twice_encoded=jws.replace(".", "%252E"),
+        jws_four_times_encoded=jws.replace(".", "%2525252e"),
+        jws_encoded=jws.replace(".", "%2E"),
     )
     assert signature not in log.masked(value)
     assert "[redacted-jws]" in log.masked(value)
-    for ordinary in ("/api/v1/sme/billing/vouchers/revoke/SUMMER-24", "op1@example.test",
-                     "/heyJude", "/survey/money", "/revoke/50%25-off"):  # fmt: skip
+    ordinary_values = (
+        "/api/v1/sme/billing/vouchers/revoke/SUMMER-24",
+        "op1@example.test",
+        "/heyJude",
+        "/survey/money",
+        "/revoke/50%25-off",
+        "/eyJust/a/path",
+    )
+    for ordinary in ordinary_values:
         assert log.masked(ordinary) == ordinary
 
 
@@ -686,6 +704,7 @@ def test_a_client_field_is_masked_whatever_the_tokens_shape(shape: str) -> None:
         "{jws_spaced}",  # a JWS whose JSON begins '{{ "' (eyAi)
         "{jws_standard}",  # a JWS in the standard base64 alphabet
         "{jws_twice}",  # a JWS whose dots are %252E
+        "/x/{jws_percent}",  # ... after a slash, as in a URL path
         "eyJhbGciOiJSU0EtT0FFUCJ9.{opaque}.a.b.c",  # a JWE
     ],
 )

@@ -430,7 +430,7 @@ REDIS_OPTIONS: dict[str, str] = {
     "socket_keepalive": _YES_NO,
     "health_check_interval": r"[0-9]{1,5}",  # whole seconds
     "client_name": r"[A-Za-z0-9._:-]{1,64}",  # (Redis refuses a name with spaces)
-    "ssl_cert_reqs": r"(?i:none|optional|required)",
+    "ssl_cert_reqs": r"none|optional|required",  # (redis-py reads these spellings only)
     "ssl_check_hostname": _YES_NO,
     "ssl_ca_certs": r"[^\x00]+",  # paths
     "ssl_ca_path": r"[^\x00]+",

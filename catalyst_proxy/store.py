@@ -108,6 +108,10 @@ class Store:
             "retry_on_error": [],
             **_CHECK_IDLE,
         }
+        if parts.scheme == "rediss":
+            # No password for the client key unless the URL gives one: OpenSSL would ask
+            # for it on the terminal (a prompt on stderr, or a start-up blocked on a tty).
+            options["ssl_password"] = ""
         if settings.redis_password_file:
             if parts.password:
                 raise ConfigError(
@@ -135,9 +139,20 @@ class Store:
             )
             # An option redis-py does not know only fails when a connection is made: make
             # one here (it does not connect), so that it is a start-up error, not a 500.
-            self.pool.connection_class(**self.pool.connection_kwargs)
+            probe = self.pool.connection_class(**self.pool.connection_kwargs)
         except (TypeError, ValueError, RedisError) as exc:
             raise ConfigError("CATALYST_REDIS_URL", _bad_option(exc)) from None
+        # The TLS context too (rediss://): redis-py builds it at the first connection, so a
+        # CA file that is not there, a key whose password is wrong or missing, or ciphers
+        # OpenSSL does not know left the store unusable, said only as "ConnectionError".
+        # Built here, once (the connections share it), it is a start-up error naming its kind.
+        context = getattr(probe, "ssl_context", None)
+        if isinstance(context, RedisSSLContext):
+            try:
+                context.get()
+            except (OSError, TypeError, ValueError) as exc:  # (ssl.SSLError is an OSError)
+                problem = f"its TLS options cannot be used ({_reason(exc)})"
+                raise ConfigError("CATALYST_REDIS_URL", problem) from None
         self.redis = Redis(connection_pool=self.pool)
         self.state = "connecting"
         self.last_error: str | None = None

@@ -280,6 +280,7 @@ def test_the_redis_url_takes_connection_and_tls_options(query):
      ("health_check_interval=nan", "'health_check_interval' has a value"),
      ("client_name=a%20b", "'client_name' has a value"),  # Redis refuses the name
      ("ssl_cert_reqs=foo", "'ssl_cert_reqs' has a value"),
+     ("ssl_cert_reqs=REQUIRED", "'ssl_cert_reqs' has a value"),  # (redis-py: lower case only)
      ("socket_keepalive=maybe", "'socket_keepalive' has a value"),
      ("socket_keepalive=1;decode_responses=1", "'socket_keepalive' has a value"),
      ("ssl_password=", "'ssl_password' has a value"),

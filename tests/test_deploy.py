@@ -504,7 +504,8 @@ REDIS_OPTION_VALUES = {  # a value each REDIS_OPTIONS option takes
     [*(f"{option}={value}" for option, value in REDIS_OPTION_VALUES.items()),
      "retry=1", "decode_responses=1", "max_connections=5", "d%62=1", "=1", "socket_timeout=1",
      "socket_keepalive=maybe", "health_check_interval=-1", "client_name=a%20b",
-     "ssl_cert_reqs=foo", "socket_keepalive=1;decode_responses=1", "ssl_password="],
+     "ssl_cert_reqs=foo", "ssl_cert_reqs=REQUIRED", "socket_keepalive=1;decode_responses=1",
+     "ssl_password="],
 )  # fmt: skip
 @pytest.mark.parametrize("scheme", ["redis", "rediss"])
 def test_the_redis_url_takes_the_query_options_the_gateway_takes(

@@ -80,7 +80,7 @@ class RedisServer:
         if tls:
             self._tls_reservation = free_socket()
             self.tls_port = self._tls_reservation.getsockname()[1]
-            _self_signed(self.directory)
+            self_signed(self.directory, "tls")
 
     @property
     def tls_url(self) -> str:
@@ -270,8 +270,9 @@ def read_reply(stream: BinaryIO) -> Any:
     raise RedisReplyError(f"not a RESP2 reply: {line!r}")
 
 
-def _self_signed(directory: Path) -> None:
-    """``tls.crt`` and ``tls.key`` in ``directory``: a certificate for 127.0.0.1, its own CA."""
+def self_signed(directory: Path, stem: str, *, password: bytes | None = None) -> None:
+    """``STEM.crt`` and ``STEM.key`` in ``directory``: a certificate for 127.0.0.1, its own CA,
+    and its key (PKCS#8; encrypted with ``password`` if one is given)."""
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -290,7 +291,8 @@ def _self_signed(directory: Path) -> None:
             "127.0.0.1"))]), critical=False)
         .sign(key, hashes.SHA256())
     )  # fmt: skip
-    (directory / "tls.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (directory / "tls.key").write_bytes(key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption()))  # fmt: skip
+    sealed = (serialization.BestAvailableEncryption(password) if password
+              else serialization.NoEncryption())  # fmt: skip
+    (directory / f"{stem}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (directory / f"{stem}.key").write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, sealed))  # fmt: skip

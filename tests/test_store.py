@@ -12,7 +12,6 @@ of our own with ``requirepass`` for the password cases.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -37,7 +36,7 @@ from catalyst_proxy.store import (
     StoreUnavailable,
 )
 
-from .redis_server import RedisServer
+from .redis_server import RedisServer, self_signed
 from .support import SlowLink, free_socket
 
 PASSWORD = "pw-one-8e1f0c2b"
@@ -690,30 +689,13 @@ def test_the_silent_store_fixture_really_accepts(silent_store):
 
 
 def _client_files(directory: Path) -> dict[str, str]:
-    """A certificate and its key in ``directory``, the key plain and encrypted ("pw")."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "catalyst-proxy")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )  # fmt: skip
-    files = {"cert": directory / "client.crt", "key": directory / "client.key",
-             "sealed": directory / "sealed.key"}  # fmt: skip
-    files["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    pem, pkcs8 = serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8
-    files["key"].write_bytes(key.private_bytes(pem, pkcs8, serialization.NoEncryption()))
-    sealed = serialization.BestAvailableEncryption(b"pw")
-    files["sealed"].write_bytes(key.private_bytes(pem, pkcs8, sealed))
-    return {name: str(path) for name, path in files.items()}
+    """Two certificates and their keys in ``directory``: ``cert`` and ``key`` (plain),
+    ``sealed_cert`` and ``sealed`` (the key encrypted with "pw")."""
+    self_signed(directory, "client")
+    self_signed(directory, "sealed", password=b"pw")
+    return {"cert": str(directory / "client.crt"), "key": str(directory / "client.key"),
+            "sealed_cert": str(directory / "sealed.crt"),
+            "sealed": str(directory / "sealed.key")}  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -722,8 +704,8 @@ def _client_files(directory: Path) -> dict[str, str]:
         "ssl_ca_certs={missing}",
         "ssl_ca_certs={key}",  # a key, not certificates
         "ssl_ciphers=no-such-cipher",
-        "ssl_certfile={cert}&ssl_keyfile={sealed}&ssl_password=wrong",
-        "ssl_certfile={cert}&ssl_keyfile={sealed}",  # no password: OpenSSL would prompt
+        "ssl_certfile={sealed_cert}&ssl_keyfile={sealed}&ssl_password=wrong",
+        "ssl_certfile={sealed_cert}&ssl_keyfile={sealed}",  # no password: OpenSSL would prompt
         "ssl_keyfile={key}",  # a key without its certificate
     ],
     ids=["missing-ca", "key-as-ca", "ciphers", "wrong-password", "no-password", "key-only"],
@@ -748,7 +730,7 @@ def test_a_client_certificate_and_its_key_are_taken(tmp_path):
     """Usable TLS options (a client certificate, its encrypted key and the key's password) are
     taken at start-up; the store is made."""
     files = _client_files(tmp_path)
-    url = (f"rediss://127.0.0.1:6380/0?ssl_certfile={files['cert']}"
+    url = (f"rediss://127.0.0.1:6380/0?ssl_certfile={files['sealed_cert']}"
            f"&ssl_keyfile={files['sealed']}&ssl_password=pw")  # fmt: skip
     store = store_for(url)
     assert store.describe() == "rediss://127.0.0.1:6380/0"

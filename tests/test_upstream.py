@@ -1497,6 +1497,37 @@ async def test_an_http10_answer_handed_whole_but_still_buffered_at_the_cut_ends_
         assert ended == "reset"
 
 
+async def read_at_a_pace(
+    port: int, request: bytes, *, receive_buffer: int, bite: int, pace: float, size: int
+) -> tuple[bytes, bytes]:
+    """Send ``request`` to the gateway on ``port`` from a socket whose kernel receive buffer is
+    ``receive_buffer`` bytes, then read the answer straight from it (no reader's buffer
+    between, so the client takes bytes off the gateway at its own pace): ``bite`` bytes
+    every ``pace`` seconds, until ``size`` bytes of body came. The head and the body; an
+    AssertionError if the gateway cuts it off first."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    with sock:
+        await loop.sock_sendall(sock, request)
+        got = bytearray()
+        while b"\r\n\r\n" not in got:
+            got += await loop.sock_recv(sock, bite)
+        head, _, body = bytes(got).partition(b"\r\n\r\n")
+        got = bytearray(body)
+        while len(got) < size:
+            await asyncio.sleep(pace)  # the client's pace, not a wait for anything
+            try:
+                piece = await loop.sock_recv(sock, bite)
+            except ConnectionError as exc:
+                raise AssertionError(f"cut off after {len(got)} bytes: {exc!r}") from None
+            assert piece, f"cut off after {len(got)} bytes"
+            got += piece
+    return head, bytes(got)
+
+
 @pytest.mark.parametrize(
     ("patience", "pace", "bite", "pieces"),
     [(0.2, 0.02, 4 * KiB, 8), (0.4, 0.35, 64 * KiB, 4)],
@@ -1522,30 +1553,12 @@ async def test_a_client_reading_a_streamed_answer_slowly_gets_all_of_it(
         for site in gw.runner.sites:
             for listener in site._server.sockets:  # type: ignore[attr-defined]
                 listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * KiB)
-        # And the client's own kernel buffer small, read straight from the socket (no reader's
-        # buffer between), so that it takes bytes off the gateway at its own pace.
-        loop = asyncio.get_running_loop()
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * KiB)
-        sock.setblocking(False)
-        await loop.sock_connect(sock, ("127.0.0.1", gw.runner.addresses[0][1]))
-        with sock:
-            await loop.sock_sendall(sock, purchase(bearer(), "slow"))
-            got = bytearray()
-            while b"\r\n\r\n" not in got:
-                got += await loop.sock_recv(sock, bite)
-            head, _, body = bytes(got).partition(b"\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 200")
-            got = bytearray(body)
-            while len(got) < size:
-                await asyncio.sleep(pace)  # the client's pace, not a wait for anything
-                try:
-                    piece = await loop.sock_recv(sock, bite)
-                except ConnectionError as exc:
-                    raise AssertionError(f"cut off after {len(got)} bytes: {exc!r}") from None
-                assert piece, f"cut off after {len(got)} bytes"
-                got += piece
-            assert bytes(got) == upstream_side.piece * pieces
+        # And the client's own kernel buffer small.
+        head, body = await read_at_a_pace(gw.runner.addresses[0][1], purchase(bearer(), "slow"),
+                                          receive_buffer=16 * KiB, bite=bite, pace=pace,
+                                          size=size)  # fmt: skip
+        assert head.startswith(b"HTTP/1.1 200")
+        assert body == upstream_side.piece * pieces
     finally:
         await raw.close()
 
@@ -1562,28 +1575,13 @@ async def test_a_client_reading_steadily_past_the_kernels_queue_gets_all_of_it(g
     raw = await RawUpstream(upstream_side.script).start()
     try:
         gw = await gateway(upstream=raw.url, tuning=Tuning(send_patience=0.3))
-        loop = asyncio.get_running_loop()
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * KiB)  # the rest waits there
-        sock.setblocking(False)
-        await loop.sock_connect(sock, ("127.0.0.1", gw.runner.addresses[0][1]))
-        with sock:
-            await loop.sock_sendall(sock, purchase(bearer(), "steady"))
-            got = bytearray()
-            while b"\r\n\r\n" not in got:
-                got += await loop.sock_recv(sock, 32 * KiB)
-            head, _, body = bytes(got).partition(b"\r\n\r\n")
-            assert head.startswith(b"HTTP/1.1 200")
-            got = bytearray(body)
-            while len(got) < pieces * PIECE:
-                await asyncio.sleep(0.02)  # the client's pace, not a wait for anything
-                try:
-                    piece = await loop.sock_recv(sock, 32 * KiB)
-                except ConnectionError as exc:
-                    raise AssertionError(f"cut off after {len(got)} bytes: {exc!r}") from None
-                assert piece, f"cut off after {len(got)} bytes"
-                got += piece
-            assert bytes(got) == upstream_side.piece * pieces
+        # (a small receive buffer: the rest waits in the gateway's kernel queue)
+        port = gw.runner.addresses[0][1]
+        head, body = await read_at_a_pace(port, purchase(bearer(), "steady"),
+                                          receive_buffer=32 * KiB, bite=32 * KiB, pace=0.02,
+                                          size=pieces * PIECE)  # fmt: skip
+        assert head.startswith(b"HTTP/1.1 200")
+        assert body == upstream_side.piece * pieces
     finally:
         await raw.close()
 

@@ -204,8 +204,8 @@ class _RequestHandler(RequestHandler):
         super().force_close()
         # The close waits for what the buffer holds: a client that does not read would keep
         # it for ever (the keep-alive timeout's close too). The send watch lets it go.
-        if self._send_watch is None and transport is not None and transport.get_write_buffer_size():
-            self._watch_sending(transport)
+        if transport is not None:
+            self._watch_closing(transport)
 
     async def start(self) -> None:
         try:
@@ -217,9 +217,14 @@ class _RequestHandler(RequestHandler):
             # (a zero window answers the kernel's probes). Watched as any close.
             transport = self.transport
             if transport is not None and transport.is_closing():
-                self._closed = transport  # (resume_writing() keeps the watch of a close)
-                if self._send_watch is None and transport.get_write_buffer_size():
-                    self._watch_sending(transport)
+                self._watch_closing(transport)
+
+    def _watch_closing(self, transport: asyncio.Transport) -> None:
+        """A close that waits for what the buffer holds is watched until it ends (and
+        resume_writing() keeps that watch)."""
+        self._closed = transport
+        if self._send_watch is None and transport.get_write_buffer_size():
+            self._watch_sending(transport)
 
     def cut(self) -> None:
         """The process exits, and this connection with it. An answer framed by the close
